@@ -1,0 +1,34 @@
+# Quickstart: `make demo` (install + run the main job), `make test` (install test extras + run the suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# Several CPU devices so that sharded code paths run on a laptop or CI machine.
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+
+.PHONY: demo test lint install install-test clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed setup.cfg
+	$(PIP) install -e '.[test,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(PY) experiments/model_demo.py
+
+test: $(VENV)/.installed-test
+	$(PY) -m ruff check fedmoe_jax tests experiments configs
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed-test
+	$(PY) -m ruff check fedmoe_jax tests experiments configs
+
+clean:
+	rm -rf $(VENV) .pytest_cache .jax_cache build *.egg-info
