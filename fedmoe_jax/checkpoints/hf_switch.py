@@ -225,6 +225,15 @@ def load_hf_switch(path: str | os.PathLike, **config_overrides: Any) -> tuple[Sw
             raise ValueError(f"cannot read {file}: {e}") from None
     if "shared.weight" not in tensors and "encoder.embed_tokens.weight" in tensors:
         tensors["shared.weight"] = tensors["encoder.embed_tokens.weight"]
+    for stack in ("encoder", "decoder"):
+        own = tensors.get(f"{stack}.embed_tokens.weight")
+        if own is not None and "shared.weight" in tensors and not np.array_equal(
+            own, tensors["shared.weight"]
+        ):
+            raise ValueError(
+                f"checkpoint {path} has a {stack} input embedding different from shared.weight; "
+                "only checkpoints whose encoder and decoder share one input embedding are supported"
+            )
     if not config.tie_word_embeddings and "lm_head.weight" not in tensors:
         raise ValueError(f"checkpoint {path} has untied embeddings but no lm_head.weight")
     flat: dict[tuple[str, ...], np.ndarray] = {}
@@ -284,6 +293,10 @@ def save_hf_switch(config: SwitchConfig, params: Mapping[str, Any], path: str | 
         value = np.asarray(flat[ours], dtype=np.float32)
         for (name, _), tensor in zip(sources, _to_hf(value, kind)):
             out[name] = np.ascontiguousarray(tensor)
+    if not config.tie_word_embeddings:
+        # transformers 5 unties the input embeddings too when tie_word_embeddings is False.
+        for stack in ("encoder", "decoder"):
+            out[f"{stack}.embed_tokens.weight"] = out["shared.weight"].copy()
     tmp = os.path.join(path, WEIGHTS_FILE + ".tmp")
     save_file(out, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(path, WEIGHTS_FILE))

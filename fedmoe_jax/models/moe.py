@@ -359,6 +359,9 @@ class MoELayer(nn.Module):
             self.num_experts, self.jitter_noise, self.router_bias, self.param_dtype, name="router"
         )(x, deterministic)
         logits, probs, gates, top_idx = route(raw_logits, expert_mask, self.top_k)
+        # Per-token decisions for inspection: apply(..., mutable=["intermediates"]) returns them.
+        self.sow("intermediates", "router_logits", logits)
+        self.sow("intermediates", "expert_index", top_idx)
         if self.renormalize_gates:
             gates = gates / jnp.maximum(gates.sum(-1, keepdims=True), 1e-9)
         gates = gates * real[..., None]
