@@ -1,5 +1,6 @@
 """Pure Flax (linen) modules: the MoE layer and the Switch Transformer."""
 
+from fedmoe_jax.models.decoding import DecodeOutput, beam_search, greedy_decode
 from fedmoe_jax.models.moe import (
     MASK_VALUE,
     Experts,
@@ -24,6 +25,7 @@ from fedmoe_jax.models.switch import (
 __all__ = [
     "MASK_VALUE",
     "NAMED_CONFIGS",
+    "DecodeOutput",
     "Experts",
     "MoELayer",
     "Router",
@@ -31,9 +33,11 @@ __all__ = [
     "SwitchConfig",
     "SwitchOutput",
     "SwitchTransformer",
+    "beam_search",
     "compute_capacity",
     "cross_entropy",
     "get_config",
+    "greedy_decode",
     "put_experts",
     "shift_right",
     "switch_loss",
