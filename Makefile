@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
-	$(PY) experiments/model_demo.py
+	$(PY) experiments/model_demo.py --workdir=runs/model_demo
 
 test: $(VENV)/.installed-test
 	$(PY) -m ruff check fedmoe_jax tests experiments configs
