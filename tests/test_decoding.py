@@ -263,3 +263,19 @@ def test_bad_arguments_raise(tiny):
             fn(model, params, **kwargs)
     with pytest.raises(ValueError, match="SwitchTransformer"):
         greedy_decode(object(), params, ids)
+
+
+def test_cache_holds_self_and_cross_attention_keys(tiny):
+    from fedmoe_jax.models.decoding import _encode, _init_cache
+
+    model, params, ids, mask = tiny["model"], tiny["params"], tiny["ids"], tiny["mask"]
+    enc = _encode(model, params, jnp.asarray(ids), jnp.asarray(mask), None)
+    cache = flatten_dict(_init_cache(model, params, enc, jnp.asarray(mask), None, N))
+    n_blocks = model.config.num_decoder_layers
+    for i in range(n_blocks):
+        block = ("decoder", f"block_{i}")
+        assert cache[block + ("attention", "cached_key")].shape == (3, N, 4, 8)
+        # encoder keys/values are computed once, when the cache is created
+        cross = cache[block + ("cross_attention", "cross_key")]
+        assert cross.shape == (3, ids.shape[1], 4, 8)
+        assert np.any(np.asarray(cross) != 0.0)

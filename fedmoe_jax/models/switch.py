@@ -209,7 +209,8 @@ class Attention(nn.Module):
     """T5 multi-head attention, no score scaling: `x [B, Tq, D] -> ([B, Tq, D], bias)`.
 
     With `decode=True` a self-attention keeps a key/value cache (collection 'cache'): the first
-    call with a `[B, Tmax, D]` input creates it; later calls take one position at a time.
+    call with a `[B, Tmax, D]` input creates it; later calls take one position at a time. A
+    cross-attention caches the encoder's keys/values on that first call and reuses them.
     """
 
     config: SwitchConfig
@@ -251,8 +252,15 @@ class Attention(nn.Module):
         source = x if kv is None else kv
         heads = (cfg.num_heads, cfg.d_kv)
         q = dense(heads, "q", (cfg.d_model * cfg.d_kv) ** -0.5)(x)
-        k = dense(heads, "k", cfg.d_model**-0.5)(source)
-        v = dense(heads, "v", cfg.d_model**-0.5)(source)
+        if decode and kv is not None and self.has_variable("cache", "cross_key"):
+            # Cross-attention while decoding: the encoder's keys/values were cached on the first call.
+            k, v = self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+        else:
+            k = dense(heads, "k", cfg.d_model**-0.5)(source)
+            v = dense(heads, "v", cfg.d_model**-0.5)(source)
+            if decode and kv is not None and self.is_mutable_collection("cache"):
+                self.put_variable("cache", "cross_key", k)
+                self.put_variable("cache", "cross_value", v)
         tq = x.shape[1]
         q_pos = jnp.arange(tq)
         k_pos = jnp.arange(k.shape[1])
@@ -344,7 +352,7 @@ class Block(nn.Module):
         if self.is_decoder and encoder_out is not None:
             cross, _ = Attention(cfg, bidirectional=True, name="cross_attention")(
                 _norm(cfg, "cross_attention_norm")(h), kv=encoder_out, mask=encoder_mask,
-                deterministic=deterministic,
+                deterministic=deterministic, decode=decode,
             )
             h = h + drop(cross, deterministic=deterministic)
         normed = _norm(cfg, "mlp_norm")(h)
