@@ -285,3 +285,30 @@ def test_bad_input_raises_clear_errors():
         MoELayer(num_experts=2, d_ff=4, top_k=3).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="dispatch"):
         MoELayer(num_experts=2, d_ff=4, dispatch="magic").init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_clients_sharded_over_devices_match_per_client_loop(dispatch):
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    n_dev = len(jax.devices())
+    assert n_dev == 8, "conftest sets 8 host CPU devices"
+    mesh = jax.make_mesh((n_dev,), ("clients",), axis_types=(AxisType.Auto,))
+    layer, params, x, tmask = _setup(1, dispatch, 2 if dispatch == "capacity" else None, b=2, t=5)
+    stacked = jax.tree.map(lambda a: jnp.stack([a * (1.0 + 0.05 * c) for c in range(n_dev)]), params)
+    masks = jnp.asarray(np.random.default_rng(0).random((n_dev, E)) < 0.7).at[:, 0].set(True)
+    xs = jnp.stack([x * (1.0 + c) for c in range(n_dev)])
+    sharded = NamedSharding(mesh, PartitionSpec("clients"))
+
+    def one(p, xi, m):
+        return layer.apply(p, xi, jnp.asarray(tmask), m)
+
+    fn = jax.jit(jax.vmap(one, spmd_axis_name="clients"), in_shardings=sharded, out_shardings=sharded)
+    ys, stats = fn(*jax.device_put((stacked, xs, masks), sharded))
+    assert ys.sharding.spec == PartitionSpec("clients")
+    assert len(ys.addressable_shards) == n_dev
+    for c in range(n_dev):
+        y_c, s_c = one(jax.tree.map(lambda a, c=c: a[c], stacked), xs[c], masks[c])
+        np.testing.assert_allclose(np.asarray(ys[c]), np.asarray(y_c), atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(stats.tokens_per_expert[c]),
+                                      np.asarray(s_c.tokens_per_expert))
