@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedmoe_jax.models.switch import SwitchTransformer
+from fedmoe_jax.models.moe import is_concrete
+from fedmoe_jax.models.switch import SwitchTransformer, check_model_expert_mask
 
 Array = jax.Array
 
@@ -54,10 +55,6 @@ class DecodeOutput(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def _check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -76,7 +73,7 @@ def _check_inputs(
         raise ValueError(f"input_ids must have shape [B, S] with B, S >= 1, got {tuple(input_ids.shape)}")
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-    if _is_concrete(input_ids):
+    if is_concrete(input_ids):
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
@@ -92,20 +89,7 @@ def _check_inputs(
         attention_mask = attention_mask.astype(jnp.float32)
     if expert_mask is not None:
         expert_mask = jnp.asarray(expert_mask)
-        expected = (cfg.num_moe_layers, cfg.num_experts)
-        if expert_mask.shape != expected:
-            raise ValueError(
-                f"expert_mask has shape {tuple(expert_mask.shape)}; expected {expected} = (L, E)"
-            )
-        if expert_mask.dtype != jnp.bool_:
-            raise ValueError(f"expert_mask must be boolean, got dtype {expert_mask.dtype}")
-        if _is_concrete(expert_mask):
-            allowed = np.asarray(expert_mask).sum(-1)
-            if allowed.size and allowed.min() < cfg.top_k:
-                raise ValueError(
-                    f"expert_mask allows {allowed.tolist()} experts per MoE layer; every layer needs "
-                    f"at least top_k={cfg.top_k}"
-                )
+        check_model_expert_mask(cfg, expert_mask)
     return input_ids.astype(jnp.int32), attention_mask, expert_mask
 
 

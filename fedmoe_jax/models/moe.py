@@ -96,7 +96,8 @@ class RoutingStats:
         )
 
 
-def _is_concrete(x: Any) -> bool:
+def is_concrete(x: Any) -> bool:
+    """True outside tracing (value checks are possible), False for a jit/vmap tracer."""
     return not isinstance(x, jax.core.Tracer)
 
 
@@ -117,7 +118,7 @@ def check_expert_mask(expert_mask: Array | None, num_experts: int, top_k: int) -
         )
     if expert_mask.dtype != jnp.bool_:
         raise ValueError(f"expert_mask must be boolean, got dtype {expert_mask.dtype}")
-    if _is_concrete(expert_mask):
+    if is_concrete(expert_mask):
         allowed = int(np.asarray(expert_mask).sum())
         if allowed < top_k:
             raise ValueError(

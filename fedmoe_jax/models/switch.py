@@ -29,6 +29,7 @@ from fedmoe_jax.models.moe import (
     MoELayer,
     RoutingStats,
     get_activation,
+    is_concrete,
 )
 
 Array = jax.Array
@@ -417,6 +418,27 @@ class Stack(nn.Module):
         return h, stacked
 
 
+def check_model_expert_mask(config: SwitchConfig, expert_mask: Array) -> None:
+    """ValueError unless `expert_mask` is bool `[L, E]` allowing >= top_k experts in every layer.
+
+    The count is checked when the mask is concrete (outside `jit`).
+    """
+    expected = (config.num_moe_layers, config.num_experts)
+    if expert_mask.shape != expected:
+        raise ValueError(
+            f"expert_mask has shape {tuple(expert_mask.shape)}; expected {expected} = (MoE layers, experts)"
+        )
+    if expert_mask.dtype != jnp.bool_:
+        raise ValueError(f"expert_mask must be boolean, got dtype {expert_mask.dtype}")
+    if is_concrete(expert_mask):
+        allowed = np.asarray(expert_mask).sum(-1)
+        if allowed.size and allowed.min() < config.top_k:
+            raise ValueError(
+                f"expert_mask allows {allowed.tolist()} experts per MoE layer; every layer needs "
+                f"at least top_k={config.top_k}"
+            )
+
+
 @flax.struct.dataclass
 class SwitchOutput:
     """Logits `[B, T, V]` and routing statistics stacked over the L MoE layers (encoder first)."""
@@ -472,11 +494,7 @@ class SwitchTransformer(nn.Module):
         cfg = self.config
         if expert_mask is None:
             return None
-        if expert_mask.shape != (cfg.num_moe_layers, cfg.num_experts):
-            raise ValueError(
-                f"expert_mask has shape {tuple(expert_mask.shape)}; expected "
-                f"({cfg.num_moe_layers}, {cfg.num_experts}) = (MoE layers, experts)"
-            )
+        check_model_expert_mask(cfg, expert_mask)
         n_enc = len(cfg.encoder_moe_blocks)
         return expert_mask[:n_enc] if stack == "encoder" else expert_mask[n_enc:]
 
