@@ -1,0 +1,182 @@
+"""The three task types of the paper as text-to-text data, and their metrics.
+
+PAPER.md §7.1: topic classification (TC, AG News, accuracy), extractive reading comprehension
+(RC, SQuAD v1.1, F1) and summarisation (TS, XSum, ROUGE-2). Every source (the embedded WordNet
+benchmark, TFDS) yields `TaskData`: prompted input strings, target strings, all acceptable
+references, and an integer `label` per example that label-skewed (Hetero-TD) partitions use.
+
+Metrics use the official definitions: exact match of the label string; SQuAD v1.1 answer
+normalisation for EM and F1 (max over references); ROUGE-1/2/L F-measure from `rouge-score`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+import string
+from collections.abc import Sequence
+
+import numpy as np
+
+TASKS = ("tc", "rc", "ts")
+SPLITS = ("train", "validation", "test")
+TASK_NAMES = {"tc": "topic classification", "rc": "reading comprehension", "ts": "summarisation"}
+# The score each task reports as its validation score ("acc" in the paper's Algorithm 1).
+PRIMARY_METRIC = {"tc": "accuracy", "rc": "f1", "ts": "rouge2"}
+
+
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
+    return task
+
+
+def tc_prompt(text: str) -> str:
+    return f"topic: {text}"
+
+
+def rc_prompt(question: str, context: str) -> str:
+    return f"question: {question} context: {context}"
+
+
+def ts_prompt(document: str) -> str:
+    return f"summarize: {document}"
+
+
+@dataclasses.dataclass
+class TaskData:
+    """One task's examples in one split, columnar. N examples.
+
+    inputs / targets: prompted model input and training target text, `[N]` each.
+    references: all acceptable answers per example (RC has several); `[[target]]` by default.
+    labels: `<int32>[N]` class (TC) or cluster (RC/TS) ids, used by label-skew partitions.
+    label_names: name of each label id.
+    """
+
+    task: str
+    inputs: list[str]
+    targets: list[str]
+    labels: np.ndarray
+    label_names: tuple[str, ...] = ()
+    references: list[list[str]] | None = None
+
+    def __post_init__(self):
+        check_task(self.task)
+        self.labels = np.asarray(self.labels, np.int32)
+        n = len(self.inputs)
+        if len(self.targets) != n or self.labels.shape != (n,):
+            raise ValueError(
+                f"TaskData({self.task}): {n} inputs, {len(self.targets)} targets and labels of shape "
+                f"{self.labels.shape}; they must all have one entry per example"
+            )
+        if self.references is None:
+            self.references = [[t] for t in self.targets]
+        elif len(self.references) != n:
+            raise ValueError(
+                f"TaskData({self.task}): {len(self.references)} reference lists for {n} examples"
+            )
+        if n and self.label_names and (self.labels.min() < 0 or self.labels.max() >= len(self.label_names)):
+            raise ValueError(f"TaskData({self.task}): labels outside [0, {len(self.label_names)})")
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> TaskData:
+        """The examples at `indices`, in that order."""
+        idx = np.asarray(indices, np.int64)
+        return TaskData(
+            self.task,
+            [self.inputs[i] for i in idx],
+            [self.targets[i] for i in idx],
+            self.labels[idx],
+            self.label_names,
+            [self.references[i] for i in idx],
+        )
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names) if self.label_names else int(self.labels.max(initial=-1)) + 1
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+def accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Exact match of the (stripped) label string, in percent."""
+    _check_lengths(predictions, references)
+    hits = [p.strip() in {r.strip() for r in refs} for p, refs in zip(predictions, references)]
+    return 100.0 * float(np.mean(hits)) if hits else 0.0
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1: lower case, drop punctuation and articles, collapse white space."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def squad_f1(prediction: str, reference: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    common = collections.Counter(pred) & collections.Counter(ref)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(pred), overlap / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def squad_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """SQuAD v1.1 `exact_match` and `f1` in percent (max over each example's references)."""
+    _check_lengths(predictions, references)
+    if not predictions:
+        return {"exact_match": 0.0, "f1": 0.0}
+    em = [max(squad_exact_match(p, r) for r in refs) for p, refs in zip(predictions, references)]
+    f1 = [max(squad_f1(p, r) for r in refs) for p, refs in zip(predictions, references)]
+    return {"exact_match": 100.0 * float(np.mean(em)), "f1": 100.0 * float(np.mean(f1))}
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """ROUGE-1/2/L F-measure in percent (mean over examples, max over references), `rouge-score`."""
+    from rouge_score import rouge_scorer
+
+    _check_lengths(predictions, references)
+    if not predictions:
+        return {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = collections.defaultdict(float)
+    for pred, refs in zip(predictions, references):
+        best = collections.defaultdict(float)
+        for ref in refs:
+            for name, score in scorer.score(ref, pred).items():
+                best[name] = max(best[name], score.fmeasure)
+        for name, value in best.items():
+            totals[name] += value
+    return {name: 100.0 * totals[name] / len(predictions) for name in ("rouge1", "rouge2", "rougeL")}
+
+
+def task_scores(
+    task: str, predictions: Sequence[str], references: Sequence[Sequence[str]]
+) -> dict[str, float]:
+    """All metrics of a task; `PRIMARY_METRIC[task]` names the one the paper reports."""
+    check_task(task)
+    if task == "tc":
+        return {"accuracy": accuracy(predictions, references)}
+    if task == "rc":
+        return squad_scores(predictions, references)
+    return rouge_scores(predictions, references)
+
+
+def _check_lengths(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    for refs in references:
+        if isinstance(refs, str) or len(refs) == 0:
+            raise ValueError("each example needs a non-empty list of reference strings")
