@@ -1,0 +1,137 @@
+"""Sub-MoEs as data: expert maps, gathered expert slots, and modular aggregation of a cohort.
+
+A client's sub-MoE is its expert map (bool `[L, E]`). For training, the kept experts of each MoE
+layer are gathered into `S` slots (S = E_max of the cohort, bucketed) with a validity mask, so a
+client holds and trains only `S` experts per layer and `vmap` sees uniform shapes; the narrow model is
+`SwitchTransformer(config.replace(num_experts=S))` applied with `expert_mask=valid`.
+
+Shape letters: N clients, C cohort, L MoE layers, E global experts, S gathered slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from fedmoe_jax.federated.aggregate import masked_weighted_mean, scatter_weighted_mean
+from fedmoe_jax.models.moe import is_concrete, put_experts, take_experts
+from fedmoe_jax.models.switch import SwitchConfig
+
+Array = jax.Array
+
+
+def moe_layer_paths(config: SwitchConfig) -> tuple[tuple[str, ...], ...]:
+    """Parameter path of each MoE layer, in the order of the L axis (encoder first)."""
+    return tuple((stack, f"block_{i}", "mlp") for stack, i in config.moe_layer_names)
+
+
+def bucket_width(max_kept: int, num_experts: int) -> int:
+    """Slots S for a cohort whose largest sub-MoE keeps `max_kept` experts in some layer.
+
+    The next power of two (so few distinct widths, hence few compilations), capped at E.
+    """
+    if not 1 <= max_kept <= num_experts:
+        raise ValueError(f"max_kept={max_kept} must be between 1 and num_experts={num_experts}")
+    return int(min(num_experts, 1 << (int(max_kept) - 1).bit_length()))
+
+
+def expert_slots(expert_maps: Array, width: int) -> tuple[Array, Array]:
+    """Kept experts of each layer, ascending, then padding.
+
+    Args:
+      expert_maps: `<bool>[..., L, E]`.
+      width: S, at least the largest kept count.
+    Returns: indices `<int32>[..., L, S]` (padding slots point at some unkept expert) and valid
+      `<bool>[..., L, S]`.
+    """
+    maps = jnp.asarray(expert_maps, bool)
+    if is_concrete(maps) and maps.size:
+        most = int(np.asarray(maps).sum(-1).max())
+        if most > width:
+            raise ValueError(f"width={width} slots cannot hold a sub-MoE keeping {most} experts in a layer")
+    order = jnp.argsort(~maps, axis=-1, stable=True)[..., :width].astype(jnp.int32)
+    valid = jnp.take_along_axis(maps, order, axis=-1)
+    return order, valid
+
+
+def gather_submodel(params: Mapping[str, Any], config: SwitchConfig, indices: Array) -> dict:
+    """One client's narrow parameters: each MoE layer's experts `indices [L, S]`; dense as is."""
+    flat = dict(flatten_dict(dict(params)))
+    for layer, path in enumerate(moe_layer_paths(config)):
+        sub = take_experts(_layer(flat, path), indices[layer])
+        _set_layer(flat, path, sub)
+    return unflatten_dict(flat)
+
+
+def scatter_submodel(params: Mapping[str, Any], sub_params: Mapping[str, Any], config: SwitchConfig,
+                     indices: Array, valid: Array) -> dict:
+    """Write one client's narrow parameters back into the global tree (valid slots only)."""
+    flat = dict(flatten_dict(dict(params)))
+    sub_flat = flatten_dict(dict(sub_params))
+    for layer, path in enumerate(moe_layer_paths(config)):
+        merged = put_experts(_layer(flat, path), _layer(sub_flat, path), indices[layer], valid[layer])
+        _set_layer(flat, path, merged)
+    moe_keys = _moe_keys(flat, config)
+    for key, value in sub_flat.items():
+        if key not in moe_keys:
+            flat[key] = value
+    return unflatten_dict(flat)
+
+
+def aggregate_cohort(global_params: Mapping[str, Any], client_params: Mapping[str, Any],
+                     config: SwitchConfig, indices: Array, valid: Array, weights: Array) -> dict:
+    """Modular aggregation (PAPER.md §6.3) of a cohort's trained narrow sub-MoEs.
+
+    Args:
+      global_params: the current global tree (E experts per MoE layer).
+      client_params: the cohort's trained narrow trees, leaves `[C, ...]` (S slots per MoE layer).
+      indices / valid: `[C, L, S]` from `expert_slots`.
+      weights: `[C]` example counts (0 for padding clients).
+    Returns: the new global tree. Dense tensors: FedAvg over the cohort. Each expert (`wi`, `wo`) and
+    its router column: mean over the clients holding it; one holder overwrites; none keeps it.
+    """
+    flat_g = flatten_dict(dict(global_params))
+    flat_c = flatten_dict(dict(client_params))
+    moe_keys = _moe_keys(flat_g, config)
+    out = {}
+    for key, current in flat_g.items():
+        values = flat_c[key]
+        if key in moe_keys:
+            layer, axis = moe_keys[key]
+            out[key] = scatter_weighted_mean(values, indices[:, layer], valid[:, layer], weights,
+                                             current, axis)
+        else:
+            out[key] = masked_weighted_mean(values, weights, None, current)
+    return unflatten_dict(out)
+
+
+def _moe_keys(flat: Mapping[tuple[str, ...], Any], config: SwitchConfig) -> dict[tuple[str, ...], tuple]:
+    """Flat keys of expert-indexed leaves -> (MoE layer, expert axis within the leaf)."""
+    keys = {}
+    for layer, path in enumerate(moe_layer_paths(config)):
+        for key in flat:
+            if key[: len(path)] != path:
+                continue
+            rest = key[len(path):]
+            if rest == ("router", "kernel"):
+                keys[key] = (layer, 1)
+            elif rest in (("router", "bias"),) or rest[0] == "experts":
+                keys[key] = (layer, 0)
+    return keys
+
+
+def _layer(flat: Mapping[tuple[str, ...], Any], path: tuple[str, ...]) -> dict:
+    sub = {k[len(path):]: v for k, v in flat.items() if k[: len(path)] == path}
+    if not sub:
+        raise ValueError(f"params have no MoE layer at {'/'.join(path)}; are they for this config?")
+    return unflatten_dict(sub)
+
+
+def _set_layer(flat: dict, path: tuple[str, ...], layer_params: Mapping[str, Any]) -> None:
+    for k, v in flatten_dict(dict(layer_params)).items():
+        flat[path + k] = v
