@@ -1,0 +1,103 @@
+"""One federated round as one compiled program: gather sub-MoEs, train the cohort, aggregate.
+
+`make_round_step` returns a callable that, for a (padded) cohort,
+  1. gathers each client's kept experts into S slots (`gather_submodel`, vmapped),
+  2. trains all clients at once (`make_local_train`, vmapped; the client axis sharded over the
+     mesh axis `clients`),
+  3. aggregates modularly (`aggregate_cohort`: dense FedAvg, experts over their holders),
+and returns the new global parameters, per-client metrics and routing statistics mapped back to
+the global expert axis. One program is compiled per slot width S (bucketed), never per round.
+
+Shape letters: C cohort (padded), L MoE layers, E global experts, S slots, K local steps,
+B batch, S_in / T input / target tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from fedmoe_jax.federated.client import LocalHooks, LossConfig, make_local_train
+from fedmoe_jax.federated.sharding import CLIENTS, client_sharding, replicated
+from fedmoe_jax.federated.submodel import aggregate_cohort, gather_submodel
+from fedmoe_jax.models.moe import RoutingStats
+from fedmoe_jax.models.switch import SwitchConfig
+
+Array = jax.Array
+PyTree = Any
+
+
+@dataclasses.dataclass
+class RoundOutput:
+    """Result of one round. Arrays have the padded cohort axis C first where per client."""
+
+    params: PyTree  # new global parameters
+    metrics: dict[str, Array]  # [C] each: loss, ce, lb_loss, z_loss, num_steps
+    routing: RoutingStats  # tokens_per_expert / prob_mass [C, L, E]; dropped, num_tokens [C, L]
+
+
+def to_global_experts(stats: RoutingStats, indices: Array, valid: Array, num_experts: int) -> RoutingStats:
+    """Map per-slot statistics `[C, L, S]` onto the global expert axis `[C, L, E]`."""
+    onehot = jax.nn.one_hot(indices, num_experts, dtype=jnp.float32) * valid[..., None]
+    return stats.replace(
+        tokens_per_expert=jnp.einsum("clse,cls->cle", onehot, stats.tokens_per_expert),
+        prob_mass=jnp.einsum("clse,cls->cle", onehot, stats.prob_mass),
+    )
+
+
+def make_round_step(
+    config: SwitchConfig,
+    optimizer: optax.GradientTransformation,
+    loss_config: LossConfig = LossConfig(),
+    hooks: LocalHooks = LocalHooks(),
+    mesh: Mesh | None = None,
+) -> Callable[..., RoundOutput]:
+    """Build `round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None)`.
+
+    Args of `round_step`:
+      params: global parameters (E experts per MoE layer), replicated.
+      indices / valid: `<int32>[C, L, S]`, `<bool>[C, L, S]` from `expert_slots`.
+      batches: dict of `[C, K, B, ...]` arrays (see `make_local_train`); step_mask `<bool>[C, K]`.
+      weights: `[C]` aggregation weights (training examples; 0 for padding clients).
+      rngs: `[C]` per-client keys. extra: per-client algorithm state `[C, ...]` or None.
+    With a mesh, C must be a multiple of the `clients` axis size (see `padded_cohort_size`).
+    """
+    compiled: dict[int, Callable] = {}
+
+    def build(width: int) -> Callable:
+        narrow_config = config.replace(num_experts=width)
+        local_train = make_local_train(narrow_config, optimizer, loss_config, hooks)
+        train_cohort = jax.vmap(local_train, spmd_axis_name=CLIENTS if mesh is not None else None)
+
+        def round_fn(params, indices, valid, batches, step_mask, weights, rngs, extra):
+            narrow = jax.vmap(lambda idx: gather_submodel(params, config, idx))(indices)
+            trained, metrics, stats = train_cohort(narrow, batches, step_mask, valid, rngs, extra)
+            new_params = aggregate_cohort(params, trained, config, indices, valid, weights)
+            return new_params, metrics, to_global_experts(stats, indices, valid, config.num_experts)
+
+        if mesh is None:
+            return jax.jit(round_fn)
+        rep, per_client = replicated(mesh), client_sharding(mesh)
+        return jax.jit(
+            round_fn,
+            in_shardings=(rep, per_client, per_client, per_client, per_client, per_client,
+                          per_client, per_client),
+            out_shardings=(rep, per_client, per_client),
+        )
+
+    def round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None) -> RoundOutput:
+        width = int(indices.shape[-1])
+        if width not in compiled:
+            compiled[width] = build(width)
+        new_params, metrics, stats = compiled[width](params, indices, valid, batches, step_mask,
+                                                     weights, rngs, extra)
+        return RoundOutput(new_params, metrics, stats)
+
+    round_step.compiled = compiled  # exposed for tests and diagnostics
+    return round_step
