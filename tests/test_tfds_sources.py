@@ -1,0 +1,337 @@
+"""TFDS loaders on fake local datasets with the real feature structure, prepared as array_record.
+
+The fakes are TFDS builders named like the real ones, so TFDS writes them to the real layout
+(`ag_news_subset/1.0.0`, `squad/v1.1/3.0.0`, `xsum/1.1.0`) and the loader reads them unchanged.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.data_sources import base as data_source_base
+
+from fedmoe_jax.data import tfds_sources
+from fedmoe_jax.data.tasks import rc_prompt, tc_prompt, ts_prompt
+from fedmoe_jax.data.tfds_sources import TextClusters, cluster_texts, load_tfds_task
+
+AG_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
+TOPICS = [
+    "football goal striker match league referee penalty stadium coach season".split(),
+    "galaxy telescope orbit planet astronomer comet nebula rocket star lunar".split(),
+    "bank loan interest market stock investor bond inflation profit tax".split(),
+]
+
+
+def _topic_text(i: int, n_words: int = 12) -> str:
+    words = TOPICS[i % 3]
+    return " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(n_words))
+
+
+def _ag_rows(n, offset):
+    return [
+        {"title": f"Title {offset + i} ü", "description": _topic_text(offset + i), "label": (offset + i) % 4}
+        for i in range(n)
+    ]
+
+
+def _squad_rows(n, offset, n_answers):
+    return [
+        {
+            "id": f"q{offset + i}",
+            "title": f"Article {(offset + i) % 3}",
+            "context": _topic_text(offset + i, 20),
+            "question": f"which word {offset + i}?",
+            "answers": {
+                "text": [f"answer {offset + i} {a}" for a in range(n_answers)],
+                "answer_start": list(range(n_answers)),
+            },
+        }
+        for i in range(n)
+    ]
+
+
+def _xsum_rows(n, offset):
+    return [{"document": _topic_text(offset + i, 30), "summary": f"summary {offset + i}."} for i in range(n)]
+
+
+AG = {"train": _ag_rows(60, 0), "test": _ag_rows(12, 1000)}
+SQUAD = {"train": _squad_rows(60, 0, 1), "validation": _squad_rows(15, 1000, 3)}
+XSUM = {"train": _xsum_rows(40, 0), "validation": _xsum_rows(9, 1000), "test": _xsum_rows(9, 2000)}
+
+
+class _Fake(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    ROWS: dict = {}
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(rows) for split, rows in self.ROWS.items()}
+
+    def _generate_examples(self, rows):
+        yield from enumerate(rows)
+
+
+class FakeAgNewsSubset(_Fake, skip_registration=True):
+    name = "ag_news_subset"
+    VERSION = tfds.core.Version("1.0.0")
+    ROWS = AG
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "label": tfds.features.ClassLabel(names=AG_NAMES),
+                    "title": tfds.features.Text(),
+                    "description": tfds.features.Text(),
+                }
+            ),
+        )
+
+
+class FakeSquad(_Fake, skip_registration=True):
+    name = "squad"
+    VERSION = tfds.core.Version("3.0.0")
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="v1.1"), tfds.core.BuilderConfig(name="plain_text")]
+    ROWS = SQUAD
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "id": np.str_,
+                    "title": tfds.features.Text(),
+                    "context": tfds.features.Text(),
+                    "question": tfds.features.Text(),
+                    "answers": tfds.features.Sequence(
+                        {"text": tfds.features.Text(), "answer_start": np.int32}
+                    ),
+                }
+            ),
+        )
+
+
+class FakeXsum(_Fake, skip_registration=True):
+    name = "xsum"
+    VERSION = tfds.core.Version("1.1.0")
+    ROWS = XSUM
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "document": tfds.features.Text(),
+                    "summary": tfds.features.Text(),
+                }
+            ),
+        )
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    tfds.disable_progress_bar()
+    root = str(tmp_path_factory.mktemp("tfds"))
+    for builder in (
+        FakeAgNewsSubset(data_dir=root),
+        FakeSquad(data_dir=root, config="v1.1"),
+        FakeXsum(data_dir=root),
+    ):
+        builder.download_and_prepare(file_format="array_record")
+    return root
+
+
+def _by_input(data):
+    return {
+        x: (t, r, int(lab)) for x, t, r, lab in zip(data.inputs, data.targets, data.references, data.labels)
+    }
+
+
+def _check_carved(load, expected_train):
+    """Our train and validation are disjoint, cover the official train, and validation is 5% of it."""
+    train, val = load("train"), load("validation")
+    assert (len(train), len(val)) == (57, 3)
+    assert set(train.inputs).isdisjoint(val.inputs)
+    assert set(train.inputs) | set(val.inputs) == set(expected_train)
+    return train, val
+
+
+def test_ag_news_fields(data_dir):
+    expected = {
+        tc_prompt(r["title"] + " " + r["description"]): r["label"] for split in AG.values() for r in split
+    }
+    for split in ("train", "validation", "test"):
+        data = load_tfds_task("tc", split, data_dir)
+        assert data.task == "tc" and data.label_names == tuple(AG_NAMES)
+        for x, t, refs, lab in zip(data.inputs, data.targets, data.references, data.labels):
+            assert lab == expected[x] and t == AG_NAMES[lab] and refs == [t]
+    test = load_tfds_task("tc", "test", data_dir)
+    assert sorted(test.inputs) == sorted(tc_prompt(r["title"] + " " + r["description"]) for r in AG["test"])
+    assert "Title 1000 ü " + TOPICS[1000 % 3][0] in " ".join(test.inputs)
+    _check_carved(
+        lambda s: load_tfds_task("tc", s, data_dir),
+        [tc_prompt(r["title"] + " " + r["description"]) for r in AG["train"]],
+    )
+
+
+def test_squad_fields_and_cluster_labels(data_dir):
+    def load(split):
+        return load_tfds_task("rc", split, data_dir, num_clusters=3)
+
+    test = load("test")  # the official validation (dev) split
+    expected = {rc_prompt(r["question"], r["context"]): r for r in SQUAD["validation"]}
+    assert sorted(test.inputs) == sorted(expected)
+    for x, t, refs in zip(test.inputs, test.targets, test.references):
+        answers = expected[x]["answers"]["text"]
+        assert t == answers[0] and refs == answers and len(refs) == 3
+    train, val = _check_carved(load, [rc_prompt(r["question"], r["context"]) for r in SQUAD["train"]])
+    assert all(len(refs) == 1 and refs[0] == t for t, refs in zip(train.targets, train.references))
+    assert test.label_names == ("cluster_0", "cluster_1", "cluster_2")
+    # Clusters follow the topics, with the same ids in every split (fitted on train only).
+    topic = {
+        rc_prompt(r["question"], r["context"]): int(r["question"].split()[-1][:-1]) % 3
+        for rows in SQUAD.values()
+        for r in rows
+    }
+    pairs = {(int(lab), topic[x]) for d in (train, val, test) for x, lab in zip(d.inputs, d.labels)}
+    assert len(pairs) == 3 and len({p[0] for p in pairs}) == 3
+
+
+def test_xsum_fields(data_dir):
+    for split in ("train", "validation", "test"):
+        data = load_tfds_task("ts", split, data_dir, num_clusters=3)
+        expected = [(ts_prompt(r["document"]), r["summary"]) for r in XSUM[split]]
+        assert sorted(zip(data.inputs, data.targets)) == sorted(expected)
+        assert all(refs == [t] for t, refs in zip(data.targets, data.references))
+        assert set(data.labels.tolist()) <= {0, 1, 2}
+    again = load_tfds_task("ts", "test", data_dir, num_clusters=3)
+    assert _by_input(again) == _by_input(load_tfds_task("ts", "test", data_dir, num_clusters=3))
+
+
+def test_max_examples_reads_only_what_it_returns(data_dir, monkeypatch):
+    reads = []
+    original = data_source_base.BaseDataSource.__getitems__
+
+    def counting(self, keys):
+        reads.append((str(self.split), list(keys)))
+        return original(self, keys)
+
+    monkeypatch.setattr(data_source_base.BaseDataSource, "__getitems__", counting)
+    monkeypatch.setattr(
+        data_source_base.BaseDataSource, "__getitem__", lambda self, k: pytest.fail("one by one")
+    )
+    assert len(load_tfds_task("tc", "train", data_dir, max_examples=5)) == 5
+    assert reads == [("train", [0, 1, 2, 3, 4])]
+    reads.clear()
+    assert len(load_tfds_task("tc", "validation", data_dir, max_examples=2)) == 2
+    assert reads == [("train", [57, 58])]
+    reads.clear()
+    full = load_tfds_task("rc", "test", data_dir, num_clusters=3)
+    reads.clear()
+    part = load_tfds_task("rc", "test", data_dir, max_examples=4, num_clusters=3, cluster_fit_examples=60)
+    assert sorted(reads) == [("train", list(range(57))), ("validation", [0, 1, 2, 3])]
+    assert part.inputs == full.inputs[:4] and part.labels.tolist() == full.labels[:4].tolist()
+    assert len(load_tfds_task("ts", "test", data_dir, max_examples=0, num_clusters=3)) == 0
+
+
+def test_not_prepared_error_names_the_command(tmp_path):
+    for task, name in (("tc", "ag_news_subset"), ("rc", "squad"), ("ts", "xsum")):
+        with pytest.raises(ValueError) as err:
+            load_tfds_task(task, "train", str(tmp_path))
+        message = str(err.value)
+        assert "\n" not in message and "not prepared" in message
+        assert (
+            f"python -m fedmoe_jax.data.tfds_sources prepare --dataset {name} --data-dir {tmp_path}"
+            in message
+        )
+    assert "--manual-dir" in message  # xsum is a manual download
+
+
+def test_prepare_command_line_prepares_what_the_loader_reads(tmp_path, monkeypatch):
+    asked = []
+
+    def fake_builder(name, data_dir):
+        asked.append(name)
+        return FakeAgNewsSubset(data_dir=data_dir)
+
+    monkeypatch.setattr(tfds, "builder", fake_builder)
+    assert tfds_sources.main(["prepare", "--dataset", "ag_news_subset", "--data-dir", str(tmp_path)]) == 0
+    assert asked == ["ag_news_subset"]
+    assert len(load_tfds_task("tc", "test", str(tmp_path))) == len(AG["test"])
+    with pytest.raises(SystemExit) as exit_info:
+        tfds_sources.main(["prepare", "--dataset", "mnist", "--data-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+
+
+def test_prepare_names_a_missing_package(tmp_path, monkeypatch, capsys):
+    class NeedsPackage(FakeAgNewsSubset, skip_registration=True):
+        def download_and_prepare(self, **kwargs):
+            raise ModuleNotFoundError("No module named 'importlib_resources'", name="importlib_resources")
+
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir: NeedsPackage(data_dir=data_dir))
+    assert tfds_sources.main(["prepare", "--dataset", "squad", "--data-dir", str(tmp_path)]) == 2
+    assert "pip install importlib_resources" in capsys.readouterr().err
+
+
+def test_older_plain_text_squad_layout_is_read(tmp_path):
+    FakeSquad(data_dir=str(tmp_path), config="plain_text").download_and_prepare(file_format="array_record")
+    assert os.path.isdir(tmp_path / "squad" / "plain_text" / "3.0.0")
+    assert len(load_tfds_task("rc", "test", str(tmp_path), num_clusters=3)) == len(SQUAD["validation"])
+
+
+def test_bad_names():
+    with pytest.raises(ValueError, match="unknown task"):
+        load_tfds_task("qa", "train", "/nonexistent")
+    with pytest.raises(ValueError, match="unknown split"):
+        load_tfds_task("tc", "dev", "/nonexistent")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        tfds_sources.prepare("mnist", "/nonexistent")
+
+
+@pytest.fixture
+def ag_copy(data_dir, tmp_path):
+    shutil.copytree(os.path.join(data_dir, "ag_news_subset"), tmp_path / "ag_news_subset")
+    return tmp_path, tmp_path / "ag_news_subset" / "1.0.0"
+
+
+def test_corrupt_records_error_names_the_file(ag_copy):
+    root, version_dir = ag_copy
+    shard = version_dir / "ag_news_subset-test.array_record-00000-of-00001"
+    blob = bytearray(shard.read_bytes())
+    blob[::7] = bytes(b ^ 0x5A for b in blob[::7])
+    shard.write_bytes(bytes(blob))
+    assert len(load_tfds_task("tc", "train", str(root))) == 57  # other files still read
+    with pytest.raises(ValueError) as err:
+        load_tfds_task("tc", "test", str(root))
+    assert str(shard) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_corrupt_metadata_and_wrong_format(ag_copy):
+    root, version_dir = ag_copy
+    info_path = version_dir / "dataset_info.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "fileFormat": "tfrecord"}))
+    with pytest.raises(ValueError, match="prepared as tfrecord.*array_record"):
+        load_tfds_task("tc", "test", str(root))
+    info_path.write_text('{"name": ')
+    with pytest.raises(ValueError, match="cannot read the TFDS metadata") as err:
+        load_tfds_task("tc", "test", str(root))
+    assert str(version_dir) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_text_clusters_are_deterministic_and_follow_topics():
+    texts = [_topic_text(i) for i in range(30)]
+    labels = cluster_texts(texts, k=3, seed=0)
+    assert labels.dtype == np.int32 and labels.shape == (30,)
+    assert np.array_equal(labels, cluster_texts(texts, k=3, seed=0))
+    assert {(int(lab), i % 3) for i, lab in enumerate(labels)} == {(int(labels[t]), t) for t in range(3)}
+    assert len(set(labels.tolist())) == 3
+    clusters = TextClusters.fit(texts, k=3, seed=1)
+    new = clusters.assign([_topic_text(i, 5) for i in range(300, 306)] + ["", "unseen words only"])
+    fitted = clusters.assign(texts)
+    assert [int(new[j]) for j in range(6)] == [int(fitted[(300 + j) % 3]) for j in range(6)]
+    assert new[6] == 0 and 0 <= new[7] < 3
+    with pytest.raises(ValueError, match="cannot fit 3 text clusters to 2 texts"):
+        TextClusters.fit(texts[:2], k=3)
