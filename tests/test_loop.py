@@ -104,3 +104,30 @@ def test_no_recompilation_across_rounds(setup):
         params = out.params
     assert list(round_step.compiled) == [4]
     assert round_step.compiled[4]._cache_size() == 1
+
+
+def test_server_optimizer(setup):
+    from fedmoe_jax.federated.loop import make_server_update
+
+    config, params, maps, batches = setup
+    round_step = make_round_step(config, optax.sgd(0.1))
+    cohort = np.array([1, 3])
+    idx, valid, stacked, step_mask, weights, rngs = cohort_inputs(maps, batches, cohort, 4)
+    out = round_step(params, idx, valid, stacked, step_mask, weights,
+                     jax.random.wrap_key_data(jnp.asarray(rngs)))
+    np.testing.assert_array_equal(np.asarray(out.held), maps[cohort].any(0))
+    # sgd(1.0) on the pseudo-gradient is plain FedAvg
+    init, update = make_server_update(config, optax.sgd(1.0))
+    new, _ = update(params, out.params, out.held, init(params))
+    for (key, a), (_, b) in zip(sorted(flatten_dict(new).items()), sorted(flatten_dict(out.params).items())):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6, err_msg=str(key))
+    # with momentum, a second round in which nobody holds an expert must not move it
+    init, update = make_server_update(config, optax.sgd(1.0, momentum=0.9))
+    state = init(params)
+    p1, state = update(params, out.params, out.held, state)
+    nobody = jnp.zeros_like(out.held)
+    p2, _ = update(p1, p1, nobody, state)
+    path = ("encoder", "block_1", "mlp", "experts", "wi")
+    np.testing.assert_array_equal(np.asarray(flatten_dict(p2)[path]), np.asarray(flatten_dict(p1)[path]))
+    dense = ("shared", "embedding")
+    assert not np.allclose(np.asarray(flatten_dict(p2)[dense]), np.asarray(flatten_dict(p1)[dense]))

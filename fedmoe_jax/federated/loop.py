@@ -37,9 +37,10 @@ PyTree = Any
 class RoundOutput:
     """Result of one round. Arrays have the padded cohort axis C first where per client."""
 
-    params: PyTree  # new global parameters
+    params: PyTree  # new global parameters (the aggregate)
     metrics: dict[str, Array]  # [C] each: loss, ce, lb_loss, z_loss, num_steps
     routing: RoutingStats  # tokens_per_expert / prob_mass [C, L, E]; dropped, num_tokens [C, L]
+    held: Array  # <bool>[L, E] experts held by a weighted cohort client (the ones aggregation moved)
 
 
 def to_global_experts(stats: RoutingStats, indices: Array, valid: Array, num_experts: int) -> RoutingStats:
@@ -79,7 +80,10 @@ def make_round_step(
             narrow = jax.vmap(lambda idx: gather_submodel(params, config, idx))(indices)
             trained, metrics, stats = train_cohort(narrow, batches, step_mask, valid, rngs, extra)
             new_params = aggregate_cohort(params, trained, config, indices, valid, weights)
-            return new_params, metrics, to_global_experts(stats, indices, valid, config.num_experts)
+            held = jnp.einsum("clse,c->le", jax.nn.one_hot(indices, config.num_experts) * valid[..., None],
+                              (weights > 0).astype(jnp.float32)) > 0
+            stats = to_global_experts(stats, indices, valid, config.num_experts)
+            return new_params, metrics, stats, held
 
         if mesh is None:
             return jax.jit(round_fn)
@@ -88,16 +92,39 @@ def make_round_step(
             round_fn,
             in_shardings=(rep, per_client, per_client, per_client, per_client, per_client,
                           per_client, per_client),
-            out_shardings=(rep, per_client, per_client),
+            out_shardings=(rep, per_client, per_client, rep),
         )
 
     def round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None) -> RoundOutput:
         width = int(indices.shape[-1])
         if width not in compiled:
             compiled[width] = build(width)
-        new_params, metrics, stats = compiled[width](params, indices, valid, batches, step_mask,
-                                                     weights, rngs, extra)
-        return RoundOutput(new_params, metrics, stats)
+        return RoundOutput(*compiled[width](params, indices, valid, batches, step_mask, weights, rngs, extra))
 
     round_step.compiled = compiled  # exposed for tests and diagnostics
     return round_step
+
+
+def expert_held_mask(params: PyTree, config: SwitchConfig, held: Array) -> PyTree:
+    """1/0 per parameter entry: 0 for experts (and router columns) no cohort client held."""
+    from fedmoe_jax.federated.client import expert_update_mask
+
+    return expert_update_mask(params, config, held)
+
+
+def make_server_update(config: SwitchConfig, server_optimizer: optax.GradientTransformation):
+    """FedOpt server step: the pseudo-gradient `params - aggregate` fed to an optax optimizer.
+
+    `optax.sgd(1.0)` reproduces plain FedAvg; momentum, Adam or Yogi give FedAvgM / FedAdam /
+    FedYogi. Experts no cohort client held get no update (their momentum does not move them).
+    Returns `(init(params) -> opt_state, update(params, aggregate, held, opt_state) -> (params,
+    opt_state))`, the latter jitted.
+    """
+
+    def update(params, aggregate, held, opt_state):
+        pseudo_grad = jax.tree.map(lambda p, a: p - a, params, aggregate)
+        updates, opt_state = server_optimizer.update(pseudo_grad, opt_state, params)
+        updates = jax.tree.map(lambda u, m: u * m, updates, expert_held_mask(params, config, held))
+        return optax.apply_updates(params, updates), opt_state
+
+    return server_optimizer.init, jax.jit(update)
