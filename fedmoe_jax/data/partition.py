@@ -202,9 +202,10 @@ class Partition:
     def save(self, path: str | os.PathLike) -> tuple[str, str]:
         """Write `PREFIX.npz` (indices) and `PREFIX.json` (metadata, sha256) atomically; return both paths.
 
-        `path` is the prefix, or either file name.
+        `path` is the prefix, or either file name; missing parent folders are created.
         """
         npz_path, json_path = _paths(path)
+        os.makedirs(os.path.dirname(os.path.abspath(npz_path)), exist_ok=True)
         buf = io.BytesIO()
         np.savez_compressed(buf, **self._arrays())
         meta = dict(self._meta(), num_clients=self.num_clients, fingerprint=self.fingerprint())
