@@ -18,7 +18,7 @@ from importlib.resources.abc import Traversable
 
 import sentencepiece as spm
 
-from fedmoe_jax.data.tasks import SPLITS, TASKS, TaskData, check_task
+from fedmoe_jax.data.tasks import SPLITS, TASKS, TaskData, check_split, check_task
 from fedmoe_jax.data.tokenizer import SPIECE_FILE, Tokenizer
 from fedmoe_jax.data.wordnet import BUILD_COMMAND, MANIFEST_FILE, data_file_name, decode_records
 
@@ -66,12 +66,6 @@ def _read_verified(name: str, manifest: dict, data_dir: PathLike) -> bytes:
     return data
 
 
-def _check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
-    return split
-
-
 def _load(task: str, split: str, manifest: dict, data_dir: PathLike) -> TaskData:
     name = data_file_name(task, split)
     data = _read_verified(name, manifest, data_dir)
@@ -95,7 +89,7 @@ def load_embedded(task: str, split: str, data_dir: PathLike = None) -> TaskData:
     `labels <int32>[N]` are lexicographer categories (0..44, `label_names` = `wordnet.LEXNAMES`).
     """
     check_task(task)
-    _check_split(split)
+    check_split(split)
     return _load(task, split, load_manifest(data_dir), data_dir)
 
 
@@ -108,7 +102,7 @@ def load_embedded_benchmark(
     for task in tasks:
         check_task(task)
     for split in splits:
-        _check_split(split)
+        check_split(split)
     manifest = load_manifest(data_dir)
     return {t: {s: _load(t, s, manifest, data_dir) for s in splits} for t in tasks}
 

@@ -20,8 +20,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from fedmoe_jax.data.partition import Partition, _check_split
-from fedmoe_jax.data.tasks import SPLITS, TaskData
+from fedmoe_jax.data.partition import Partition
+from fedmoe_jax.data.tasks import SPLITS, TaskData, check_split
 from fedmoe_jax.data.tokenizer import Tokenizer
 
 PAD_CLIENT = -1  # a client id in a cohort that stands for an all-masked padding client
@@ -167,7 +167,7 @@ class FederatedData:
 
         inputs, input_mask `<int32>[n, S]`; targets, target_mask `<int32>[n, T]`; example_ids `[n]`.
         """
-        ids = self.partition.client_indices(client, _check_split(split))
+        ids = self.partition.client_indices(client, check_split(split))
         return self._gather(self.partition.task_of(client), split, ids.astype(np.int64))
 
     def _gather(self, task: str, split: str, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -185,7 +185,7 @@ class FederatedData:
         """Most local steps any of the N clients takes for `epochs` passes at `batch_size`."""
         key = (batch_size, epochs, split)
         if key not in self._max_steps_cache:
-            n = self.num_examples[_check_split(split)]
+            n = self.num_examples[check_split(split)]
             self._max_steps_cache[key] = int(epochs * np.max(-(-n // batch_size)))
         return self._max_steps_cache[key]
 
@@ -215,7 +215,7 @@ class FederatedData:
         (index into the task's split, -1 for padding); client_ids, num_examples (distinct examples,
         the aggregation weight) and num_steps (real steps), each `<int32>[C]`.
         """
-        split = _check_split(split)
+        split = check_split(split)
         clients = self._check_clients(client_ids)
         _check_nonneg(round=round, seed=seed)
         _check_positive(batch_size=batch_size)
@@ -256,7 +256,7 @@ class FederatedData:
         step_buckets: Sequence[int] | None = None,
     ) -> dict[str, np.ndarray]:
         """A cohort's whole `split` in index order, as in `cohort_batches` (one epoch, no shuffling)."""
-        split = _check_split(split)
+        split = check_split(split)
         clients = self._check_clients(client_ids)
         _check_positive(batch_size=batch_size)
         orders = [
@@ -283,7 +283,7 @@ class FederatedData:
         self, client: int, split: str = "validation", batch_size: int = 32
     ) -> Iterator[dict[str, np.ndarray]]:
         """A client's `split` in index order, `[B, ...]` batches; `example_mask <bool>[B]` marks real rows."""
-        split = _check_split(split)
+        split = check_split(split)
         (client,) = self._check_clients([client])
         _check_positive(batch_size=batch_size)
         rows = _pad_rows(np.arange(self.num_examples[split][client]), batch_size)

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedmoe_jax.data.tasks import SPLITS, TASKS, TaskData, check_task
+from fedmoe_jax.data.tasks import SPLITS, TASKS, TaskData, check_split, check_task
 
 SETTINGS = ("T", "TD")
 _FORMAT = "fedmoe_jax.partition/1"
@@ -147,11 +147,11 @@ class Partition:
         return np.flatnonzero(self.client_tasks == self.tasks.index(task))
 
     def client_indices(self, client: int, split: str = "train") -> np.ndarray:
-        return self.indices[_check_split(split)][client]
+        return self.indices[check_split(split)][client]
 
     def num_examples(self, split: str = "train") -> np.ndarray:
         """Examples per client in `split`, `<int64>[N]`."""
-        return np.array([a.size for a in self.indices[_check_split(split)]], np.int64)
+        return np.array([a.size for a in self.indices[check_split(split)]], np.int64)
 
     def counts(self) -> dict[str, np.ndarray]:
         """split -> examples per client `[N]`."""
@@ -403,12 +403,6 @@ def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     if not tasks or len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks must be non-empty and distinct, got {tasks}")
     return tasks
-
-
-def _check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
-    return split
 
 
 def _check_min_examples(min_examples: int | Mapping[str, int]) -> dict[str, int]:

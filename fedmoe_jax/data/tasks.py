@@ -32,6 +32,12 @@ def check_task(task: str) -> str:
     return task
 
 
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+    return split
+
+
 def tc_prompt(text: str) -> str:
     return f"topic: {text}"
 

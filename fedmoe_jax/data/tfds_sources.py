@@ -33,7 +33,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedmoe_jax.data.tasks import SPLITS, TaskData, check_task, rc_prompt, tc_prompt, ts_prompt
+from fedmoe_jax.data.tasks import (
+    SPLITS,
+    TaskData,
+    check_split,
+    check_task,
+    rc_prompt,
+    tc_prompt,
+    ts_prompt,
+)
 
 VALIDATION_FRACTION = 0.05
 _READ_BATCH = 256
@@ -133,8 +141,7 @@ def load_tfds_task(
     it) and unreadable files (naming them).
     """
     spec = DATASETS[TASK_DATASETS[check_task(task)]]
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+    check_split(split)
     if max_examples is not None and max_examples < 0:
         raise ValueError(f"max_examples must be >= 0 or None, got {max_examples}")
     builder = _open_builder(spec, data_dir)
