@@ -41,6 +41,7 @@ class RoundOutput:
     metrics: dict[str, Array]  # [C] each: loss, ce, lb_loss, z_loss, num_steps
     routing: RoutingStats  # tokens_per_expert / prob_mass [C, L, E]; dropped, num_tokens [C, L]
     held: Array  # <bool>[L, E] experts held by a weighted cohort client (the ones aggregation moved)
+    client_params: PyTree | None = None  # the cohort's trained sub-MoEs [C, ...] (return_clients=True)
 
 
 def to_global_experts(stats: RoutingStats, indices: Array, valid: Array, num_experts: int) -> RoutingStats:
@@ -58,6 +59,7 @@ def make_round_step(
     loss_config: LossConfig = LossConfig(),
     hooks: LocalHooks = LocalHooks(),
     mesh: Mesh | None = None,
+    return_clients: bool = False,
 ) -> Callable[..., RoundOutput]:
     """Build `round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None)`.
 
@@ -68,6 +70,8 @@ def make_round_step(
       weights: `[C]` aggregation weights (training examples; 0 for padding clients).
       rngs: `[C]` per-client keys. extra: per-client algorithm state `[C, ...]` or None.
     With a mesh, C must be a multiple of the `clients` axis size (see `padded_cohort_size`).
+    `return_clients=True` also returns the trained narrow sub-MoEs (for validating each client's own
+    model, PAPER.md Algorithm 1).
     """
     compiled: dict[int, Callable] = {}
 
@@ -83,7 +87,7 @@ def make_round_step(
             held = jnp.einsum("clse,c->le", jax.nn.one_hot(indices, config.num_experts) * valid[..., None],
                               (weights > 0).astype(jnp.float32)) > 0
             stats = to_global_experts(stats, indices, valid, config.num_experts)
-            return new_params, metrics, stats, held
+            return new_params, metrics, stats, held, (trained if return_clients else None)
 
         if mesh is None:
             return jax.jit(round_fn)
@@ -92,7 +96,7 @@ def make_round_step(
             round_fn,
             in_shardings=(rep, per_client, per_client, per_client, per_client, per_client,
                           per_client, per_client),
-            out_shardings=(rep, per_client, per_client, rep),
+            out_shardings=(rep, per_client, per_client, rep, per_client),
         )
 
     def round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None) -> RoundOutput:

@@ -1,0 +1,75 @@
+"""The algorithm interface the federated loop calls, and FedAvg over sub-MoEs.
+
+An algorithm says which experts each client holds at the start, what local training adds
+(`LocalHooks`: a loss term, a gradient correction), what per-client state it keeps, and how that
+state changes after a round. Everything else (sampling, gathering, vectorized training, modular
+aggregation, evaluation, checkpoints) is the loop's, so FedAvg, FedProx, SCAFFOLD, randomMoE and
+FedMoE stay small modules instead of forks of the loop.
+
+Shape letters: N clients, C cohort, L MoE layers, E experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from fedmoe_jax.federated.client import LocalHooks
+from fedmoe_jax.federated.state import ClientStates
+from fedmoe_jax.models.switch import SwitchConfig
+
+PyTree = Any
+
+
+@dataclasses.dataclass
+class CohortReport:
+    """What the cohort sent back in one round (host arrays, unpadded, `[C, ...]`)."""
+
+    round: int
+    cohort: np.ndarray  # <int32>[C] client ids
+    train_loss: np.ndarray  # <f32>[C]
+    num_examples: np.ndarray  # [C] aggregation weights
+    val_scores: np.ndarray  # <f32>[C] primary validation metric (NaN when not evaluated)
+    val_probs: np.ndarray  # <f32>[C, L, E] activation probabilities on validation data
+    client_params: PyTree = None  # trained narrow sub-MoEs [C, ...], when the algorithm asks
+
+
+class Algorithm:
+    """FedAvg over sub-MoEs: every client holds every expert unless a subclass says otherwise."""
+
+    name = "fedavg"
+    hooks: LocalHooks = LocalHooks()
+    needs_client_params = False
+
+    def initial_expert_maps(self, config: SwitchConfig, num_clients: int, seed: int) -> np.ndarray:
+        """`<bool>[N, L, E]` the sub-MoE each client starts with."""
+        return np.ones((num_clients, config.num_moe_layers, config.num_experts), bool)
+
+    def init_extra(self, num_clients: int, params: PyTree) -> PyTree:
+        """Per-client algorithm state, leaves `[N, ...]` (None if none)."""
+        return None
+
+    def cohort_extra(self, states: ClientStates, cohort: np.ndarray) -> PyTree:
+        """The `extra` argument of the cohort's local training, leaves `[C, ...]`."""
+        return None
+
+    def update_clients(self, states: ClientStates, report: CohortReport) -> ClientStates:
+        """New client states after a round (default: record scores and probabilities)."""
+        return record_report(states, report)
+
+
+def record_report(states: ClientStates, report: CohortReport) -> ClientStates:
+    """Store the cohort's latest probabilities and scores; count rounds without improvement."""
+    rows = states.take(report.cohort)
+    evaluated = ~np.isnan(report.val_scores)
+    improved = evaluated & (report.val_scores > rows.best_score)
+    rows = rows.replace(
+        probs=np.where(evaluated[:, None, None], report.val_probs, rows.probs).astype(np.float32),
+        score=np.where(evaluated, report.val_scores, rows.score).astype(np.float32),
+        best_score=np.where(improved, report.val_scores, rows.best_score).astype(np.float32),
+        stale_rounds=np.where(improved, 0, rows.stale_rounds + evaluated).astype(np.int32),
+        participations=rows.participations + 1,
+    )
+    return states.put(report.cohort, rows)

@@ -1,0 +1,112 @@
+"""Evaluation of a cohort's sub-MoEs on their own validation (or test) data, vectorized.
+
+Per client: a teacher-forced pass gives the loss and the routing statistics (the activation
+probabilities p[L, E] that FedMoE's Stage 1 and expert recommendation use, padding excluded), and
+greedy decoding with the KV cache gives predictions scored with the task's metric
+(`fedmoe_jax.data.tasks.task_scores`). The model work is one jitted program per slot width, vmapped
+over clients; only detokenisation and text metrics run in Python.
+
+Shape letters: C cohort, K eval steps, B batch, S input / T target tokens, L MoE layers, E slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedmoe_jax.data.tasks import PRIMARY_METRIC, task_scores
+from fedmoe_jax.data.tokenizer import Tokenizer
+from fedmoe_jax.models.decoding import greedy_decode
+from fedmoe_jax.models.moe import RoutingStats
+from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer, cross_entropy, shift_right
+
+Array = jax.Array
+
+
+def make_cohort_eval(config: SwitchConfig, max_length: int) -> Callable[..., tuple]:
+    """`(params [C,..], batches [C, K, B, ..], valid [C, L, E]) -> (loss [C], stats, tokens)`.
+
+    `config` is the narrow model's (E = slots). `tokens` are greedy predictions `[C, K, B, T']`
+    with `T' = max_length`; `stats` sums routing statistics over real examples `[C, L, ...]`.
+    """
+    model = SwitchTransformer(config)
+
+    def one_client(params, batches, valid):
+        def step(_, batch):
+            ex = batch["example_mask"].astype(jnp.float32)
+            enc_mask = batch["input_mask"] * ex[:, None]
+            dec_mask = batch["target_mask"] * ex[:, None]
+            dec_in = shift_right(batch["targets"], config.decoder_start_token_id, config.pad_token_id)
+            out = model.apply({"params": params}, batch["inputs"], dec_in, enc_mask, dec_mask,
+                              expert_mask=valid)
+            n_tokens = dec_mask.sum()
+            loss_sum = cross_entropy(out.logits, batch["targets"], dec_mask) * n_tokens
+            decoded = greedy_decode(model, params, batch["inputs"], enc_mask, max_length, valid)
+            return None, (loss_sum, n_tokens, out.routing, decoded.tokens)
+
+        _, (loss_sum, n_tokens, stats, tokens) = jax.lax.scan(step, None, batches)
+        loss = loss_sum.sum() / jnp.maximum(n_tokens.sum(), 1.0)
+        return loss, _sum_over_steps(stats), tokens
+
+    cohort_eval = jax.jit(jax.vmap(one_client))
+
+    def evaluate(params, batches, valid):
+        return cohort_eval(params, {k: batches[k] for k in EVAL_KEYS}, valid)
+
+    return evaluate
+
+
+EVAL_KEYS = ("inputs", "input_mask", "targets", "target_mask", "example_mask")
+
+
+def _sum_over_steps(stats: RoutingStats) -> RoutingStats:
+    n = stats.num_tokens.sum(0)
+    safe = jnp.where(n > 0, n, 1.0)
+    return RoutingStats(
+        tokens_per_expert=stats.tokens_per_expert.sum(0),
+        prob_mass=stats.prob_mass.sum(0),
+        dropped=stats.dropped.sum(0),
+        num_tokens=n,
+        lb_loss=(stats.lb_loss * stats.num_tokens).sum(0) / safe,
+        z_loss=(stats.z_loss * stats.num_tokens).sum(0) / safe,
+    )
+
+
+def score_predictions(
+    tokenizer: Tokenizer,
+    tokens: np.ndarray,
+    example_ids: np.ndarray,
+    tasks: Sequence[str],
+    references: Sequence[Callable[[np.ndarray], list[list[str]]]],
+) -> list[dict[str, float]]:
+    """Task metrics per client from predicted tokens `[C, K, B, T]` and `example_ids [C, K, B]`.
+
+    `references[c](ids)` returns the reference lists of client c's examples `ids`. Each result holds
+    every metric of the task plus `score`, the task's primary metric (PAPER.md Algorithm 1's "acc").
+    """
+    results = []
+    for c, task in enumerate(tasks):
+        ids = np.asarray(example_ids[c]).reshape(-1)
+        real = ids >= 0
+        if not real.any():
+            results.append({"score": float("nan")})
+            continue
+        flat = np.asarray(tokens[c]).reshape(-1, tokens.shape[-1])[real]
+        predictions = tokenizer.decode(flat)
+        scores = task_scores(task, predictions, references[c](ids[real]))
+        scores["score"] = scores[PRIMARY_METRIC[task]]
+        results.append(scores)
+    return results
+
+
+def first_steps(batches: dict[str, Any], max_examples: int | None) -> dict[str, Any]:
+    """Keep the first `ceil(max_examples / B)` steps of `[C, K, B, ...]` eval batches."""
+    if max_examples is None:
+        return batches
+    b = batches["example_mask"].shape[2]
+    k = max(1, -(-max_examples // b))
+    return {name: (v[:, :k] if np.ndim(v) >= 2 else v) for name, v in batches.items()}

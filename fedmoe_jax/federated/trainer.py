@@ -1,0 +1,228 @@
+"""The multi-round federated run: sample, train, aggregate, evaluate, update client states.
+
+`FederatedTrainer` drives rounds of `make_round_step` (one compiled program per slot width) for any
+`Algorithm`, validates each sampled client's own trained sub-MoE (PAPER.md Algorithm 1), keeps the
+stacked client states, and reports per-round metrics: training loss, validation scores per task,
+bytes sent down and up (the tensors actually transmitted: dense part + kept experts), and expert
+counts.
+
+Shape letters: N clients, C cohort, L MoE layers, E experts, S slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax.traverse_util import flatten_dict
+
+from fedmoe_jax.algorithms.base import Algorithm, CohortReport
+from fedmoe_jax.data.federated import PAD_CLIENT, FederatedData
+from fedmoe_jax.data.tasks import TASKS
+from fedmoe_jax.data.tokenizer import Tokenizer
+from fedmoe_jax.federated.client import LossConfig
+from fedmoe_jax.federated.evaluate import first_steps, make_cohort_eval, score_predictions
+from fedmoe_jax.federated.loop import make_round_step, make_server_update, to_global_experts
+from fedmoe_jax.federated.sampling import sample_cohort
+from fedmoe_jax.federated.sharding import pad_clients, padded_cohort_size
+from fedmoe_jax.federated.state import ClientStates, ServerState
+from fedmoe_jax.federated.submodel import bucket_width, expert_slots, moe_layer_paths
+from fedmoe_jax.models.switch import SwitchConfig
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """How rounds run (the paper leaves all of these open; PAPER.md §9)."""
+
+    num_rounds: int = 10
+    cohort_size: int = 5
+    sampling: str = "uniform"  # "uniform" (Standard settings) or "enforced" (one client per task)
+    batch_size: int = 8
+    local_steps: int = 4
+    seed: int = 0
+    eval_every: int = 1  # validate the cohort every this many rounds (0: never)
+    eval_batch_size: int = 16
+    max_eval_examples: int | None = 64  # per client and round; None: the whole validation split
+
+    def validate(self, num_clients: int) -> None:
+        checks = {
+            "num_rounds": self.num_rounds >= 0, "batch_size": self.batch_size >= 1,
+            "local_steps": self.local_steps >= 1, "seed": self.seed >= 0,
+            "eval_every": self.eval_every >= 0, "eval_batch_size": self.eval_batch_size >= 1,
+            "cohort_size": 1 <= self.cohort_size <= num_clients,
+            "sampling": self.sampling in ("uniform", "enforced"),
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"RunSettings.{name}={getattr(self, name)!r} is invalid "
+                                 f"(N = {num_clients} clients)")
+
+
+def param_bytes(params: PyTree, config: SwitchConfig) -> tuple[int, np.ndarray]:
+    """Bytes of the dense part, and of one expert (its `wi`/`wo` and router column) per layer `[L]`."""
+    flat = flatten_dict(dict(params))
+    paths = moe_layer_paths(config)
+    expert = np.zeros(len(paths), np.int64)
+    dense = 0
+    for key, leaf in flat.items():
+        size = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        layer = next((i for i, p in enumerate(paths) if key[: len(p)] == p), None)
+        if layer is None:
+            dense += size
+        else:
+            expert[layer] += size // config.num_experts
+    return dense, expert
+
+
+class FederatedTrainer:
+    """Runs an `Algorithm` on `FederatedData` for a Switch Transformer, round after round."""
+
+    def __init__(
+        self,
+        config: SwitchConfig,
+        params: PyTree,
+        data: FederatedData,
+        tokenizer: Tokenizer,
+        algorithm: Algorithm,
+        optimizer: optax.GradientTransformation,
+        settings: RunSettings,
+        loss_config: LossConfig = LossConfig(),
+        server_optimizer: optax.GradientTransformation | None = None,
+        mesh: Any = None,
+    ):
+        settings.validate(data.num_clients)
+        self.config, self.data, self.tokenizer = config, data, tokenizer
+        self.algorithm, self.settings, self.mesh = algorithm, settings, mesh
+        n = data.num_clients
+        self.client_tasks = np.asarray([data.partition.task_of(c) for c in range(n)])
+        self.states = ClientStates.create(
+            algorithm.initial_expert_maps(config, n, settings.seed), algorithm.init_extra(n, params)
+        )
+        server_opt = server_optimizer or optax.sgd(1.0)
+        self._server_init, self._server_update = make_server_update(config, server_opt)
+        self.server = ServerState(params, self._server_init(params), 0)
+        self._round_step = make_round_step(config, optimizer, loss_config, algorithm.hooks, mesh,
+                                           return_clients=True)
+        self._evaluators: dict[int, Any] = {}
+        self._root = jax.random.key(settings.seed)
+        self.dense_bytes, self.expert_bytes = param_bytes(params, config)
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------------------
+    def sub_moe_bytes(self, expert_maps: np.ndarray) -> np.ndarray:
+        """Bytes of each client's sub-MoE `[C]` (what goes down and comes back up in a round)."""
+        return self.dense_bytes + np.einsum("cle,l->c", expert_maps.astype(np.int64), self.expert_bytes)
+
+    def _evaluator(self, width: int):
+        if width not in self._evaluators:
+            self._evaluators[width] = make_cohort_eval(self.config.replace(num_experts=width),
+                                                       self.data.target_len)
+        return self._evaluators[width]
+
+    def run_round(self) -> dict[str, Any]:
+        """One round; returns its metrics row (also appended to `history`)."""
+        s, r = self.settings, self.server.round
+        start = time.time()
+        cohort = sample_cohort(s.sampling, s.seed, r, self.client_tasks, s.cohort_size)
+        c = len(cohort)
+        maps = self.states.expert_maps[cohort]
+        width = bucket_width(int(maps.sum(-1).max()), self.config.num_experts)
+        indices, valid = (np.asarray(a) for a in expert_slots(maps, width))
+        batches = self.data.cohort_batches(cohort, r, s.seed, s.batch_size, num_steps=s.local_steps)
+        weights = batches["num_examples"].astype(np.float32)
+        round_key = jax.random.fold_in(self._root, r)
+        keys = np.stack([jax.random.key_data(jax.random.fold_in(round_key, int(k))) for k in cohort])
+        extra = self.algorithm.cohort_extra(self.states, cohort)
+
+        size = padded_cohort_size(c, self.mesh)
+        pad = (lambda t: pad_clients(t, size)) if size != c else (lambda t: t)
+        train_batches = {k: batches[k] for k in ("inputs", "input_mask", "targets", "target_mask",
+                                                 "example_mask")}
+        out = self._round_step(
+            self.server.params, pad(indices), pad(valid), pad(train_batches),
+            pad(batches["step_mask"]), pad(weights), jax.random.wrap_key_data(pad(keys)),
+            None if extra is None else pad(extra),
+        )
+        params, opt_state = self._server_update(self.server.params, out.params, out.held,
+                                                self.server.opt_state)
+        self.server = ServerState(params, opt_state, r + 1)
+        train_loss = np.asarray(out.metrics["loss"])[:c]
+
+        val_scores = np.full(c, np.nan, np.float32)
+        val_probs = np.zeros(maps.shape, np.float32)
+        val_metrics: list[dict[str, float]] = [{} for _ in range(c)]
+        if s.eval_every and (r + 1) % s.eval_every == 0:
+            client_params = jax.tree.map(lambda a: a[:c], out.client_params)
+            val_scores, val_probs, val_metrics = self._validate(cohort, client_params, indices, valid,
+                                                                width)
+        report = CohortReport(r, cohort, train_loss, weights, val_scores, val_probs,
+                              out.client_params if self.algorithm.needs_client_params else None)
+        self.states = self.algorithm.update_clients(self.states, report)
+        row = self._metrics_row(r, cohort, maps, train_loss, weights, val_scores, val_metrics,
+                                time.time() - start)
+        self.history.append(row)
+        return row
+
+    def _validate(self, cohort, client_params, indices, valid, width):
+        s = self.settings
+        batches = first_steps(self.data.cohort_eval_batches(cohort, s.eval_batch_size, "validation"),
+                              s.max_eval_examples)
+        loss, stats, tokens = self._evaluator(width)(client_params, batches, valid)
+        stats = to_global_experts(stats, indices, valid, self.config.num_experts)
+        probs = np.asarray(stats.activation_probs, np.float32)
+        tasks = [self.data.partition.task_of(int(k)) for k in cohort]
+        refs = [self._references(t) for t in tasks]
+        results = score_predictions(self.tokenizer, np.asarray(tokens), batches["example_ids"], tasks,
+                                    refs)
+        for res, lv in zip(results, np.asarray(loss)):
+            res["loss"] = float(lv)
+        scores = np.asarray([res["score"] for res in results], np.float32)
+        return scores, probs, results
+
+    def _references(self, task: str):
+        data = self.data.data[task]["validation"]
+        return lambda ids: [data.references[int(i)] for i in ids]
+
+    def _metrics_row(self, r, cohort, maps, train_loss, weights, val_scores, val_metrics, seconds):
+        sent = self.sub_moe_bytes(maps)
+        tasks = [self.data.partition.task_of(int(k)) for k in cohort]
+        row: dict[str, Any] = {
+            "round": r + 1,
+            "cohort": cohort.tolist(),
+            "train_loss": float(np.average(train_loss, weights=np.maximum(weights, 1e-9))),
+            "client_train_loss": [float(x) for x in train_loss],
+            "client_val_score": [None if np.isnan(x) else float(x) for x in val_scores],
+            "client_val": val_metrics,
+            "bytes_down": [int(b) for b in sent],
+            "bytes_up": [int(b) for b in sent],
+            "expert_counts": [int(n) for n in maps.sum((1, 2))],
+            "mean_expert_count_all_clients": float(self.states.expert_counts().mean()),
+            "seconds": round(seconds, 3),
+        }
+        for task in TASKS:
+            scores = [v for v, t in zip(val_scores, tasks) if t == task and not np.isnan(v)]
+            if scores:
+                row[f"val_score_{task}"] = float(np.mean(scores))
+        return row
+
+    def run(self, num_rounds: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
+        """Run until `num_rounds` rounds are done in total (default: `settings.num_rounds`)."""
+        from tqdm import tqdm
+
+        target = self.settings.num_rounds if num_rounds is None else num_rounds
+        with tqdm(total=target, initial=self.server.round, desc=self.algorithm.name, unit="round",
+                  disable=not progress) as bar:
+            while self.server.round < target:
+                row = self.run_round()
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}")
+        return self.history
+
+
+__all__ = ["PAD_CLIENT", "FederatedTrainer", "RunSettings", "param_bytes"]

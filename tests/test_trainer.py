@@ -1,0 +1,92 @@
+"""The multi-round driver end to end on a small slice of the embedded benchmark."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedmoe_jax.algorithms import Algorithm
+from fedmoe_jax.data import FederatedData, embedded_tokenizer, load_embedded_benchmark, make_partition
+from fedmoe_jax.data.partition import assign_tasks
+from fedmoe_jax.federated.sharding import make_mesh
+from fedmoe_jax.federated.trainer import FederatedTrainer, RunSettings, param_bytes
+from fedmoe_jax.models import SwitchTransformer, get_config
+
+
+class HalfExperts(Algorithm):
+    """Each client keeps a fixed random half of the experts (exercises sub-MoE slots)."""
+
+    name = "half"
+
+    def initial_expert_maps(self, config, num_clients, seed):
+        rng = np.random.default_rng(seed)
+        maps = np.zeros((num_clients, config.num_moe_layers, config.num_experts), bool)
+        for c in range(num_clients):
+            for layer in range(config.num_moe_layers):
+                maps[c, layer, rng.choice(config.num_experts, config.num_experts // 2, replace=False)] = True
+        return maps
+
+
+@pytest.fixture(scope="module")
+def small_run():
+    bench = load_embedded_benchmark()
+    small = {t: {s: d.take(np.arange(40 if s == "train" else 12)) for s, d in splits.items()}
+             for t, splits in bench.items()}
+    tok = embedded_tokenizer()
+    part = make_partition(small, assign_tasks(6), setting="T", seed=0)
+    fed = FederatedData.build(small, part, tok, max_input_len=32, max_target_len=16)
+    config = get_config("switch-tiny-8", vocab_size=tok.vocab_size, expert_capacity=32)
+    params = SwitchTransformer(config).init(jax.random.key(0), jnp.ones((1, 8), jnp.int32),
+                                            jnp.ones((1, 8), jnp.int32))["params"]
+    return config, params, fed, tok
+
+
+def make_trainer(small_run, algorithm, mesh=None, **settings):
+    config, params, fed, tok = small_run
+    run = RunSettings(**{"num_rounds": 2, "cohort_size": 3, "batch_size": 4, "local_steps": 2,
+                         "eval_batch_size": 4, "max_eval_examples": 4, **settings})
+    # eps above float noise: Adam amplifies rounding differences of near-zero gradients
+    tx = optax.adamw(3e-3, eps=1e-3)
+    return FederatedTrainer(config, params, fed, tok, algorithm, tx, run, mesh=mesh)
+
+
+def test_rounds_update_state_and_report_metrics(small_run):
+    trainer = make_trainer(small_run, HalfExperts())
+    history = trainer.run(progress=False)
+    assert [row["round"] for row in history] == [1, 2] and trainer.server.round == 2
+    states = trainer.states
+    seen = np.flatnonzero(states.participations > 0)
+    assert states.participations.sum() == 6
+    # validation probabilities sum to 1 per layer and sit only on each client's own experts
+    np.testing.assert_allclose(states.probs[seen].sum(-1), 1.0, rtol=1e-5)
+    assert np.all(states.probs[seen][~states.expert_maps[seen]] == 0)
+    assert np.all(np.isfinite(states.score[seen])) and np.all(np.isnan(np.delete(states.score, seen)))
+    row = history[-1]
+    assert len(row["client_val"]) == 3 and all("score" in m and "loss" in m for m in row["client_val"])
+    # bytes: dense part plus the kept experts, the same down and up
+    dense, expert = param_bytes(small_run[1], small_run[0])
+    maps = states.expert_maps[row["cohort"]]
+    expected = dense + (maps.sum(-1) * expert).sum(-1)
+    assert row["bytes_down"] == row["bytes_up"] == expected.tolist()
+    assert row["expert_counts"] == [16, 16, 16]  # 4 MoE layers x 4 of 8 experts
+
+
+def test_enforced_sampling_and_sharded_run_match_unsharded(small_run):
+    plain = make_trainer(small_run, Algorithm(), sampling="enforced", eval_every=0)
+    sharded = make_trainer(small_run, Algorithm(), mesh=make_mesh(), sampling="enforced", eval_every=0)
+    h1, h2 = plain.run(progress=False), sharded.run(progress=False)
+    for a, b in zip(h1, h2):
+        assert a["cohort"] == b["cohort"]
+        tasks = [plain.data.partition.task_of(c) for c in a["cohort"]]
+        assert sorted(tasks) == ["rc", "tc", "ts"]
+        np.testing.assert_allclose(a["client_train_loss"], b["client_train_loss"], rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(plain.server.params), jax.tree.leaves(sharded.server.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_settings_raise(small_run):
+    with pytest.raises(ValueError, match="cohort_size"):
+        make_trainer(small_run, Algorithm(), cohort_size=7)
+    with pytest.raises(ValueError, match="sampling"):
+        make_trainer(small_run, Algorithm(), sampling="random")
