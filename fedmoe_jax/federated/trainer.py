@@ -27,6 +27,7 @@ from fedmoe_jax.data.tokenizer import Tokenizer
 from fedmoe_jax.federated.client import LossConfig
 from fedmoe_jax.federated.evaluate import first_steps, make_cohort_eval, score_predictions
 from fedmoe_jax.federated.loop import make_round_step, make_server_update, to_global_experts
+from fedmoe_jax.federated.metrics import weighted_means
 from fedmoe_jax.federated.sampling import sample_cohort
 from fedmoe_jax.federated.sharding import pad_clients, padded_cohort_size
 from fedmoe_jax.federated.state import ClientStates, ServerState
@@ -192,10 +193,13 @@ class FederatedTrainer:
     def _metrics_row(self, r, cohort, maps, train_loss, weights, val_scores, val_metrics, seconds):
         sent = self.sub_moe_bytes(maps)
         tasks = [self.data.partition.task_of(int(k)) for k in cohort]
+        loss_means = weighted_means(train_loss, weights)
+        score_means = weighted_means(val_scores, weights)
         row: dict[str, Any] = {
             "round": r + 1,
             "cohort": cohort.tolist(),
-            "train_loss": float(np.average(train_loss, weights=np.maximum(weights, 1e-9))),
+            "train_loss": loss_means["example_weighted"],
+            "train_loss_client_mean": loss_means["client_weighted"],
             "client_train_loss": [float(x) for x in train_loss],
             "client_val_score": [None if np.isnan(x) else float(x) for x in val_scores],
             "client_val": val_metrics,
@@ -205,6 +209,9 @@ class FederatedTrainer:
             "mean_expert_count_all_clients": float(self.states.expert_counts().mean()),
             "seconds": round(seconds, 3),
         }
+        if not np.isnan(score_means["client_weighted"]):
+            row["val_score"] = score_means["example_weighted"]
+            row["val_score_client_mean"] = score_means["client_weighted"]
         for task in TASKS:
             scores = [v for v, t in zip(val_scores, tasks) if t == task and not np.isnan(v)]
             if scores:

@@ -1,0 +1,96 @@
+"""Per-round metrics: `metrics.jsonl` (one JSON object per round, with `round`) and TensorBoard.
+
+Rows are appended and flushed after every round. On resume from round r, rows past r are dropped
+first, so the file always matches the checkpointed state (no duplicated rounds). Numeric top-level
+fields also go to TensorBoard (tensorboardX) under `train/`, `val/`, `comm/`, `experts/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def weighted_means(values: Sequence[float], weights: Sequence[float]) -> dict[str, float]:
+    """Example-weighted and client-weighted (plain) means over clients, NaNs ignored."""
+    v = np.asarray(values, np.float64)
+    w = np.asarray(weights, np.float64)
+    ok = ~np.isnan(v)
+    if not ok.any():
+        return {"example_weighted": math.nan, "client_weighted": math.nan}
+    ew = float(np.average(v[ok], weights=w[ok])) if w[ok].sum() > 0 else math.nan
+    return {"example_weighted": ew, "client_weighted": float(v[ok].mean())}
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """All rows of `workdir/metrics.jsonl` (empty if none)."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsWriter:
+    """Append-only round metrics for one run directory."""
+
+    def __init__(self, workdir: str, resume_round: int = 0, tensorboard: bool = True):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, METRICS_FILE)
+        kept = [row for row in read_metrics(workdir) if row.get("round", 0) <= resume_round]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in kept)
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_round + 1)
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        if "round" not in row:
+            raise ValueError("a metrics row needs a 'round'")
+        self._file.write(json.dumps(row, sort_keys=True, default=_jsonable) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = int(row["round"])
+            for key, value in row.items():
+                if key != "round" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self._tb.add_scalar(_tb_name(key), value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _tb_name(key: str) -> str:
+    for prefix, group in (("train", "train"), ("val", "val"), ("bytes", "comm"), ("mean_expert", "experts"),
+                          ("expert", "experts")):
+        if key.startswith(prefix):
+            return f"{group}/{key}"
+    return f"misc/{key}"
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"cannot write {type(x).__name__} to metrics.jsonl")
