@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from fedmoe_jax.data import Tokenizer, train_sentencepiece
 from fedmoe_jax.data.federated import PAD_CLIENT, FederatedData, length_buckets, pick_bucket
-from fedmoe_jax.data.partition import assign_tasks, make_partition
-from fedmoe_jax.data.tasks import SPLITS, TASKS, TaskData
+from fedmoe_jax.data.partition import Partition, assign_tasks, make_partition
+from fedmoe_jax.data.tasks import SPLITS, TASKS, LazySequence, SequenceView, TaskData
 
 WORDS = (
     "the a cat dog bird fish horse runs jumps sleeps swims over under near big small red green blue "
@@ -35,6 +35,32 @@ def make_data(sizes, seed=0, long_inputs=(1, 40)):
             targets = [_text(r, 1, 6) for _ in range(n)]
             data[t][s] = TaskData(t, inputs, targets, [r.randrange(4) for _ in range(n)])
     return data
+
+
+class CountingList(LazySequence):
+    """A list behind the lazy interface that records the keys of every batched read."""
+
+    def __init__(self, items, log):
+        self.items, self.log = list(items), log
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitems__(self, keys):
+        keys = list(keys)
+        self.log.append(keys)
+        return [self.items[k] for k in keys]
+
+
+def lazy_copy(data, log):
+    """`data` with every text column a `CountingList` logging into `log[(task, split, column)]`."""
+    out = {}
+    for t, splits in data.items():
+        out[t] = {}
+        for s, d in splits.items():
+            x, y = (CountingList(getattr(d, c), log.setdefault((t, s, c), [])) for c in ("inputs", "targets"))
+            out[t][s] = TaskData(t, x, y, d.labels, d.label_names)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +141,93 @@ def test_client_arrays_match_tokenizer_reference(fed):
     assert fed.client_examples(4, "test").inputs == [
         fed.data[fed.partition.task_of(4)]["test"].inputs[i] for i in fed.partition.client_indices(4, "test")
     ]
+
+
+def test_lazy_task_data_take_is_a_view():
+    log = []
+    x, y = (CountingList([f"{c}{i}" for i in range(4)], log) for c in "xy")
+    d = TaskData("ts", x, y, [0] * 4)
+    assert isinstance(d.references, SequenceView) and not log
+    sub = d.take([3, 1, -4])
+    assert isinstance(sub.inputs, SequenceView) and sub.labels.tolist() == [0, 0, 0] and not log
+    assert list(sub.inputs) == ["x3", "x1", "x0"] and log == [[3, 1, 0]]
+    assert list(sub.references[1:]) == [["y1"], ["y0"]] and log[-1] == [1, 0]
+    assert sub.take([2]).inputs.base is d.inputs  # a view of a view reads the root directly
+    assert d.inputs[-1] == "x3" and "x2" in d.inputs and d.inputs[1:3][1] == "x2"
+    for bad in (4, -5):
+        with pytest.raises(IndexError):
+            d.inputs[bad]
+    with pytest.raises(IndexError):
+        d.take([4])
+    assert TaskData("ts", ["x"], ["y"], [0]).take([0]).references == [["y"]]  # lists stay lists
+
+
+def one_shot_reference(tok, texts, max_len):
+    """Slow, obvious: every text through `Tokenizer.encode` at once; (tokens, lengths, truncated)."""
+    rows = tok.encode(list(texts), max_length=max_len)
+    full = tok.encode(list(texts))
+    flat = [i for r in rows for i in r]
+    return np.array(flat, np.int64), np.array([len(r) for r in rows]), sum(len(r) > max_len for r in full)
+
+
+def test_chunked_tokenization_equals_one_shot(fed, tok):
+    for chunk in (1, 7, 10**6):
+        other = FederatedData.build(fed.data, fed.partition, tok, MAX_IN, MAX_OUT, chunk=chunk)
+        assert other.fingerprint() == fed.fingerprint() and other.truncated == fed.truncated
+        for t in TASKS:
+            for s in SPLITS:
+                for r, col, max_len in (
+                    (other._inputs[t][s], "inputs", MAX_IN),
+                    (other._targets[t][s], "targets", MAX_OUT),
+                ):
+                    texts = getattr(fed.data[t][s], col)
+                    tokens, lengths, truncated = one_shot_reference(tok, texts, max_len)
+                    np.testing.assert_array_equal(r.tokens, tokens, err_msg=f"{t} {s} {col} chunk={chunk}")
+                    np.testing.assert_array_equal(r.lengths, lengths)
+                    np.testing.assert_array_equal(r.offsets, np.concatenate([[0], np.cumsum(lengths)[:-1]]))
+                    assert r.truncated == truncated
+    with pytest.raises(ValueError, match="chunk must be a positive"):
+        FederatedData.build(fed.data, fed.partition, tok, MAX_IN, MAX_OUT, chunk=0)
+
+
+def test_build_on_lazy_data_equals_eager_and_reads_in_chunks(fed, tok):
+    log = {}
+    lazy = FederatedData.build(lazy_copy(fed.data, log), fed.partition, tok, MAX_IN, MAX_OUT, chunk=7)
+    assert lazy.fingerprint() == fed.fingerprint() and lazy.truncated == fed.truncated
+    assert (lazy.input_len, lazy.target_len) == (fed.input_len, fed.target_len)
+    for c in range(fed.num_clients):
+        for s in SPLITS:
+            got, want = lazy.client_arrays(c, s), fed.client_arrays(c, s)
+            for k in want:
+                np.testing.assert_array_equal(got[k], want[k], err_msg=f"client {c} {s} {k}")
+    for (t, s, _), calls in log.items():
+        keys = [k for call in calls for k in call]
+        assert all(len(call) <= 7 for call in calls) and keys == list(range(len(fed.data[t][s])))
+
+
+def test_build_reads_only_examples_some_client_holds(fed, tok):
+    held = {s: list(fed.partition.indices[s]) for s in SPLITS}
+    dropped = {s: held[s][0] for s in SPLITS}  # client 0 leaves the federation
+    held = {s: tuple([np.zeros(0, np.int32)] + held[s][1:]) for s in SPLITS}
+    p = fed.partition
+    part = Partition(p.tasks, p.client_tasks, held, p.setting, p.alpha, p.seed, p.source_sizes)
+    log = {}
+    lazy = FederatedData.build(lazy_copy(fed.data, log), part, tok, MAX_IN, MAX_OUT, chunk=5)
+    eager = FederatedData.build(fed.data, part, tok, MAX_IN, MAX_OUT)
+    assert lazy.fingerprint() == eager.fingerprint()
+    task = p.task_of(0)
+    for s in SPLITS:
+        read = {k for call in log[(task, s, "inputs")] for k in call}
+        assert read.isdisjoint(dropped[s].tolist()) and len(read) == len(fed.data[task][s]) - dropped[s].size
+        for store, full in ((lazy._inputs, fed._inputs), (lazy._targets, fed._targets)):
+            lengths = store[task][s].lengths.copy()
+            assert not lengths[dropped[s]].any()
+            lengths[dropped[s]] = full[task][s].lengths[dropped[s]]
+            np.testing.assert_array_equal(lengths, full[task][s].lengths)
+        for c in range(1, fed.num_clients):
+            got, want = lazy.client_arrays(c, s), fed.client_arrays(c, s)
+            for k, w in (("inputs", lazy.input_len), ("targets", lazy.target_len)):  # widths may shrink
+                np.testing.assert_array_equal(got[k], want[k][:, :w])
 
 
 def _rows(batch, i):

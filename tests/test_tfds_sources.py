@@ -13,8 +13,9 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.data_sources import base as data_source_base
 
-from fedmoe_jax.data import tfds_sources
-from fedmoe_jax.data.tasks import rc_prompt, tc_prompt, ts_prompt
+from fedmoe_jax.data import assign_tasks, embedded_tokenizer, make_partition, tfds_sources
+from fedmoe_jax.data.federated import FederatedData
+from fedmoe_jax.data.tasks import SPLITS, LazySequence, rc_prompt, tc_prompt, ts_prompt
 from fedmoe_jax.data.tfds_sources import TextClusters, cluster_texts, load_tfds_task
 
 AG_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
@@ -232,8 +233,79 @@ def test_max_examples_reads_only_what_it_returns(data_dir, monkeypatch):
     reads.clear()
     part = load_tfds_task("rc", "test", data_dir, max_examples=4, num_clusters=3, cluster_fit_examples=60)
     assert sorted(reads) == [("train", list(range(57))), ("validation", [0, 1, 2, 3])]
-    assert part.inputs == full.inputs[:4] and part.labels.tolist() == full.labels[:4].tolist()
+    assert list(part.inputs) == list(full.inputs[:4]) and part.labels.tolist() == full.labels[:4].tolist()
     assert len(load_tfds_task("ts", "test", data_dir, max_examples=0, num_clusters=3)) == 0
+
+
+def _load_all(data_dir, lazy, **kwargs):
+    return {
+        t: {s: load_tfds_task(t, s, data_dir, num_clusters=3, lazy=lazy, **kwargs) for s in SPLITS}
+        for t in ("tc", "rc", "ts")
+    }
+
+
+def test_lazy_and_eager_loads_are_identical(data_dir):
+    for kwargs in ({}, {"max_examples": 5}):
+        lazy, eager = _load_all(data_dir, True, **kwargs), _load_all(data_dir, False, **kwargs)
+        for t in lazy:
+            for s in SPLITS:
+                a, b = lazy[t][s], eager[t][s]
+                assert isinstance(a.inputs, LazySequence) and isinstance(b.inputs, list)
+                assert len(a) == len(b) and a.label_names == b.label_names
+                np.testing.assert_array_equal(a.labels, b.labels)
+                for col in ("inputs", "targets", "references"):
+                    assert list(getattr(a, col)) == getattr(b, col), (t, s, col)
+                sub = [len(b) - 1, 0, 1, 0]
+                assert list(a.take(sub).references) == b.take(sub).references
+                assert a.inputs[-1] == b.inputs[-1] and list(a.targets[1:4:2]) == b.targets[1:4:2]
+    with pytest.raises(IndexError):
+        lazy["tc"]["test"].inputs[len(lazy["tc"]["test"])]
+
+
+def test_lazy_task_data_reads_only_the_rows_accessed(data_dir, monkeypatch):
+    reads = []
+    original = data_source_base.BaseDataSource.__getitems__
+
+    def counting(self, keys):
+        reads.append((str(self.split), list(keys)))
+        return original(self, keys)
+
+    monkeypatch.setattr(data_source_base.BaseDataSource, "__getitems__", counting)
+    monkeypatch.setattr(tfds_sources, "_CACHE_ROWS", 4)
+    monkeypatch.setattr(tfds_sources, "_READ_BATCH", 16)
+    data = load_tfds_task("tc", "train", data_dir)  # streams the split once for the labels
+    assert sorted(k for _, keys in reads for k in keys) == list(range(57))
+    assert all(len(keys) <= 16 for _, keys in reads)
+    reads.clear()
+    assert data.inputs[5].startswith("topic: Title ")
+    assert data.targets[5] == AG_NAMES[data.labels[5]] and data.references[5] == [data.targets[5]]
+    assert reads == [("train", [5])]  # the row's other columns come from the cache
+    sub = data.take([40, 2, 40])  # a view: reads nothing yet
+    assert reads == [("train", [5])]
+    assert list(sub.targets) == [AG_NAMES[data.labels[i]] for i in (40, 2, 40)]
+    assert reads == [("train", [5]), ("train", [2, 40])]
+    reads.clear()
+    assert len(list(data.inputs)) == 57  # iteration streams in batches; the cache stays bounded
+    assert all(len(keys) <= 16 for _, keys in reads) and len(reads) > 57 // 16
+    reads.clear()
+    data.inputs[0]
+    assert reads == [("train", [0])]
+
+
+def test_federated_build_on_lazy_tfds_data_equals_eager(data_dir):
+    tok = embedded_tokenizer()
+    lazy, eager = _load_all(data_dir, True), _load_all(data_dir, False)
+    part = make_partition(eager, assign_tasks(6), "TD", alpha=1.0, min_examples=1, seed=3)
+    a = FederatedData.build(lazy, part, tok, 32, 8, chunk=5)
+    b = FederatedData.build(eager, part, tok, 32, 8)
+    assert a.fingerprint() == b.fingerprint() and a.truncated == b.truncated
+    assert (a.input_len, a.target_len) == (b.input_len, b.target_len)
+    for c in range(part.num_clients):
+        for s in SPLITS:
+            x, y = a.client_arrays(c, s), b.client_arrays(c, s)
+            for k in y:
+                np.testing.assert_array_equal(x[k], y[k], err_msg=f"client {c} {s} {k}")
+            assert list(a.client_examples(c, s).references) == b.client_examples(c, s).references
 
 
 def test_not_prepared_error_names_the_command(tmp_path):

@@ -1,7 +1,8 @@
 """Per-client token arrays and cohort batches for the federated engine.
 
-`FederatedData.build` tokenizes every example of every partitioned task once and keeps the tokens
-ragged per task and split (no padding, no per-client copies); clients are index arrays into them.
+`FederatedData.build` tokenizes every example a client holds once, a bounded chunk of texts at a time
+(so lazy TFDS columns are streamed, never all in memory), and keeps the tokens ragged per task and
+split (no padding, no per-client copies); clients are index arrays into them.
 Batches are padded on the way out to one input width S and one target width T, each the smallest
 bucket (powers of two by default) that fits the longest example, so every client and every round
 sees the same shapes. `cohort_batches` stacks a cohort's local-training batches as
@@ -21,10 +22,11 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from fedmoe_jax.data.partition import Partition
-from fedmoe_jax.data.tasks import SPLITS, TaskData, check_split
+from fedmoe_jax.data.tasks import SPLITS, TaskData, check_split, read_items
 from fedmoe_jax.data.tokenizer import Tokenizer
 
 PAD_CLIENT = -1  # a client id in a cohort that stands for an all-masked padding client
+TOKENIZE_CHUNK = 1024  # texts read and tokenized at a time by `FederatedData.build`
 
 
 def length_buckets(max_len: int, smallest: int = 8) -> tuple[int, ...]:
@@ -53,19 +55,6 @@ class _Ragged:
     lengths: np.ndarray
     truncated: int
 
-    @classmethod
-    def encode(cls, tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> _Ragged:
-        """As `tokenizer.encode(texts, max_length=max_len)`: EOS appended, kept when truncating."""
-        raw = tokenizer.processor.encode(list(texts)) if len(texts) else []
-        lengths = np.fromiter((min(len(r) + 1, max_len) for r in raw), np.int32, len(raw))
-        dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-        eos = [tokenizer.eos_id]
-        rows = itertools.chain.from_iterable(itertools.chain(r[: max_len - 1], eos) for r in raw)
-        tokens = np.fromiter(rows, dtype, int(lengths.sum()))
-        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]]).astype(np.int64)
-        truncated = int(sum(len(r) + 1 > max_len for r in raw))
-        return cls(tokens, offsets[: len(raw)], lengths, truncated)
-
     def pad(self, ids: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
         """`<int32>[..., width]` ids right-padded with 0 and their `<int32>` mask; ids < 0 give all pad."""
         valid = ids >= 0
@@ -76,6 +65,37 @@ class _Ragged:
             return np.zeros(mask.shape, np.int32), mask.astype(np.int32)
         pos = np.where(mask, self.offsets[safe][..., None] + np.arange(width), 0)
         return np.where(mask, self.tokens[pos], 0).astype(np.int32), mask.astype(np.int32)
+
+
+class _RaggedEncoder:
+    """Builds a `_Ragged` of M sequences from chunks of texts given in increasing index order."""
+
+    def __init__(self, tokenizer: Tokenizer, m: int, max_len: int):
+        self.tokenizer, self.max_len = tokenizer, max_len
+        self.dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+        self.lengths = np.zeros(m, np.int32)
+        self.parts: list[np.ndarray] = []
+        self.truncated, self.last = 0, -1
+
+    def add(self, ids: np.ndarray, texts: list[str]) -> None:
+        if not len(ids):
+            return
+        if ids[0] <= self.last or np.any(np.diff(ids) <= 0):
+            raise ValueError("_RaggedEncoder needs strictly increasing example indices")
+        self.last = int(ids[-1])
+        raw = self.tokenizer.processor.encode(list(texts))
+        lengths = np.fromiter((min(len(r) + 1, self.max_len) for r in raw), np.int32, len(raw))
+        eos = [self.tokenizer.eos_id]
+        rows = itertools.chain.from_iterable(itertools.chain(r[: self.max_len - 1], eos) for r in raw)
+        self.parts.append(np.fromiter(rows, self.dtype, int(lengths.sum())))
+        self.lengths[ids] = lengths
+        self.truncated += int(sum(len(r) + 1 > self.max_len for r in raw))
+
+    def finish(self) -> _Ragged:
+        tokens = np.concatenate(self.parts) if self.parts else np.zeros(0, self.dtype)
+        offsets = np.zeros(self.lengths.size, np.int64)
+        np.cumsum(self.lengths[:-1], out=offsets[1:])
+        return _Ragged(tokens, offsets, self.lengths, self.truncated)
 
 
 class FederatedData:
@@ -113,11 +133,15 @@ class FederatedData:
         max_input_len: int,
         max_target_len: int,
         buckets: Sequence[int] | None = None,
+        chunk: int = TOKENIZE_CHUNK,
     ) -> FederatedData:
-        """Tokenize (with EOS, truncating to the max lengths) every example of the partitioned tasks.
+        """Tokenize (with EOS, truncating to the max lengths) every example some client holds.
 
-        S and T are the smallest of `buckets` (default: powers of two from 8, capped at the max
-        length, which is always a bucket) that fit the longest tokenized input and target.
+        Texts are read (`__getitems__` when the column has it) and tokenized `chunk` examples at a
+        time, so peak memory is the token arrays plus one chunk of strings; examples no client holds
+        are never read and stay empty. S and T are the smallest of `buckets` (default: powers of two
+        from 8, capped at the max length, which is always a bucket) that fit the longest tokenized
+        input and target.
         """
         for name, v in (("max_input_len", max_input_len), ("max_target_len", max_target_len)):
             if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 2:
@@ -126,14 +150,23 @@ class FederatedData:
             buckets = [int(b) for b in buckets]
             if not buckets or min(buckets) < 1:
                 raise ValueError(f"buckets must be positive lengths, got {buckets}")
+        _check_positive(chunk=chunk)
         partition.check_data(data)
-        inputs: dict[str, dict[str, _Ragged]] = {}
-        targets: dict[str, dict[str, _Ragged]] = {}
+        inputs: dict[str, dict[str, _Ragged]] = {t: {} for t in partition.source_sizes}
+        targets: dict[str, dict[str, _Ragged]] = {t: {} for t in partition.source_sizes}
         for task in partition.source_sizes:
-            inputs[task] = {s: _Ragged.encode(tokenizer, data[task][s].inputs, max_input_len) for s in SPLITS}
-            targets[task] = {
-                s: _Ragged.encode(tokenizer, data[task][s].targets, max_target_len) for s in SPLITS
-            }
+            for s in SPLITS:
+                d = data[task][s]
+                clients = partition.clients_of(task) if task in partition.tasks else []
+                held = [partition.client_indices(c, s) for c in clients]
+                ids = np.unique(np.concatenate(held)).astype(np.int64) if held else np.zeros(0, np.int64)
+                x = _RaggedEncoder(tokenizer, len(d), max_input_len)
+                y = _RaggedEncoder(tokenizer, len(d), max_target_len)
+                for lo in range(0, ids.size, chunk):  # inputs and targets of a chunk: one read
+                    part = ids[lo : lo + chunk]
+                    x.add(part, read_items(d.inputs, part.tolist()))
+                    y.add(part, read_items(d.targets, part.tolist()))
+                inputs[task][s], targets[task][s] = x.finish(), y.finish()
 
         def width(store: dict[str, dict[str, _Ragged]], max_len: int) -> int:
             longest = max(

@@ -4,6 +4,8 @@ PAPER.md §7.1: topic classification (TC, AG News, accuracy), extractive reading
 (RC, SQuAD v1.1, F1) and summarisation (TS, XSum, ROUGE-2). Every source (the embedded WordNet
 benchmark, TFDS) yields `TaskData`: prompted input strings, target strings, all acceptable
 references, and an integer `label` per example that label-skewed (Hetero-TD) partitions use.
+The text columns are lists, or `LazySequence`s that make their items on access (TFDS at paper
+scale), so a split's strings need not all be in memory.
 
 Metrics use the official definitions: exact match of the label string; SQuAD v1.1 answer
 normalisation for EM and F1 (max over references); ROUGE-1/2/L F-measure from `rouge-score`.
@@ -13,11 +15,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import operator
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
+
+Item = TypeVar("Item")
 
 TASKS = ("tc", "rc", "ts")
 SPLITS = ("train", "validation", "test")
@@ -50,6 +56,88 @@ def ts_prompt(document: str) -> str:
     return f"summarize: {document}"
 
 
+class LazySequence(Sequence[Item]):
+    """Read-only sequence whose items are made on access; subclasses define `__len__`, `__getitems__`.
+
+    `seq[i]` reads one item, `seq[a:b]` is a `SequenceView` (reads nothing), iteration reads `chunk`
+    items per `__getitems__` call. No `==` by value: compare `list(seq)`.
+    """
+
+    chunk = 1024
+
+    def __getitems__(self, keys: Sequence[int]) -> list[Item]:
+        """The items at `keys` (non-negative, in range), in that order, read together."""
+        raise NotImplementedError
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return SequenceView(self, range(len(self))[key])
+        return self.__getitems__([_index(key, len(self))])[0]
+
+    def __iter__(self) -> Iterator[Item]:
+        n = len(self)
+        for lo in range(0, n, self.chunk):
+            yield from self.__getitems__(range(lo, min(n, lo + self.chunk)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(len={len(self)})"
+
+
+class SequenceView(LazySequence[Item]):
+    """`[fn(base[i]) for i in indices]` (all of `base` when None; `fn` identity when None), lazily.
+
+    Batched reads go to `base.__getitems__` when it has one, so a view of a view reads its root once.
+    """
+
+    def __init__(
+        self,
+        base: Sequence[Any],
+        indices: Sequence[int] | np.ndarray | None = None,
+        fn: Callable[[Any], Item] | None = None,
+    ):
+        n = len(base)
+        idx = np.arange(n, dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
+        if idx.ndim != 1:
+            raise ValueError(f"SequenceView indices must be 1-D, got shape {idx.shape}")
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"SequenceView indices outside [-{n}, {n})")
+        idx = np.where(idx < 0, idx + n, idx)
+        if isinstance(base, SequenceView) and (base.fn is None or fn is None):
+            base, idx, fn = base.base, base.indices[idx], fn or base.fn
+        self.base, self.indices, self.fn = base, idx, fn
+        self.indices.flags.writeable = False
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def __getitems__(self, keys: Sequence[int]) -> list[Item]:
+        items = read_items(self.base, self.indices[np.asarray(keys, np.int64)].tolist())
+        return items if self.fn is None else [self.fn(x) for x in items]
+
+
+def read_items(seq: Sequence[Item], keys: Sequence[int]) -> list[Item]:
+    """`[seq[k] for k in keys]`, in one `seq.__getitems__(keys)` call when `seq` has that method."""
+    getitems = getattr(seq, "__getitems__", None)
+    if getitems is not None:
+        return list(getitems(list(keys)))
+    return [seq[k] for k in keys]
+
+
+def _index(key, n: int) -> int:
+    i = operator.index(key)
+    if not -n <= i < n:
+        raise IndexError(f"index {i} out of range for length {n}")
+    return i + n if i < 0 else i
+
+
+def _one_reference(target: str) -> list[str]:
+    return [target]
+
+
+def _take(column: Sequence[Item], idx: np.ndarray) -> Sequence[Item]:
+    return SequenceView(column, idx) if isinstance(column, LazySequence) else [column[i] for i in idx]
+
+
 @dataclasses.dataclass
 class TaskData:
     """One task's examples in one split, columnar. N examples.
@@ -58,14 +146,15 @@ class TaskData:
     references: all acceptable answers per example (RC has several); `[[target]]` by default.
     labels: `<int32>[N]` class (TC) or cluster (RC/TS) ids, used by label-skew partitions.
     label_names: name of each label id.
+    Text columns are lists or `LazySequence`s (read on access); lazy columns stay lazy here.
     """
 
     task: str
-    inputs: list[str]
-    targets: list[str]
+    inputs: Sequence[str]
+    targets: Sequence[str]
     labels: np.ndarray
     label_names: tuple[str, ...] = ()
-    references: list[list[str]] | None = None
+    references: Sequence[Sequence[str]] | None = None
 
     def __post_init__(self):
         check_task(self.task)
@@ -77,7 +166,10 @@ class TaskData:
                 f"{self.labels.shape}; they must all have one entry per example"
             )
         if self.references is None:
-            self.references = [[t] for t in self.targets]
+            if isinstance(self.targets, LazySequence):
+                self.references = SequenceView(self.targets, fn=_one_reference)
+            else:
+                self.references = [[t] for t in self.targets]
         elif len(self.references) != n:
             raise ValueError(
                 f"TaskData({self.task}): {len(self.references)} reference lists for {n} examples"
@@ -89,15 +181,15 @@ class TaskData:
         return len(self.inputs)
 
     def take(self, indices: Sequence[int] | np.ndarray) -> TaskData:
-        """The examples at `indices`, in that order."""
+        """The examples at `indices`, in that order (lists for list columns, views for lazy ones)."""
         idx = np.asarray(indices, np.int64)
         return TaskData(
             self.task,
-            [self.inputs[i] for i in idx],
-            [self.targets[i] for i in idx],
+            _take(self.inputs, idx),
+            _take(self.targets, idx),
             self.labels[idx],
             self.label_names,
-            [self.references[i] for i in idx],
+            _take(self.references, idx),
         )
 
     @property

@@ -13,6 +13,10 @@ Splits (TFDS file order, which TFDS shuffles deterministically when it prepares 
                   validation (the v1.1 dev set).   (87,599 -> 83,219 / 4,380 / 10,570)
   xsum            the official train / validation / test.
 
+Lazy by default: the text columns of the returned `TaskData` are `LazySequence`s over the data
+source (records read and converted on access, in batches, a small LRU cache of converted rows);
+only the labels are arrays. Loading streams the split once for them (and for the clusters).
+
 Labels: AG News class ids (names from the dataset's ClassLabel). SQuAD and XSum have no classes;
 their labels are clusters of the model inputs (FedNLP clusters texts for label skew), see
 `TextClusters`: fitted on the first `cluster_fit_examples` inputs of our train split, so every split
@@ -22,6 +26,7 @@ and every `max_examples` gets the same cluster ids for the same text.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -35,6 +40,7 @@ import numpy as np
 
 from fedmoe_jax.data.tasks import (
     SPLITS,
+    LazySequence,
     TaskData,
     check_split,
     check_task,
@@ -45,6 +51,7 @@ from fedmoe_jax.data.tasks import (
 
 VALIDATION_FRACTION = 0.05
 _READ_BATCH = 256
+_CACHE_ROWS = 2048  # converted rows a lazy split keeps (LRU): one tokenizer chunk's inputs and targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,11 +139,13 @@ def load_tfds_task(
     num_clusters: int = 10,
     cluster_seed: int = 0,
     cluster_fit_examples: int = 2000,
+    lazy: bool = True,
 ) -> TaskData:
     """One task's `split` ("train", "validation", "test") from its TFDS dataset prepared in `data_dir`.
 
     Reads the first `max_examples` examples of the split (all when None) and nothing else, except that
     RC/TS also read the first `cluster_fit_examples` train inputs to fit their `num_clusters` clusters.
+    `lazy`: text columns read from the data source on access (else lists; same content).
     Raises a one-line ValueError for unknown names, unprepared data (with the command that prepares
     it) and unreadable files (naming them).
     """
@@ -145,35 +154,101 @@ def load_tfds_task(
     if max_examples is not None and max_examples < 0:
         raise ValueError(f"max_examples must be >= 0 or None, got {max_examples}")
     builder = _open_builder(spec, data_dir)
-    rows = _read_split(builder, spec, split, max_examples, data_dir)
-    if task == "tc":
-        names = tuple(builder.info.features["label"].names)
-        inputs = [tc_prompt(_text(r["title"]) + " " + _text(r["description"])) for r in rows]
-        labels = np.array([int(r["label"]) for r in rows], np.int32)
-        return TaskData(task, inputs, [names[i] for i in labels], labels, names)
-    if task == "rc":
-        inputs = [rc_prompt(_text(r["question"]), _text(r["context"])) for r in rows]
-        references = [[_text(t) for t in r["answers"]["text"]] or [""] for r in rows]
-        targets = [refs[0] for refs in references]
+    names = tuple(builder.info.features["label"].names) if task == "tc" else ()
+    rows = _split_rows(builder, spec, split, max_examples, data_dir, _converter(task, names))
+    table = None if lazy else list(rows.stream())
+    if table is None:
+        inputs, targets, references = (_Column(rows, field) for field in range(3))
     else:
-        inputs = [ts_prompt(_text(r["document"])) for r in rows]
-        targets = [_text(r["summary"]) for r in rows]
-        references = None
-    fit_rows = (
-        rows
-        if split == "train" and len(rows) >= cluster_fit_examples
-        else _read_split(builder, spec, "train", cluster_fit_examples, data_dir)
-    )
-    fit_inputs = [_input(task, r) for r in fit_rows[:cluster_fit_examples]]
+        inputs, targets, references = ([r[field] for r in table] for field in range(3))
+    if task == "tc":
+        labels = np.fromiter((r[3] for r in table or rows.stream()), np.int32, len(rows))
+        return TaskData(task, inputs, targets, labels, names, references)
+    if split == "train" and len(rows) >= cluster_fit_examples:
+        fit_inputs = list(inputs[:cluster_fit_examples])
+    else:
+        fit = _split_rows(builder, spec, "train", cluster_fit_examples, data_dir, _converter(task, names))
+        fit_inputs = [r[0] for r in fit.stream()]
     clusters = TextClusters.fit(fit_inputs, num_clusters, seed=cluster_seed)
     names = tuple(f"cluster_{i}" for i in range(num_clusters))
     return TaskData(task, inputs, targets, clusters.assign(inputs), names, references)
 
 
-def _input(task: str, row: dict) -> str:
-    if task == "rc":
-        return rc_prompt(_text(row["question"]), _text(row["context"]))
-    return ts_prompt(_text(row["document"]))
+_Row = tuple[str, str, list[str], int]  # (input, target, references, class id or -1)
+
+
+def _converter(task: str, names: tuple[str, ...]):
+    """Decoded TFDS record -> `_Row` of `task`."""
+
+    def tc(r) -> _Row:
+        label = int(r["label"])
+        text = _text(r["title"]) + " " + _text(r["description"])
+        return tc_prompt(text), names[label], [names[label]], label
+
+    def rc(r) -> _Row:
+        references = [_text(t) for t in r["answers"]["text"]] or [""]
+        return rc_prompt(_text(r["question"]), _text(r["context"])), references[0], references, -1
+
+    def ts(r) -> _Row:
+        summary = _text(r["summary"])
+        return ts_prompt(_text(r["document"])), summary, [summary], -1
+
+    return {"tc": tc, "rc": rc, "ts": ts}[task]
+
+
+class _Rows:
+    """Converted `_Row`s of records `[start, stop)` of a TFDS split, read on demand.
+
+    Missing rows are read in sorted batches of `_READ_BATCH` through the data source's `__getitems__`;
+    the last `_CACHE_ROWS` converted rows stay in an LRU cache, so the columns of one row read it once.
+    """
+
+    def __init__(self, read, start: int, stop: int, convert):
+        self._read, self.start, self.stop, self._convert = read, start, stop, convert
+        self._cache: collections.OrderedDict[int, _Row] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def get(self, keys: Sequence[int]) -> list[_Row]:
+        """Rows at `keys` (0-based within the split, in range), in that order."""
+        found: dict[int, _Row] = {}
+        for k in keys:
+            if k in self._cache:
+                self._cache.move_to_end(k)
+                found[k] = self._cache[k]
+        missing = sorted({k for k in keys if k not in found})
+        for lo in range(0, len(missing), _READ_BATCH):
+            batch = missing[lo : lo + _READ_BATCH]
+            for k, record in zip(batch, self._read([self.start + k for k in batch])):
+                found[k] = self._convert(record)
+        for k in missing[-_CACHE_ROWS:]:
+            self._cache[k] = found[k]
+        while len(self._cache) > _CACHE_ROWS:
+            self._cache.popitem(last=False)
+        return [found[k] for k in keys]
+
+    def stream(self):
+        """All rows in order, `_READ_BATCH` at a time."""
+        for lo in range(0, len(self), _READ_BATCH):
+            yield from self.get(range(lo, min(len(self), lo + _READ_BATCH)))
+
+
+class _Column(LazySequence):
+    """One field of `_Rows`: 0 inputs, 1 targets, 2 references."""
+
+    def __init__(self, rows: _Rows, field: int):
+        self.rows, self.field = rows, field
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, keys: Sequence[int]) -> list:
+        n = len(self.rows)
+        keys = [int(k) for k in keys]
+        if any(not 0 <= k < n for k in keys):
+            raise IndexError(f"keys outside [0, {n})")
+        return [r[self.field] for r in self.rows.get(keys)]
 
 
 def _text(value) -> str:
@@ -237,8 +312,10 @@ def _open_builder(spec: _Dataset, data_dir: str):
     return builder
 
 
-def _read_split(builder, spec: _Dataset, split: str, max_examples: int | None, data_dir: str) -> list[dict]:
-    """Decoded rows of our `split`, the first `max_examples` of them, read in batches."""
+def _split_rows(
+    builder, spec: _Dataset, split: str, max_examples: int | None, data_dir: str, convert
+) -> _Rows:
+    """`_Rows` of our `split`, the first `max_examples` of them; nothing is read yet."""
     tfds_split, part = spec.splits[split]
     info = builder.info.splits[tfds_split]
     n = info.num_examples
@@ -246,19 +323,23 @@ def _read_split(builder, spec: _Dataset, split: str, max_examples: int | None, d
     start, stop = (n - n_val, n) if part == "tail" else (0, n - n_val)
     if max_examples is not None:
         stop = min(stop, start + max_examples)
-    rows: list[dict] = []
-    try:
-        source = builder.as_data_source(split=tfds_split)
-        for lo in range(start, stop, _READ_BATCH):
-            rows.extend(source.__getitems__(list(range(lo, min(stop, lo + _READ_BATCH)))))
-    except Exception as e:  # noqa: BLE001  (array_record/protobuf raise RuntimeError, IndexError, ...)
-        files = ", ".join(os.fspath(p) for p in info.filepaths)
-        raise ValueError(
-            f"cannot read the {tfds_split} records of {spec.name} (corrupt or truncated file: {files}): "
-            f"{_one_line(e)}; delete {os.path.dirname(files.split(', ')[0])} and run: "
-            f"{prepare_command(spec.name, data_dir)}"
-        ) from e
-    return rows
+    source = None
+
+    def read(keys: list[int]) -> list:
+        nonlocal source
+        try:
+            if source is None:
+                source = builder.as_data_source(split=tfds_split)
+            return source.__getitems__(keys)
+        except Exception as e:  # noqa: BLE001  (array_record/protobuf raise RuntimeError, IndexError, ...)
+            files = ", ".join(os.fspath(p) for p in info.filepaths)
+            raise ValueError(
+                f"cannot read the {tfds_split} records of {spec.name} (corrupt or truncated file: {files}): "
+                f"{_one_line(e)}; delete {os.path.dirname(files.split(', ')[0])} and run: "
+                f"{prepare_command(spec.name, data_dir)}"
+            ) from e
+
+    return _Rows(read, start, stop, convert)
 
 
 def _one_line(error: Exception) -> str:
