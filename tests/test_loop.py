@@ -131,3 +131,22 @@ def test_server_optimizer(setup):
     np.testing.assert_array_equal(np.asarray(flatten_dict(p2)[path]), np.asarray(flatten_dict(p1)[path]))
     dense = ("shared", "embedding")
     assert not np.allclose(np.asarray(flatten_dict(p2)[dense]), np.asarray(flatten_dict(p1)[dense]))
+
+
+def test_chunked_cohort_equals_whole_cohort(setup):
+    config, params, maps, batches = setup
+    tx = optax.sgd(0.1, momentum=0.9)
+    cohort = np.array([0, 1, 2, 3, 4, 5])
+    idx, valid, stacked, step_mask, weights, rngs = cohort_inputs(maps, batches, cohort, 4)
+    keys = jax.random.wrap_key_data(jnp.asarray(rngs))
+    whole = make_round_step(config, tx)(params, idx, valid, stacked, step_mask, weights, keys)
+    chunked_step = make_round_step(config, tx, chunk_size=2)
+    chunked = chunked_step(params, idx, valid, stacked, step_mask, weights, keys)
+    for (key, a), (_, b) in zip(sorted(flatten_dict(chunked.params).items()),
+                                sorted(flatten_dict(whole.params).items())):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=str(key))
+    np.testing.assert_allclose(np.asarray(chunked.metrics["loss"]), np.asarray(whole.metrics["loss"]),
+                               rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(chunked.held), np.asarray(whole.held))
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        make_round_step(config, tx, chunk_size=4)(params, idx, valid, stacked, step_mask, weights, keys)

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from fedmoe_jax.federated.client import LocalHooks, LossConfig, make_local_train
 from fedmoe_jax.federated.sharding import CLIENTS, client_sharding, replicated
-from fedmoe_jax.federated.submodel import aggregate_cohort, gather_submodel
+from fedmoe_jax.federated.submodel import cohort_sums, finalize_aggregate, gather_submodel
 from fedmoe_jax.models.moe import RoutingStats
 from fedmoe_jax.models.switch import SwitchConfig
 
@@ -60,6 +60,7 @@ def make_round_step(
     hooks: LocalHooks = LocalHooks(),
     mesh: Mesh | None = None,
     return_clients: bool = False,
+    chunk_size: int | None = None,
 ) -> Callable[..., RoundOutput]:
     """Build `round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None)`.
 
@@ -71,7 +72,9 @@ def make_round_step(
       rngs: `[C]` per-client keys. extra: per-client algorithm state `[C, ...]` or None.
     With a mesh, C must be a multiple of the `clients` axis size (see `padded_cohort_size`).
     `return_clients=True` also returns the trained narrow sub-MoEs (for validating each client's own
-    model, PAPER.md Algorithm 1).
+    model, PAPER.md Algorithm 1). `chunk_size` trains the cohort in sub-cohorts of that many clients
+    one after another (`lax.scan`), accumulating the aggregation sums, so memory holds one chunk's
+    sub-MoEs at a time (unless `return_clients`); C must then be a multiple of it.
     """
     compiled: dict[int, Callable] = {}
 
@@ -80,10 +83,32 @@ def make_round_step(
         local_train = make_local_train(narrow_config, optimizer, loss_config, hooks)
         train_cohort = jax.vmap(local_train, spmd_axis_name=CLIENTS if mesh is not None else None)
 
-        def round_fn(params, indices, valid, batches, step_mask, weights, rngs, extra):
+        def train_and_sum(params, indices, valid, batches, step_mask, weights, rngs, extra):
             narrow = jax.vmap(lambda idx: gather_submodel(params, config, idx))(indices)
             trained, metrics, stats = train_cohort(narrow, batches, step_mask, valid, rngs, extra)
-            new_params = aggregate_cohort(params, trained, config, indices, valid, weights)
+            sums = cohort_sums(params, trained, config, indices, valid, weights)
+            return sums, metrics, stats, (trained if return_clients else None)
+
+        def round_fn(params, indices, valid, batches, step_mask, weights, rngs, extra):
+            cohort = (indices, valid, batches, step_mask, weights, rngs, extra)
+            c = indices.shape[0]
+            if chunk_size is None or chunk_size >= c:
+                sums, metrics, stats, trained = train_and_sum(params, *cohort)
+            else:
+                if c % chunk_size:
+                    raise ValueError(f"cohort of {c} is not a multiple of chunk_size={chunk_size}")
+                chunks = jax.tree.map(lambda a: a.reshape((c // chunk_size, chunk_size) + a.shape[1:]),
+                                      cohort)
+                zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                    lambda: train_and_sum(params, *jax.tree.map(lambda a: a[0], chunks))[0]))
+
+                def body(total, chunk):
+                    sums, metrics, stats, trained = train_and_sum(params, *chunk)
+                    return jax.tree.map(jnp.add, total, sums), (metrics, stats, trained)
+
+                sums, per_chunk = jax.lax.scan(body, zero, chunks)
+                metrics, stats, trained = jax.tree.map(lambda a: a.reshape((c,) + a.shape[2:]), per_chunk)
+            new_params = finalize_aggregate(params, sums, config)
             held = jnp.einsum("clse,c->le", jax.nn.one_hot(indices, config.num_experts) * valid[..., None],
                               (weights > 0).astype(jnp.float32)) > 0
             stats = to_global_experts(stats, indices, valid, config.num_experts)

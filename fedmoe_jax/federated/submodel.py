@@ -18,7 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from fedmoe_jax.federated.aggregate import masked_weighted_mean, scatter_weighted_mean
+from fedmoe_jax.federated.aggregate import (
+    finalize_mean,
+    finalize_scatter_mean,
+    scatter_weighted_sums,
+    weighted_sums,
+)
 from fedmoe_jax.models.moe import is_concrete, put_experts, take_experts
 from fedmoe_jax.models.switch import SwitchConfig
 
@@ -83,6 +88,38 @@ def scatter_submodel(params: Mapping[str, Any], sub_params: Mapping[str, Any], c
     return unflatten_dict(flat)
 
 
+def cohort_sums(global_params: Mapping[str, Any], client_params: Mapping[str, Any], config: SwitchConfig,
+                indices: Array, valid: Array, weights: Array) -> dict:
+    """Numerators and denominators of `aggregate_cohort`, per flat key; they add over sub-cohorts."""
+    flat_g = flatten_dict(dict(global_params))
+    flat_c = flatten_dict(dict(client_params))
+    moe_keys = _moe_keys(flat_g, config)
+    sums = {}
+    for key, current in flat_g.items():
+        if key in moe_keys:
+            layer, axis = moe_keys[key]
+            sums[key] = scatter_weighted_sums(flat_c[key], indices[:, layer], valid[:, layer], weights,
+                                              current.shape[axis], axis)
+        else:
+            sums[key] = weighted_sums(flat_c[key], weights)
+    return sums
+
+
+def finalize_aggregate(global_params: Mapping[str, Any], sums: Mapping[tuple[str, ...], tuple],
+                       config: SwitchConfig) -> dict:
+    """The new global tree from `cohort_sums` (summed over sub-cohorts if chunked)."""
+    flat_g = flatten_dict(dict(global_params))
+    moe_keys = _moe_keys(flat_g, config)
+    out = {}
+    for key, current in flat_g.items():
+        num, den = sums[key]
+        if key in moe_keys:
+            out[key] = finalize_scatter_mean(num, den, current, moe_keys[key][1])
+        else:
+            out[key] = finalize_mean(num, den, current)
+    return unflatten_dict(out)
+
+
 def aggregate_cohort(global_params: Mapping[str, Any], client_params: Mapping[str, Any],
                      config: SwitchConfig, indices: Array, valid: Array, weights: Array) -> dict:
     """Modular aggregation (PAPER.md §6.3) of a cohort's trained narrow sub-MoEs.
@@ -95,19 +132,8 @@ def aggregate_cohort(global_params: Mapping[str, Any], client_params: Mapping[st
     Returns: the new global tree. Dense tensors: FedAvg over the cohort. Each expert (`wi`, `wo`) and
     its router column: mean over the clients holding it; one holder overwrites; none keeps it.
     """
-    flat_g = flatten_dict(dict(global_params))
-    flat_c = flatten_dict(dict(client_params))
-    moe_keys = _moe_keys(flat_g, config)
-    out = {}
-    for key, current in flat_g.items():
-        values = flat_c[key]
-        if key in moe_keys:
-            layer, axis = moe_keys[key]
-            out[key] = scatter_weighted_mean(values, indices[:, layer], valid[:, layer], weights,
-                                             current, axis)
-        else:
-            out[key] = masked_weighted_mean(values, weights, None, current)
-    return unflatten_dict(out)
+    sums = cohort_sums(global_params, client_params, config, indices, valid, weights)
+    return finalize_aggregate(global_params, sums, config)
 
 
 def _moe_keys(flat: Mapping[tuple[str, ...], Any], config: SwitchConfig) -> dict[tuple[str, ...], tuple]:
