@@ -90,3 +90,38 @@ def test_bad_settings_raise(small_run):
         make_trainer(small_run, Algorithm(), cohort_size=7)
     with pytest.raises(ValueError, match="sampling"):
         make_trainer(small_run, Algorithm(), sampling="random")
+
+
+def test_resume_is_bit_identical_and_wrong_resume_is_refused(small_run, tmp_path):
+    def final_state(trainer):
+        return jax.tree.leaves(trainer._state())
+
+    straight = make_trainer(small_run, HalfExperts(), num_rounds=4, max_eval_examples=2)
+    straight.run(progress=False)
+
+    workdir = str(tmp_path / "run")
+    first = make_trainer_in(small_run, workdir, num_rounds=4)
+    first.run(num_rounds=2, progress=False)
+    first.close()
+    resumed = make_trainer_in(small_run, workdir, num_rounds=4)
+    assert resumed.server.round == 2 and len(resumed.history) == 2
+    resumed.run(progress=False)
+    resumed.close()
+    for a, b in zip(final_state(straight), final_state(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    from fedmoe_jax.federated.metrics import read_metrics
+
+    rows = read_metrics(workdir)
+    assert [row["round"] for row in rows] == [1, 2, 3, 4]
+    losses = [row["client_train_loss"] for row in rows]
+    assert losses == [row["client_train_loss"] for row in straight.history]
+    with pytest.raises(ValueError, match="seed"):
+        make_trainer_in(small_run, workdir, num_rounds=4, seed=1)
+
+
+def make_trainer_in(small_run, workdir, **settings):
+    config, params, fed, tok = small_run
+    run = RunSettings(**{"num_rounds": 2, "cohort_size": 3, "batch_size": 4, "local_steps": 2,
+                         "eval_batch_size": 4, "max_eval_examples": 2, **settings})
+    return FederatedTrainer(config, params, fed, tok, HalfExperts(), optax.adamw(3e-3, eps=1e-3), run,
+                            workdir=workdir)

@@ -12,6 +12,7 @@ Shape letters: N clients, C cohort, L MoE layers, E experts, S slots.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -24,10 +25,11 @@ from fedmoe_jax.algorithms.base import Algorithm, CohortReport
 from fedmoe_jax.data.federated import PAD_CLIENT, FederatedData
 from fedmoe_jax.data.tasks import TASKS
 from fedmoe_jax.data.tokenizer import Tokenizer
+from fedmoe_jax.federated.checkpoint import RunCheckpointer, abstract_like
 from fedmoe_jax.federated.client import LossConfig
 from fedmoe_jax.federated.evaluate import first_steps, make_cohort_eval, score_predictions
 from fedmoe_jax.federated.loop import make_round_step, make_server_update, to_global_experts
-from fedmoe_jax.federated.metrics import weighted_means
+from fedmoe_jax.federated.metrics import MetricsWriter, read_metrics, weighted_means
 from fedmoe_jax.federated.sampling import sample_cohort
 from fedmoe_jax.federated.sharding import pad_clients, padded_cohort_size
 from fedmoe_jax.federated.state import ClientStates, ServerState
@@ -96,7 +98,13 @@ class FederatedTrainer:
         loss_config: LossConfig = LossConfig(),
         server_optimizer: optax.GradientTransformation | None = None,
         mesh: Any = None,
+        workdir: str | None = None,
+        checkpoint_every: int = 1,
+        run_meta: dict[str, Any] | None = None,
     ):
+        """`workdir`: where checkpoints (`checkpoints/`), `metrics.jsonl` and TensorBoard events go;
+        an existing run there is resumed (refused if `run_meta` or the data differ). `run_meta`:
+        JSON fields that define the run (e.g. the model config), checked on resume."""
         settings.validate(data.num_clients)
         self.config, self.data, self.tokenizer = config, data, tokenizer
         self.algorithm, self.settings, self.mesh = algorithm, settings, mesh
@@ -114,6 +122,45 @@ class FederatedTrainer:
         self._root = jax.random.key(settings.seed)
         self.dense_bytes, self.expert_bytes = param_bytes(params, config)
         self.history: list[dict[str, Any]] = []
+        self.workdir = workdir
+        self._checkpointer = self._writer = None
+        if workdir is not None:
+            self.meta = {
+                "seed": settings.seed, "method": algorithm.name, "model": dataclasses.asdict(config),
+                "data": data.fingerprint(), "partition": data.partition.fingerprint(),
+                "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "num_rounds"},
+                **(run_meta or {}),
+            }
+            self._checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"),
+                                                 save_every=checkpoint_every)
+            self._resume()
+            self._writer = MetricsWriter(workdir, resume_round=self.server.round)
+            self.history = read_metrics(workdir)
+
+    def _state(self) -> dict[str, Any]:
+        return {"params": self.server.params, "opt_state": self.server.opt_state, "clients": self.states}
+
+    def _resume(self) -> None:
+        restored = self._checkpointer.restore_latest(abstract_like(self._state()), self.meta,
+                                                     keys=tuple(k for k in self.meta if k != "round"))
+        if restored is None:
+            return
+        round_num, state, _ = restored
+        self.server = ServerState(state["params"], state["opt_state"], round_num)
+        self.states = jax.tree.map(np.asarray, state["clients"])
+
+    def checkpoint(self, force: bool = False) -> None:
+        """Save the run state after the last finished round (every `checkpoint_every` rounds)."""
+        if (self._checkpointer is not None and self.server.round > 0
+                and self._checkpointer.latest_round() != self.server.round):
+            self._checkpointer.save(self.server.round, self._state(),
+                                    {**self.meta, "round": self.server.round}, force=force)
+
+    def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+        if self._writer is not None:
+            self._writer.close()
 
     # ------------------------------------------------------------------------------------------
     def sub_moe_bytes(self, expert_maps: np.ndarray) -> np.ndarray:
@@ -168,6 +215,9 @@ class FederatedTrainer:
         row = self._metrics_row(r, cohort, maps, train_loss, weights, val_scores, val_metrics,
                                 time.time() - start)
         self.history.append(row)
+        if self._writer is not None:
+            self._writer.write(row)
+        self.checkpoint()
         return row
 
     def _validate(self, cohort, client_params, indices, valid, width):
@@ -229,6 +279,7 @@ class FederatedTrainer:
                 row = self.run_round()
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}")
+        self.checkpoint(force=True)
         return self.history
 
 
