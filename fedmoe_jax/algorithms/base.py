@@ -51,9 +51,17 @@ class Algorithm:
         """Per-client algorithm state, leaves `[N, ...]` (None if none)."""
         return None
 
-    def cohort_extra(self, states: ClientStates, cohort: np.ndarray) -> PyTree:
+    def init_server_extra(self, params: PyTree) -> PyTree:
+        """Algorithm state the server keeps (None if none)."""
+        return None
+
+    def cohort_extra(self, states: ClientStates, cohort: np.ndarray, server_extra: PyTree) -> PyTree:
         """The `extra` argument of the cohort's local training, leaves `[C, ...]`."""
         return None
+
+    def update_server(self, server_extra: PyTree, report: CohortReport, params: PyTree) -> PyTree:
+        """New server-side algorithm state after a round (`params`: the new global parameters)."""
+        return server_extra
 
     def update_clients(self, states: ClientStates, report: CohortReport) -> ClientStates:
         """New client states after a round (default: record scores and probabilities)."""

@@ -84,3 +84,4 @@ class ServerState:
     params: PyTree
     opt_state: PyTree
     round: int = flax.struct.field(pytree_node=False, default=0)
+    extra: PyTree = None  # algorithm state kept by the server (e.g. SCAFFOLD's control variate)

@@ -115,7 +115,7 @@ class FederatedTrainer:
         )
         server_opt = server_optimizer or optax.sgd(1.0)
         self._server_init, self._server_update = make_server_update(config, server_opt)
-        self.server = ServerState(params, self._server_init(params), 0)
+        self.server = ServerState(params, self._server_init(params), 0, algorithm.init_server_extra(params))
         self._round_step = make_round_step(config, optimizer, loss_config, algorithm.hooks, mesh,
                                            return_clients=True)
         self._evaluators: dict[int, Any] = {}
@@ -138,7 +138,8 @@ class FederatedTrainer:
             self.history = read_metrics(workdir)
 
     def _state(self) -> dict[str, Any]:
-        return {"params": self.server.params, "opt_state": self.server.opt_state, "clients": self.states}
+        return {"params": self.server.params, "opt_state": self.server.opt_state,
+                "server_extra": self.server.extra, "clients": self.states}
 
     def _resume(self) -> None:
         restored = self._checkpointer.restore_latest(abstract_like(self._state()), self.meta,
@@ -146,7 +147,7 @@ class FederatedTrainer:
         if restored is None:
             return
         round_num, state, _ = restored
-        self.server = ServerState(state["params"], state["opt_state"], round_num)
+        self.server = ServerState(state["params"], state["opt_state"], round_num, state["server_extra"])
         self.states = jax.tree.map(np.asarray, state["clients"])
 
     def checkpoint(self, force: bool = False) -> None:
@@ -186,7 +187,7 @@ class FederatedTrainer:
         weights = batches["num_examples"].astype(np.float32)
         round_key = jax.random.fold_in(self._root, r)
         keys = np.stack([jax.random.key_data(jax.random.fold_in(round_key, int(k))) for k in cohort])
-        extra = self.algorithm.cohort_extra(self.states, cohort)
+        extra = self.algorithm.cohort_extra(self.states, cohort, self.server.extra)
 
         size = padded_cohort_size(c, self.mesh)
         pad = (lambda t: pad_clients(t, size)) if size != c else (lambda t: t)
@@ -199,7 +200,7 @@ class FederatedTrainer:
         )
         params, opt_state = self._server_update(self.server.params, out.params, out.held,
                                                 self.server.opt_state)
-        self.server = ServerState(params, opt_state, r + 1)
+        server_extra = self.server.extra
         train_loss = np.asarray(out.metrics["loss"])[:c]
 
         val_scores = np.full(c, np.nan, np.float32)
@@ -212,6 +213,8 @@ class FederatedTrainer:
         report = CohortReport(r, cohort, train_loss, weights, val_scores, val_probs,
                               out.client_params if self.algorithm.needs_client_params else None)
         self.states = self.algorithm.update_clients(self.states, report)
+        self.server = ServerState(params, opt_state, r + 1,
+                                  self.algorithm.update_server(server_extra, report, params))
         row = self._metrics_row(r, cohort, maps, train_loss, weights, val_scores, val_metrics,
                                 time.time() - start)
         self.history.append(row)
