@@ -4,18 +4,79 @@ The cohort's leading axis is sharded over mesh axis `clients`; global parameters
 A cohort whose size does not divide the number of devices is padded with weight-0 clients, which
 change nothing in aggregation. Works unchanged on 1 device, on host CPU devices
 (`--xla_force_host_platform_device_count`) and on accelerators.
+
+Multi-host: `initialize_distributed` starts `jax.distributed` (one call per process, before any
+other JAX work); every process then holds the same host-side cohort arrays (sampling and batching
+are pure functions of seed, round and client) and `shard_cohort` / `replicate` turn them into
+global `jax.Array`s over the whole mesh; `to_host` brings results back to NumPy on every process.
+In a single process these are plain `device_put` / `np.asarray`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, Sharding
 
 CLIENTS = "clients"
+COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
+NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "JAX_PROCESS_ID"
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    **kwargs: Any,
+) -> bool:
+    """Start multi-process JAX (`jax.distributed.initialize`); returns whether it is running.
+
+    Arguments default to the environment variables `JAX_COORDINATOR_ADDRESS` ("host:port"),
+    `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`. With none of them set, or one process, this is a no-op
+    (a single-process run); pass `cluster_detection_method=...` to use JAX's own cluster detection
+    (Slurm, Open MPI, Cloud TPU) instead. Further keyword arguments go to `jax.distributed.initialize`.
+    CPU cross-process collectives are set to gloo unless another implementation was chosen.
+    Call it before any other JAX computation; calling it again is a no-op.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    coordinator_address = coordinator_address or os.environ.get(COORDINATOR_ENV) or None
+    num_processes = _env_int(NUM_PROCESSES_ENV) if num_processes is None else num_processes
+    process_id = _env_int(PROCESS_ID_ENV) if process_id is None else process_id
+    auto = kwargs.get("cluster_detection_method") not in (None, "deactivate")
+    if not auto:
+        if num_processes is None and coordinator_address is None and process_id is None:
+            return False
+        if num_processes == 1:
+            return False
+        given = {COORDINATOR_ENV: coordinator_address, NUM_PROCESSES_ENV: num_processes,
+                 PROCESS_ID_ENV: process_id}
+        missing = [name for name, value in given.items() if value is None]
+        if missing:
+            raise ValueError(f"multi-process run needs {', '.join(missing)} too (arguments or environment "
+                             "variables), or unset all three for a single process")
+    platforms = (jax.config.jax_platforms or "").split(",")
+    uses_cpu = platforms == [""] or "cpu" in platforms
+    if uses_cpu and jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
+    return True
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
@@ -53,3 +114,41 @@ def pad_clients(tree: Any, size: int) -> Any:
         return np.pad(x, widths)
 
     return jax.tree.map(pad, tree)
+
+
+def _put(x: Any, sharding: Sharding) -> jax.Array:
+    """One leaf, identical on every process, onto `sharding` (which may span several processes)."""
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return x if x.sharding.is_equivalent_to(sharding, x.ndim) else jax.device_put(x, sharding)
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def shard_cohort(tree: Any, mesh: Mesh) -> Any:
+    """Host-side cohort arrays `[C, ...]` (the same on every process) -> global arrays over `clients`.
+
+    C must be a multiple of the `clients` axis size (`pad_clients`). PRNG key arrays stay keys.
+    """
+    return jax.tree.map(lambda x: _put(x, client_sharding(mesh)), tree)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Host-side arrays (the same on every process, e.g. global parameters) -> replicated global arrays."""
+    return jax.tree.map(lambda x: _put(x, replicated(mesh)), tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Global arrays -> full NumPy arrays on every process (replicated ones without communication)."""
+
+    def get(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(get, tree)
