@@ -31,7 +31,13 @@ from fedmoe_jax.federated.evaluate import first_steps, make_cohort_eval, score_p
 from fedmoe_jax.federated.loop import make_round_step, make_server_update, to_global_experts
 from fedmoe_jax.federated.metrics import MetricsWriter, read_metrics, weighted_means
 from fedmoe_jax.federated.sampling import sample_cohort
-from fedmoe_jax.federated.sharding import pad_clients, padded_cohort_size
+from fedmoe_jax.federated.sharding import (
+    pad_clients,
+    padded_cohort_size,
+    replicate,
+    shard_cohort,
+    to_host,
+)
 from fedmoe_jax.federated.state import ClientStates, ServerState
 from fedmoe_jax.federated.submodel import bucket_width, expert_slots, moe_layer_paths
 from fedmoe_jax.models.switch import SwitchConfig
@@ -193,25 +199,31 @@ class FederatedTrainer:
         pad = (lambda t: pad_clients(t, size)) if size != c else (lambda t: t)
         train_batches = {k: batches[k] for k in ("inputs", "input_mask", "targets", "target_mask",
                                                  "example_mask")}
-        out = self._round_step(
-            self.server.params, pad(indices), pad(valid), pad(train_batches),
-            pad(batches["step_mask"]), pad(weights), jax.random.wrap_key_data(pad(keys)),
-            None if extra is None else pad(extra),
-        )
-        params, opt_state = self._server_update(self.server.params, out.params, out.held,
+        cohort_args = (pad(indices), pad(valid), pad(train_batches), pad(batches["step_mask"]),
+                       pad(weights), jax.random.wrap_key_data(pad(keys)),
+                       None if extra is None else pad(extra))
+        server_params = self.server.params
+        if self.mesh is not None:  # global arrays: every process holds the same host cohort arrays
+            cohort_args = shard_cohort(cohort_args, self.mesh)
+            server_params = replicate(server_params, self.mesh)
+        out = self._round_step(server_params, *cohort_args)
+        params, opt_state = self._server_update(server_params, out.params, out.held,
                                                 self.server.opt_state)
         server_extra = self.server.extra
-        train_loss = np.asarray(out.metrics["loss"])[:c]
+        metrics, client_params = to_host(out.metrics), out.client_params
+        if jax.process_count() > 1:  # evaluation below runs on each process's local devices
+            client_params = to_host(client_params)
+        train_loss = np.asarray(metrics["loss"])[:c]
 
         val_scores = np.full(c, np.nan, np.float32)
         val_probs = np.zeros(maps.shape, np.float32)
         val_metrics: list[dict[str, float]] = [{} for _ in range(c)]
         if s.eval_every and (r + 1) % s.eval_every == 0:
-            client_params = jax.tree.map(lambda a: a[:c], out.client_params)
+            client_params = jax.tree.map(lambda a: a[:c], client_params)
             val_scores, val_probs, val_metrics = self._validate(cohort, client_params, indices, valid,
                                                                 width)
         report = CohortReport(r, cohort, train_loss, weights, val_scores, val_probs,
-                              out.client_params if self.algorithm.needs_client_params else None)
+                              client_params if self.algorithm.needs_client_params else None)
         self.states = self.algorithm.update_clients(self.states, report)
         self.server = ServerState(params, opt_state, r + 1,
                                   self.algorithm.update_server(server_extra, report, params))
