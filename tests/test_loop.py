@@ -117,16 +117,17 @@ def test_server_optimizer(setup):
                      jax.random.wrap_key_data(jnp.asarray(rngs)))
     np.testing.assert_array_equal(np.asarray(out.held), maps[cohort].any(0))
     # sgd(1.0) on the pseudo-gradient is plain FedAvg
+    aggregate = jax.tree.map(np.asarray, out.params)  # host copy: update() donates its input
     init, update = make_server_update(config, optax.sgd(1.0))
     new, _ = update(params, out.params, out.held, init(params))
-    for (key, a), (_, b) in zip(sorted(flatten_dict(new).items()), sorted(flatten_dict(out.params).items())):
+    for (key, a), (_, b) in zip(sorted(flatten_dict(new).items()), sorted(flatten_dict(aggregate).items())):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6, err_msg=str(key))
     # with momentum, a second round in which nobody holds an expert must not move it
     init, update = make_server_update(config, optax.sgd(1.0, momentum=0.9))
     state = init(params)
-    p1, state = update(params, out.params, out.held, state)
+    p1, state = update(params, jax.tree.map(jnp.asarray, aggregate), out.held, state)
     nobody = jnp.zeros_like(out.held)
-    p2, _ = update(p1, p1, nobody, state)
+    p2, _ = update(p1, jax.tree.map(jnp.copy, p1), nobody, state)
     path = ("encoder", "block_1", "mlp", "experts", "wi")
     np.testing.assert_array_equal(np.asarray(flatten_dict(p2)[path]), np.asarray(flatten_dict(p1)[path]))
     dense = ("shared", "embedding")
@@ -150,3 +151,24 @@ def test_chunked_cohort_equals_whole_cohort(setup):
     np.testing.assert_array_equal(np.asarray(chunked.held), np.asarray(whole.held))
     with pytest.raises(ValueError, match="multiple of chunk_size"):
         make_round_step(config, tx, chunk_size=4)(params, idx, valid, stacked, step_mask, weights, keys)
+
+
+def test_expert_parallel_mesh_equals_unsharded(setup):
+    from fedmoe_jax.federated.sharding import place_params
+
+    config, params, maps, batches = setup
+    tx = optax.sgd(0.1)
+    cohort = np.array([0, 1, 2, 3])
+    idx, valid, stacked, step_mask, weights, rngs = cohort_inputs(maps, batches, cohort, 4)
+    keys = jax.random.wrap_key_data(jnp.asarray(rngs))
+    plain = make_round_step(config, tx)(params, idx, valid, stacked, step_mask, weights, keys)
+    mesh = make_mesh(experts=2)  # 4 clients x 2 expert shards
+    assert dict(mesh.shape) == {"clients": 4, "experts": 2}
+    placed = place_params(params, config, mesh)
+    out = make_round_step(config, tx, mesh=mesh)(placed, idx, valid, stacked, step_mask, weights, keys)
+    wi = flatten_dict(out.params)[("encoder", "block_1", "mlp", "experts", "wi")]
+    assert wi.sharding.spec[0] == "experts"
+    assert {s.index[0].start for s in wi.addressable_shards} == {0, 4}  # two halves of 8 experts
+    for (key, a), (_, b) in zip(sorted(flatten_dict(out.params).items()),
+                                sorted(flatten_dict(plain.params).items())):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=str(key))

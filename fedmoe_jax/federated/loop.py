@@ -24,7 +24,7 @@ import optax
 from jax.sharding import Mesh
 
 from fedmoe_jax.federated.client import LocalHooks, LossConfig, make_local_train
-from fedmoe_jax.federated.sharding import CLIENTS, client_sharding, replicated
+from fedmoe_jax.federated.sharding import CLIENTS, client_sharding, param_sharding, replicated
 from fedmoe_jax.federated.submodel import cohort_sums, finalize_aggregate, gather_submodel
 from fedmoe_jax.models.moe import RoutingStats
 from fedmoe_jax.models.switch import SwitchConfig
@@ -78,7 +78,7 @@ def make_round_step(
     """
     compiled: dict[int, Callable] = {}
 
-    def build(width: int) -> Callable:
+    def build(width: int, params: PyTree) -> Callable:
         narrow_config = config.replace(num_experts=width)
         local_train = make_local_train(narrow_config, optimizer, loss_config, hooks)
         train_cohort = jax.vmap(local_train, spmd_axis_name=CLIENTS if mesh is not None else None)
@@ -117,17 +117,18 @@ def make_round_step(
         if mesh is None:
             return jax.jit(round_fn)
         rep, per_client = replicated(mesh), client_sharding(mesh)
+        global_params = param_sharding(params, config, mesh)
         return jax.jit(
             round_fn,
-            in_shardings=(rep, per_client, per_client, per_client, per_client, per_client,
+            in_shardings=(global_params, per_client, per_client, per_client, per_client, per_client,
                           per_client, per_client),
-            out_shardings=(rep, per_client, per_client, rep, per_client),
+            out_shardings=(global_params, per_client, per_client, rep, per_client),
         )
 
     def round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None) -> RoundOutput:
         width = int(indices.shape[-1])
         if width not in compiled:
-            compiled[width] = build(width)
+            compiled[width] = build(width, params)
         return RoundOutput(*compiled[width](params, indices, valid, batches, step_mask, weights, rngs, extra))
 
     round_step.compiled = compiled  # exposed for tests and diagnostics
@@ -156,4 +157,7 @@ def make_server_update(config: SwitchConfig, server_optimizer: optax.GradientTra
         updates = jax.tree.map(lambda u, m: u * m, updates, expert_held_mask(params, config, held))
         return optax.apply_updates(params, updates), opt_state
 
-    return server_optimizer.init, jax.jit(update)
+    # The aggregate is a fresh round output nobody else holds: its buffers are reused (donated).
+    # The old parameters and optimizer state are not donated, so a failure later in the round
+    # leaves the server state intact.
+    return server_optimizer.init, jax.jit(update, donate_argnums=(1,))

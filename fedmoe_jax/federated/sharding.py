@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, Sharding
 
 CLIENTS = "clients"
+EXPERTS = "experts"
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAX_PROCESS_ID"
@@ -79,13 +80,48 @@ def initialize_distributed(
     return True
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-    """1-D mesh over the first `num_devices` devices (all by default) with axis `clients`."""
+def make_mesh(num_devices: int | None = None, experts: int = 1) -> Mesh:
+    """Mesh over the first `num_devices` devices (all by default): axis `clients`, and with
+    `experts > 1` a second axis `experts` of that size over which the global experts are split
+    (expert parallelism for models too large to replicate)."""
     devices = jax.devices()
     n = len(devices) if num_devices is None else num_devices
     if not 1 <= n <= len(devices):
         raise ValueError(f"num_devices={n} but {len(devices)} device(s) are available")
-    return jax.make_mesh((n,), (CLIENTS,), axis_types=(AxisType.Auto,), devices=devices[:n])
+    if experts < 1 or n % experts:
+        raise ValueError(f"experts={experts} must divide the number of devices ({n})")
+    if experts == 1:
+        return jax.make_mesh((n,), (CLIENTS,), axis_types=(AxisType.Auto,), devices=devices[:n])
+    return jax.make_mesh((n // experts, experts), (CLIENTS, EXPERTS),
+                         axis_types=(AxisType.Auto, AxisType.Auto), devices=devices[:n])
+
+
+def param_sharding(params: Any, config: Any, mesh: Mesh) -> Any:
+    """Shardings of the global parameters: each MoE layer's experts (and router columns) split over
+    the `experts` axis when the mesh has one and it divides E; everything else replicated."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    from fedmoe_jax.federated.submodel import moe_layer_paths
+
+    split = EXPERTS in mesh.axis_names and config.num_experts % mesh.shape[EXPERTS] == 0
+    paths = moe_layer_paths(config)
+    out = {}
+    for key in flatten_dict(dict(params)):
+        spec = PartitionSpec()
+        layer = next((p for p in paths if key[: len(p)] == p), None)
+        if split and layer is not None:
+            rest = key[len(layer):]
+            if rest == ("router", "kernel"):
+                spec = PartitionSpec(None, EXPERTS)
+            elif rest[0] == "experts" or rest == ("router", "bias"):
+                spec = PartitionSpec(EXPERTS)
+        out[key] = NamedSharding(mesh, spec)
+    return unflatten_dict(out)
+
+
+def place_params(params: Any, config: Any, mesh: Mesh) -> Any:
+    """Global parameters onto `param_sharding` (works across processes like `replicate`)."""
+    return jax.tree.map(_put, params, param_sharding(params, config, mesh))
 
 
 def client_sharding(mesh: Mesh) -> NamedSharding:

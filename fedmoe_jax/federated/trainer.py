@@ -34,7 +34,7 @@ from fedmoe_jax.federated.sampling import sample_cohort
 from fedmoe_jax.federated.sharding import (
     pad_clients,
     padded_cohort_size,
-    replicate,
+    place_params,
     shard_cohort,
     to_host,
 )
@@ -205,7 +205,7 @@ class FederatedTrainer:
         server_params = self.server.params
         if self.mesh is not None:  # global arrays: every process holds the same host cohort arrays
             cohort_args = shard_cohort(cohort_args, self.mesh)
-            server_params = replicate(server_params, self.mesh)
+            server_params = place_params(server_params, self.config, self.mesh)
         out = self._round_step(server_params, *cohort_args)
         params, opt_state = self._server_update(server_params, out.params, out.held,
                                                 self.server.opt_state)
