@@ -1,0 +1,178 @@
+"""FedMoE's equations as pure functions (PAPER.md §5-§6).
+
+- Stage 1: `static_prediction` (probabilities for clients that cannot measure them) and
+  `search_submodel` (Eq. 3: the largest uniform coverage threshold theta whose per-layer smallest
+  prefixes fit the memory budget).
+- Stage 2: `cosine_similarity` (Eq. 4), `reference_set` (Eq. 5), `estimated_importance` (Eq. 6) and
+  `recommend` (the add / remove decision of Algorithm 1).
+
+Shape letters: N clients, L MoE layers, E experts per layer, K reference clients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TOLERANCE = 1e-9  # float sums of probabilities may end at 0.99999...
+
+
+def _check_probs(probs: np.ndarray, name: str = "probs") -> np.ndarray:
+    p = np.asarray(probs, np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"{name} must be [L, E], got shape {p.shape}")
+    if not np.all(np.isfinite(p)) or np.any(p < 0):
+        raise ValueError(f"{name} must be finite and non-negative")
+    return p
+
+
+def _prefix_counts(probs: np.ndarray, theta: float, min_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer: experts sorted by p descending (ties by index), and the shortest prefix reaching theta."""
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    cumsum = np.cumsum(np.take_along_axis(probs, order, axis=-1), axis=-1)
+    reached = cumsum >= theta - TOLERANCE
+    first = np.where(reached.any(-1), reached.argmax(-1) + 1, probs.shape[-1])
+    return order, np.maximum(first, min_experts)
+
+
+def search_submodel(
+    probs: np.ndarray,
+    expert_bytes: float | np.ndarray,
+    dense_bytes: float,
+    budget_bytes: float,
+    min_experts_per_layer: int = 1,
+) -> tuple[np.ndarray, float]:
+    """Eq. 3: the sub-MoE of the largest coverage threshold theta that fits `budget_bytes`.
+
+    For a threshold theta, the smallest sub-MoE meeting it keeps, in every layer, the shortest prefix
+    of experts by descending probability whose probabilities sum to >= theta (at least
+    `min_experts_per_layer`). Its memory is `dense_bytes + sum_l count_l * expert_bytes_l`, which grows
+    with theta, so feasibility is monotone; the search is a binary search over theta's breakpoints
+    (the cumulative sums), hence exact rather than approximate.
+
+    Args:
+      probs: `[L, E]` activation probabilities p_{i,j} (rows typically sum to 1).
+      expert_bytes: memory of one expert, a scalar or per layer `[L]`.
+      dense_bytes: memory of the dense part (w_d).
+      budget_bytes: alpha * M_k, the memory the initial sub-MoE may use.
+    Returns: `(mask <bool>[L, E], theta)` where theta is the coverage the mask reaches in its worst
+      layer. Raises ValueError when even `min_experts_per_layer` experts per layer do not fit.
+    """
+    p = _check_probs(probs)
+    num_layers, num_experts = p.shape
+    if not 1 <= min_experts_per_layer <= num_experts:
+        raise ValueError(f"min_experts_per_layer={min_experts_per_layer} must be in [1, {num_experts}]")
+    per_layer = np.broadcast_to(np.asarray(expert_bytes, np.float64), (num_layers,))
+
+    def cost(counts):
+        return float(dense_bytes + np.sum(counts * per_layer))
+
+    smallest = cost(np.full(num_layers, min_experts_per_layer))
+    if smallest > budget_bytes:
+        raise ValueError(
+            f"memory budget {budget_bytes:.4g} B is below the smallest sub-MoE ({smallest:.4g} B: dense part "
+            f"+ {min_experts_per_layer} expert(s) per layer); raise the budget or mem_fraction"
+        )
+    order, _ = _prefix_counts(p, 0.0, min_experts_per_layer)
+    candidates = np.unique(np.cumsum(np.take_along_axis(p, order, axis=-1), axis=-1))
+    candidates = np.concatenate([[0.0], candidates])
+    lo, hi = 0, len(candidates) - 1  # candidates[lo] always fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost(_prefix_counts(p, candidates[mid], min_experts_per_layer)[1]) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    order, counts = _prefix_counts(p, candidates[lo], min_experts_per_layer)
+    mask = np.zeros(p.shape, bool)
+    for layer in range(num_layers):
+        mask[layer, order[layer, : counts[layer]]] = True
+    theta = float(np.min(np.sum(np.where(mask, p, 0.0), axis=-1)))
+    return mask, theta
+
+
+def static_prediction(probs: np.ndarray, data_sizes: np.ndarray, tasks: np.ndarray,
+                      measured: np.ndarray) -> np.ndarray:
+    """Stage 1 for memory-insufficient clients (PAPER.md §5.2).
+
+    Each unmeasured client gets the data-size-weighted mean of the measured clients of its task:
+    `p^(k) = sum_a |D_a| p^(a) / sum_a |D_a|` over measured a with T_a = T_k.
+    Args: probs `[N, L, E]`; data_sizes `[N]`; tasks `[N]`; measured `<bool>[N]`. Returns `[N, L, E]`.
+    """
+    p = np.asarray(probs, np.float64)
+    sizes = np.asarray(data_sizes, np.float64)
+    tasks, measured = np.asarray(tasks), np.asarray(measured, bool)
+    out = p.copy()
+    for k in np.flatnonzero(~measured):
+        peers = measured & (tasks == tasks[k])
+        weight = sizes[peers].sum()
+        if not peers.any() or weight <= 0:
+            raise ValueError(
+                f"client {k} has no measured client of the same task ({tasks[k]}) to predict from; "
+                "let at least one client of each task run Stage 1"
+            )
+        out[k] = np.tensordot(sizes[peers], p[peers], axes=1) / weight
+    return out
+
+
+def cosine_similarity(p_k: np.ndarray, p_others: np.ndarray) -> np.ndarray:
+    """Eq. 4: cosine of flattened `[L, E]` profiles; `p_others [M, L, E]` -> `[M]` (0 for zero vectors)."""
+    a = np.asarray(p_k, np.float64).reshape(-1)
+    b = np.asarray(p_others, np.float64).reshape(len(p_others), -1)
+    norms = np.linalg.norm(b, axis=1) * np.linalg.norm(a)
+    return np.divide(b @ a, norms, out=np.zeros(len(b)), where=norms > 0)
+
+
+def reference_set(similarity: np.ndarray, client: int, k: int) -> np.ndarray:
+    """Eq. 5: the K most similar other clients (ties by lower id); `similarity [N]` to `client`."""
+    n = len(similarity)
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"K={k} reference clients must be between 1 and N-1={n - 1}")
+    others = np.array([a for a in range(n) if a != client])
+    order = np.lexsort((others, -np.asarray(similarity)[others]))
+    return others[order[:k]]
+
+
+def estimated_importance(similarity: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Eq. 6: `p_hat = sum_a sim_a p^(a) / sum_a sim_a` over the reference set; `[K]`, `[K, L, E]`."""
+    s = np.asarray(similarity, np.float64)
+    p = np.asarray(probs, np.float64)
+    total = s.sum()
+    if total <= 0:
+        return p.mean(0)  # no similar profile: fall back to the plain mean of the reference set
+    return np.tensordot(s, p, axes=1) / total
+
+
+def recommend(mask: np.ndarray, p_hat: np.ndarray, target_count: float,
+              min_experts_per_layer: int = 1, max_count: int | None = None) -> np.ndarray:
+    """Algorithm 1's adjustment: move the expert count towards `target_count` (the reference mean).
+
+    n = round(target_count) - count. n > 0: add the n absent experts of highest p_hat (all layers
+    ranked together); n < 0: remove the |n| present experts of lowest p_hat without going below
+    `min_experts_per_layer` in any layer. `max_count` caps growth (the memory budget). Ties: lower
+    layer, then lower expert index. Returns the new mask `<bool>[L, E]`.
+    """
+    mask = np.asarray(mask, bool).copy()
+    p_hat = np.asarray(p_hat, np.float64)
+    count = int(mask.sum())
+    target = int(np.floor(target_count + 0.5))
+    if max_count is not None:
+        target = min(target, max_count)
+    n = target - count
+    if n > 0:
+        candidates = np.flatnonzero(~mask.reshape(-1))
+        ranked = candidates[np.lexsort((candidates, -p_hat.reshape(-1)[candidates]))]
+        mask.reshape(-1)[ranked[:n]] = True
+    elif n < 0:
+        candidates = np.flatnonzero(mask.reshape(-1))
+        ranked = candidates[np.lexsort((candidates, p_hat.reshape(-1)[candidates]))]
+        per_layer = mask.sum(-1)
+        removed = 0
+        for idx in ranked:
+            if removed == -n:
+                break
+            layer = idx // mask.shape[1]
+            if per_layer[layer] > min_experts_per_layer:
+                mask.reshape(-1)[idx] = False
+                per_layer[layer] -= 1
+                removed += 1
+    return mask

@@ -1,0 +1,97 @@
+"""FedMoE's equations against hand-computed values and brute force."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedmoe_jax.algorithms.fedmoe import (
+    cosine_similarity,
+    estimated_importance,
+    recommend,
+    reference_set,
+    search_submodel,
+    static_prediction,
+)
+
+
+def test_search_by_hand():
+    probs = np.array([[0.6, 0.3, 0.1], [0.4, 0.35, 0.25]])
+    # budget for 3 experts: theta 0.6 needs 1 + 2 (0.4 + 0.35 = 0.75 >= 0.6) = 3 experts -> fits;
+    # theta 0.75 needs 2 + 2 = 4 -> does not; so theta = min(0.6, 0.75) = 0.6
+    mask, theta = search_submodel(probs, expert_bytes=10, dense_bytes=5, budget_bytes=35)
+    assert mask.tolist() == [[True, False, False], [True, True, False]]
+    assert theta == pytest.approx(0.6)
+    full, theta_full = search_submodel(probs, 10, 5, 1000)
+    assert full.all() and theta_full == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="below the smallest sub-MoE"):
+        search_submodel(probs, 10, 5, 24)
+
+
+def brute_force(probs, expert_bytes, dense, budget, min_k):
+    """Every per-layer prefix length: the best worst-layer coverage within budget."""
+    num_layers, num_experts = probs.shape
+    sorted_p = -np.sort(-probs, axis=-1)
+    cover = np.cumsum(sorted_p, axis=-1)
+    best = -1.0
+    for counts in itertools.product(range(min_k, num_experts + 1), repeat=num_layers):
+        if dense + sum(counts) * expert_bytes <= budget:
+            best = max(best, min(cover[layer, c - 1] for layer, c in enumerate(counts)))
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(2, 5), st.integers(1, 2), st.integers(0, 10**6), st.floats(0.0, 1.0))
+def test_search_matches_brute_force(num_layers, num_experts, min_k, seed, slack):
+    min_k = min(min_k, num_experts)
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(num_experts) * 0.5, size=num_layers)
+    smallest = 3 + min_k * num_layers
+    budget = smallest + slack * num_layers * (num_experts - min_k)
+    mask, theta = search_submodel(probs, 1.0, 3.0, budget, min_k)
+    assert theta == pytest.approx(brute_force(probs, 1.0, 3.0, budget, min_k), abs=1e-9)
+    assert 3 + mask.sum() <= budget + 1e-9
+    assert np.all(mask.sum(-1) >= min_k)
+    for layer in range(num_layers):  # kept experts are a prefix by descending probability
+        kept, dropped = probs[layer][mask[layer]], probs[layer][~mask[layer]]
+        assert not dropped.size or kept.min() >= dropped.max()
+
+
+def test_static_prediction_weights_by_data_size():
+    probs = np.zeros((4, 1, 2))
+    probs[0, 0] = [1.0, 0.0]
+    probs[1, 0] = [0.0, 1.0]
+    probs[2, 0] = [0.5, 0.5]
+    tasks = np.array([0, 0, 1, 0])
+    measured = np.array([True, True, True, False])
+    # client 3 (task 0): sizes 1 and 3 -> (1 * [1, 0] + 3 * [0, 1]) / 4 = [0.25, 0.75]
+    out = static_prediction(probs, np.array([1, 3, 100, 7]), tasks, measured)
+    np.testing.assert_allclose(out[3, 0], [0.25, 0.75])
+    np.testing.assert_array_equal(out[:3], probs[:3])
+    with pytest.raises(ValueError, match="no measured client"):
+        static_prediction(probs, np.ones(4), np.array([0, 0, 1, 2]), measured)
+
+
+def test_cosine_reference_set_and_importance_by_hand():
+    p = np.array([[[1.0, 0.0]], [[1.0, 0.0]], [[0.6, 0.8]], [[0.0, 1.0]], [[0.0, 0.0]]])
+    sims = cosine_similarity(p[0], p)
+    np.testing.assert_allclose(sims, [1.0, 1.0, 0.6, 0.0, 0.0])
+    ref = reference_set(sims, client=0, k=2)
+    assert ref.tolist() == [1, 2]
+    # p_hat = (1 * [1, 0] + 0.6 * [0.6, 0.8]) / 1.6 = [0.85, 0.3]
+    np.testing.assert_allclose(estimated_importance(sims[ref], p[ref]), [[0.85, 0.3]])
+    with pytest.raises(ValueError, match="between 1 and N-1"):
+        reference_set(sims, 0, 5)
+
+
+def test_recommend_adds_and_removes():
+    mask = np.array([[True, False, False], [True, True, False]])
+    p_hat = np.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    grown = recommend(mask, p_hat, target_count=4.6)  # round(4.6) - 3 = +2: p_hat 0.3 (1,2) and 0.3 (0,1)
+    assert grown.tolist() == [[True, True, False], [True, True, True]]
+    assert recommend(mask, p_hat, 9.0, max_count=4).sum() == 4  # capped by memory
+    shrunk = recommend(mask, p_hat, 1.0)  # -2, but layer 0 must keep one expert
+    assert shrunk.tolist() == [[True, False, False], [False, True, False]]
+    assert recommend(mask, p_hat, 3.2).tolist() == mask.tolist()  # n = 0: unchanged
