@@ -95,3 +95,55 @@ def test_recommend_adds_and_removes():
     shrunk = recommend(mask, p_hat, 1.0)  # -2, but layer 0 must keep one expert
     assert shrunk.tolist() == [[True, False, False], [False, True, False]]
     assert recommend(mask, p_hat, 3.2).tolist() == mask.tolist()  # n = 0: unchanged
+
+
+def _report(round_num, cohort, scores, probs):
+    from fedmoe_jax.algorithms import CohortReport
+
+    c = len(cohort)
+    return CohortReport(round_num, np.asarray(cohort), np.zeros(c), np.ones(c),
+                        np.asarray(scores, np.float32), np.asarray(probs, np.float32))
+
+
+def test_stage2_adjust_accept_rollback_freeze():
+    from fedmoe_jax.algorithms.fedmoe import FedMoE
+    from fedmoe_jax.federated.state import ClientStates
+
+    maps = np.zeros((4, 1, 4), bool)
+    maps[0, 0, :1] = True  # client 0 keeps 1 expert; its references keep 3
+    maps[1:, 0, :3] = True
+    maps[3, 0, :] = True  # client 3 keeps all 4; its references keep 3
+    algo = FedMoE(maps, patience=1, num_references=2)
+    states = ClientStates.create(maps, algo.init_extra(4, None))
+    probs = np.array([[[1.0, 0.0, 0.0, 0.0]], [[0.6, 0.3, 0.1, 0.0]], [[0.5, 0.2, 0.3, 0.0]],
+                      [[0.0, 0.0, 0.2, 0.8]]])
+    states = algo.update_clients(states, _report(0, [0, 1, 2, 3], [50, 50, 50, 50], probs))
+    assert not states.extra["on_trial"].any()  # first score is an improvement over -inf
+    states = algo.update_clients(states, _report(1, [0], [40], probs[:1]))  # no improvement
+    # refs of 0: clients 1, 2 (cosine 0.88, 0.85 > 0); target 3 experts: add experts 1 and 2 by p_hat
+    assert states.expert_maps[0, 0].tolist() == [True, True, True, False]
+    assert states.extra["on_trial"][0] and algo.events[-1]["event"] == "adjust"
+    states = algo.update_clients(states, _report(2, [0], [45], probs[:1]))  # below best 50: roll back
+    assert states.expert_maps[0, 0].tolist() == [True, False, False, False]
+    assert states.frozen[0] and algo.events[-1]["event"] == "rollback"
+    states = algo.update_clients(states, _report(3, [0], [10], probs[:1]))
+    assert states.expert_maps[0, 0].sum() == 1  # frozen: never adjusted again
+    # the accept path: client 3 stalls, is shrunk towards its references, then improves
+    states = algo.update_clients(states, _report(4, [3], [20], probs[3:]))
+    assert states.extra["on_trial"][3] and states.expert_maps[3, 0].sum() == 3
+    states = algo.update_clients(states, _report(5, [3], [70], probs[3:]))
+    assert not states.extra["on_trial"][3] and not states.frozen[3]
+    assert algo.events[-1]["event"] == "accept"
+
+
+def test_without_stage2_maps_stay_fixed():
+    from fedmoe_jax.algorithms.fedmoe import FedMoE
+    from fedmoe_jax.federated.state import ClientStates
+
+    maps = np.ones((3, 1, 2), bool)
+    maps[0, 0, 1] = False
+    algo = FedMoE(maps, patience=1, num_references=1, adjust=False)
+    states = ClientStates.create(maps, algo.init_extra(3, None))
+    for r in range(3):
+        states = algo.update_clients(states, _report(r, [0], [1.0], np.ones((1, 1, 2)) / 2))
+    assert np.array_equal(states.expert_maps, maps) and not algo.events

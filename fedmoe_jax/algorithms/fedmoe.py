@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedmoe_jax.algorithms.base import Algorithm, CohortReport, record_report
+from fedmoe_jax.federated.state import ClientStates
+
 TOLERANCE = 1e-9  # float sums of probabilities may end at 0.99999...
 
 
@@ -176,3 +179,96 @@ def recommend(mask: np.ndarray, p_hat: np.ndarray, target_count: float,
                 per_layer[layer] -= 1
                 removed += 1
     return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2 as an Algorithm on the engine
+# ----------------------------------------------------------------------------------------------
+
+
+
+class FedMoE(Algorithm):
+    """Stage 2 of FedMoE (PAPER.md §6, Algorithm 1) from given initial sub-MoEs (Stage 1's output).
+
+    After a client's validation score has not improved over its best for `patience` of its rounds,
+    its structure is adjusted towards its `num_references` most similar clients (Eq. 4-6,
+    `recommend`). The adjustment is a trial: the next time the client is evaluated, it is kept if
+    the score beats the best before the trial, else the previous map is restored and the client's
+    structure is frozen for good. Growth is capped per client by `max_experts` (its memory budget).
+    """
+
+    name = "fedmoe"
+
+    def __init__(self, initial_maps: np.ndarray, patience: int = 2, num_references: int = 3,
+                 min_experts_per_layer: int = 1, max_experts: np.ndarray | None = None,
+                 adjust: bool = True):
+        maps = np.asarray(initial_maps, bool)
+        if maps.ndim != 3:
+            raise ValueError(f"initial_maps must be [N, L, E], got shape {maps.shape}")
+        if patience < 1:
+            raise ValueError(f"patience={patience} must be >= 1")
+        if not 1 <= num_references <= maps.shape[0] - 1:
+            raise ValueError(f"num_references={num_references} must be between 1 and N-1={maps.shape[0] - 1}")
+        self.initial_maps = maps
+        self.patience, self.num_references = patience, num_references
+        self.min_experts_per_layer = min_experts_per_layer
+        self.max_experts = None if max_experts is None else np.asarray(max_experts, np.int64)
+        self.adjust = adjust  # False: the "w/o stage 2" ablation (maps stay fixed)
+        self.events: list[dict] = []  # adjustments, acceptances, rollbacks (also in the metrics)
+
+    def initial_expert_maps(self, config, num_clients, seed):
+        if self.initial_maps.shape != (num_clients, config.num_moe_layers, config.num_experts):
+            raise ValueError(
+                f"initial_maps has shape {self.initial_maps.shape}; expected "
+                f"{(num_clients, config.num_moe_layers, config.num_experts)} (N, L, E)"
+            )
+        return self.initial_maps.copy()
+
+    def init_extra(self, num_clients, params):
+        n = num_clients
+        return {
+            "previous_maps": self.initial_maps.copy(),  # the map before a pending trial
+            "on_trial": np.zeros(n, bool),
+            "best_before_trial": np.full(n, -np.inf, np.float32),
+        }
+
+    def update_clients(self, states: ClientStates, report: CohortReport) -> ClientStates:
+        before = states.best_score.copy()
+        states = record_report(states, report)
+        if not self.adjust:
+            return states
+        maps = states.expert_maps.copy()
+        frozen = states.frozen.copy()
+        extra = {k: v.copy() for k, v in states.extra.items()}
+        for i, k in enumerate(report.cohort):
+            score = report.val_scores[i]
+            if np.isnan(score):
+                continue
+            if extra["on_trial"][k]:
+                extra["on_trial"][k] = False
+                if score > extra["best_before_trial"][k]:
+                    self.events.append({"round": report.round, "client": int(k), "event": "accept"})
+                else:
+                    maps[k] = extra["previous_maps"][k]
+                    frozen[k] = True
+                    self.events.append({"round": report.round, "client": int(k), "event": "rollback"})
+                continue
+            if frozen[k] or states.stale_rounds[k] < self.patience:
+                continue
+            new = self._adjusted_map(k, maps, states.probs)
+            if not np.array_equal(new, maps[k]):
+                extra["previous_maps"][k] = maps[k]
+                extra["on_trial"][k] = True
+                extra["best_before_trial"][k] = max(before[k], states.best_score[k])
+                self.events.append({"round": report.round, "client": int(k), "event": "adjust",
+                                    "from": int(maps[k].sum()), "to": int(new.sum())})
+                maps[k] = new
+        return states.replace(expert_maps=maps, frozen=frozen, extra=extra)
+
+    def _adjusted_map(self, k: int, maps: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        sims = cosine_similarity(probs[k], probs)
+        refs = reference_set(sims, k, self.num_references)
+        p_hat = estimated_importance(sims[refs], probs[refs])
+        target = maps[refs].sum((1, 2)).mean()
+        cap = None if self.max_experts is None else int(self.max_experts[k])
+        return recommend(maps[k], p_hat, target, self.min_experts_per_layer, cap)
