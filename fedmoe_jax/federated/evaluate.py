@@ -27,11 +27,12 @@ from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer, cross_entr
 Array = jax.Array
 
 
-def make_cohort_eval(config: SwitchConfig, max_length: int) -> Callable[..., tuple]:
+def make_cohort_eval(config: SwitchConfig, max_length: int, decode: bool = True) -> Callable[..., tuple]:
     """`(params [C,..], batches [C, K, B, ..], valid [C, L, E]) -> (loss [C], stats, tokens)`.
 
     `config` is the narrow model's (E = slots). `tokens` are greedy predictions `[C, K, B, T']`
-    with `T' = max_length`; `stats` sums routing statistics over real examples `[C, L, ...]`.
+    with `T' = max_length` (None with `decode=False`); `stats` sums routing statistics over real
+    examples `[C, L, ...]`.
     """
     model = SwitchTransformer(config)
 
@@ -45,8 +46,9 @@ def make_cohort_eval(config: SwitchConfig, max_length: int) -> Callable[..., tup
                               expert_mask=valid)
             n_tokens = dec_mask.sum()
             loss_sum = cross_entropy(out.logits, batch["targets"], dec_mask) * n_tokens
-            decoded = greedy_decode(model, params, batch["inputs"], enc_mask, max_length, valid)
-            return None, (loss_sum, n_tokens, out.routing, decoded.tokens)
+            tokens = (greedy_decode(model, params, batch["inputs"], enc_mask, max_length, valid).tokens
+                      if decode else None)
+            return None, (loss_sum, n_tokens, out.routing, tokens)
 
         _, (loss_sum, n_tokens, stats, tokens) = jax.lax.scan(step, None, batches)
         loss = loss_sum.sum() / jnp.maximum(n_tokens.sum(), 1.0)
