@@ -70,6 +70,7 @@ def test_rounds_update_state_and_report_metrics(small_run):
     expected = dense + (maps.sum(-1) * expert).sum(-1)
     assert row["bytes_down"] == row["bytes_up"] == expected.tolist()
     assert row["expert_counts"] == [16, 16, 16]  # 4 MoE layers x 4 of 8 experts
+    assert row["expert_count_mean"] == row["expert_count_min"] == row["expert_count_max"] == 16
 
 
 def test_enforced_sampling_and_sharded_run_match_unsharded(small_run):

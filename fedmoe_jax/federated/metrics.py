@@ -81,8 +81,7 @@ class MetricsWriter:
 
 
 def _tb_name(key: str) -> str:
-    for prefix, group in (("train", "train"), ("val", "val"), ("bytes", "comm"), ("mean_expert", "experts"),
-                          ("expert", "experts")):
+    for prefix, group in (("train", "train"), ("val", "val"), ("bytes", "comm"), ("expert", "experts")):
         if key.startswith(prefix):
             return f"{group}/{key}"
     return f"misc/{key}"

@@ -271,7 +271,10 @@ class FederatedTrainer:
             "bytes_down": [int(b) for b in sent],
             "bytes_up": [int(b) for b in sent],
             "expert_counts": [int(n) for n in maps.sum((1, 2))],
-            "mean_expert_count_all_clients": float(self.states.expert_counts().mean()),
+            # Table 2 of the paper: expert totals over all clients after this round
+            "expert_count_mean": float(self.states.expert_counts().mean()),
+            "expert_count_min": int(self.states.expert_counts().min()),
+            "expert_count_max": int(self.states.expert_counts().max()),
             "seconds": round(seconds, 3),
         }
         if not np.isnan(score_means["client_weighted"]):
