@@ -1,5 +1,8 @@
-"""Federated algorithms on the engine: FedAvg (base), and FedMoE and the baselines (later)."""
+"""Federated algorithms on the engine: FedAvg (base), FedMoE (Stage 1 + Stage 2), baselines."""
 
 from fedmoe_jax.algorithms.base import Algorithm, CohortReport, record_report
+from fedmoe_jax.algorithms.baselines import SCAFFOLD, FedProx, RandomMoE
+from fedmoe_jax.algorithms.fedmoe import FedMoE, search_submodel
 
-__all__ = ["Algorithm", "CohortReport", "record_report"]
+__all__ = ["SCAFFOLD", "Algorithm", "CohortReport", "FedMoE", "FedProx", "RandomMoE", "record_report",
+           "search_submodel"]

@@ -34,6 +34,7 @@ class CohortReport:
     val_scores: np.ndarray  # <f32>[C] primary validation metric (NaN when not evaluated)
     val_probs: np.ndarray  # <f32>[C, L, E] activation probabilities on validation data
     client_params: PyTree = None  # trained narrow sub-MoEs [C, ...], when the algorithm asks
+    num_steps: np.ndarray | None = None  # <int32>[C] real local steps of each client
 
 
 class Algorithm:
@@ -42,6 +43,7 @@ class Algorithm:
     name = "fedavg"
     hooks: LocalHooks = LocalHooks()
     needs_client_params = False
+    comm_multiplier = 1  # transfers per round relative to the sub-MoE (SCAFFOLD: 2, with controls)
 
     def initial_expert_maps(self, config: SwitchConfig, num_clients: int, seed: int) -> np.ndarray:
         """`<bool>[N, L, E]` the sub-MoE each client starts with."""

@@ -210,7 +210,8 @@ class FederatedTrainer:
         params, opt_state = self._server_update(server_params, out.params, out.held,
                                                 self.server.opt_state)
         server_extra = self.server.extra
-        metrics, client_params = to_host(out.metrics), out.client_params
+        metrics = to_host(out.metrics)
+        client_params = jax.tree.map(lambda a: a[:c], out.client_params)  # drop padding clients
         if jax.process_count() > 1:  # evaluation below runs on each process's local devices
             client_params = to_host(client_params)
         train_loss = np.asarray(metrics["loss"])[:c]
@@ -219,11 +220,11 @@ class FederatedTrainer:
         val_probs = np.zeros(maps.shape, np.float32)
         val_metrics: list[dict[str, float]] = [{} for _ in range(c)]
         if s.eval_every and (r + 1) % s.eval_every == 0:
-            client_params = jax.tree.map(lambda a: a[:c], client_params)
             val_scores, val_probs, val_metrics = self._validate(cohort, client_params, indices, valid,
                                                                 width)
         report = CohortReport(r, cohort, train_loss, weights, val_scores, val_probs,
-                              client_params if self.algorithm.needs_client_params else None)
+                              client_params if self.algorithm.needs_client_params else None,
+                              np.asarray(batches["num_steps"]))
         self.states = self.algorithm.update_clients(self.states, report)
         self.server = ServerState(params, opt_state, r + 1,
                                   self.algorithm.update_server(server_extra, report, params))
@@ -256,7 +257,7 @@ class FederatedTrainer:
         return lambda ids: [data.references[int(i)] for i in ids]
 
     def _metrics_row(self, r, cohort, maps, train_loss, weights, val_scores, val_metrics, seconds):
-        sent = self.sub_moe_bytes(maps)
+        sent = self.sub_moe_bytes(maps) * getattr(self.algorithm, "comm_multiplier", 1)
         tasks = [self.data.partition.task_of(int(k)) for k in cohort]
         loss_means = weighted_means(train_loss, weights)
         score_means = weighted_means(val_scores, weights)
