@@ -11,3 +11,33 @@ _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_run():
+    """A 6-client federated slice of the embedded benchmark (40 train / 12 eval examples per task)
+    and a tiny Switch model: `(config, params, FederatedData, tokenizer)`."""
+    from fedmoe_jax.data import (
+        FederatedData,
+        assign_tasks,
+        embedded_tokenizer,
+        load_embedded_benchmark,
+        make_partition,
+    )
+    from fedmoe_jax.models import SwitchTransformer, get_config
+
+    bench = load_embedded_benchmark()
+    small = {t: {s: d.take(np.arange(40 if s == "train" else 12)) for s, d in splits.items()}
+             for t, splits in bench.items()}
+    tok = embedded_tokenizer()
+    part = make_partition(small, assign_tasks(6), setting="T", seed=0)
+    fed = FederatedData.build(small, part, tok, max_input_len=32, max_target_len=16)
+    config = get_config("switch-tiny-8", vocab_size=tok.vocab_size, expert_capacity=32)
+    params = SwitchTransformer(config).init(jax.random.key(0), jnp.ones((1, 8), jnp.int32),
+                                            jnp.ones((1, 8), jnp.int32))["params"]
+    return config, params, fed, tok

@@ -194,6 +194,9 @@ def test_activation_probs_and_merge():
     assert float(merged.num_tokens) == 6
     np.testing.assert_allclose(float(merged.lb_loss),
                                (4 * float(a.lb_loss) + 2 * float(b.lb_loss)) / 6, rtol=1e-6)
+    stacked = jax.tree.map(lambda x, y: jnp.stack([x, y]), a, b).total()  # same merge over an axis
+    for x, y in zip(jax.tree.leaves(stacked), jax.tree.leaves(merged)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
 
 
 def test_compute_capacity():

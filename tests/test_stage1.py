@@ -1,7 +1,5 @@
 """Stage 1 end to end on a slice of the embedded benchmark, then Eq. 3 maps and a FedMoE run."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -9,28 +7,11 @@ import pytest
 from fedmoe_jax.algorithms.fedmoe import FedMoE
 from fedmoe_jax.algorithms.memory import MemoryModel
 from fedmoe_jax.algorithms.stage1 import initial_maps, run_stage1, stage1_eligible
-from fedmoe_jax.data import FederatedData, embedded_tokenizer, load_embedded_benchmark, make_partition
-from fedmoe_jax.data.partition import assign_tasks
 from fedmoe_jax.federated.trainer import FederatedTrainer, RunSettings
-from fedmoe_jax.models import SwitchTransformer, get_config
 
 
-@pytest.fixture(scope="module")
-def setup():
-    bench = load_embedded_benchmark()
-    small = {t: {s: d.take(np.arange(32 if s == "train" else 8)) for s, d in splits.items()}
-             for t, splits in bench.items()}
-    tok = embedded_tokenizer()
-    part = make_partition(small, assign_tasks(6), setting="T", seed=0)
-    fed = FederatedData.build(small, part, tok, max_input_len=32, max_target_len=16)
-    config = get_config("switch-tiny-8", vocab_size=tok.vocab_size, expert_capacity=32)
-    params = SwitchTransformer(config).init(jax.random.key(0), jnp.ones((1, 8), jnp.int32),
-                                            jnp.ones((1, 8), jnp.int32))["params"]
-    return config, params, fed, tok
-
-
-def test_stage1_probs_prediction_and_maps(setup):
-    config, params, fed, tok = setup
+def test_stage1_probs_prediction_and_maps(small_run):
+    config, params, fed, tok = small_run
     eligible = np.array([True, False, True, True, True, False])  # clients 1 (tc) and 5 (ts) predicted
     result = run_stage1(config, params, fed, eligible, rounds=2, rank=2, local_steps=2, batch_size=4,
                         eval_batch_size=4, max_eval_examples=8, learning_rate=1e-2)
@@ -63,7 +44,7 @@ def test_stage1_probs_prediction_and_maps(setup):
     assert len(history) == 3 and np.isfinite(history[-1]["train_loss"])
 
 
-def test_stage1_needs_a_measured_client_per_task(setup):
-    config, params, fed, _ = setup
+def test_stage1_needs_a_measured_client_per_task(small_run):
+    config, params, fed, _ = small_run
     with pytest.raises(ValueError, match="no client of task"):
         run_stage1(config, params, fed, np.array([False, False, True, True, True, True]), rounds=1)

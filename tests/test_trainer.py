@@ -1,17 +1,13 @@
 """The multi-round driver end to end on a small slice of the embedded benchmark."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from fedmoe_jax.algorithms import Algorithm
-from fedmoe_jax.data import FederatedData, embedded_tokenizer, load_embedded_benchmark, make_partition
-from fedmoe_jax.data.partition import assign_tasks
 from fedmoe_jax.federated.sharding import make_mesh
 from fedmoe_jax.federated.trainer import FederatedTrainer, RunSettings, param_bytes
-from fedmoe_jax.models import SwitchTransformer, get_config
 
 
 class HalfExperts(Algorithm):
@@ -26,20 +22,6 @@ class HalfExperts(Algorithm):
             for layer in range(config.num_moe_layers):
                 maps[c, layer, rng.choice(config.num_experts, config.num_experts // 2, replace=False)] = True
         return maps
-
-
-@pytest.fixture(scope="module")
-def small_run():
-    bench = load_embedded_benchmark()
-    small = {t: {s: d.take(np.arange(40 if s == "train" else 12)) for s, d in splits.items()}
-             for t, splits in bench.items()}
-    tok = embedded_tokenizer()
-    part = make_partition(small, assign_tasks(6), setting="T", seed=0)
-    fed = FederatedData.build(small, part, tok, max_input_len=32, max_target_len=16)
-    config = get_config("switch-tiny-8", vocab_size=tok.vocab_size, expert_capacity=32)
-    params = SwitchTransformer(config).init(jax.random.key(0), jnp.ones((1, 8), jnp.int32),
-                                            jnp.ones((1, 8), jnp.int32))["params"]
-    return config, params, fed, tok
 
 
 def make_trainer(small_run, algorithm, mesh=None, **settings):

@@ -149,21 +149,7 @@ def make_local_train(
         n = jnp.maximum(step_mask.astype(jnp.float32).sum(), 1.0)
         metrics = {name: value.sum() / n for name, value in metrics.items()}
         metrics["num_steps"] = step_mask.astype(jnp.float32).sum()
-        stats = _sum_stats(stats)
+        stats = stats.total()
         return params, metrics, stats
 
     return local_train
-
-
-def _sum_stats(stats: RoutingStats) -> RoutingStats:
-    """Sum counts over the step axis; loss values become token-weighted means."""
-    n = stats.num_tokens.sum(0)
-    safe = jnp.where(n > 0, n, 1.0)
-    return RoutingStats(
-        tokens_per_expert=stats.tokens_per_expert.sum(0),
-        prob_mass=stats.prob_mass.sum(0),
-        dropped=stats.dropped.sum(0),
-        num_tokens=n,
-        lb_loss=(stats.lb_loss * stats.num_tokens).sum(0) / safe,
-        z_loss=(stats.z_loss * stats.num_tokens).sum(0) / safe,
-    )

@@ -21,7 +21,6 @@ import numpy as np
 from fedmoe_jax.data.tasks import PRIMARY_METRIC, task_scores
 from fedmoe_jax.data.tokenizer import Tokenizer
 from fedmoe_jax.models.decoding import greedy_decode
-from fedmoe_jax.models.moe import RoutingStats
 from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer, cross_entropy, shift_right
 
 Array = jax.Array
@@ -52,7 +51,7 @@ def make_cohort_eval(config: SwitchConfig, max_length: int, decode: bool = True)
 
         _, (loss_sum, n_tokens, stats, tokens) = jax.lax.scan(step, None, batches)
         loss = loss_sum.sum() / jnp.maximum(n_tokens.sum(), 1.0)
-        return loss, _sum_over_steps(stats), tokens
+        return loss, stats.total(), tokens
 
     cohort_eval = jax.jit(jax.vmap(one_client))
 
@@ -63,19 +62,6 @@ def make_cohort_eval(config: SwitchConfig, max_length: int, decode: bool = True)
 
 
 EVAL_KEYS = ("inputs", "input_mask", "targets", "target_mask", "example_mask")
-
-
-def _sum_over_steps(stats: RoutingStats) -> RoutingStats:
-    n = stats.num_tokens.sum(0)
-    safe = jnp.where(n > 0, n, 1.0)
-    return RoutingStats(
-        tokens_per_expert=stats.tokens_per_expert.sum(0),
-        prob_mass=stats.prob_mass.sum(0),
-        dropped=stats.dropped.sum(0),
-        num_tokens=n,
-        lb_loss=(stats.lb_loss * stats.num_tokens).sum(0) / safe,
-        z_loss=(stats.z_loss * stats.num_tokens).sum(0) / safe,
-    )
 
 
 def score_predictions(

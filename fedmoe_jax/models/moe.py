@@ -78,6 +78,19 @@ class RoutingStats:
         total = self.tokens_per_expert.sum(-1)
         return self.dropped / jnp.where(total > 0, total, 1.0)
 
+    def total(self, axis: int = 0) -> RoutingStats:
+        """Merge the statistics stacked along `axis` (e.g. local steps) into one."""
+        n = self.num_tokens.sum(axis)
+        safe = jnp.where(n > 0, n, 1.0)
+        return RoutingStats(
+            tokens_per_expert=self.tokens_per_expert.sum(axis),
+            prob_mass=self.prob_mass.sum(axis),
+            dropped=self.dropped.sum(axis),
+            num_tokens=n,
+            lb_loss=(self.lb_loss * self.num_tokens).sum(axis) / safe,
+            z_loss=(self.z_loss * self.num_tokens).sum(axis) / safe,
+        )
+
     def __add__(self, other: RoutingStats) -> RoutingStats:
         """Merge statistics of two batches (loss values are token-weighted means)."""
         n = self.num_tokens + other.num_tokens
