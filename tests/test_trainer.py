@@ -108,3 +108,23 @@ def make_trainer_in(small_run, workdir, **settings):
                          "eval_batch_size": 4, "max_eval_examples": 2, **settings})
     return FederatedTrainer(config, params, fed, tok, HalfExperts(), optax.adamw(3e-3, eps=1e-3), run,
                             workdir=workdir)
+
+
+def test_personalized_test_evaluation_uses_each_clients_sub_moe(small_run):
+    trainer = make_trainer(small_run, HalfExperts(), eval_every=0)
+    trainer.run(num_rounds=1, progress=False)
+    result = trainer.evaluate("test", max_examples=4, batch_size=4)
+    assert result["split"] == "test" and sorted(result["clients"]) == list(range(6))
+    for task, metric in (("tc", "accuracy"), ("rc", "f1"), ("ts", "rouge2")):
+        value = result[f"{task}_{metric}"]
+        assert 0.0 <= value <= 100.0
+        clients = [k for k in range(6) if trainer.data.partition.task_of(k) == task]
+        assert value == np.mean([result["clients"][k]["score"] for k in clients])
+    # the same client's score equals the cohort validation path on the test split
+    maps = trainer.states.expert_maps[[0]]
+    from fedmoe_jax.federated.submodel import expert_slots, gather_submodel
+
+    idx, valid = (np.asarray(a) for a in expert_slots(maps, 4))
+    narrow = jax.vmap(lambda i: gather_submodel(trainer.server.params, trainer.config, i))(idx)
+    scores, _, _ = trainer._validate(np.array([0]), narrow, idx, valid, 4, "test", 4, 4)
+    assert scores[0] == result["clients"][0]["score"]

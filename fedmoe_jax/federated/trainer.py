@@ -23,7 +23,7 @@ from flax.traverse_util import flatten_dict
 
 from fedmoe_jax.algorithms.base import Algorithm, CohortReport
 from fedmoe_jax.data.federated import PAD_CLIENT, FederatedData
-from fedmoe_jax.data.tasks import TASKS
+from fedmoe_jax.data.tasks import PRIMARY_METRIC, TASKS
 from fedmoe_jax.data.tokenizer import Tokenizer
 from fedmoe_jax.federated.checkpoint import RunCheckpointer, abstract_like
 from fedmoe_jax.federated.client import LossConfig
@@ -39,7 +39,7 @@ from fedmoe_jax.federated.sharding import (
     to_host,
 )
 from fedmoe_jax.federated.state import ClientStates, ServerState
-from fedmoe_jax.federated.submodel import bucket_width, expert_slots, moe_layer_paths
+from fedmoe_jax.federated.submodel import bucket_width, expert_slots, gather_submodel, moe_layer_paths
 from fedmoe_jax.models.switch import SwitchConfig
 
 PyTree = Any
@@ -236,15 +236,17 @@ class FederatedTrainer:
         self.checkpoint()
         return row
 
-    def _validate(self, cohort, client_params, indices, valid, width):
+    def _validate(self, cohort, client_params, indices, valid, width, split="validation",
+                  max_examples=None, batch_size=None):
         s = self.settings
-        batches = first_steps(self.data.cohort_eval_batches(cohort, s.eval_batch_size, "validation"),
-                              s.max_eval_examples)
+        max_examples = s.max_eval_examples if split == "validation" else max_examples
+        batches = first_steps(self.data.cohort_eval_batches(cohort, batch_size or s.eval_batch_size, split),
+                              max_examples)
         loss, stats, tokens = self._evaluator(width)(client_params, batches, valid)
         stats = to_global_experts(stats, indices, valid, self.config.num_experts)
         probs = np.asarray(stats.activation_probs, np.float32)
         tasks = [self.data.partition.task_of(int(k)) for k in cohort]
-        refs = [self._references(t) for t in tasks]
+        refs = [self._references(t, split) for t in tasks]
         results = score_predictions(self.tokenizer, np.asarray(tokens), batches["example_ids"], tasks,
                                     refs)
         for res, lv in zip(results, np.asarray(loss)):
@@ -252,9 +254,35 @@ class FederatedTrainer:
         scores = np.asarray([res["score"] for res in results], np.float32)
         return scores, probs, results
 
-    def _references(self, task: str):
-        data = self.data.data[task]["validation"]
+    def _references(self, task: str, split: str = "validation"):
+        data = self.data.data[task][split]
         return lambda ids: [data.references[int(i)] for i in ids]
+
+    def evaluate(self, split: str = "test", clients: np.ndarray | None = None, chunk: int = 8,
+                 max_examples: int | None = None, batch_size: int | None = None) -> dict[str, Any]:
+        """Personalized evaluation (PAPER.md §7.5): each client's own sub-MoE of the current global
+        model on its own `split`; returns per-client metrics and the mean score per task.
+
+        Clients are evaluated `chunk` at a time (one compiled program per slot width).
+        """
+        ids = np.arange(self.data.num_clients) if clients is None else np.asarray(clients)
+        per_client: dict[int, dict[str, float]] = {}
+        for start in range(0, len(ids), chunk):
+            part = ids[start:start + chunk]
+            maps = self.states.expert_maps[part]
+            width = bucket_width(int(maps.sum(-1).max()), self.config.num_experts)
+            indices, valid = (np.asarray(a) for a in expert_slots(maps, width))
+            narrow = jax.vmap(lambda idx: gather_submodel(self.server.params, self.config, idx))(indices)
+            _, _, results = self._validate(part, narrow, indices, valid, width, split, max_examples,
+                                           batch_size)
+            per_client.update({int(k): res for k, res in zip(part, results)})
+        out: dict[str, Any] = {"split": split, "clients": per_client}
+        for task in TASKS:
+            scores = [r["score"] for k, r in per_client.items()
+                      if self.data.partition.task_of(k) == task and not np.isnan(r["score"])]
+            if scores:
+                out[f"{task}_{PRIMARY_METRIC[task]}"] = float(np.mean(scores))
+        return out
 
     def _metrics_row(self, r, cohort, maps, train_loss, weights, val_scores, val_metrics, seconds):
         sent = self.sub_moe_bytes(maps) * getattr(self.algorithm, "comm_multiplier", 1)
