@@ -93,3 +93,60 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return x.tolist()
     raise TypeError(f"cannot write {type(x).__name__} to metrics.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------
+# Paper-level summaries (PAPER.md §7.5, §8.2-8.3)
+# ----------------------------------------------------------------------------------------------
+
+
+def rounds_to_target(scores: Sequence[float], target: float) -> int | None:
+    """First round (1-based) whose score reaches `target`, or None (`scores` per round, NaN = none)."""
+    for r, value in enumerate(scores, start=1):
+        if value is not None and not math.isnan(value) and value >= target:
+            return r
+    return None
+
+
+def time_to_target_speedup(method: Sequence[float], baseline: Sequence[float], fraction: float,
+                           reference: float | None = None) -> float | None:
+    """Speedup of `method` over `baseline` to reach `fraction` of the relative target performance.
+
+    The target is `fraction * reference`, `reference` defaulting to the best score either curve
+    reaches (the paper's "relative target performance" is not defined further; PAPER.md §8.2).
+    Returns rounds(baseline) / rounds(method), or None if either never reaches it.
+    """
+    if reference is None:
+        finite = [v for v in list(method) + list(baseline) if v is not None and not math.isnan(v)]
+        if not finite:
+            return None
+        reference = max(finite)
+    target = fraction * reference
+    r_method, r_base = rounds_to_target(method, target), rounds_to_target(baseline, target)
+    if r_method is None or r_base is None:
+        return None
+    return r_base / r_method
+
+
+def coefficient_of_variation(values: Sequence[float], ddof: int = 0) -> float:
+    """c_v = sigma / mu (population std by default)."""
+    v = np.asarray(values, np.float64)
+    return float(np.std(v, ddof=ddof) / np.mean(v))
+
+
+def composite_variation_index(scores: Mapping[str, Sequence[float]], ddof: int = 0) -> float:
+    """CVI: the mean over tasks of each task's c_v across settings (PAPER.md §7.5; the paper's exact
+    definition is underspecified, see §8.2)."""
+    return float(np.mean([coefficient_of_variation(v, ddof) for v in scores.values()]))
+
+
+def average_improvement(method: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]]
+                        ) -> tuple[str, float]:
+    """PAPER.md §8.3: for each baseline b the mean over tasks of |f - b| / b (percent); the paper
+    reports the baseline with the smallest value, the "best-performing baseline"."""
+    gaps = {
+        name: 100.0 * float(np.mean([abs(method[t] - b[t]) / b[t] for t in method]))
+        for name, b in baselines.items()
+    }
+    best = min(gaps, key=gaps.get)
+    return best, gaps[best]
