@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from fedmoe_jax.algorithms import Algorithm, CohortReport
-from fedmoe_jax.algorithms.baselines import SCAFFOLD, FedProx, RandomMoE, proximal_term
+from fedmoe_jax.algorithms.baselines import SCAFFOLD, FedProx, LocalOnly, RandomMoE, proximal_term
 from fedmoe_jax.federated.state import ClientStates
 from fedmoe_jax.federated.trainer import FederatedTrainer, RunSettings
 
@@ -159,3 +159,22 @@ def test_scaffold_trainer_run(small_run):
     for a, b in zip(jax.tree.leaves(trainer.server.extra["x"]), jax.tree.leaves(trainer.server.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert SCAFFOLD.comm_multiplier == 2
+
+
+def test_local_only_trains_personal_models_and_never_the_global_one(small_run):
+    trainer = make_trainer(small_run, LocalOnly(), num_rounds=2)
+    initial = jax.tree.map(np.asarray, trainer.server.params)
+    history = trainer.run(progress=False)
+    for a, b in zip(jax.tree.leaves(trainer.server.params), jax.tree.leaves(initial)):
+        np.testing.assert_array_equal(np.asarray(a), b)  # no server model
+    sampled = sorted({k for row in history for k in row["cohort"]})
+    others = [k for k in range(6) if k not in sampled]
+    leaf = lambda tree: np.asarray(jax.tree.leaves(tree)[0])  # noqa: E731
+    for k in sampled:
+        assert not np.allclose(leaf(trainer.states.extra)[k], leaf(initial))
+    for k in others:
+        np.testing.assert_array_equal(leaf(trainer.states.extra)[k], leaf(initial))
+    assert all(np.isfinite(row["train_loss"]) for row in history)
+    # personalized evaluation runs each client's own model
+    result = trainer.evaluate("test", max_examples=4, batch_size=4)
+    assert sorted(result["clients"]) == list(range(6))

@@ -1,8 +1,17 @@
 """Federated algorithms on the engine: FedAvg (base), FedMoE (Stage 1 + Stage 2), baselines."""
 
 from fedmoe_jax.algorithms.base import Algorithm, CohortReport, record_report
-from fedmoe_jax.algorithms.baselines import SCAFFOLD, FedProx, RandomMoE
+from fedmoe_jax.algorithms.baselines import SCAFFOLD, FedProx, LocalOnly, RandomMoE
 from fedmoe_jax.algorithms.fedmoe import FedMoE, search_submodel
 
-__all__ = ["SCAFFOLD", "Algorithm", "CohortReport", "FedMoE", "FedProx", "RandomMoE", "record_report",
-           "search_submodel"]
+__all__ = [
+    "SCAFFOLD",
+    "Algorithm",
+    "CohortReport",
+    "FedMoE",
+    "FedProx",
+    "LocalOnly",
+    "RandomMoE",
+    "record_report",
+    "search_submodel",
+]

@@ -44,6 +44,8 @@ class Algorithm:
     hooks: LocalHooks = LocalHooks()
     needs_client_params = False
     comm_multiplier = 1  # transfers per round relative to the sub-MoE (SCAFFOLD: 2, with controls)
+    # False: no server; each client keeps its own model in `states.extra` (`[N, ...]` full trees)
+    aggregates = True
 
     def initial_expert_maps(self, config: SwitchConfig, num_clients: int, seed: int) -> np.ndarray:
         """`<bool>[N, L, E]` the sub-MoE each client starts with."""

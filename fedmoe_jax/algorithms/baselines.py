@@ -180,3 +180,20 @@ class SCAFFOLD(Algorithm):
                          server_extra["c"], deltas)
         self._round = None
         return {"c": c, "x": params}
+
+
+class LocalOnly(Algorithm):
+    """Local training only (no server): each client trains its own copy of the full model, starting
+    from the initial global parameters; its model lives in the client state (`[N, ...]` leaves)."""
+
+    name = "local"
+    aggregates = False
+    needs_client_params = True
+
+    def init_extra(self, num_clients: int, params: PyTree) -> PyTree:
+        return jax.tree.map(lambda p: np.repeat(np.asarray(p)[None], num_clients, axis=0), params)
+
+    def update_clients(self, states: ClientStates, report: CohortReport) -> ClientStates:
+        states = record_report(states, report)
+        trained = jax.tree.map(np.asarray, report.client_params)
+        return states.put(report.cohort, states.take(report.cohort).replace(extra=trained))

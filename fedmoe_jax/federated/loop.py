@@ -135,6 +135,29 @@ def make_round_step(
     return round_step
 
 
+def make_personal_step(
+    config: SwitchConfig,
+    optimizer: optax.GradientTransformation,
+    loss_config: LossConfig = LossConfig(),
+    hooks: LocalHooks = LocalHooks(),
+    mesh: Mesh | None = None,
+) -> Callable[..., tuple[PyTree, dict[str, Array], RoutingStats]]:
+    """Local training without a server: `(params [C, ...] full trees, batches, step_mask, rngs, extra)
+    -> (trained [C, ...], metrics [C], routing [C, L, E])`; every client holds every expert."""
+    local_train = make_local_train(config, optimizer, loss_config, hooks)
+    all_experts = jnp.ones((config.num_moe_layers, config.num_experts), bool)
+
+    def step(params, batches, step_mask, rngs, extra):
+        one = lambda p, b, m, k, e: local_train(p, b, m, all_experts, k, e)  # noqa: E731
+        return jax.vmap(one, spmd_axis_name=CLIENTS if mesh is not None else None)(
+            params, batches, step_mask, rngs, extra)
+
+    if mesh is None:
+        return jax.jit(step)
+    per_client = client_sharding(mesh)
+    return jax.jit(step, in_shardings=per_client, out_shardings=per_client)
+
+
 def expert_held_mask(params: PyTree, config: SwitchConfig, held: Array) -> PyTree:
     """1/0 per parameter entry: 0 for experts (and router columns) no cohort client held."""
     from fedmoe_jax.federated.client import expert_update_mask

@@ -28,7 +28,12 @@ from fedmoe_jax.data.tokenizer import Tokenizer
 from fedmoe_jax.federated.checkpoint import RunCheckpointer, abstract_like
 from fedmoe_jax.federated.client import LossConfig
 from fedmoe_jax.federated.evaluate import first_steps, make_cohort_eval, score_predictions
-from fedmoe_jax.federated.loop import make_round_step, make_server_update, to_global_experts
+from fedmoe_jax.federated.loop import (
+    make_personal_step,
+    make_round_step,
+    make_server_update,
+    to_global_experts,
+)
 from fedmoe_jax.federated.metrics import MetricsWriter, read_metrics, weighted_means
 from fedmoe_jax.federated.sampling import sample_cohort
 from fedmoe_jax.federated.sharding import (
@@ -124,6 +129,8 @@ class FederatedTrainer:
         self.server = ServerState(params, self._server_init(params), 0, algorithm.init_server_extra(params))
         self._round_step = make_round_step(config, optimizer, loss_config, algorithm.hooks, mesh,
                                            return_clients=True)
+        if not algorithm.aggregates:
+            self._personal_step = make_personal_step(config, optimizer, loss_config, algorithm.hooks, mesh)
         self._evaluators: dict[int, Any] = {}
         self._root = jax.random.key(settings.seed)
         self.dense_bytes, self.expert_bytes = param_bytes(params, config)
@@ -206,12 +213,21 @@ class FederatedTrainer:
         if self.mesh is not None:  # global arrays: every process holds the same host cohort arrays
             cohort_args = shard_cohort(cohort_args, self.mesh)
             server_params = place_params(server_params, self.config, self.mesh)
-        out = self._round_step(server_params, *cohort_args)
-        params, opt_state = self._server_update(server_params, out.params, out.held,
-                                                self.server.opt_state)
+        if self.algorithm.aggregates:
+            out = self._round_step(server_params, *cohort_args)
+            params, opt_state = self._server_update(server_params, out.params, out.held,
+                                                    self.server.opt_state)
+            out_metrics, out_clients = out.metrics, out.client_params
+        else:  # personal models: train the clients' own full models, no server update
+            own = pad(jax.tree.map(lambda a: np.asarray(a)[cohort], self.states.extra))
+            if self.mesh is not None:
+                own = shard_cohort(own, self.mesh)
+            out_clients, out_metrics, _ = self._personal_step(own, *cohort_args[2:4], cohort_args[5],
+                                                              cohort_args[6])
+            params, opt_state = self.server.params, self.server.opt_state
         server_extra = self.server.extra
-        metrics = to_host(out.metrics)
-        client_params = jax.tree.map(lambda a: a[:c], out.client_params)  # drop padding clients
+        metrics = to_host(out_metrics)
+        client_params = jax.tree.map(lambda a: a[:c], out_clients)  # drop padding clients
         if jax.process_count() > 1:  # evaluation below runs on each process's local devices
             client_params = to_host(client_params)
         train_loss = np.asarray(metrics["loss"])[:c]
@@ -272,7 +288,10 @@ class FederatedTrainer:
             maps = self.states.expert_maps[part]
             width = bucket_width(int(maps.sum(-1).max()), self.config.num_experts)
             indices, valid = (np.asarray(a) for a in expert_slots(maps, width))
-            narrow = jax.vmap(lambda idx: gather_submodel(self.server.params, self.config, idx))(indices)
+            if self.algorithm.aggregates:
+                narrow = jax.vmap(lambda idx: gather_submodel(self.server.params, self.config, idx))(indices)
+            else:  # personal full models (all experts held: the slot layout is the identity)
+                narrow = jax.tree.map(lambda a, part=part: np.asarray(a)[part], self.states.extra)
             _, _, results = self._validate(part, narrow, indices, valid, width, split, max_examples,
                                            batch_size)
             per_client.update({int(k): res for k, res in zip(part, results)})
