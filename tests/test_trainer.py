@@ -128,3 +128,18 @@ def test_personalized_test_evaluation_uses_each_clients_sub_moe(small_run):
     narrow = jax.vmap(lambda i: gather_submodel(trainer.server.params, trainer.config, i))(idx)
     scores, _, _ = trainer._validate(np.array([0]), narrow, idx, valid, 4, "test", 4, 4)
     assert scores[0] == result["clients"][0]["score"]
+
+
+def test_global_model_and_unseen_client_evaluation(small_run):
+    trainer = make_trainer(small_run, HalfExperts(), eval_every=0, num_rounds=1)
+    trainer.run(progress=False)
+    unseen = trainer.unseen_clients()
+    assert len(unseen) == 3 and set(unseen).isdisjoint(trainer.history[0]["cohort"])
+    own = trainer.evaluate("test", clients=unseen, max_examples=4, batch_size=4)
+    tuned = trainer.evaluate("test", clients=unseen, max_examples=4, batch_size=4, local_steps=2)
+    full = trainer.evaluate("test", clients=unseen, max_examples=4, batch_size=4, model="global")
+    losses = lambda r: [r["clients"][int(k)]["loss"] for k in unseen]  # noqa: E731
+    assert losses(own) != losses(tuned)  # fine-tuning changed the models
+    assert losses(own) != losses(full)  # the full model differs from the half-expert sub-MoEs
+    with pytest.raises(ValueError, match="model="):
+        trainer.evaluate("test", model="best")

@@ -26,7 +26,7 @@ from fedmoe_jax.data.federated import PAD_CLIENT, FederatedData
 from fedmoe_jax.data.tasks import PRIMARY_METRIC, TASKS
 from fedmoe_jax.data.tokenizer import Tokenizer
 from fedmoe_jax.federated.checkpoint import RunCheckpointer, abstract_like
-from fedmoe_jax.federated.client import LossConfig
+from fedmoe_jax.federated.client import LossConfig, make_local_train
 from fedmoe_jax.federated.evaluate import first_steps, make_cohort_eval, score_predictions
 from fedmoe_jax.federated.loop import (
     make_personal_step,
@@ -132,6 +132,8 @@ class FederatedTrainer:
         if not algorithm.aggregates:
             self._personal_step = make_personal_step(config, optimizer, loss_config, algorithm.hooks, mesh)
         self._evaluators: dict[int, Any] = {}
+        self._fine_tuners: dict[int, Any] = {}
+        self._optimizer, self._loss_config = optimizer, loss_config
         self._root = jax.random.key(settings.seed)
         self.dense_bytes, self.expert_bytes = param_bytes(params, config)
         self.history: list[dict[str, Any]] = []
@@ -275,23 +277,33 @@ class FederatedTrainer:
         return lambda ids: [data.references[int(i)] for i in ids]
 
     def evaluate(self, split: str = "test", clients: np.ndarray | None = None, chunk: int = 8,
-                 max_examples: int | None = None, batch_size: int | None = None) -> dict[str, Any]:
-        """Personalized evaluation (PAPER.md §7.5): each client's own sub-MoE of the current global
-        model on its own `split`; returns per-client metrics and the mean score per task.
+                 max_examples: int | None = None, batch_size: int | None = None,
+                 model: str = "own", local_steps: int = 0) -> dict[str, Any]:
+        """Evaluation on each client's own `split`; per-client metrics and the mean score per task.
 
-        Clients are evaluated `chunk` at a time (one compiled program per slot width).
+        `model="own"` (PAPER.md §7.5, personalized): the client's sub-MoE of the current global model
+        (or its own model for `LocalOnly`); `model="global"`: the full global model for every client.
+        `local_steps > 0` first fine-tunes each client's model that many steps on its training data
+        (for clients never sampled during training: unseen-client evaluation). Clients are evaluated
+        `chunk` at a time (one compiled program per slot width).
         """
+        if model not in ("own", "global"):
+            raise ValueError(f"model={model!r}; use 'own' or 'global'")
         ids = np.arange(self.data.num_clients) if clients is None else np.asarray(clients)
         per_client: dict[int, dict[str, float]] = {}
         for start in range(0, len(ids), chunk):
             part = ids[start:start + chunk]
             maps = self.states.expert_maps[part]
+            if model == "global":
+                maps = np.ones_like(maps)
             width = bucket_width(int(maps.sum(-1).max()), self.config.num_experts)
             indices, valid = (np.asarray(a) for a in expert_slots(maps, width))
-            if self.algorithm.aggregates:
+            if self.algorithm.aggregates or model == "global":
                 narrow = jax.vmap(lambda idx: gather_submodel(self.server.params, self.config, idx))(indices)
             else:  # personal full models (all experts held: the slot layout is the identity)
                 narrow = jax.tree.map(lambda a, part=part: np.asarray(a)[part], self.states.extra)
+            if local_steps > 0:
+                narrow = self._fine_tune(part, narrow, valid, width, local_steps)
             _, _, results = self._validate(part, narrow, indices, valid, width, split, max_examples,
                                            batch_size)
             per_client.update({int(k): res for k, res in zip(part, results)})
@@ -302,6 +314,24 @@ class FederatedTrainer:
             if scores:
                 out[f"{task}_{PRIMARY_METRIC[task]}"] = float(np.mean(scores))
         return out
+
+    def _fine_tune(self, clients, narrow, valid, width, steps):
+        """A few local steps on each client's training data (round id -1 stream: seed-only order)."""
+        if width not in self._fine_tuners:
+            local = make_local_train(self.config.replace(num_experts=width), self._optimizer,
+                                     self._loss_config, self.algorithm.hooks)
+            self._fine_tuners[width] = jax.jit(jax.vmap(lambda p, b, m, v, k: local(p, b, m, v, k)))
+        s = self.settings
+        batches = self.data.cohort_batches(clients, 0, s.seed + 1, s.batch_size, num_steps=steps)
+        keys = jax.random.wrap_key_data(np.stack([
+            jax.random.key_data(jax.random.fold_in(jax.random.key(s.seed + 1), int(k))) for k in clients]))
+        train = {k: batches[k] for k in ("inputs", "input_mask", "targets", "target_mask", "example_mask")}
+        tuned, _, _ = self._fine_tuners[width](narrow, train, batches["step_mask"], valid, keys)
+        return tuned
+
+    def unseen_clients(self) -> np.ndarray:
+        """Clients never sampled so far `[M]`."""
+        return np.flatnonzero(self.states.participations == 0)
 
     def _metrics_row(self, r, cohort, maps, train_loss, weights, val_scores, val_metrics, seconds):
         sent = self.sub_moe_bytes(maps) * getattr(self.algorithm, "comm_multiplier", 1)
