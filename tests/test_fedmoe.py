@@ -147,3 +147,12 @@ def test_without_stage2_maps_stay_fixed():
     for r in range(3):
         states = algo.update_clients(states, _report(r, [0], [1.0], np.ones((1, 1, 2)) / 2))
     assert np.array_equal(states.expert_maps, maps) and not algo.events
+
+
+def test_all_zero_probabilities_fall_back_to_lowest_index_experts():
+    probs = np.zeros((2, 4))
+    mask, theta = search_submodel(probs, 1.0, 0.0, 2.0)  # budget: one expert per layer
+    assert theta == 0.0 and mask.tolist() == [[True, False, False, False]] * 2
+    probs[1] = [0.1, 0.2, 0.3, 0.4]  # one informative layer, one empty
+    mask, theta = search_submodel(probs, 1.0, 0.0, 100.0)
+    assert theta == 0.0 and mask[1].all()  # max coverage 1 in layer 1; layer 0 stays at coverage 0

@@ -59,6 +59,9 @@ def search_submodel(
       budget_bytes: alpha * M_k, the memory the initial sub-MoE may use.
     Returns: `(mask <bool>[L, E], theta)` where theta is the coverage the mask reaches in its worst
       layer. Raises ValueError when even `min_experts_per_layer` experts per layer do not fit.
+      A layer whose probabilities are all zero (no token observed) carries no preference: theta is 0
+      and that layer keeps the lowest-index experts up to what the budget and the other layers allow
+      (documented fallback, tested).
     """
     p = _check_probs(probs)
     num_layers, num_experts = p.shape
