@@ -143,3 +143,19 @@ def test_global_model_and_unseen_client_evaluation(small_run):
     assert losses(own) != losses(full)  # the full model differs from the half-expert sub-MoEs
     with pytest.raises(ValueError, match="model="):
         trainer.evaluate("test", model="best")
+
+
+def test_summary_reports_comm_experts_memory_and_scores(small_run):
+    from fedmoe_jax.algorithms.memory import MemoryModel
+
+    trainer = make_trainer(small_run, HalfExperts(), eval_every=0, num_rounds=1)
+    trainer.run(progress=False)
+    memory = MemoryModel(trainer.config, batch_size=4, input_len=32, target_len=16)
+    test = {"split": "test", "clients": {}, "tc_accuracy": 12.5}
+    summary = trainer.summary(memory, test)
+    row = trainer.history[0]
+    assert summary["comm_gib_per_transfer"] == np.mean(row["bytes_down"]) / 2**30
+    assert summary["experts_start"] == summary["experts_end"] == {"mean": 16.0, "min": 16, "max": 16}
+    one = memory.submodel_bytes(trainer.states.expert_maps[0]) / 1e9
+    assert summary["peak_memory_gb"]["max"] == pytest.approx(one)
+    assert summary["test"] == {"tc_accuracy": 12.5} and summary["rounds"] == 1

@@ -121,9 +121,8 @@ class FederatedTrainer:
         self.algorithm, self.settings, self.mesh = algorithm, settings, mesh
         n = data.num_clients
         self.client_tasks = np.asarray([data.partition.task_of(c) for c in range(n)])
-        self.states = ClientStates.create(
-            algorithm.initial_expert_maps(config, n, settings.seed), algorithm.init_extra(n, params)
-        )
+        self.initial_maps = algorithm.initial_expert_maps(config, n, settings.seed)
+        self.states = ClientStates.create(self.initial_maps, algorithm.init_extra(n, params))
         server_opt = server_optimizer or optax.sgd(1.0)
         self._server_init, self._server_update = make_server_update(config, server_opt)
         self.server = ServerState(params, self._server_init(params), 0, algorithm.init_server_extra(params))
@@ -328,6 +327,31 @@ class FederatedTrainer:
         train = {k: batches[k] for k in ("inputs", "input_mask", "targets", "target_mask", "example_mask")}
         tuned, _, _ = self._fine_tuners[width](narrow, train, batches["step_mask"], valid, keys)
         return tuned
+
+    def summary(self, memory: Any = None, test: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run-level numbers as the paper reports them (PAPER.md §7.5, Table 1-2).
+
+        Communication per client transfer in GiB (fp32 tensors actually sent), expert totals at the
+        start and now (mean / min / max over clients), with a `MemoryModel` the peak training memory
+        per client (GB, the larger of its start and current sub-MoE), and the per-task scores of a
+        `test` result from `evaluate`.
+        """
+        sent = [b for row in self.history for b in row["bytes_down"]]
+        start, now = self.initial_maps.sum((1, 2)), self.states.expert_counts()
+        out: dict[str, Any] = {
+            "method": self.algorithm.name,
+            "rounds": self.server.round,
+            "comm_gib_per_transfer": float(np.mean(sent)) / 2**30 if sent else None,
+            "experts_start": {"mean": float(start.mean()), "min": int(start.min()), "max": int(start.max())},
+            "experts_end": {"mean": float(now.mean()), "min": int(now.min()), "max": int(now.max())},
+        }
+        if memory is not None:
+            peak = [max(memory.submodel_bytes(a), memory.submodel_bytes(b)) / 1e9
+                    for a, b in zip(self.initial_maps, self.states.expert_maps)]
+            out["peak_memory_gb"] = {"mean": float(np.mean(peak)), "max": float(np.max(peak))}
+        if test is not None:
+            out["test"] = {k: v for k, v in test.items() if k not in ("clients", "split")}
+        return out
 
     def unseen_clients(self) -> np.ndarray:
         """Clients never sampled so far `[M]`."""
