@@ -28,13 +28,12 @@ from fedmoe_jax.algorithms.fedmoe import search_submodel, static_prediction
 from fedmoe_jax.algorithms.memory import MemoryModel
 from fedmoe_jax.data.federated import FederatedData
 from fedmoe_jax.federated.aggregate import masked_weighted_mean
-from fedmoe_jax.federated.client import LossConfig
+from fedmoe_jax.federated.client import LossConfig, model_batch
 from fedmoe_jax.federated.evaluate import first_steps, make_cohort_eval
 from fedmoe_jax.models.lora import init_lora, merge_lora
 from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer, shift_right, switch_loss
 
 PyTree = Any
-BATCH_KEYS = ("inputs", "input_mask", "targets", "target_mask", "example_mask")
 STAGE1_SEED_OFFSET = 1_000_003  # Stage 1 batches use their own (seed, round) stream
 
 
@@ -116,7 +115,7 @@ def run_stage1(
     for r in range(rounds):
         batches = data.cohort_batches(cohort, r, seed + STAGE1_SEED_OFFSET, batch_size, num_steps=local_steps)
         keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(root, r), int(c)) for c in cohort])
-        lora, loss = federated_round(params, lora, {k: batches[k] for k in BATCH_KEYS}, batches["step_mask"],
+        lora, loss = federated_round(params, lora, model_batch(batches), batches["step_mask"],
                                      batches["num_examples"].astype(np.float32), keys)
         history.append(float(loss))
 

@@ -29,6 +29,11 @@ PyTree = Any
 BATCH_KEYS = ("inputs", "input_mask", "targets", "target_mask", "example_mask")
 
 
+def model_batch(batches: Mapping[str, Any]) -> dict[str, Any]:
+    """The arrays local training and evaluation read from `FederatedData` batches (`BATCH_KEYS`)."""
+    return {k: batches[k] for k in BATCH_KEYS}
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """Weights of PAPER.md Eq. (1): label smoothing, load balance (its alpha), router z-loss."""

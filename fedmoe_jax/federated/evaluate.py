@@ -20,6 +20,7 @@ import numpy as np
 
 from fedmoe_jax.data.tasks import PRIMARY_METRIC, task_scores
 from fedmoe_jax.data.tokenizer import Tokenizer
+from fedmoe_jax.federated.client import model_batch
 from fedmoe_jax.models.decoding import greedy_decode
 from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer, cross_entropy, shift_right
 
@@ -56,12 +57,9 @@ def make_cohort_eval(config: SwitchConfig, max_length: int, decode: bool = True)
     cohort_eval = jax.jit(jax.vmap(one_client))
 
     def evaluate(params, batches, valid):
-        return cohort_eval(params, {k: batches[k] for k in EVAL_KEYS}, valid)
+        return cohort_eval(params, model_batch(batches), valid)
 
     return evaluate
-
-
-EVAL_KEYS = ("inputs", "input_mask", "targets", "target_mask", "example_mask")
 
 
 def score_predictions(

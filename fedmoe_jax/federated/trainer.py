@@ -26,7 +26,7 @@ from fedmoe_jax.data.federated import PAD_CLIENT, FederatedData
 from fedmoe_jax.data.tasks import PRIMARY_METRIC, TASKS
 from fedmoe_jax.data.tokenizer import Tokenizer
 from fedmoe_jax.federated.checkpoint import RunCheckpointer, abstract_like
-from fedmoe_jax.federated.client import LossConfig, make_local_train
+from fedmoe_jax.federated.client import LossConfig, make_local_train, model_batch
 from fedmoe_jax.federated.evaluate import first_steps, make_cohort_eval, score_predictions
 from fedmoe_jax.federated.loop import (
     make_personal_step,
@@ -205,8 +205,7 @@ class FederatedTrainer:
 
         size = padded_cohort_size(c, self.mesh)
         pad = (lambda t: pad_clients(t, size)) if size != c else (lambda t: t)
-        train_batches = {k: batches[k] for k in ("inputs", "input_mask", "targets", "target_mask",
-                                                 "example_mask")}
+        train_batches = model_batch(batches)
         cohort_args = (pad(indices), pad(valid), pad(train_batches), pad(batches["step_mask"]),
                        pad(weights), jax.random.wrap_key_data(pad(keys)),
                        None if extra is None else pad(extra))
@@ -324,8 +323,8 @@ class FederatedTrainer:
         batches = self.data.cohort_batches(clients, 0, s.seed + 1, s.batch_size, num_steps=steps)
         keys = jax.random.wrap_key_data(np.stack([
             jax.random.key_data(jax.random.fold_in(jax.random.key(s.seed + 1), int(k))) for k in clients]))
-        train = {k: batches[k] for k in ("inputs", "input_mask", "targets", "target_mask", "example_mask")}
-        tuned, _, _ = self._fine_tuners[width](narrow, train, batches["step_mask"], valid, keys)
+        tuned, _, _ = self._fine_tuners[width](narrow, model_batch(batches), batches["step_mask"], valid,
+                                               keys)
         return tuned
 
     def summary(self, memory: Any = None, test: dict[str, Any] | None = None) -> dict[str, Any]:
