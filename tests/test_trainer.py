@@ -5,23 +5,9 @@ import numpy as np
 import optax
 import pytest
 
-from fedmoe_jax.algorithms import Algorithm
+from fedmoe_jax.algorithms import Algorithm, RandomMoE
 from fedmoe_jax.federated.sharding import make_mesh
 from fedmoe_jax.federated.trainer import FederatedTrainer, RunSettings, param_bytes
-
-
-class HalfExperts(Algorithm):
-    """Each client keeps a fixed random half of the experts (exercises sub-MoE slots)."""
-
-    name = "half"
-
-    def initial_expert_maps(self, config, num_clients, seed):
-        rng = np.random.default_rng(seed)
-        maps = np.zeros((num_clients, config.num_moe_layers, config.num_experts), bool)
-        for c in range(num_clients):
-            for layer in range(config.num_moe_layers):
-                maps[c, layer, rng.choice(config.num_experts, config.num_experts // 2, replace=False)] = True
-        return maps
 
 
 def make_trainer(small_run, algorithm, mesh=None, **settings):
@@ -34,7 +20,7 @@ def make_trainer(small_run, algorithm, mesh=None, **settings):
 
 
 def test_rounds_update_state_and_report_metrics(small_run):
-    trainer = make_trainer(small_run, HalfExperts())
+    trainer = make_trainer(small_run, RandomMoE(experts_per_layer=4))
     history = trainer.run(progress=False)
     assert [row["round"] for row in history] == [1, 2] and trainer.server.round == 2
     states = trainer.states
@@ -79,7 +65,7 @@ def test_resume_is_bit_identical_and_wrong_resume_is_refused(small_run, tmp_path
     def final_state(trainer):
         return jax.tree.leaves(trainer._state())
 
-    straight = make_trainer(small_run, HalfExperts(), num_rounds=4, max_eval_examples=2)
+    straight = make_trainer(small_run, RandomMoE(experts_per_layer=4), num_rounds=4, max_eval_examples=2)
     straight.run(progress=False)
 
     workdir = str(tmp_path / "run")
@@ -106,12 +92,12 @@ def make_trainer_in(small_run, workdir, **settings):
     config, params, fed, tok = small_run
     run = RunSettings(**{"num_rounds": 2, "cohort_size": 3, "batch_size": 4, "local_steps": 2,
                          "eval_batch_size": 4, "max_eval_examples": 2, **settings})
-    return FederatedTrainer(config, params, fed, tok, HalfExperts(), optax.adamw(3e-3, eps=1e-3), run,
-                            workdir=workdir)
+    return FederatedTrainer(config, params, fed, tok, RandomMoE(experts_per_layer=4),
+                            optax.adamw(3e-3, eps=1e-3), run, workdir=workdir)
 
 
 def test_personalized_test_evaluation_uses_each_clients_sub_moe(small_run):
-    trainer = make_trainer(small_run, HalfExperts(), eval_every=0)
+    trainer = make_trainer(small_run, RandomMoE(experts_per_layer=4), eval_every=0)
     trainer.run(num_rounds=1, progress=False)
     result = trainer.evaluate("test", max_examples=4, batch_size=4)
     assert result["split"] == "test" and sorted(result["clients"]) == list(range(6))
@@ -131,7 +117,7 @@ def test_personalized_test_evaluation_uses_each_clients_sub_moe(small_run):
 
 
 def test_global_model_and_unseen_client_evaluation(small_run):
-    trainer = make_trainer(small_run, HalfExperts(), eval_every=0, num_rounds=1)
+    trainer = make_trainer(small_run, RandomMoE(experts_per_layer=4), eval_every=0, num_rounds=1)
     trainer.run(progress=False)
     unseen = trainer.unseen_clients()
     assert len(unseen) == 3 and set(unseen).isdisjoint(trainer.history[0]["cohort"])
@@ -148,7 +134,7 @@ def test_global_model_and_unseen_client_evaluation(small_run):
 def test_summary_reports_comm_experts_memory_and_scores(small_run):
     from fedmoe_jax.algorithms.memory import MemoryModel
 
-    trainer = make_trainer(small_run, HalfExperts(), eval_every=0, num_rounds=1)
+    trainer = make_trainer(small_run, RandomMoE(experts_per_layer=4), eval_every=0, num_rounds=1)
     trainer.run(progress=False)
     memory = MemoryModel(trainer.config, batch_size=4, input_len=32, target_len=16)
     test = {"split": "test", "clients": {}, "tc_accuracy": 12.5}
