@@ -7,7 +7,8 @@ import pytest
 
 from fedmoe_jax.algorithms import Algorithm, RandomMoE
 from fedmoe_jax.federated.sharding import make_mesh
-from fedmoe_jax.federated.trainer import FederatedTrainer, RunSettings, param_bytes
+from fedmoe_jax.federated.submodel import param_bytes
+from fedmoe_jax.federated.trainer import FederatedTrainer, RunSettings
 
 
 def make_trainer(small_run, algorithm, mesh=None, **settings):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedmoe_jax.federated.submodel import param_bytes
 from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer
 
 GB = 1e9
@@ -28,8 +29,6 @@ GB = 1e9
 
 def parameter_counts(config: SwitchConfig) -> tuple[int, np.ndarray]:
     """Dense parameters (everything but experts and router columns) and per-expert parameters `[L]`."""
-    from fedmoe_jax.federated.trainer import param_bytes
-
     shapes = jax.eval_shape(lambda: SwitchTransformer(config).init(
         jax.random.key(0), jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32))["params"])
     itemsize = np.dtype(config.jnp_param_dtype).itemsize

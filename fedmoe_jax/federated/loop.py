@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from fedmoe_jax.federated.client import LocalHooks, LossConfig, make_local_train
+from fedmoe_jax.federated.client import LocalHooks, LossConfig, expert_update_mask, make_local_train
 from fedmoe_jax.federated.sharding import CLIENTS, client_sharding, param_sharding, replicated
 from fedmoe_jax.federated.submodel import cohort_sums, finalize_aggregate, gather_submodel
 from fedmoe_jax.models.moe import RoutingStats
@@ -158,13 +158,6 @@ def make_personal_step(
     return jax.jit(step, in_shardings=per_client, out_shardings=per_client)
 
 
-def expert_held_mask(params: PyTree, config: SwitchConfig, held: Array) -> PyTree:
-    """1/0 per parameter entry: 0 for experts (and router columns) no cohort client held."""
-    from fedmoe_jax.federated.client import expert_update_mask
-
-    return expert_update_mask(params, config, held)
-
-
 def make_server_update(config: SwitchConfig, server_optimizer: optax.GradientTransformation):
     """FedOpt server step: the pseudo-gradient `params - aggregate` fed to an optax optimizer.
 
@@ -177,7 +170,7 @@ def make_server_update(config: SwitchConfig, server_optimizer: optax.GradientTra
     def update(params, aggregate, held, opt_state):
         pseudo_grad = jax.tree.map(lambda p, a: p - a, params, aggregate)
         updates, opt_state = server_optimizer.update(pseudo_grad, opt_state, params)
-        updates = jax.tree.map(lambda u, m: u * m, updates, expert_held_mask(params, config, held))
+        updates = jax.tree.map(lambda u, m: u * m, updates, expert_update_mask(params, config, held))
         return optax.apply_updates(params, updates), opt_state
 
     # The aggregate is a fresh round output nobody else holds: its buffers are reused (donated).

@@ -35,6 +35,22 @@ def moe_layer_paths(config: SwitchConfig) -> tuple[tuple[str, ...], ...]:
     return tuple((stack, f"block_{i}", "mlp") for stack, i in config.moe_layer_names)
 
 
+def param_bytes(params: Mapping[str, Any], config: SwitchConfig) -> tuple[int, np.ndarray]:
+    """Bytes of the dense part, and of one expert (its `wi`/`wo` and router column) per layer `[L]`."""
+    flat = flatten_dict(dict(params))
+    paths = moe_layer_paths(config)
+    expert = np.zeros(len(paths), np.int64)
+    dense = 0
+    for key, leaf in flat.items():
+        size = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        layer = next((i for i, p in enumerate(paths) if key[: len(p)] == p), None)
+        if layer is None:
+            dense += size
+        else:
+            expert[layer] += size // config.num_experts
+    return dense, expert
+
+
 def bucket_width(max_kept: int, num_experts: int) -> int:
     """Slots S for a cohort whose largest sub-MoE keeps `max_kept` experts in some layer.
 

@@ -19,10 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from flax.traverse_util import flatten_dict
 
 from fedmoe_jax.algorithms.base import Algorithm, CohortReport
-from fedmoe_jax.data.federated import PAD_CLIENT, FederatedData
+from fedmoe_jax.data.federated import FederatedData
 from fedmoe_jax.data.tasks import PRIMARY_METRIC, TASKS
 from fedmoe_jax.data.tokenizer import Tokenizer
 from fedmoe_jax.federated.checkpoint import RunCheckpointer, abstract_like
@@ -44,7 +43,7 @@ from fedmoe_jax.federated.sharding import (
     to_host,
 )
 from fedmoe_jax.federated.state import ClientStates, ServerState
-from fedmoe_jax.federated.submodel import bucket_width, expert_slots, gather_submodel, moe_layer_paths
+from fedmoe_jax.federated.submodel import bucket_width, expert_slots, gather_submodel, param_bytes
 from fedmoe_jax.models.switch import SwitchConfig
 
 PyTree = Any
@@ -76,22 +75,6 @@ class RunSettings:
             if not ok:
                 raise ValueError(f"RunSettings.{name}={getattr(self, name)!r} is invalid "
                                  f"(N = {num_clients} clients)")
-
-
-def param_bytes(params: PyTree, config: SwitchConfig) -> tuple[int, np.ndarray]:
-    """Bytes of the dense part, and of one expert (its `wi`/`wo` and router column) per layer `[L]`."""
-    flat = flatten_dict(dict(params))
-    paths = moe_layer_paths(config)
-    expert = np.zeros(len(paths), np.int64)
-    dense = 0
-    for key, leaf in flat.items():
-        size = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
-        layer = next((i for i, p in enumerate(paths) if key[: len(p)] == p), None)
-        if layer is None:
-            dense += size
-        else:
-            expert[layer] += size // config.num_experts
-    return dense, expert
 
 
 class FederatedTrainer:
@@ -402,4 +385,4 @@ class FederatedTrainer:
         return self.history
 
 
-__all__ = ["PAD_CLIENT", "FederatedTrainer", "RunSettings", "param_bytes"]
+__all__ = ["FederatedTrainer", "RunSettings"]
