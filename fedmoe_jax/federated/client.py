@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from fedmoe_jax.federated.submodel import moe_layer_paths
 from fedmoe_jax.models.moe import RoutingStats
 from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer, shift_right, switch_loss
 
@@ -61,8 +62,6 @@ def expert_update_mask(params: Mapping[str, Any], config: SwitchConfig, valid: A
 
     Args: params: a narrow tree; valid: `<bool>[L, E]` slots holding a real expert.
     """
-    from fedmoe_jax.federated.submodel import moe_layer_paths
-
     flat = flatten_dict(dict(params))
     paths = moe_layer_paths(config)
     out = {}
