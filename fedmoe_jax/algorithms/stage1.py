@@ -59,6 +59,7 @@ def run_stage1(
     eval_batch_size: int = 16,
     max_eval_examples: int | None = 64,
     loss_config: LossConfig = LossConfig(),
+    progress: bool = False,
 ) -> Stage1Result:
     """Federated LoRA fine-tuning of the full MoE on the eligible clients, then p on validation."""
     eligible = np.asarray(eligible, bool)
@@ -112,7 +113,9 @@ def run_stage1(
 
     history = []
     root = jax.random.key(seed + STAGE1_SEED_OFFSET)
-    for r in range(rounds):
+    from tqdm import tqdm
+
+    for r in tqdm(range(rounds), desc="stage 1 (LoRA)", unit="round", disable=not progress):
         batches = data.cohort_batches(cohort, r, seed + STAGE1_SEED_OFFSET, batch_size, num_steps=local_steps)
         keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(root, r), int(c)) for c in cohort])
         lora, loss = federated_round(params, lora, model_batch(batches), batches["step_mask"],

@@ -140,12 +140,17 @@ def composite_variation_index(scores: Mapping[str, Sequence[float]], ddof: int =
     return float(np.mean([coefficient_of_variation(v, ddof) for v in scores.values()]))
 
 
-def average_improvement(method: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]]
-                        ) -> tuple[str, float]:
+def average_improvement(method: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]],
+                        signed: bool = False) -> tuple[str, float]:
     """PAPER.md §8.3: for each baseline b the mean over tasks of |f - b| / b (percent); the paper
-    reports the baseline with the smallest value, the "best-performing baseline"."""
+    reports the baseline with the smallest value, the "best-performing baseline".
+
+    `signed=True` keeps the sign of f - b (a deficit counts as negative; the paper's rule does not),
+    the minimum being then over the signed values: give one baseline to get its signed value.
+    """
+    diff = (lambda x: x) if signed else abs
     gaps = {
-        name: 100.0 * float(np.mean([abs(method[t] - b[t]) / b[t] for t in method]))
+        name: 100.0 * float(np.mean([diff(method[t] - b[t]) / b[t] for t in method]))
         for name, b in baselines.items()
     }
     best = min(gaps, key=gaps.get)

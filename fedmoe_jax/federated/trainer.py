@@ -229,6 +229,10 @@ class FederatedTrainer:
                                   self.algorithm.update_server(server_extra, report, params))
         row = self._metrics_row(r, cohort, maps, train_loss, weights, val_scores, val_metrics,
                                 time.time() - start)
+        events = getattr(self.algorithm, "events", None)  # FedMoE: adjust / accept / rollback
+        if events:
+            row["events"] = list(events)
+            events.clear()
         self.history.append(row)
         if self._writer is not None:
             self._writer.write(row)
@@ -380,7 +384,10 @@ class FederatedTrainer:
             while self.server.round < target:
                 row = self.run_round()
                 bar.update(1)
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}")
+                postfix = {"loss": f"{row['train_loss']:.3f}"}
+                if "val_score" in row:
+                    postfix["val"] = f"{row['val_score']:.3f}"
+                bar.set_postfix(postfix)
         self.checkpoint(force=True)
         return self.history
 

@@ -1,0 +1,15 @@
+"""Paper-style report (Table 1 / Table 2 analogues, CVI, time-to-target, figures) from run directories.
+
+    python experiments/report.py RUNS_ROOT [--out DIR] [--baseline-methods random_moe,fedprox,scaffold]
+
+Finds every `summary.json` under RUNS_ROOT (runs of `python -m fedmoe_jax.main ... --workdir=DIR`) and
+writes `report.md`, `table1.json`, `table2.json`, `report.json` and `figures/*.png` to DIR (default
+RUNS_ROOT/report). Exit status 2 when RUNS_ROOT holds no run. See `fedmoe_jax.reports`.
+"""
+
+import sys
+
+from fedmoe_jax.reports import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The experiment config schema: every field `fedmoe_jax.main` reads, with the CPU-scale defaults.
+
+Config files under `configs/` start from `default_config()` and change values; `validate` checks
+the result before any compute (unknown keys, wrong types, inconsistent values: `ConfigError`, which
+the CLI turns into exit status 2 and one line). Fields marked [ASSUMPTION] are ours where the paper
+is silent (PAPER.md §9-10, README "Deviations from the paper").
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+METHODS = ("fedmoe", "random_moe", "fedprox", "scaffold", "fedavg", "local", "fedmoe_no_stage1",
+           "fedmoe_no_stage2")
+# setting name -> (sampling, partition): PAPER.md §7.2
+SETTINGS = {
+    "standard_hetero_t": ("uniform", "T"),
+    "standard_hetero_td": ("uniform", "TD"),
+    "enforced_hetero_t": ("enforced", "T"),
+    "enforced_hetero_td": ("enforced", "TD"),
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = "fedmoe"  # one of METHODS
+    c.setting = "standard_hetero_t"  # one of SETTINGS: sets the sampling and the data partition
+    c.seed = 0
+    c.num_rounds = 30
+    c.cohort_size = 5  # Standard settings: 5 of N; Enforced settings sample one client per task (3)
+    c.batch_size = 8
+    c.local_steps = 8  # optimizer steps per round (capped by the client's data: one epoch at most)
+    c.learning_rate = 3e-4  # AdamW, constant [ASSUMPTION: paper gives none]
+    c.weight_decay = 0.01
+    c.eval_every = 1  # validate the cohort every this many rounds (drives recommendation)
+    c.eval_batch_size = 32
+    c.max_eval_examples = 64  # per client per validation (0: the whole split)
+    c.checkpoint_every = 1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "embedded"  # "embedded" (shipped WordNet benchmark) or "tfds" (AG News/SQuAD/XSum)
+    c.data.dir = ""  # tfds: the prepared data dir; embedded: "" = the copy inside the package
+    c.data.tokenizer = ""  # a spiece.model; "": the embedded one, or the HF checkpoint's (model.init="hf")
+    c.data.num_clients = 30
+    c.data.task_ratios = (1.0, 1.0, 1.0)  # clients per task (TC, RC, TS), relative
+    c.data.alpha = 0.5  # Dirichlet label skew of the TD settings [ASSUMPTION]
+    c.data.train_examples_per_task = 3000  # 0: all (CPU scale keeps a slice of each task)
+    c.data.eval_examples_per_task = 600  # validation and test examples per task (0: all)
+    c.data.max_input_len = 64
+    c.data.max_target_len = 16
+    c.data.min_examples = 2  # per client and split
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "switch-small-16"  # a name in fedmoe_jax.models.NAMED_CONFIGS
+    c.model.init = "pretrained"  # "pretrained" (our pretraining, cached), "hf" (local HF dir), "random"
+    c.model.path = ""  # hf: the checkpoint dir; pretrained: cache dir ("" = runs/pretrained)
+    c.model.baseline_path = ""  # hf: the full-model baselines' checkpoint (paper: switch-base-8)
+    c.model.pretrain_steps = 1500  # pretraining steps when the cached model is missing
+    # Full-model baselines (fedprox, scaffold, fedavg, local) train a smaller MoE, as the paper's
+    # switch-base-8 next to FedMoE's switch-base-32: same dims, this many experts per layer.
+    c.model.baseline_num_experts = 4
+    c.model.expert_capacity = 0  # tokens per expert per sequence (0: the named config's)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.label_smoothing = 0.1
+    c.loss.lb_loss_weight = 0.001
+    c.loss.z_loss_weight = 0.001
+
+    c.memory = ml_collections.ConfigDict()
+    # Client budgets drawn uniformly from {low, low+step, ..., high}. relative=True: fractions of the
+    # global model's training memory (CPU scale); False: GB (paper: 18..24 GB for switch-base-32).
+    c.memory.relative = True
+    c.memory.budget_low = 0.45
+    c.memory.budget_high = 0.7
+    c.memory.budget_step = 0.05
+    c.memory.mem_fraction = 0.8  # alpha of Eq. 3 [ASSUMPTION]
+
+    c.stage1 = ml_collections.ConfigDict()
+    c.stage1.rounds = 5
+    c.stage1.rank = 8
+    c.stage1.alpha = 16.0
+    c.stage1.learning_rate = 1e-3
+    c.stage1.local_steps = 4
+    c.stage1.min_experts_per_layer = 1
+
+    c.stage2 = ml_collections.ConfigDict()
+    c.stage2.patience = 2  # rounds without improvement before a recommendation [ASSUMPTION]
+    c.stage2.num_references = 3  # K of Eq. 5 [ASSUMPTION]
+
+    c.random_moe = ml_collections.ConfigDict()
+    c.random_moe.experts_per_layer = 4  # paper: 8 of 32; CPU scale: 4 of 16
+
+    c.fedprox = ml_collections.ConfigDict()
+    c.fedprox.mu = 0.01
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.test_examples = 0  # per client on its test split (0: all it holds)
+    c.eval.batch_size = 64
+    c.eval.global_model = True  # also score the full global model on every client's test split
+    c.eval.unseen_local_steps = 4  # clients never sampled: fine-tune this many steps, then test (0: off)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.enabled = True  # shard the cohort over all devices when there is more than one
+    c.mesh.experts = 1  # size of the expert-parallel mesh axis
+    return c
+
+
+class ConfigError(ValueError):
+    """Invalid experiment input; the message is one line naming the problem and the fix."""
+
+
+# Keys that may change when a run is resumed (everything else defines the run).
+RESUMABLE_KEYS = ("num_rounds", "checkpoint_every", "eval", "mesh")
+FULL_MODEL_METHODS = ("fedprox", "scaffold", "fedavg", "local")
+FEDMOE_METHODS = ("fedmoe", "fedmoe_no_stage1", "fedmoe_no_stage2")
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, ml_collections.ConfigDict | dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def flatten(config) -> dict:
+    """`{"a.b": value}` for every leaf of a (nested) ConfigDict or dict."""
+    return _flatten(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config)
+
+
+def _type_ok(value, default) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, tuple | list):
+        return isinstance(value, tuple | list) and all(_type_ok(v, default[0]) for v in value)
+    return True
+
+
+def validate(config) -> None:
+    """Check a config against the schema before any compute; raise `ConfigError` (one line)."""
+    from fedmoe_jax.models.switch import NAMED_CONFIGS
+
+    if config.get("method") == "pretrain":
+        return  # validated by fedmoe_jax.pretrain
+    schema, given = flatten(default_config()), flatten(config)
+    unknown = sorted(set(given) - set(schema))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; see fedmoe_jax/config.py for the "
+                          "fields (misspelled?)")
+    missing = sorted(set(schema) - set(given))
+    if missing:
+        raise ConfigError(f"config lacks key(s) {', '.join(missing)}; start config files from "
+                          "fedmoe_jax.config.default_config()")
+    for key, default in schema.items():
+        if not _type_ok(given[key], default):
+            raise ConfigError(f"config.{key}={given[key]!r} has type {type(given[key]).__name__}; "
+                              f"expected {type(default).__name__} like the default {default!r}")
+    c = config
+    n = c.data.num_clients
+    model = NAMED_CONFIGS.get(c.model.name)
+    experts = model.num_experts if model is not None else None
+    rules = [
+        ("method", c.method in METHODS, f"use one of {', '.join(METHODS)}"),
+        ("setting", c.setting in SETTINGS, f"use one of {', '.join(SETTINGS)}"),
+        ("seed", c.seed >= 0, "use a non-negative integer"),
+        ("num_rounds", c.num_rounds >= 0, "use >= 0"),
+        ("data.num_clients", n >= 3, "use >= 3 (every task needs a client)"),
+        ("cohort_size", 1 <= c.cohort_size <= n, f"use 1..data.num_clients ({n})"),
+        ("batch_size", c.batch_size >= 1, "use >= 1"),
+        ("local_steps", c.local_steps >= 1, "use >= 1"),
+        ("learning_rate", c.learning_rate > 0, "use > 0"),
+        ("weight_decay", c.weight_decay >= 0, "use >= 0"),
+        ("eval_every", c.eval_every >= 0, "use >= 0 (0: never)"),
+        ("eval_batch_size", c.eval_batch_size >= 1, "use >= 1"),
+        ("max_eval_examples", c.max_eval_examples >= 0, "use >= 0 (0: the whole split)"),
+        ("checkpoint_every", c.checkpoint_every >= 1, "use >= 1"),
+        ("data.source", c.data.source in ("embedded", "tfds"), "use 'embedded' or 'tfds'"),
+        ("data.dir", c.data.source != "tfds" or bool(c.data.dir),
+         "data.source='tfds' needs the prepared TFDS dir (python -m fedmoe_jax.data.tfds_sources prepare)"),
+        ("data.task_ratios", len(c.data.task_ratios) == 3 and min(c.data.task_ratios) > 0,
+         "give three positive weights (TC, RC, TS)"),
+        ("data.alpha", c.data.alpha > 0, "use > 0"),
+        ("data.train_examples_per_task", c.data.train_examples_per_task >= 0, "use >= 0 (0: all)"),
+        ("data.eval_examples_per_task", c.data.eval_examples_per_task >= 0, "use >= 0 (0: all)"),
+        ("data.max_input_len", c.data.max_input_len >= 2, "use >= 2"),
+        ("data.max_target_len", c.data.max_target_len >= 2, "use >= 2"),
+        ("data.min_examples", c.data.min_examples >= 1, "use >= 1"),
+        ("model.name", model is not None, f"use one of {', '.join(sorted(NAMED_CONFIGS))}"),
+        ("model.init", c.model.init in ("pretrained", "hf", "random"), "use 'pretrained', 'hf' or 'random'"),
+        ("model.path", c.model.init != "hf" or bool(c.model.path),
+         "model.init='hf' needs a local Hugging Face checkpoint dir"),
+        ("model.baseline_path", c.model.init != "hf" or c.method not in FULL_MODEL_METHODS
+         or bool(c.model.baseline_path), "full-model baselines with model.init='hf' need their checkpoint"),
+        ("model.pretrain_steps", c.model.pretrain_steps >= 1, "use >= 1"),
+        ("model.expert_capacity", c.model.expert_capacity >= 0, "use >= 0 (0: the named config's)"),
+        ("loss.label_smoothing", 0 <= c.loss.label_smoothing < 1, "use a value in [0, 1)"),
+        ("loss.lb_loss_weight", c.loss.lb_loss_weight >= 0, "use >= 0"),
+        ("loss.z_loss_weight", c.loss.z_loss_weight >= 0, "use >= 0"),
+        ("memory.budget_low", 0 < c.memory.budget_low <= c.memory.budget_high,
+         "need 0 < memory.budget_low <= memory.budget_high"),
+        ("memory.budget_high", not c.memory.relative or c.memory.budget_high <= 1,
+         "relative budgets are fractions of the full model: use <= 1"),
+        ("memory.budget_step", c.memory.budget_step > 0, "use > 0"),
+        ("memory.mem_fraction", 0 < c.memory.mem_fraction <= 1, "use a value in (0, 1]"),
+        ("stage1.rounds", c.stage1.rounds >= 0, "use >= 0 (0: measure the initial model)"),
+        ("stage1.rank", c.stage1.rank >= 1, "use >= 1"),
+        ("stage1.alpha", c.stage1.alpha > 0, "use > 0"),
+        ("stage1.learning_rate", c.stage1.learning_rate > 0, "use > 0"),
+        ("stage1.local_steps", c.stage1.local_steps >= 1, "use >= 1"),
+        ("stage2.patience", c.stage2.patience >= 1, "use >= 1"),
+        ("stage2.num_references", 1 <= c.stage2.num_references <= n - 1,
+         f"use 1..data.num_clients-1 ({n - 1})"),
+        ("fedprox.mu", c.fedprox.mu >= 0, "use >= 0"),
+        ("eval.test_examples", c.eval.test_examples >= 0, "use >= 0 (0: all)"),
+        ("eval.batch_size", c.eval.batch_size >= 1, "use >= 1"),
+        ("eval.unseen_local_steps", c.eval.unseen_local_steps >= 0, "use >= 0 (0: off)"),
+        ("mesh.experts", c.mesh.experts >= 1, "use >= 1"),
+    ]
+    if experts is not None:
+        rules += [
+            ("model.baseline_num_experts", 1 <= c.model.baseline_num_experts <= experts,
+             f"use 1..{experts} (the experts of {c.model.name})"),
+            ("random_moe.experts_per_layer", 1 <= c.random_moe.experts_per_layer <= experts,
+             f"use 1..{experts} (the experts of {c.model.name})"),
+            ("stage1.min_experts_per_layer", 1 <= c.stage1.min_experts_per_layer <= experts,
+             f"use 1..{experts} (the experts of {c.model.name})"),
+        ]
+    for key, ok, fix in rules:
+        if not ok:
+            value = flatten(c)[key]
+            raise ConfigError(f"config.{key}={value!r} is invalid: {fix}")
+
+
+def parse_setting_arg(arg: str) -> tuple[str, str | None]:
+    """`"setting"` or `"setting,method"` (the `:ARG` of configs/cpu.py and configs/paper.py)."""
+    parts = [p.strip() for p in (arg or "standard_hetero_t").split(",")]
+    if len(parts) > 2 or parts[0] not in SETTINGS or (len(parts) == 2 and parts[1] not in METHODS):
+        raise ConfigError(f"config argument {arg!r} must be SETTING or SETTING,METHOD with SETTING in "
+                          f"{', '.join(SETTINGS)} and METHOD in {', '.join(METHODS)}")
+    return parts[0], parts[1] if len(parts) == 2 else None

@@ -1,0 +1,423 @@
+"""One experiment from a config: data, model, Stage 1, the method's rounds, evaluation, summary.
+
+`run_experiment(config, workdir)` is what `python -m fedmoe_jax.main` runs. Everything a run
+needs to be resumed or audited lands in `workdir` (PAPER.md §11):
+
+    config.json      the resolved config (a rerun with different defining keys is refused)
+    partition.*      the client -> task map and example indices (with sha256)
+    budgets.json     memory budgets M_k in bytes, the memory model's dense / expert bytes
+    stage1.npz       FedMoE variants: p [N, L, E], measured clients, maps and theta after Stage 1
+    checkpoints/     orbax checkpoints of the rounds (exact resume)
+    metrics.jsonl    one row per round (+ TensorBoard events); FedMoE rows carry their
+                     adjust / accept / rollback `events`
+    experts.npz      client tasks, initial / final expert maps, latest activation probabilities
+    summary.json     final per-task test scores, comm, memory, expert counts (written last)
+
+Input problems (config, data, checkpoints) raise `ConfigError` with one line; the CLI exits 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from fedmoe_jax.config import (
+    FEDMOE_METHODS,
+    FULL_MODEL_METHODS,
+    RESUMABLE_KEYS,
+    SETTINGS,
+    ConfigError,
+    flatten,
+    validate,
+)
+
+log = logging.getLogger("fedmoe_jax")
+PyTree = Any
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+def write_json(path: str, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename): readers never see a half-written file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
+    """Create `workdir` and its `config.json`, or check a rerun against it; returns whether the run
+    is new. Only `RESUMABLE_KEYS` may differ from the saved config."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir} is not writable ({e.strerror}); "
+                          "pass a writable --workdir") from None
+    path = os.path.join(workdir, "config.json")
+    current = config.to_dict()
+    if not os.path.exists(path):
+        write_json(path, current)
+        return True
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        raise ConfigError(f"{path} is unreadable; restore it, or start fresh with a new --workdir") from None
+    saved_flat, current_flat = flatten(saved), flatten(json.loads(json.dumps(current)))
+    differ = sorted(k for k in set(saved_flat) | set(current_flat)
+                    if k.split(".")[0] not in RESUMABLE_KEYS and saved_flat.get(k) != current_flat.get(k))
+    if differ:
+        detail = "; ".join(f"{k}: saved {saved_flat.get(k)!r}, now {current_flat.get(k)!r}"
+                           for k in differ[:4])
+        raise ConfigError(f"{workdir} holds a different run ({detail}); rerun with its config to resume, "
+                          "or pass a new --workdir to start fresh")
+    write_json(path, current)  # resumable keys (num_rounds, eval, ...) take the new values
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and model
+# ---------------------------------------------------------------------------------------------
+def load_tokenizer(config: ml_collections.ConfigDict):
+    from fedmoe_jax.data import embedded_tokenizer
+    from fedmoe_jax.data.tokenizer import SPIECE_FILE, Tokenizer
+
+    if config.data.tokenizer:
+        return Tokenizer.from_file(config.data.tokenizer)
+    if config.model.init == "hf":
+        return Tokenizer.from_file(os.path.join(config.model.path, SPIECE_FILE))
+    if config.data.source == "embedded":
+        return embedded_tokenizer(config.data.dir or None)
+    raise ConfigError("data.source='tfds' with a non-HF model needs data.tokenizer (a spiece.model path)")
+
+
+def load_task_data(config: ml_collections.ConfigDict) -> dict:
+    """`{task: {split: TaskData}}`, each task cut to the configured number of examples."""
+    from fedmoe_jax.data import TASKS
+    from fedmoe_jax.data.tasks import SPLITS
+
+    d = config.data
+    limit = {"train": d.train_examples_per_task or None, "validation": d.eval_examples_per_task or None,
+             "test": d.eval_examples_per_task or None}
+    if d.source == "embedded":
+        from fedmoe_jax.data import load_embedded_benchmark
+
+        bench = load_embedded_benchmark(data_dir=d.dir or None)
+        # The embedded splits are ordered by a hash of the synset: a prefix is a random sample.
+        return {t: {s: data if limit[s] is None or limit[s] >= len(data) else data.take(np.arange(limit[s]))
+                    for s, data in splits.items()} for t, splits in bench.items()}
+    from fedmoe_jax.data.tfds_sources import load_tfds_task
+
+    return {t: {s: load_tfds_task(t, s, d.dir, max_examples=limit[s]) for s in SPLITS} for t in TASKS}
+
+
+def build_federated_data(config: ml_collections.ConfigDict, tokenizer, workdir: str | None = None):
+    """The partition (saved to `workdir`) and the tokenized `FederatedData`."""
+    from fedmoe_jax.data import FederatedData, assign_tasks, make_partition
+
+    d = config.data
+    task_data = load_task_data(config)
+    partition = make_partition(task_data, assign_tasks(d.num_clients, ratios=tuple(d.task_ratios)),
+                               setting=SETTINGS[config.setting][1], alpha=d.alpha,
+                               min_examples=d.min_examples, seed=config.seed)
+    if workdir is not None:
+        partition.save(os.path.join(workdir, "partition"))
+    return FederatedData.build(task_data, partition, tokenizer, d.max_input_len, d.max_target_len)
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer, full_model_baseline: bool):
+    """The `SwitchConfig` of the method's global model (the smaller MoE for full-model baselines)."""
+    from fedmoe_jax.models import get_config
+
+    m = config.model
+    overrides: dict[str, Any] = {"vocab_size": tokenizer.vocab_size}
+    if m.expert_capacity:
+        overrides["expert_capacity"] = m.expert_capacity
+    if full_model_baseline:
+        overrides["num_experts"] = m.baseline_num_experts
+    return get_config(m.name, **overrides)
+
+
+def initial_params(config: ml_collections.ConfigDict, cfg, full_model_baseline: bool, progress: bool):
+    """`(SwitchConfig, params)` from the configured source (`model.init`)."""
+    from fedmoe_jax.models import SwitchTransformer
+
+    m = config.model
+    if m.init == "hf":
+        from fedmoe_jax.checkpoints import load_hf_switch
+
+        path = m.baseline_path if full_model_baseline else m.path
+        loaded_cfg, params = load_hf_switch(path)
+        if loaded_cfg.vocab_size < cfg.vocab_size:
+            raise ConfigError(f"{path} has vocab {loaded_cfg.vocab_size} < the tokenizer's {cfg.vocab_size}; "
+                              "use the checkpoint's own spiece.model")
+        return loaded_cfg, params
+    if m.init == "pretrained":
+        from fedmoe_jax.pretrain import pretrained_params
+
+        params = pretrained_params(cfg, steps=m.pretrain_steps, cache_dir=m.path or "runs/pretrained",
+                                   seed=0, progress=progress)
+        return cfg, params
+    ids = jnp.ones((1, 8), jnp.int32)
+    params = SwitchTransformer(cfg).init(jax.random.key(config.seed), ids, ids)["params"]
+    return cfg, jax.tree.map(np.asarray, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Method
+# ---------------------------------------------------------------------------------------------
+def client_budgets(config: ml_collections.ConfigDict, memory) -> np.ndarray:
+    """M_k in bytes `[N]`: absolute GB, or fractions of the global model's training memory."""
+    from fedmoe_jax.algorithms.memory import draw_budgets
+
+    m = config.memory
+    budgets = draw_budgets(config.data.num_clients, m.budget_low, m.budget_high, config.seed, m.budget_step)
+    scale = memory.full_model_bytes() if m.relative else 1e9
+    return budgets * scale
+
+
+def max_expert_totals(memory, budgets: np.ndarray, mem_fraction: float) -> np.ndarray:
+    """The most experts (all layers together) each client's budget holds `[N]` (growth cap of Stage 2)."""
+    free = mem_fraction * np.asarray(budgets, np.float64) - memory.dense_bytes
+    return np.maximum(np.floor(free / float(np.max(memory.expert_bytes))), 0).astype(np.int64)
+
+
+def fedmoe_start(config, cfg, params, data, memory, budgets, workdir, progress):
+    """Stage 1 (LoRA rounds, p on validation, Eq. 3 search), cached in `workdir/stage1.npz`."""
+    from fedmoe_jax.algorithms.stage1 import initial_maps, run_stage1, stage1_eligible
+    from fedmoe_jax.federated.client import LossConfig
+
+    path = None if workdir is None else os.path.join(workdir, "stage1.npz")
+    if path is not None and os.path.exists(path):
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    s = config.stage1
+    eligible = stage1_eligible(memory, budgets, s.rank)
+    start = time.time()
+    log.info("Stage 1: %d of %d clients fine-tune LoRA for %d rounds", eligible.sum(), len(eligible),
+             s.rounds)
+    result = run_stage1(cfg, params, data, eligible, rounds=s.rounds, rank=s.rank, alpha=s.alpha,
+                        learning_rate=s.learning_rate, local_steps=s.local_steps,
+                        batch_size=config.batch_size,
+                        seed=config.seed, eval_batch_size=config.eval_batch_size,
+                        max_eval_examples=config.max_eval_examples or None,
+                        loss_config=LossConfig(config.loss.label_smoothing, config.loss.lb_loss_weight,
+                                               config.loss.z_loss_weight), progress=progress)
+    maps, thetas = initial_maps(result.probs, memory, budgets, config.memory.mem_fraction,
+                                s.min_experts_per_layer)
+    out = {"probs": result.probs, "measured": result.measured, "lora_loss": np.asarray(result.lora_loss),
+           "maps": maps, "thetas": thetas, "seconds": np.asarray(time.time() - start)}
+    log.info("Stage 1 done in %.0f s: experts per client %.1f (min %d, max %d)", out["seconds"],
+             maps.sum((1, 2)).mean(), maps.sum((1, 2)).min(), maps.sum((1, 2)).max())
+    if path is not None:
+        save_npz(path, **out)
+    return out
+
+
+def build_algorithm(config, cfg, params, data, memory, budgets, workdir, progress):
+    """The method's `Algorithm` (and the Stage 1 result for FedMoE variants, else None)."""
+    from fedmoe_jax.algorithms import SCAFFOLD, Algorithm, FedMoE, FedProx, LocalOnly, RandomMoE
+
+    method = config.method
+    if method == "random_moe":
+        return RandomMoE(config.random_moe.experts_per_layer), None
+    if method == "fedprox":
+        return FedProx(config.fedprox.mu), None
+    if method == "scaffold":
+        return SCAFFOLD(config.learning_rate, config.local_steps), None
+    if method == "fedavg":
+        return Algorithm(), None
+    if method == "local":
+        return LocalOnly(), None
+    stage2 = dict(patience=config.stage2.patience, num_references=config.stage2.num_references,
+                  min_experts_per_layer=config.stage1.min_experts_per_layer,
+                  max_experts=max_expert_totals(memory, budgets, config.memory.mem_fraction))
+    if method == "fedmoe_no_stage1":  # a random start of randomMoE's size; Stage 2 grows / prunes it
+        maps = RandomMoE(config.random_moe.experts_per_layer).initial_expert_maps(cfg, data.num_clients,
+                                                                                   config.seed)
+        algo = FedMoE(maps, **stage2)
+        algo.name = method
+        return algo, None
+    stage1 = fedmoe_start(config, cfg, params, data, memory, budgets, workdir, progress)
+    algo = FedMoE(stage1["maps"], adjust=method == "fedmoe", **stage2)
+    algo.name = method
+    return algo, stage1
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+def make_mesh_for(config: ml_collections.ConfigDict):
+    from fedmoe_jax.federated.sharding import make_mesh
+
+    if not config.mesh.enabled or jax.device_count() == 1:
+        return None
+    if jax.device_count() % config.mesh.experts:
+        raise ConfigError(f"mesh.experts={config.mesh.experts} does not divide the {jax.device_count()} "
+                          "devices; use a divisor")
+    return make_mesh(experts=config.mesh.experts)
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything `setup` builds; `run` trains, evaluates and writes the summary."""
+
+    config: ml_collections.ConfigDict
+    workdir: str | None
+    trainer: Any
+    memory: Any
+    budgets: np.ndarray
+    stage1: dict | None
+    setup_seconds: float
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str | None, progress: bool = True) -> Experiment:
+    """Validate, then build data, model, Stage 1 and the trainer (resuming what `workdir` holds).
+
+    Bad input anywhere here (config, data, partition, checkpoint, resume) is a `ConfigError`."""
+    from fedmoe_jax.algorithms.memory import MemoryModel
+    from fedmoe_jax.federated.client import LossConfig
+    from fedmoe_jax.federated.trainer import FederatedTrainer, RunSettings
+
+    start = time.time()
+    validate(config)
+    if workdir is not None:
+        prepare_workdir(config, workdir)
+    try:
+        tokenizer = load_tokenizer(config)
+        data = build_federated_data(config, tokenizer, workdir)
+        full = config.method in FULL_MODEL_METHODS
+        cfg = model_config(config, tokenizer, full)
+        cfg, params = initial_params(config, cfg, full, progress)
+        memory = MemoryModel(cfg, config.batch_size, data.input_len, data.target_len)
+        budgets = client_budgets(config, memory)
+        if workdir is not None:
+            write_json(os.path.join(workdir, "budgets.json"), {
+                "budgets_bytes": budgets.tolist(), "dense_bytes": memory.dense_bytes,
+                "expert_bytes": memory.expert_bytes.tolist(), "full_model_bytes": memory.full_model_bytes()})
+        algorithm, stage1 = build_algorithm(config, cfg, params, data, memory, budgets, workdir, progress)
+        settings = RunSettings(num_rounds=config.num_rounds, cohort_size=config.cohort_size,
+                               sampling=SETTINGS[config.setting][0], batch_size=config.batch_size,
+                               local_steps=config.local_steps, seed=config.seed, eval_every=config.eval_every,
+                               eval_batch_size=config.eval_batch_size,
+                               max_eval_examples=config.max_eval_examples or None)
+        optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+        loss = LossConfig(config.loss.label_smoothing, config.loss.lb_loss_weight, config.loss.z_loss_weight)
+        mesh = make_mesh_for(config)
+        defining = {k: v for k, v in flatten(config).items() if k.split(".")[0] not in RESUMABLE_KEYS}
+        trainer = FederatedTrainer(cfg, params, data, tokenizer, algorithm, optimizer, settings, loss,
+                                   mesh=mesh, workdir=workdir, checkpoint_every=config.checkpoint_every,
+                                   run_meta={"config": defining})
+    except ConfigError:
+        raise
+    except ValueError as e:  # the library's input checks: one line naming the problem and the fix
+        raise ConfigError(str(e).splitlines()[0]) from None
+    log.info("devices: %d x %s; mesh: %s", jax.device_count(), jax.devices()[0].platform,
+             "none" if mesh is None else dict(mesh.shape))
+    return Experiment(config, workdir, trainer, memory, budgets, stage1, time.time() - start)
+
+
+def evaluate_final(exp: Experiment) -> dict[str, Any]:
+    """Personalized test scores, and optionally the global model and the never-sampled clients."""
+    t, e = exp.trainer, exp.config.eval
+    kw = dict(max_examples=e.test_examples or None, batch_size=e.batch_size)
+    out = {"test": t.evaluate("test", **kw)}
+    if e.global_model and t.algorithm.aggregates:
+        out["global_test"] = t.evaluate("test", model="global", **kw)
+    unseen = t.unseen_clients()
+    if e.unseen_local_steps and len(unseen):
+        out["unseen_test"] = t.evaluate("test", clients=unseen, local_steps=e.unseen_local_steps, **kw)
+    return out
+
+
+def _scores(result: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in result.items() if k not in ("clients", "split")}
+
+
+def write_results(exp: Experiment, evaluation: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """`experts.npz` and `summary.json` (last, atomically)."""
+    t, config = exp.trainer, exp.config
+    summary = t.summary(exp.memory, evaluation["test"])
+    summary.update(
+        method=config.method, setting=config.setting, seed=config.seed, model=config.model.name,
+        num_experts=t.config.num_experts, num_moe_layers=t.config.num_moe_layers,
+        test_clients={str(k): {"task": t.data.partition.task_of(k), "score": r["score"]}
+                      for k, r in evaluation["test"]["clients"].items()},
+        wall_seconds=seconds, config=config.to_dict(),
+    )
+    for key in ("global_test", "unseen_test"):
+        if key in evaluation:
+            summary[key] = _scores(evaluation[key])
+    if config.method in FEDMOE_METHODS:
+        events = [ev for row in t.history for ev in row.get("events", [])]
+        summary["recommendation"] = {k: sum(ev["event"] == k for ev in events)
+                                     for k in ("adjust", "accept", "rollback")}
+    if exp.stage1 is not None:
+        counts = exp.stage1["maps"].sum((1, 2))
+        summary["stage1"] = {"experts_mean": float(counts.mean()),
+                             "measured": int(exp.stage1["measured"].sum()),
+                             "lora_loss": exp.stage1["lora_loss"].tolist(),
+                             "seconds": float(exp.stage1["seconds"])}
+    if exp.workdir is not None:
+        arrays = {"client_tasks": np.asarray([("tc", "rc", "ts").index(t.data.partition.task_of(k))
+                                              for k in range(t.data.num_clients)], np.int32),
+                  "initial_maps": t.initial_maps, "final_maps": t.states.expert_maps,
+                  "probs": t.states.probs, "budgets_bytes": exp.budgets}
+        if exp.stage1 is not None:
+            arrays["stage1_probs"] = exp.stage1["probs"]
+        save_npz(os.path.join(exp.workdir, "experts.npz"), **arrays)
+        write_json(os.path.join(exp.workdir, "summary.json"), summary)
+    return summary
+
+
+def run_experiment(config: ml_collections.ConfigDict, workdir: str | None, progress: bool = True
+                   ) -> dict[str, Any]:
+    """Set up (or resume), run the rounds, evaluate on the test splits, write `summary.json`."""
+    start = time.time()
+    exp = setup(config, workdir, progress)
+    t = exp.trainer
+    summary_path = None if workdir is None else os.path.join(workdir, "summary.json")
+    if summary_path and os.path.exists(summary_path) and t.server.round >= config.num_rounds:
+        log.info("%s already finished %d rounds; summary: %s", workdir, t.server.round, summary_path)
+        t.close()
+        with open(summary_path) as f:
+            return json.load(f)
+    try:
+        t.run(progress=progress)
+        evaluation = evaluate_final(exp)
+        return write_results(exp, evaluation, time.time() - start)
+    finally:
+        t.close()
+
+
+__all__ = ["ConfigError", "Experiment", "run_experiment", "setup", "validate", "write_json"]

@@ -1,0 +1,130 @@
+"""The command line: run one experiment (or the pretraining) from an ml_collections config.
+
+    python -m fedmoe_jax.main --config=configs/cpu.py:standard_hetero_t --workdir=runs/fedmoe \
+        --config.method=fedmoe --config.seed=1
+
+The same command again resumes an unfinished run (raising `num_rounds` extends a finished one);
+a changed seed, model, data or method is refused. Bad input (config, data, checkpoints) exits
+with status 2 and one line on stderr; earlier results in the workdir are left as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/cpu.py:standard_hetero_t (ml_collections).")
+flags.DEFINE_string("workdir", None, "Run directory: config.json, checkpoints, metrics.jsonl, summary.json.")
+flags.DEFINE_bool("progress", True, "Show tqdm progress bars.")
+flags.DEFINE_string("jax_cache", os.environ.get("FEDMOE_JAX_CACHE", ""),
+                    "Persistent JAX compilation cache directory ('' = off).")
+
+USAGE_EXIT = 2
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit status 2."""
+    message = re.sub(r"^[\w.]*ConfigError: ", "", message.strip())
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(USAGE_EXIT)
+
+
+def _config_problem(e: BaseException) -> str:
+    """One line for a config file that failed to load or an override that failed to apply."""
+    from fedmoe_jax.config import ConfigError
+
+    while e.__cause__ is not None and not isinstance(e, ConfigError):
+        e = e.__cause__
+    text = str(e).strip()
+    if isinstance(e, ConfigError):
+        return text
+    if isinstance(e, AttributeError | KeyError):
+        return (f"unknown config key {text}: check the --config.KEY=VALUE overrides against "
+                "fedmoe_jax/config.py")
+    if isinstance(e, OSError):
+        reason = next((ln.strip() for ln in text.splitlines() if "Errno" in ln), text.splitlines()[0])
+        return f"the --config file could not be loaded ({reason}); pass e.g. --config=configs/tiny.py"
+    return f"the --config could not be loaded: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with a one-line exit-2 error instead of a usage dump."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, AttributeError | KeyError | OSError | ValueError) and "flag --" not in str(e):
+            fail(_config_problem(cause))
+        fail(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+    except Exception as e:  # noqa: BLE001 - a config file that fails to load is bad input
+        fail(_config_problem(e))
+    return argv
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value")
+    try:
+        config = _CONFIG.value
+        if config is not None:
+            config.get("method")  # a config file that failed to load raises here
+    except Exception as e:  # noqa: BLE001
+        fail(_config_problem(e))
+    if config is None:
+        fail("--config is required, e.g. --config=configs/tiny.py")
+    if not FLAGS.workdir:
+        fail("--workdir is required (the run directory; the same one again resumes)")
+    logging.getLogger("fedmoe_jax").setLevel(logging.INFO)
+    for noisy in ("absl", "jax"):  # orbax / rouge-score / backend-probing INFO chatter
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if FLAGS.jax_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", FLAGS.jax_cache)
+    from fedmoe_jax.config import ConfigError
+
+    try:
+        if config.get("method") == "pretrain":
+            from fedmoe_jax.pretrain import run_pretrain
+
+            result = run_pretrain(config, FLAGS.workdir)
+        else:
+            from fedmoe_jax.experiment import run_experiment
+
+            result = run_experiment(config, FLAGS.workdir, progress=FLAGS.progress)
+    except ConfigError as e:
+        fail(str(e))
+    print(format_summary(result, FLAGS.workdir), flush=True)
+
+
+def format_summary(result: dict, workdir: str) -> str:
+    """A few lines for the terminal: the test scores and where everything is."""
+    test = result.get("test", {})
+    scores = ", ".join(f"{k} {100 * v:.2f}" for k, v in test.items()) or "no test scores"
+    lines = [f"{result.get('method', '?')} ({result.get('setting', '?')}, seed {result.get('seed', '?')}): "
+             f"{scores}"]
+    if "comm_gib_per_transfer" in result:
+        ends = result.get("experts_end", {})
+        lines.append(f"  comm {result['comm_gib_per_transfer']:.4f} GiB per transfer; experts per client "
+                     f"{ends.get('mean', float('nan')):.1f} (min {ends.get('min')}, max {ends.get('max')})")
+    lines.append(f"  results: {os.path.join(workdir, 'summary.json')}; per round: "
+                 f"{os.path.join(workdir, 'metrics.jsonl')}; "
+                 f"TensorBoard: {os.path.join(workdir, 'tensorboard')}")
+    return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None) -> None:
+    app.run(main, argv=argv, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()
+
+__all__ = ["format_summary", "main", "run"]

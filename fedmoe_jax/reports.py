@@ -1,0 +1,886 @@
+"""Paper-style reports from run directories: Table 1 / Table 2 analogues and figures (PAPER.md §7.5, §8).
+
+A run directory is what `python -m fedmoe_jax.main ... --workdir=DIR` writes: `summary.json` (run-level
+numbers), `metrics.jsonl` (one row per round) and `experts.npz` (client expert maps and activation
+probabilities). `build_report(root, out)` finds every `summary.json` under `root` (any depth), groups the
+runs by (setting, method) over seeds and writes to `out`:
+
+- `report.md`: Table 1 and Table 2 analogues, average improvement, CVI, time-to-target, figures, notes;
+- `table1.json`: `{setting: {method: {"TC", "RC", "TS", "comm_gb", "mem_gb", "seeds", ...extras}}}`;
+- `table2.json`: `{setting: {method: {"TC", "RC", "TS", "experts_start_mean", ..., "seeds"}}}`;
+- `report.json`: average improvement, CVI and time-to-target speedups, and the notes;
+- `figures/*.png`: expert activation heatmaps per task, convergence curves, expert counts over rounds.
+
+Definitions where the paper is silent (PAPER.md §9), all written into the report:
+
+- Scores are percent, the mean over seeds of each run's per-task test score; `±` is the sample standard
+  deviation over seeds (ddof 1; none with one seed).
+- Memory: `mem_gb` is `peak_memory_gb.mean`, each client's peak training memory averaged over clients
+  (the paper's FedMoE peaks of 13.4-14.0 GB match its *average* sub-MoE of 65-78 experts, not its
+  largest); `mem_gb_max` (the largest client's peak) sits next to it.
+- Average improvement: PAPER.md §8.3 via `metrics.average_improvement` (mean over tasks of |f - b| / b,
+  the baseline with the smallest value); the signed value is shown next to it.
+- CVI: `metrics.composite_variation_index` over the settings' seed-mean scores (population c_v per
+  task across the settings the method ran in, mean over tasks).
+- Time-to-target: on the seed-mean validation curve (`val_score_<task>` of `metrics.jsonl`, rounds as
+  numbered there), the "relative target performance" of FedMoE against a baseline is the best score
+  *both* curves reach, min(max FedMoE, max baseline); the speedup to a fraction f of it is
+  rounds(baseline) / rounds(FedMoE) to first reach f x target (`metrics.time_to_target_speedup`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedmoe_jax.federated.metrics import (
+    METRICS_FILE,
+    average_improvement,
+    coefficient_of_variation,
+    composite_variation_index,
+    read_metrics,
+    rounds_to_target,
+    time_to_target_speedup,
+)
+
+SUMMARY_FILE = "summary.json"
+EXPERTS_FILE = "experts.npz"
+TASKS = ("tc", "rc", "ts")  # the order of `client_tasks` in experts.npz
+COLUMNS = {"tc": "TC", "rc": "RC", "ts": "TS"}
+TEST_KEYS = {"tc": "tc_accuracy", "rc": "rc_f1", "ts": "ts_rouge2"}
+SETTING_NAMES = {
+    "standard_hetero_t": "Standard-Hetero-T",
+    "standard_hetero_td": "Standard-Hetero-TD",
+    "enforced_hetero_t": "Enforced-Hetero-T",
+    "enforced_hetero_td": "Enforced-Hetero-TD",
+}
+# Table 1's row order (baselines first, FedMoE last), then the extra methods and the ablations.
+METHOD_NAMES = {
+    "random_moe": "randomMoE",
+    "fedprox": "FedProx",
+    "scaffold": "SCAFFOLD",
+    "fedavg": "FedAvg",
+    "local": "Local only",
+    "fedmoe": "FedMoE",
+    "fedmoe_no_stage1": "FedMoE w/o stage1",
+    "fedmoe_no_stage2": "FedMoE w/o stage2",
+}
+ABLATION_METHODS = ("fedmoe", "fedmoe_no_stage1", "fedmoe_no_stage2", "random_moe")
+DEFAULT_BASELINES = ("random_moe", "fedprox", "scaffold")
+METHOD = "fedmoe"
+TARGET_FRACTIONS = (0.99, 0.9)
+CURVES = {"tc": "val_score_tc", "rc": "val_score_rc", "ts": "val_score_ts", "all": "val_score"}
+MISSING = "—"
+
+
+@dataclass
+class Run:
+    """One run directory: its summary and, when present, its metrics rows and expert arrays."""
+
+    path: str
+    rel: str
+    summary: dict[str, Any]
+    mtime: float
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    experts: dict[str, np.ndarray] | None = None
+
+    @property
+    def method(self) -> str:
+        return self.summary["method"]
+
+    @property
+    def setting(self) -> str:
+        return self.summary["setting"]
+
+    @property
+    def seed(self) -> int:
+        return self.summary["seed"]
+
+    def label(self) -> str:
+        return f"{self.setting}/{self.method}/seed {self.seed}"
+
+
+class Notes(list):
+    """The report's "Notes" list: each message once, in order of first appearance."""
+
+    def add(self, message: str) -> None:
+        if message not in self:
+            self.append(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def find_summaries(root: str) -> list[str]:
+    """Every `summary.json` under `root`, at any depth, in a stable order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if SUMMARY_FILE in filenames:
+            found.append(os.path.join(dirpath, SUMMARY_FILE))
+    return found
+
+
+def load_runs(root: str, notes: Notes) -> list[Run]:
+    """The runs under `root`, one per (setting, method, seed): the newest `summary.json` wins."""
+    kept: dict[tuple[str, str, int], Run] = {}
+    for path in find_summaries(root):
+        run_dir = os.path.dirname(path)
+        rel = os.path.relpath(run_dir, root)
+        try:
+            with open(path) as f:
+                summary = json.load(f)
+        except (OSError, ValueError) as e:
+            notes.add(f"`{rel}`: unreadable {SUMMARY_FILE} ({e}); skipped")
+            continue
+        if not isinstance(summary, dict) or not all(
+                isinstance(summary.get(k), str) for k in ("method", "setting")):
+            notes.add(f"`{rel}`: {SUMMARY_FILE} has no 'method'/'setting' strings; skipped")
+            continue
+        if not isinstance(summary.get("seed"), int) or isinstance(summary.get("seed"), bool):
+            notes.add(f"`{rel}`: {SUMMARY_FILE} has no integer 'seed'; counted as seed -1")
+            summary["seed"] = -1
+        run = Run(run_dir, rel, summary, os.path.getmtime(path))
+        key = (run.setting, run.method, run.seed)
+        if key in kept:
+            old = kept[key]
+            newer, older = (run, old) if (run.mtime, run.rel) > (old.mtime, old.rel) else (old, run)
+            notes.add(f"{run.label()}: two runs, `{newer.rel}` and `{older.rel}`; using the newer "
+                      f"`{newer.rel}`")
+            kept[key] = newer
+        else:
+            kept[key] = run
+    runs = sorted(kept.values(), key=lambda r: (_setting_rank(r.setting), _method_rank(r.method), r.seed))
+    for run in runs:
+        run.rows = _load_rows(run, notes)
+        run.experts = _load_experts(run, notes)
+    return runs
+
+
+def _load_rows(run: Run, notes: Notes) -> list[dict[str, Any]]:
+    path = os.path.join(run.path, METRICS_FILE)
+    if not os.path.exists(path):
+        notes.add(f"{run.label()} (`{run.rel}`): no {METRICS_FILE}; no convergence curve or time-to-target")
+        return []
+    try:
+        rows = read_metrics(run.path)
+    except ValueError:  # e.g. a half-written last line: keep the readable rows
+        rows, bad = [], 0
+        with open(path) as f:
+            for line in filter(str.strip, f):
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    bad += 1
+        notes.add(f"{run.label()} (`{run.rel}`): {bad} unreadable line(s) in {METRICS_FILE} ignored")
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def _load_experts(run: Run, notes: Notes) -> dict[str, np.ndarray] | None:
+    path = os.path.join(run.path, EXPERTS_FILE)
+    if not os.path.exists(path):
+        notes.add(f"{run.label()} (`{run.rel}`): no {EXPERTS_FILE}; no activation heatmap")
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: np.asarray(data[k]) for k in data.files}
+    except (OSError, ValueError) as e:
+        notes.add(f"{run.label()} (`{run.rel}`): unreadable {EXPERTS_FILE} ({e})")
+        return None
+    tasks, probs = arrays.get("client_tasks"), arrays.get("probs")
+    if tasks is None or probs is None or probs.ndim != 3 or tasks.shape != probs.shape[:1]:
+        notes.add(f"{run.label()} (`{run.rel}`): {EXPERTS_FILE} lacks client_tasks [N] / probs [N, L, E]")
+        return None
+    return arrays
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _num(x: Any) -> float | None:
+    """A finite float, or None for anything else (missing, null, NaN, strings)."""
+    if isinstance(x, bool) or not isinstance(x, int | float | np.integer | np.floating):
+        return None
+    return float(x) if math.isfinite(float(x)) else None
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, Mapping):
+            return None
+        d = d.get(k)
+    return d
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof 1; None with fewer than two values)."""
+    if not values:
+        return None, None
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
+
+
+def _rank(order: Sequence[str], name: str) -> tuple[int, str]:
+    return (order.index(name), "") if name in order else (len(order), name)
+
+
+def _setting_rank(s: str) -> tuple[int, str]:
+    return _rank(list(SETTING_NAMES), s)
+
+
+def _method_rank(m: str) -> tuple[int, str]:
+    return _rank(list(METHOD_NAMES), m)
+
+
+def setting_name(s: str) -> str:
+    return SETTING_NAMES.get(s, s)
+
+
+def method_name(m: str) -> str:
+    return METHOD_NAMES.get(m, m)
+
+
+def group_runs(runs: Iterable[Run]) -> dict[str, dict[str, list[Run]]]:
+    """{setting: {method: [runs by seed]}}, settings and methods in the paper's order."""
+    groups: dict[str, dict[str, list[Run]]] = {}
+    for run in runs:
+        groups.setdefault(run.setting, {}).setdefault(run.method, []).append(run)
+    return {s: {m: sorted(groups[s][m], key=lambda r: r.seed) for m in sorted(groups[s], key=_method_rank)}
+            for s in sorted(groups, key=_setting_rank)}
+
+
+def _fmt(mean: float | None, std: float | None = None, digits: int = 2) -> str:
+    if mean is None:
+        return MISSING
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _fmt_size(mean: float | None, std: float | None = None) -> str:
+    """GiB / GB: two decimals, or three significant digits below 0.1 (CPU-scale models)."""
+    def one(x: float) -> str:
+        return f"{x:.2f}" if x == 0 or abs(x) >= 0.1 else f"{x:.3g}"
+
+    if mean is None:
+        return MISSING
+    return one(mean) if std is None else f"{one(mean)} ± {one(std)}"
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(_jsonable(obj), f, indent=1, sort_keys=False, allow_nan=False)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+
+
+def _task_scores(runs: list[Run], block: str, notes: Notes | None) -> dict[str, Any]:
+    """Percent mean / std / count over seeds of one evaluation block ("test", "global_test", ...)."""
+    out: dict[str, Any] = {}
+    for task in TASKS:
+        col, values = COLUMNS[task], []
+        for run in runs:
+            v = _num(_get(run.summary, block, TEST_KEYS[task]))
+            if v is None:
+                if notes is not None:
+                    notes.add(f"{run.label()}: no {block} {col} score (shown as {MISSING})")
+            else:
+                values.append(100.0 * v)
+        out[col], out[f"{col}_std"] = mean_std(values)
+        out[f"{col}_n"] = len(values)
+    return out
+
+
+def table1(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes) -> dict[str, dict[str, dict]]:
+    """Table 1 analogue: per setting and method, scores (percent), comm (GiB), memory (GB), seeds."""
+    table: dict[str, dict[str, dict]] = {}
+    for setting, methods in groups.items():
+        table[setting] = {}
+        for method, runs in methods.items():
+            row = _task_scores(runs, "test", notes)
+            comm = [v for r in runs if (v := _num(r.summary.get("comm_gib_per_transfer"))) is not None]
+            mem = [v for r in runs if (v := _num(_get(r.summary, "peak_memory_gb", "mean"))) is not None]
+            mem_max = [v for r in runs if (v := _num(_get(r.summary, "peak_memory_gb", "max"))) is not None]
+            for run in runs:
+                if _num(run.summary.get("comm_gib_per_transfer")) is None:
+                    notes.add(f"{run.label()}: no comm_gib_per_transfer (shown as {MISSING})")
+                if _num(_get(run.summary, "peak_memory_gb", "mean")) is None:
+                    notes.add(f"{run.label()}: no peak_memory_gb (shown as {MISSING})")
+            row["comm_gb"], row["comm_gb_std"] = mean_std(comm)
+            row["mem_gb"], row["mem_gb_std"] = mean_std(mem)
+            row["mem_gb_max"] = max(mem_max) if mem_max else None
+            row["seeds"] = len(runs)
+            row["seed_list"] = [r.seed for r in runs]
+            for block, prefix in (("global_test", "global"), ("unseen_test", "unseen")):
+                if any(isinstance(r.summary.get(block), Mapping) for r in runs):
+                    extra = _task_scores([r for r in runs if isinstance(r.summary.get(block), Mapping)],
+                                         block, None)
+                    row.update({f"{prefix}_{c}": extra[c] for c in COLUMNS.values()})
+            table[setting][method] = row
+            rounds = sorted({r.summary.get("rounds") for r in runs}, key=str)
+            if len(rounds) > 1:
+                notes.add(f"{setting}/{method}: seeds ran different numbers of rounds {rounds}")
+    return table
+
+
+def improvement(table: Mapping[str, Mapping[str, Mapping]], baselines: Sequence[str], notes: Notes
+                ) -> dict[str, dict[str, Any]]:
+    """FedMoE's average improvement over the best baseline per setting (PAPER.md §8.3)."""
+    out: dict[str, dict[str, Any]] = {}
+    for setting, methods in table.items():
+        if METHOD not in methods:
+            notes.add(f"{setting}: no {METHOD} runs, so no average improvement")
+            continue
+        f = {t: methods[METHOD][COLUMNS[t]] for t in TASKS if methods[METHOD][COLUMNS[t]] is not None}
+        if not f:
+            continue
+        if len(f) < len(TASKS):
+            notes.add(f"{setting}: average improvement over {', '.join(COLUMNS[t] for t in f)} only "
+                      f"({METHOD} lacks the other tasks)")
+        candidates: dict[str, dict[str, float]] = {}
+        for b in baselines:
+            if b not in methods:
+                continue
+            scores = {t: methods[b][COLUMNS[t]] for t in f}
+            if any(v is None or v <= 0 for v in scores.values()):
+                notes.add(f"{setting}: {b} left out of the average improvement "
+                          "(a task score is missing or 0)")
+                continue
+            candidates[b] = scores
+        if not candidates:
+            notes.add(f"{setting}: no baseline with all of {METHOD}'s task scores; no average improvement")
+            continue
+        best, value = average_improvement(f, candidates)
+        out[setting] = {
+            "best_baseline": best,
+            "value_pct": value,
+            "signed_pct": average_improvement(f, {best: candidates[best]}, signed=True)[1],
+            "per_baseline_pct": {b: average_improvement(f, {b: s})[1] for b, s in candidates.items()},
+            "tasks": [COLUMNS[t] for t in f],
+        }
+        table[setting][METHOD]["avg_improvement_pct"] = value  # type: ignore[index]
+        table[setting][METHOD]["avg_improvement_baseline"] = best  # type: ignore[index]
+    return out
+
+
+def cvi(table: Mapping[str, Mapping[str, Mapping]], notes: Notes) -> dict[str, dict[str, Any]]:
+    """Per method: c_v of each task's seed-mean score across settings, and their mean (the CVI)."""
+    methods = sorted({m for ms in table.values() for m in ms}, key=_method_rank)
+    out: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        settings = [s for s in table if method in table[s]]
+        per_task = {t: [table[s][method][COLUMNS[t]] for s in settings
+                        if table[s][method][COLUMNS[t]] is not None] for t in TASKS}
+        per_task = {t: v for t, v in per_task.items() if len(v) >= 2 and np.mean(v) > 0}
+        entry: dict[str, Any] = {"settings": settings, "CVI": None}
+        if per_task:
+            entry["CVI"] = composite_variation_index(per_task)
+            entry.update({f"cv_{COLUMNS[t]}": coefficient_of_variation(v) for t, v in per_task.items()})
+            if len(per_task) < len(TASKS):
+                notes.add(f"CVI of {method} averages {len(per_task)} task(s) only (the others are in "
+                          f"fewer than two settings)")
+        else:
+            notes.add(f"CVI of {method}: fewer than two settings with scores; not computed")
+        known = [s for s in SETTING_NAMES if s in table]
+        if per_task and len(settings) < len(known):
+            notes.add(f"CVI of {method} is over {len(settings)} of {len(known)} settings "
+                      f"(missing: {', '.join(s for s in known if s not in settings)})")
+        out[method] = entry
+    return out
+
+
+def _per_round(runs: Sequence[Run], key: str) -> dict[int, list[float]]:
+    by_round: dict[int, list[float]] = {}
+    for run in runs:
+        for row in run.rows:
+            r, v = row.get("round"), _num(row.get(key))
+            if v is not None and isinstance(r, int) and not isinstance(r, bool) and r >= 1:
+                by_round.setdefault(r, []).append(v)
+    return by_round
+
+
+def curve(runs: Sequence[Run], key: str, reduce: Callable[[list[float]], float] = np.mean) -> np.ndarray:
+    """`reduce` over seeds of `key` per round `[R]` (index r - 1; NaN in rounds without a value)."""
+    by_round = _per_round(runs, key)
+    out = np.full(max(by_round, default=0), np.nan)
+    for r, values in by_round.items():
+        out[r - 1] = reduce(values)
+    return out
+
+
+def time_to_target(groups: Mapping[str, Mapping[str, list[Run]]], baselines: Sequence[str], notes: Notes
+                   ) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """{setting: {curve: {baseline: {"0.99": {...}, "0.9": {...}}}}}: FedMoE's speedups (see module doc)."""
+    out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    for setting, methods in groups.items():
+        if METHOD not in methods:
+            continue
+        for name, key in CURVES.items():
+            mine = 100.0 * curve(methods[METHOD], key)
+            for b in baselines:
+                if b not in methods:
+                    continue
+                theirs = 100.0 * curve(methods[b], key)
+                if not np.isfinite(mine).any() or not np.isfinite(theirs).any():
+                    if name != "all":
+                        notes.add(f"{setting}: no {key} curve for {METHOD} or {b}; no time-to-target on "
+                                  f"{COLUMNS.get(name, name)}")
+                    continue
+                reference = min(float(np.nanmax(mine)), float(np.nanmax(theirs)))
+                if reference <= 0:
+                    notes.add(f"{setting}: {METHOD} or {b} never scores above 0 on {key}; no time-to-target")
+                    continue
+                entry = {}
+                for frac in TARGET_FRACTIONS:
+                    target = frac * reference
+                    entry[str(frac)] = {
+                        "speedup": time_to_target_speedup(mine, theirs, frac, reference=reference),
+                        "rounds_method": rounds_to_target(mine, target),
+                        "rounds_baseline": rounds_to_target(theirs, target),
+                        "target": target,
+                    }
+                out.setdefault(setting, {}).setdefault(name, {})[b] = entry
+    return out
+
+
+def table2(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes) -> dict[str, dict[str, dict]]:
+    """Table 2 analogue: ablation rows per setting with expert totals at the start and the end."""
+    table: dict[str, dict[str, dict]] = {}
+    for setting, methods in groups.items():
+        rows = {}
+        for method in ABLATION_METHODS:
+            if method not in methods:
+                continue
+            runs = methods[method]
+            row = _task_scores(runs, "test", None)
+            for when in ("start", "end"):
+                block = [r.summary.get(f"experts_{when}") for r in runs]
+                means = [v for b in block if (v := _num(_get(b, "mean"))) is not None]
+                mins = [v for b in block if (v := _num(_get(b, "min"))) is not None]
+                maxs = [v for b in block if (v := _num(_get(b, "max"))) is not None]
+                row[f"experts_{when}_mean"], row[f"experts_{when}_mean_std"] = mean_std(means)
+                row[f"experts_{when}_min"] = min(mins) if mins else None
+                row[f"experts_{when}_max"] = max(maxs) if maxs else None
+                if len(means) < len(runs):
+                    notes.add(f"{setting}/{method}: {len(runs) - len(means)} run(s) without experts_{when}")
+            recs = [r.summary["recommendation"] for r in runs if isinstance(r.summary.get("recommendation"),
+                                                                            Mapping)]
+            if recs:
+                row["recommendation"] = {k: float(np.mean([_num(r.get(k)) or 0.0 for r in recs]))
+                                         for k in ("adjust", "accept", "rollback")}
+            row["seeds"] = len(runs)
+            rows[method] = row
+        if rows:
+            table[setting] = rows
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def _color(method: str) -> Any:
+    import matplotlib
+
+    order = list(METHOD_NAMES)
+    index = order.index(method) if method in order else len(order) + sum(map(ord, method)) % 10
+    return matplotlib.colormaps["tab10"](index % 10)
+
+
+def task_activation(runs: Sequence[Run], key: str, notes: Notes) -> tuple[dict[str, np.ndarray], dict]:
+    """Per task, the mean of `key` ("probs" or "stage1_probs") over the task's measured clients of all
+    seeds `[L, E]`, and the number of clients averaged. Unmeasured clients (all zero / NaN) are left out."""
+    stacks: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
+    shape = None
+    for run in runs:
+        if run.experts is None or key not in run.experts:
+            continue
+        probs = np.asarray(run.experts[key], np.float64)
+        tasks = np.asarray(run.experts["client_tasks"])
+        if probs.shape != run.experts["probs"].shape:
+            notes.add(f"{run.label()}: {key} has shape {probs.shape}, not that of probs; left out")
+            continue
+        if shape is None:
+            shape = probs.shape[1:]
+        elif probs.shape[1:] != shape:
+            notes.add(f"{run.label()}: {key} is [L, E] = {probs.shape[1:]}, other seeds {shape}; left out")
+            continue
+        total = np.where(np.isfinite(probs), probs, 0.0).sum((1, 2))
+        measured = np.isfinite(probs).all((1, 2)) & (total > 0)
+        for i, task in enumerate(TASKS):
+            chosen = measured & (tasks == i)
+            if chosen.any():
+                stacks[task].append(probs[chosen])
+    means, counts = {}, {}
+    for task, parts in stacks.items():
+        if parts:
+            stacked = np.concatenate(parts)
+            means[task], counts[task] = stacked.mean(0), len(stacked)
+    return means, counts
+
+
+def plot_heatmaps(means: Mapping[str, np.ndarray], counts: Mapping[str, int], title: str, path: str) -> None:
+    """Paper Fig. 1: one panel per task, MoE layers x experts, colour = mean activation probability."""
+    plt = _pyplot()
+    vmax = max(float(m.max()) for m in means.values()) or 1.0
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(4.2 * len(TASKS), 3.6), squeeze=False,
+                             layout="constrained")
+    image = None
+    for i, (ax, task) in enumerate(zip(axes[0], TASKS)):
+        if task in means:
+            image = ax.imshow(means[task], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax,
+                              interpolation="nearest")
+            ax.set_title(f"task-{COLUMNS[task]} ({counts[task]} clients)")
+        else:
+            ax.text(0.5, 0.5, "no measured client", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(f"task-{COLUMNS[task]}")
+        ax.set(xlabel="expert", ylabel="MoE layer" if i == 0 else None)
+        ax.xaxis.set_major_locator(_integer_ticks())
+        ax.yaxis.set_major_locator(_integer_ticks())
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), label="activation probability", shrink=0.9)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_convergence(methods: Mapping[str, list[Run]], ttt: Mapping[str, Any], title: str, path: str) -> bool:
+    """Validation score per round per task, one line per method (seed mean); time-to-target markers."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(4.6 * len(TASKS), 3.9), squeeze=False,
+                             layout="constrained")
+    drawn = False
+    for ax, task in zip(axes[0], TASKS):
+        curves = {m: 100.0 * curve(runs, CURVES[task]) for m, runs in methods.items()}
+        for method, values in curves.items():
+            rounds = np.flatnonzero(np.isfinite(values)) + 1
+            if len(rounds):
+                ax.plot(rounds, values[rounds - 1], "-", lw=1.2, color=_color(method),
+                        label=method_name(method))
+                drawn = True
+        for baseline, entry in ttt.get(task, {}).items():
+            for frac, marker, size in zip(TARGET_FRACTIONS, ("^", "o"), (10, 5)):  # 90 % drawn on top
+                e = entry[str(frac)]
+                for method, r in ((METHOD, e["rounds_method"]), (baseline, e["rounds_baseline"])):
+                    if r is not None:
+                        ax.plot([r], [curves[method][r - 1]], marker, ms=size, mfc=_color(baseline),
+                                mec="black", mew=0.8, ls="none", zorder=3)
+        ax.set(title=f"task-{COLUMNS[task]}", xlabel="round", ylabel="validation score (%)")
+        ax.xaxis.set_major_locator(_integer_ticks())
+        ax.grid(alpha=0.3)
+    if not drawn:
+        plt.close(fig)
+        return False
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), frameon=False,
+               title="time-to-target: ▲ 99 %, ● 90 % of the target against the baseline of the marker's "
+                     "colour (on FedMoE's curve and on that baseline's)", title_fontsize="small")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def plot_expert_counts(methods: Mapping[str, list[Run]], title: str, path: str) -> bool:
+    """Experts per client (summed over MoE layers) per round: seed mean of the mean, min/max band."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
+    drawn = False
+    for method, runs in methods.items():
+        mean = curve(runs, "expert_count_mean")
+        low, high = curve(runs, "expert_count_min", np.min), curve(runs, "expert_count_max", np.max)
+        rounds = np.flatnonzero(np.isfinite(mean)) + 1
+        if not len(rounds):
+            continue
+        ax.plot(rounds, mean[rounds - 1], color=_color(method), label=method_name(method))
+        if len(low) == len(mean) and len(high) == len(mean):
+            ok = np.isfinite(low[rounds - 1]) & np.isfinite(high[rounds - 1])
+            ax.fill_between(rounds[ok], low[rounds - 1][ok], high[rounds - 1][ok], color=_color(method),
+                            alpha=0.15, lw=0)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set(title=title, xlabel="round", ylabel="experts per client (all MoE layers)")
+    ax.xaxis.set_major_locator(_integer_ticks())
+    ax.yaxis.set_major_locator(_integer_ticks())
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize="small", loc="best")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def figures(groups: Mapping[str, Mapping[str, list[Run]]], ttt: Mapping[str, Any], out: str, notes: Notes
+            ) -> list[tuple[str, str]]:
+    """Writes every figure under `out/figures/`; returns (caption, path relative to `out`)."""
+    fig_dir = os.path.join(out, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    written = []
+    for setting, methods in groups.items():
+        name = setting_name(setting)
+        rel = os.path.join("figures", f"convergence_{setting}.png")
+        if plot_convergence(methods, ttt.get(setting, {}), f"{name}: validation score per round",
+                            os.path.join(out, rel)):
+            written.append((f"{name}: convergence per task", rel))
+        else:
+            notes.add(f"{setting}: no validation curves in any {METRICS_FILE}; no convergence figure")
+        rel = os.path.join("figures", f"expert_counts_{setting}.png")
+        if plot_expert_counts(methods, f"{name}: experts per client", os.path.join(out, rel)):
+            written.append((f"{name}: expert counts over rounds (mean, min-max band)", rel))
+        for method, runs in methods.items():
+            for key, tag in (("probs", "experts"), ("stage1_probs", "experts_stage1")):
+                means, counts = task_activation(runs, key, notes)
+                if not means:
+                    if key == "probs" and any(r.experts is not None for r in runs):
+                        notes.add(f"{setting}/{method}: no measured activation probabilities; no heatmap")
+                    continue
+                rel = os.path.join("figures", f"{tag}_{setting}_{method}.png")
+                what = "latest" if key == "probs" else "Stage-1"
+                title = f"{name}, {method_name(method)}: {what} expert activation probabilities"
+                plot_heatmaps(means, counts, title, os.path.join(out, rel))
+                written.append((title, rel))
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------------------------
+
+DEFINITIONS = """\
+- **Scores** (percent): each run's test score per task (each client's own model on its own test split,
+  mean over the task's clients; TC accuracy, RC F1, TS ROUGE-2), then mean ± sample standard deviation
+  (ddof 1) over seeds; no ± with one seed.
+- **Comm (GiB)**: `comm_gib_per_transfer`, one per-client model transfer (PAPER.md §7.5: the paper's
+  "GB" are fp32 GiB).
+- **Mem (GB)**: `peak_memory_gb.mean`, each client's peak training memory averaged over clients (the
+  paper's FedMoE peaks of 13.4-14.0 GB match its average sub-MoE of 65-78 experts, not its largest);
+  `table1.json` also has `mem_gb_max`, the largest client's peak over seeds.
+- **Average improvement** (PAPER.md §8.3): for each baseline b the mean over tasks of |f − b| / b with
+  FedMoE's seed-mean score f; the baseline with the smallest value is the "best baseline". A deficit
+  counts as a positive difference (the paper's rule), so the signed value is shown too.
+- **CVI** (PAPER.md §7.5): per task the coefficient of variation σ/μ (population σ) of the method's
+  seed-mean score across the settings it ran in, averaged over tasks.
+- **Time-to-target** (PAPER.md §7.5; the paper does not define its "relative target performance"):
+  on the seed-mean validation curves (`val_score_<task>` of `metrics.jsonl`; rounds as numbered there,
+  rounds without a value skipped), the target of FedMoE against a baseline is the best score both curves
+  reach, min(max FedMoE, max baseline); the speedup to 99 % (90 %) is rounds(baseline) / rounds(FedMoE)
+  to first reach 0.99 (0.9) × target. "All" uses `val_score`, the example-weighted cohort mean over
+  tasks. FedMoE's Stage-1 LoRA rounds are not in `metrics.jsonl`, so they are not counted."""
+
+
+def _score_cells(row: Mapping[str, Any] | None) -> list[str]:
+    if row is None:
+        return [MISSING] * len(TASKS)
+    return [_fmt(row[COLUMNS[t]], row[f"{COLUMNS[t]}_std"]) for t in TASKS]
+
+
+def _speed(e: Mapping[str, Any]) -> str:
+    if e["speedup"] is None:
+        never = [who for who, r in (("FedMoE", e["rounds_method"]), ("baseline", e["rounds_baseline"]))
+                 if r is None]
+        return f"{MISSING} ({' and '.join(never)} never)"
+    return f"{e['speedup']:.2f}× ({e['rounds_method']} vs {e['rounds_baseline']})"
+
+
+def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, gains: Mapping, cvis: Mapping,
+                    ttt: Mapping, figs: Sequence[tuple[str, str]], baselines: Sequence[str],
+                    notes: Sequence[str]) -> str:
+    methods_seen = sorted({m for ms in t1.values() for m in ms}, key=_method_rank)
+    lines = [
+        "# FedMoE report",
+        "",
+        f"{len(runs)} run(s) under `{root}`: {len(t1)} setting(s), {len(methods_seen)} method(s). "
+        f"Baselines for the comparisons: {', '.join(method_name(b) for b in baselines)}. "
+        "Definitions at the end; \"—\" marks missing data (see Notes).",
+        "",
+        "## Table 1 analogue: end-to-end performance",
+        "",
+    ]
+    for setting, rows in t1.items():
+        letter = f"({'abcd'[list(SETTING_NAMES).index(setting)]}) " if setting in SETTING_NAMES else ""
+        lines += [f"### {letter}{setting_name(setting)}", "",
+                  "| Method | TC | RC | TS | Comm (GiB) | Mem (GB) | Seeds |",
+                  "|---|---|---|---|---|---|---|"]
+        for method in methods_seen:
+            row = rows.get(method)
+            comm = _fmt_size(row["comm_gb"], row["comm_gb_std"]) if row else MISSING
+            mem = _fmt_size(row["mem_gb"], row["mem_gb_std"]) if row else MISSING
+            seeds = str(row["seeds"]) if row else "0"
+            lines.append(f"| {method_name(method)} | " + " | ".join(_score_cells(row))
+                         + f" | {comm} | {mem} | {seeds} |")
+        lines.append("")
+        if setting in gains:
+            g = gains[setting]
+            per = ", ".join(f"{method_name(b)} {v:.2f} %" for b, v in g["per_baseline_pct"].items())
+            lines += [f"Average improvement of FedMoE over the best baseline ({'/'.join(g['tasks'])}): "
+                      f"**{g['value_pct']:.2f} %** vs {method_name(g['best_baseline'])} (signed "
+                      f"{g['signed_pct']:+.2f} %). Per baseline: {per}.", ""]
+    lines += ["### Robustness: composite variation index (lower is better)", "",
+              "| Method | c_v TC | c_v RC | c_v TS | CVI | Settings |", "|---|---|---|---|---|---|"]
+    for method, e in cvis.items():
+        cells = [_fmt(e.get(f"cv_{COLUMNS[t]}"), digits=4) for t in TASKS]
+        lines.append(f"| {method_name(method)} | " + " | ".join(cells) + f" | {_fmt(e['CVI'], digits=4)} | "
+                     f"{len(e['settings'])} |")
+    lines += ["", "### Time-to-target speedup of FedMoE", ""]
+    if ttt:
+        lines += ["Speedup (rounds FedMoE vs rounds baseline); \"never\": that curve does not reach "
+                  "the target.",
+                  "", "| Setting | Curve | Baseline | 99 % | 90 % |", "|---|---|---|---|---|"]
+        for setting, per_curve in ttt.items():
+            for name, per_base in per_curve.items():
+                for b, e in per_base.items():
+                    lines.append(f"| {setting_name(setting)} | {COLUMNS.get(name, 'All')} | "
+                                 f"{method_name(b)} | {_speed(e['0.99'])} | {_speed(e['0.9'])} |")
+    else:
+        lines.append("Not computed: no setting has usable validation curves of both FedMoE and a baseline "
+                     "(see Notes).")
+    lines += ["", "## Table 2 analogue: ablation", ""]
+    if t2:
+        lines.append("Experts per client summed over MoE layers: mean over clients (seed mean), min/max over "
+                     "all seeds' clients. Recommendation: adjust/accept/rollback events per run (seed mean).")
+        for setting, rows in t2.items():
+            lines += ["", f"### {setting_name(setting)}", "",
+                      "| Method | TC | RC | TS | Avg #experts (start → end) | Min/Max start | Min/Max end | "
+                      "Adjust/accept/rollback | Seeds |", "|---|---|---|---|---|---|---|---|---|"]
+            for method, row in rows.items():
+                def mm(when: str, row: Mapping = row) -> str:
+                    lo, hi = row[f"experts_{when}_min"], row[f"experts_{when}_max"]
+                    return MISSING if lo is None or hi is None else f"{lo:g} / {hi:g}"
+
+                rec = row.get("recommendation")
+                rec_s = "/".join(f"{rec[k]:g}" for k in ("adjust", "accept", "rollback")) if rec else MISSING
+                lines.append(f"| {method_name(method)} | " + " | ".join(_score_cells(row)) +
+                             f" | {_fmt(row['experts_start_mean'], digits=1)} → "
+                             f"{_fmt(row['experts_end_mean'], digits=1)} | {mm('start')} | {mm('end')} | "
+                             f"{rec_s} | {row['seeds']} |")
+    else:
+        lines.append("No FedMoE, ablation or randomMoE runs.")
+    lines += ["", "## Figures", ""]
+    for caption, rel in figs:
+        lines += [f"**{caption}**", "", f"![{caption}]({rel})", ""]
+    if not figs:
+        lines += ["None (no metrics.jsonl or experts.npz in any run).", ""]
+    lines += ["## Definitions", "", DEFINITIONS, "", "## Notes", ""]
+    lines += [f"- {n}" for n in notes] or ["- None."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------
+
+
+class NoRunsError(ValueError):
+    """No `summary.json` under the given root."""
+
+
+def build_report(root: str, out: str | None = None, baselines: Sequence[str] = DEFAULT_BASELINES
+                 ) -> dict[str, Any]:
+    """Reads every run under `root`, writes the report to `out` (default `root/report`), returns its data."""
+    if not os.path.isdir(root) or not find_summaries(root):
+        raise NoRunsError(root)
+    out = out or os.path.join(root, "report")
+    notes = Notes()
+    runs = load_runs(root, notes)
+    if not runs:
+        raise NoRunsError(root)
+    groups = group_runs(runs)
+    baselines = [b for b in baselines if b != METHOD]
+    seen = {r.method for r in runs}
+    for b in baselines:
+        if b not in seen:
+            notes.add(f"baseline {b}: no runs at all")
+    methods_seen = sorted(seen, key=_method_rank)
+    for setting, methods in groups.items():
+        for m in methods_seen:
+            if m not in methods:
+                notes.add(f"{setting}: no runs of {m} (shown as {MISSING})")
+    t1 = table1(groups, notes)
+    gains = improvement(t1, baselines, notes)
+    cvis = cvi(t1, notes)
+    ttt = time_to_target(groups, baselines, notes)
+    t2 = table2(groups, notes)
+    os.makedirs(out, exist_ok=True)
+    figs = figures(groups, ttt, out, notes)
+    _write_json(os.path.join(out, "table1.json"), t1)
+    _write_json(os.path.join(out, "table2.json"), t2)
+    result = {"root": os.path.abspath(root), "runs": [r.rel for r in runs], "average_improvement": gains,
+              "cvi": cvis, "time_to_target": ttt, "figures": [rel for _, rel in figs], "notes": list(notes)}
+    _write_json(os.path.join(out, "report.json"), result)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(render_markdown(root, runs, t1, t2, gains, cvis, ttt, figs, baselines, notes))
+    return {**result, "out": out, "table1": t1, "table2": t2}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python experiments/report.py RUNS_ROOT [--out DIR] [--baseline-methods a,b,c]`; 2 if no runs."""
+    parser = argparse.ArgumentParser(
+        prog="report.py", description="Table 1 / Table 2 analogues and figures from FedMoE run directories.")
+    parser.add_argument("root", help="a directory holding run directories (each with summary.json)")
+    parser.add_argument("--out", default=None, help="output directory (default: ROOT/report)")
+    parser.add_argument("--baseline-methods", default=",".join(DEFAULT_BASELINES),
+                        help="comma-separated baselines FedMoE is compared with (average improvement, "
+                             "time-to-target)")
+    args = parser.parse_args(argv)
+    baselines = [b.strip() for b in args.baseline_methods.split(",") if b.strip()]
+    try:
+        result = build_report(args.root, args.out, baselines)
+    except NoRunsError:
+        print(f"report: no {SUMMARY_FILE} under {args.root!r}; pass the directory that holds the run "
+              f"directories written by `python -m fedmoe_jax.main ... --workdir=DIR`", file=sys.stderr)
+        return 2
+    print(f"wrote {os.path.join(result['out'], 'report.md')}: {len(result['runs'])} run(s), "
+          f"{len(result['figures'])} figure(s), {len(result['notes'])} note(s)")
+    return 0
+
+
+__all__ = ["Run", "build_report", "curve", "cvi", "find_summaries", "group_runs", "improvement", "load_runs",
+           "main", "mean_std", "table1", "table2", "time_to_target"]

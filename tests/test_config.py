@@ -1,0 +1,163 @@
+"""The experiment config schema and its validation (no JAX compute)."""
+
+import importlib.util
+import json
+import os
+
+import ml_collections
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedmoe_jax.config import (
+    METHODS,
+    SETTINGS,
+    ConfigError,
+    default_config,
+    flatten,
+    parse_setting_arg,
+    validate,
+)
+from fedmoe_jax.experiment import prepare_workdir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, *args):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
+
+
+@pytest.mark.parametrize("name,args", [("base", ()), ("tiny", ()), ("tiny", ("scaffold",)),
+                                       ("cpu", ("enforced_hetero_td,local",)),
+                                       ("cpu", ("standard_hetero_t",))])
+def test_shipped_configs_validate(name, args):
+    validate(load_config(name, *args))
+
+
+def test_paper_config_needs_its_paths():
+    c = load_config("paper", "standard_hetero_td,fedprox")
+    assert (c.setting, c.method, c.model.name, c.model.baseline_num_experts) == (
+        "standard_hetero_td", "fedprox", "switch-base-32", 8)
+    with pytest.raises(ConfigError, match="data.dir"):
+        validate(c)
+    c.data.dir, c.model.path = "/data", "/ckpt/32"
+    with pytest.raises(ConfigError, match="baseline_path"):
+        validate(c)
+    c.model.baseline_path = "/ckpt/8"
+    validate(c)
+
+
+def test_parse_setting_arg():
+    assert parse_setting_arg("enforced_hetero_t") == ("enforced_hetero_t", None)
+    assert parse_setting_arg("standard_hetero_td, fedmoe_no_stage1") == ("standard_hetero_td",
+                                                                         "fedmoe_no_stage1")
+    for bad in ("standard", "standard_hetero_t,fedsgd", "a,b,c"):
+        with pytest.raises(ConfigError, match="SETTING"):
+            parse_setting_arg(bad)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("method", "fedsgd", "method"),
+    ("setting", "hetero", "setting"),
+    ("cohort_size", 31, "cohort_size"),
+    ("cohort_size", 0, "cohort_size"),
+    ("data.num_clients", 2, "num_clients"),
+    ("stage2.num_references", 30, "num_references"),
+    ("random_moe.experts_per_layer", 17, "experts_per_layer"),
+    ("model.baseline_num_experts", 0, "baseline_num_experts"),
+    ("memory.budget_low", 0.9, "budget_low"),  # above budget_high 0.7
+    ("memory.budget_high", 1.5, "budget_low|budget_high"),
+    ("memory.mem_fraction", 0.0, "mem_fraction"),
+    ("loss.label_smoothing", 1.0, "label_smoothing"),
+    ("learning_rate", 0.0, "learning_rate"),
+    ("data.source", "hub", "source"),
+    ("model.init", "hub", "init"),
+    ("data.task_ratios", (1.0, 0.0, 1.0), "task_ratios"),
+])
+def test_inconsistent_values_are_named(key, value, match):
+    c = default_config()
+    node, leaf = c, key.split(".")
+    for part in leaf[:-1]:
+        node = node[part]
+    node[leaf[-1]] = value
+    with pytest.raises(ConfigError, match=match) as info:
+        validate(c)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_missing_and_mistyped_keys():
+    c = default_config()
+    c.data.unlock()
+    c.data.num_clinets = 30
+    with pytest.raises(ConfigError, match="unknown config key.*data.num_clinets"):
+        validate(c)
+    c = ml_collections.ConfigDict(default_config().to_dict())
+    del c["stage2"]
+    with pytest.raises(ConfigError, match="lacks key.*stage2.patience"):
+        validate(c)
+    c = ml_collections.ConfigDict(default_config().to_dict(), type_safe=False)
+    c.seed = 1.5
+    with pytest.raises(ConfigError, match="config.seed=1.5 has type float"):
+        validate(c)
+    c = ml_collections.ConfigDict(default_config().to_dict(), type_safe=False)
+    c.num_rounds = True
+    with pytest.raises(ConfigError, match="num_rounds"):
+        validate(c)
+
+
+SCHEMA = flatten(default_config())
+_bad_values = st.one_of(st.integers(-10**6, -1), st.floats(allow_nan=True), st.text(max_size=5),
+                        st.booleans(), st.none(), st.lists(st.integers(), max_size=3))
+
+
+@settings(max_examples=150, deadline=None)
+@given(key=st.sampled_from(sorted(SCHEMA)), value=_bad_values)
+def test_random_values_never_crash_the_validator(key, value):
+    """Any value in any field: either accepted (and then consistent) or a one-line ConfigError."""
+    c = ml_collections.ConfigDict(default_config().to_dict(), type_safe=False)
+    node, parts = c, key.split(".")
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+    try:
+        validate(c)
+    except ConfigError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    # accepted: the stored value must have the default's type and pass the documented rules
+    default, value = SCHEMA[key], flatten(c)[key]
+    assert type(value) is type(default) or (isinstance(default, float) and isinstance(value, int)
+                                            and not isinstance(value, bool))
+    assert value == value  # NaN is never accepted
+
+
+def test_methods_and_settings_listed():
+    assert set(METHODS) >= {"fedmoe", "random_moe", "fedprox", "scaffold", "fedavg", "local",
+                            "fedmoe_no_stage1", "fedmoe_no_stage2"}
+    assert set(SETTINGS) == {"standard_hetero_t", "standard_hetero_td", "enforced_hetero_t",
+                             "enforced_hetero_td"}
+
+
+def test_prepare_workdir_refuses_a_different_run_and_keeps_its_files(tmp_path):
+    c = default_config()
+    assert prepare_workdir(c, str(tmp_path)) is True
+    saved = (tmp_path / "config.json").read_bytes()
+    c.seed, c.model.name = 3, "switch-tiny-8"
+    with pytest.raises(ConfigError, match="model.name.*seed|seed.*model.name") as info:
+        prepare_workdir(c, str(tmp_path))
+    assert "new --workdir" in str(info.value)
+    assert (tmp_path / "config.json").read_bytes() == saved
+    c = default_config()
+    c.num_rounds, c.eval.test_examples = 99, 5  # resumable keys may change
+    assert prepare_workdir(c, str(tmp_path)) is False
+    assert json.loads((tmp_path / "config.json").read_text())["num_rounds"] == 99
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="not writable"):
+        prepare_workdir(default_config(), str(blocker / "run"))

@@ -1,0 +1,264 @@
+"""Reports from hand-written run directories: Table 1 / Table 2 numbers by hand, average improvement,
+CVI, time-to-target, figures as PNGs, missing data and duplicates as notes, the CLI's exit status 2."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fedmoe_jax import reports
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG = b"\x89PNG\r\n\x1a\n"
+
+# (setting, method, seed) -> (tc, rc, ts) test scores as fractions
+SCORES = {
+    ("standard_hetero_t", "fedmoe", 0): (0.90, 0.80, 0.20),
+    ("standard_hetero_t", "fedmoe", 1): (0.92, 0.82, 0.18),
+    ("standard_hetero_t", "random_moe", 0): (0.88, 0.82, 0.16),
+    ("standard_hetero_t", "random_moe", 1): (0.86, 0.84, 0.14),
+    ("standard_hetero_t", "fedprox", 0): (0.90, 0.84, 0.10),
+    ("standard_hetero_t", "fedprox", 1): (0.90, 0.84, 0.12),
+    ("enforced_hetero_t", "fedmoe", 0): (0.88, 0.80, 0.20),
+    ("enforced_hetero_t", "fedmoe", 1): (0.90, 0.80, 0.20),
+    ("enforced_hetero_t", "random_moe", 0): (0.80, 0.70, 0.10),
+    ("enforced_hetero_t", "random_moe", 1): (0.80, 0.70, None),  # TS missing from this run
+}
+# validation curves (val_score_<task> per round, the same for all tasks) by method
+CURVES = {"fedmoe": [0.5, 0.8, 0.9, 0.95], "random_moe": [0.3, 0.5, 0.7, 0.85, 0.9],
+          "fedprox": [0.2, 0.4, 0.6, 0.8, 0.9, 0.9]}
+
+
+def write_run(path, setting, method, seed, scores, *, comm=2.0, mem=(10.0, 12.0), start=(10.0, 8, 12),
+              end=(9.0, 5, 20), metrics=True, experts=True, curve=None):
+    os.makedirs(path, exist_ok=True)
+    test = {k: v for k, v in zip(("tc_accuracy", "rc_f1", "ts_rouge2"), scores) if v is not None}
+    summary = {
+        "method": method, "setting": setting, "seed": seed, "rounds": len(curve or CURVES[method]),
+        "model": "switch-small-16", "num_experts": 4, "num_moe_layers": 2, "test": test,
+        "test_clients": {"0": {"task": "tc", "score": scores[0]}},
+        "comm_gib_per_transfer": comm, "peak_memory_gb": {"mean": mem[0], "max": mem[1]},
+        "experts_start": dict(zip(("mean", "min", "max"), start)),
+        "experts_end": dict(zip(("mean", "min", "max"), end)), "wall_seconds": 1.0, "config": {},
+    }
+    if method.startswith("fedmoe"):
+        summary["recommendation"] = {"adjust": 4 + seed, "accept": 2, "rollback": 2 + seed}
+    with open(os.path.join(path, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    if metrics:
+        with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+            for r, v in enumerate(curve or CURVES[method], start=1):
+                row = {"round": r, "train_loss": 1.0 / r, "val_score": v, "val_score_tc": v,
+                       "val_score_rc": v,
+                       "expert_count_mean": 10.0 - r, "expert_count_min": 8 - r, "expert_count_max": 12 + r,
+                       "seconds": 0.1}
+                if not (method == "random_moe" and r == 2):  # no TS client sampled in this round
+                    row["val_score_ts"] = v
+                f.write(json.dumps(row) + "\n")
+    if experts:
+        rng = np.random.default_rng(seed)
+        probs = rng.dirichlet(np.ones(4), size=(6, 2)).astype(np.float32)
+        probs[5] = 0.0  # a client never measured
+        extra = {"stage1_probs": probs} if method.startswith("fedmoe") else {}
+        np.savez(os.path.join(path, "experts.npz"), client_tasks=np.array([0, 0, 1, 1, 2, 2], np.int32),
+                 initial_maps=np.ones((6, 2, 4), bool), final_maps=np.ones((6, 2, 4), bool), probs=probs,
+                 **extra)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reports") / "runs"
+    for (setting, method, seed), scores in SCORES.items():
+        fedmoe = method == "fedmoe"
+        write_run(str(root / setting / f"{method}_s{seed}"), setting, method, seed, scores,
+                  comm=(1.5 + 0.2 * seed) if fedmoe else 2.3, mem=(10.0 + 2 * seed, 14.0 + seed),
+                  start=(10.0 + 2 * seed, 8, 12), end=(9.0, 5 + seed, 20 - 2 * seed),
+                  metrics=(setting, method, seed) != ("enforced_hetero_t", "random_moe", 1),
+                  experts=(setting, method, seed) != ("enforced_hetero_t", "fedmoe", 1))
+    # an older duplicate of standard_hetero_t/fedmoe/seed 0 with other scores: must be ignored
+    old = write_run(str(root / "old" / "deep" / "dup"), "standard_hetero_t", "fedmoe", 0, (0.1, 0.1, 0.1))
+    os.utime(os.path.join(old, "summary.json"), (1e9, 1e9))
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(runs_root):
+    """The report of `runs_root`, built once for the module (figures take a few seconds)."""
+    out = runs_root.parent / "report"
+    return out, reports.build_report(str(runs_root), str(out))
+
+
+def test_table1_means_stds_and_average_improvement_by_hand(built):
+    out, result = built
+    t1 = json.loads((out / "table1.json").read_text())
+    assert list(t1) == ["standard_hetero_t", "enforced_hetero_t"]  # the paper's order
+    std = t1["standard_hetero_t"]
+    assert list(std) == ["random_moe", "fedprox", "fedmoe"]
+    required = {"TC", "RC", "TS", "comm_gb", "mem_gb", "seeds"}
+    for rows in t1.values():
+        for row in rows.values():
+            assert required <= set(row)
+    f = std["fedmoe"]
+    assert f["seeds"] == 2
+    # 90 and 92 -> 91 +- sqrt(2) (sample std); the older duplicate's 10 % does not count
+    assert f["TC"] == pytest.approx(91.0) and f["TC_std"] == pytest.approx(math.sqrt(2))
+    assert f["RC"] == pytest.approx(81.0) and f["TS"] == pytest.approx(19.0)
+    assert f["comm_gb"] == pytest.approx(1.6) and f["comm_gb_std"] == pytest.approx(0.2 / math.sqrt(2))
+    assert f["mem_gb"] == pytest.approx(11.0) and f["mem_gb_max"] == pytest.approx(15.0)
+    assert std["random_moe"]["RC"] == pytest.approx(83.0) and std["fedprox"]["TS"] == pytest.approx(11.0)
+    assert std["fedprox"]["TC_std"] == pytest.approx(0.0)
+
+    # PAPER.md §8.3: mean over tasks of |f - b| / b; the smallest is the best baseline
+    vs_random = 100 * (4 / 87 + 2 / 83 + 4 / 15) / 3
+    vs_fedprox = 100 * (1 / 90 + 3 / 84 + 8 / 11) / 3
+    gain = result["average_improvement"]["standard_hetero_t"]
+    assert gain["best_baseline"] == "random_moe"
+    assert gain["value_pct"] == pytest.approx(vs_random)
+    assert gain["per_baseline_pct"]["fedprox"] == pytest.approx(vs_fedprox)
+    assert gain["signed_pct"] == pytest.approx(100 * (4 / 87 - 2 / 83 + 4 / 15) / 3)  # RC is a deficit
+    assert f["avg_improvement_pct"] == pytest.approx(vs_random)
+    md = (out / "report.md").read_text()
+    assert f"**{vs_random:.2f} %** vs randomMoE" in md
+    assert "| FedMoE | 91.00 ± 1.41 | 81.00 ± 1.41 | 19.00 ± 1.41 | 1.60 ± 0.14 | 11.00 ± 1.41 | 2 |" in md
+
+
+def test_cvi_and_time_to_target_by_hand(built):
+    out, result = built
+    # FedMoE over the two settings: TC 91 / 89, RC 81 / 80, TS 19 / 20 (population std = half the gap)
+    cv = {"TC": 1 / 90, "RC": 0.5 / 80.5, "TS": 0.5 / 19.5}
+    got = result["cvi"]["fedmoe"]
+    assert got["CVI"] == pytest.approx(np.mean(list(cv.values())))
+    assert got["cv_TC"] == pytest.approx(cv["TC"])
+    assert result["cvi"]["fedprox"]["CVI"] is None  # one setting only
+    # standard_hetero_t, TC: FedMoE best 95, randomMoE best 90 -> target 90. 99 %: 89.1 reached in round 3
+    # by FedMoE, round 5 by randomMoE -> 5/3; 90 %: 81 in round 3 vs round 4 -> 4/3
+    e = result["time_to_target"]["standard_hetero_t"]["tc"]["random_moe"]
+    assert e["0.99"]["speedup"] == pytest.approx(5 / 3) and e["0.9"]["speedup"] == pytest.approx(4 / 3)
+    assert (e["0.99"]["rounds_method"], e["0.99"]["rounds_baseline"]) == (3, 5)
+    # vs FedProx (best 90, reached in round 5): 99 % -> 5/3, 90 % -> 81 in round 5 vs round 3
+    e = result["time_to_target"]["standard_hetero_t"]["ts"]["fedprox"]
+    assert e["0.99"]["speedup"] == pytest.approx(5 / 3) and e["0.9"]["speedup"] == pytest.approx(5 / 3)
+    # the enforced setting's randomMoE has one seed with metrics: its curve is that seed's
+    assert "random_moe" in result["time_to_target"]["enforced_hetero_t"]["tc"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["time_to_target"]["standard_hetero_t"]["tc"]["random_moe"]["0.9"]["rounds_baseline"] == 4
+
+
+def test_table2_expert_counts(built):
+    out, _ = built
+    t2 = json.loads((out / "table2.json").read_text())
+    assert list(t2["standard_hetero_t"]) == ["fedmoe", "random_moe"]  # fedprox is no ablation row
+    f = t2["standard_hetero_t"]["fedmoe"]
+    assert f["experts_start_mean"] == pytest.approx(11.0)  # 10 and 12
+    assert (f["experts_end_min"], f["experts_end_max"]) == (5, 20)  # min of 5, 6; max of 20, 18
+    assert f["recommendation"] == {"adjust": 4.5, "accept": 2.0, "rollback": 2.5}
+    assert f["TC"] == pytest.approx(91.0) and f["seeds"] == 2
+    md = (out / "report.md").read_text()
+    assert ("| FedMoE | 91.00 ± 1.41 | 81.00 ± 1.41 | 19.00 ± 1.41 | 11.0 → 9.0 | 8 / 12 | 5 / 20 | "
+            "4.5/2/2.5 | 2 |") in md
+
+
+def test_figures_are_pngs_and_heatmap_means(runs_root, built):
+    out, result = built
+    expected = ["convergence_standard_hetero_t", "expert_counts_standard_hetero_t",
+                "convergence_enforced_hetero_t",
+                "experts_standard_hetero_t_fedmoe", "experts_stage1_standard_hetero_t_fedmoe",
+                "experts_enforced_hetero_t_random_moe"]
+    for name in expected:
+        path = out / "figures" / f"{name}.png"
+        data = path.read_bytes()
+        assert data[:8] == PNG and len(data) > 5000, name
+        assert f"figures/{name}.png" in result["figures"]
+    import matplotlib.image
+
+    assert matplotlib.image.imread(str(out / "figures" / "convergence_standard_hetero_t.png")).ndim == 3
+    # the heatmap of a task is the mean of its measured clients' probs over seeds (client 5 unmeasured)
+    groups = reports.group_runs(reports.load_runs(str(runs_root), reports.Notes()))
+    runs = groups["standard_hetero_t"]["fedmoe"]
+    means, counts = reports.task_activation(runs, "probs", reports.Notes())
+    p = [np.load(runs_root / "standard_hetero_t" / f"fedmoe_s{s}" / "experts.npz")["probs"] for s in (0, 1)]
+    np.testing.assert_allclose(means["rc"], np.mean([p[0][2], p[0][3], p[1][2], p[1][3]], 0), rtol=1e-6)
+    np.testing.assert_allclose(means["ts"], np.mean([p[0][4], p[1][4]], 0), rtol=1e-6)
+    assert counts == {"tc": 4, "rc": 4, "ts": 2}
+
+
+def test_missing_data_and_duplicates_become_notes(built):
+    out, result = built
+    t1 = result["table1"]
+    assert "fedprox" not in t1["enforced_hetero_t"]  # absent method: no row in the JSON ...
+    md = (out / "report.md").read_text()
+    section = md.split("Enforced-Hetero-T")[1].split("###")[0]
+    assert "| FedProx | — | — | — | — | — | 0 |" in section  # ... and "—" in the Markdown
+    notes = result["notes"]
+    assert "enforced_hetero_t: no runs of fedprox (shown as —)" in notes
+    # a task missing from one seed: the mean of the other seed, and a note
+    assert t1["enforced_hetero_t"]["random_moe"]["TS"] == pytest.approx(10.0)
+    assert t1["enforced_hetero_t"]["random_moe"]["TS_n"] == 1
+    assert any("enforced_hetero_t/random_moe/seed 1: no test TS score" in n for n in notes)
+    assert any("enforced_hetero_t/random_moe/seed 1" in n and "no metrics.jsonl" in n for n in notes)
+    assert any("enforced_hetero_t/fedmoe/seed 1" in n and "no experts.npz" in n for n in notes)
+    dup = [n for n in notes if "two runs" in n]
+    assert len(dup) == 1 and "using the newer `standard_hetero_t/fedmoe_s0`" in dup[0]
+    assert "## Notes" in md and dup[0] in md
+    # average improvement still computed in the setting without FedProx (over randomMoE only)
+    assert result["average_improvement"]["enforced_hetero_t"]["best_baseline"] == "random_moe"
+
+
+def test_a_run_without_metrics_or_experts_and_an_unreadable_summary(tmp_path):
+    root = tmp_path / "runs"
+    write_run(str(root / "a"), "standard_hetero_td", "fedmoe", 0, (0.5, 0.5, 0.5), metrics=False,
+              experts=False)
+    (root / "broken").mkdir()
+    (root / "broken" / "summary.json").write_text("{not json")
+    result = reports.build_report(str(root), str(tmp_path / "out"))
+    assert result["table1"]["standard_hetero_td"]["fedmoe"]["TC"] == pytest.approx(50.0)
+    assert result["table1"]["standard_hetero_td"]["fedmoe"]["TC_std"] is None  # one seed: no std
+    assert result["figures"] == [] and result["time_to_target"] == {}
+    assert any("`broken`: unreadable summary.json" in n for n in result["notes"])
+    assert "standard_hetero_td: no runs of fedmoe" not in result["notes"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| FedMoE | 50.00 | 50.00 | 50.00 | 2.00 | 10.00 | 1 |" in md
+
+
+def test_cli_writes_report_and_exits_2_without_runs(tmp_path, capsys):
+    root = tmp_path / "runs"  # no metrics.jsonl / experts.npz: no figures, fast
+    for setting, method, seed in [k for k in SCORES if k[1] != "random_moe"]:
+        write_run(str(root / f"{setting}_{method}_{seed}"), setting, method, seed,
+                  SCORES[setting, method, seed], metrics=False, experts=False)
+    assert reports.main([str(root), "--baseline-methods", "fedprox,scaffold"]) == 0
+    assert (root / "report" / "report.md").exists()  # default --out
+    report = json.loads((root / "report" / "report.json").read_text())
+    gain = report["average_improvement"]
+    assert gain["standard_hetero_t"]["best_baseline"] == "fedprox" and "enforced_hetero_t" not in gain
+    assert gain["standard_hetero_t"]["value_pct"] == pytest.approx(100 * (1 / 90 + 3 / 84 + 8 / 11) / 3)
+    assert "baseline scaffold: no runs at all" in report["notes"]
+    assert "wrote" in capsys.readouterr().out
+
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    for target in (empty, tmp_path / "does_not_exist"):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"), str(target)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "no summary.json" in lines[0] and "pass the directory" in lines[0]
+    assert not (empty / "report").exists()
+
+
+def test_time_to_target_needs_a_positive_target(tmp_path):
+    root = tmp_path / "runs"
+    for method, values in (("fedmoe", [0.0, 0.0, 0.0]), ("random_moe", [0.0, 0.2, 0.4])):
+        write_run(str(root / method), "standard_hetero_t", method, 0, (0.5, 0.5, 0.5), curve=values,
+                  experts=False)
+    result = reports.build_report(str(root), str(tmp_path / "out"))
+    assert result["time_to_target"] == {}  # a target of 0 would give a meaningless 1.0x
+    assert ("standard_hetero_t: fedmoe or random_moe never scores above 0 on val_score_tc; no time-to-target"
+            in result["notes"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Not computed: no setting has usable validation curves" in md
+    assert (tmp_path / "out" / "figures" / "convergence_standard_hetero_t.png").read_bytes()[:8] == PNG
