@@ -107,7 +107,7 @@ def main(argv: list[str]) -> None:
 def format_summary(result: dict, workdir: str) -> str:
     """A few lines for the terminal: the test scores and where everything is."""
     test = result.get("test", {})
-    scores = ", ".join(f"{k} {100 * v:.2f}" for k, v in test.items()) or "no test scores"
+    scores = ", ".join(f"{k} {v:.2f}" for k, v in test.items()) or "no test scores"
     lines = [f"{result.get('method', '?')} ({result.get('setting', '?')}, seed {result.get('seed', '?')}): "
              f"{scores}"]
     if "comm_gib_per_transfer" in result:

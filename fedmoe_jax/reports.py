@@ -311,7 +311,7 @@ def _task_scores(runs: list[Run], block: str, notes: Notes | None) -> dict[str, 
                 if notes is not None:
                     notes.add(f"{run.label()}: no {block} {col} score (shown as {MISSING})")
             else:
-                values.append(100.0 * v)
+                values.append(v)
         out[col], out[f"{col}_std"] = mean_std(values)
         out[f"{col}_n"] = len(values)
     return out
@@ -442,11 +442,11 @@ def time_to_target(groups: Mapping[str, Mapping[str, list[Run]]], baselines: Seq
         if METHOD not in methods:
             continue
         for name, key in CURVES.items():
-            mine = 100.0 * curve(methods[METHOD], key)
+            mine = curve(methods[METHOD], key)
             for b in baselines:
                 if b not in methods:
                     continue
-                theirs = 100.0 * curve(methods[b], key)
+                theirs = curve(methods[b], key)
                 if not np.isfinite(mine).any() or not np.isfinite(theirs).any():
                     if name != "all":
                         notes.add(f"{setting}: no {key} curve for {METHOD} or {b}; no time-to-target on "
@@ -593,7 +593,7 @@ def plot_convergence(methods: Mapping[str, list[Run]], ttt: Mapping[str, Any], t
                              layout="constrained")
     drawn = False
     for ax, task in zip(axes[0], TASKS):
-        curves = {m: 100.0 * curve(runs, CURVES[task]) for m, runs in methods.items()}
+        curves = {m: curve(runs, CURVES[task]) for m, runs in methods.items()}
         for method, values in curves.items():
             rounds = np.flatnonzero(np.isfinite(values)) + 1
             if len(rounds):

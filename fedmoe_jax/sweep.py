@@ -733,7 +733,7 @@ def collect(spec: SweepSpec, runs: Sequence[Run] | None = None,
         row.update({k: format_cli_value(v) for k, v in run.params.items()})
         for col, key in SCORE_COLUMNS:
             v = _get(summary, "test", key)
-            row[col] = None if v is None else round(100.0 * v, 6)
+            row[col] = None if v is None else round(v, 6)  # summary.json scores are percent
         row["comm_gib"] = _get(summary, "comm_gib_per_transfer")
         row["peak_mem_gb_mean"] = _get(summary, "peak_memory_gb", "mean")
         row["peak_mem_gb_max"] = _get(summary, "peak_memory_gb", "max")

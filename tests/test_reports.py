@@ -15,7 +15,7 @@ from fedmoe_jax import reports
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
 
-# (setting, method, seed) -> (tc, rc, ts) test scores as fractions
+# (setting, method, seed) -> (tc, rc, ts) test scores as fractions (written to the files x 100, percent)
 SCORES = {
     ("standard_hetero_t", "fedmoe", 0): (0.90, 0.80, 0.20),
     ("standard_hetero_t", "fedmoe", 1): (0.92, 0.82, 0.18),
@@ -36,11 +36,12 @@ CURVES = {"fedmoe": [0.5, 0.8, 0.9, 0.95], "random_moe": [0.3, 0.5, 0.7, 0.85, 0
 def write_run(path, setting, method, seed, scores, *, comm=2.0, mem=(10.0, 12.0), start=(10.0, 8, 12),
               end=(9.0, 5, 20), metrics=True, experts=True, curve=None):
     os.makedirs(path, exist_ok=True)
-    test = {k: v for k, v in zip(("tc_accuracy", "rc_f1", "ts_rouge2"), scores) if v is not None}
+    pct = lambda v: None if v is None else 100.0 * v  # noqa: E731 - summaries and metrics are percent
+    test = {k: pct(v) for k, v in zip(("tc_accuracy", "rc_f1", "ts_rouge2"), scores) if v is not None}
     summary = {
         "method": method, "setting": setting, "seed": seed, "rounds": len(curve or CURVES[method]),
         "model": "switch-small-16", "num_experts": 4, "num_moe_layers": 2, "test": test,
-        "test_clients": {"0": {"task": "tc", "score": scores[0]}},
+        "test_clients": {"0": {"task": "tc", "score": pct(scores[0])}},
         "comm_gib_per_transfer": comm, "peak_memory_gb": {"mean": mem[0], "max": mem[1]},
         "experts_start": dict(zip(("mean", "min", "max"), start)),
         "experts_end": dict(zip(("mean", "min", "max"), end)), "wall_seconds": 1.0, "config": {},
@@ -52,6 +53,7 @@ def write_run(path, setting, method, seed, scores, *, comm=2.0, mem=(10.0, 12.0)
     if metrics:
         with open(os.path.join(path, "metrics.jsonl"), "w") as f:
             for r, v in enumerate(curve or CURVES[method], start=1):
+                v = pct(v)
                 row = {"round": r, "train_loss": 1.0 / r, "val_score": v, "val_score_tc": v,
                        "val_score_rc": v,
                        "expert_count_mean": 10.0 - r, "expert_count_min": 8 - r, "expert_count_max": 12 + r,
