@@ -37,6 +37,7 @@ def get_config(arg: str = "standard_hetero_t"):
     c.model.path = ""  # required: the google/switch-base-32 checkpoint directory
     c.model.baseline_path = ""  # required for full-model baselines: google/switch-base-8
     c.model.baseline_num_experts = 8
+    c.model.capacity_factor = 0.0  # HF's absolute expert_capacity (64 per expert per sequence)
     c.memory.relative = False
     c.memory.budget_low = 18.0  # GB (PAPER.md §10.3)
     c.memory.budget_high = 24.0

@@ -55,11 +55,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.init = "pretrained"  # "pretrained" (our pretraining, cached), "hf" (local HF dir), "random"
     c.model.path = ""  # hf: the checkpoint dir; pretrained: cache dir ("" = runs/pretrained)
     c.model.baseline_path = ""  # hf: the full-model baselines' checkpoint (paper: switch-base-8)
-    c.model.pretrain_steps = 1500  # pretraining steps when the cached model is missing
+    c.model.pretrain_steps = 0  # pretraining steps if the cached model is missing (0: pretrain.DEFAULT_STEPS)
     # Full-model baselines (fedprox, scaffold, fedavg, local) train a smaller MoE, as the paper's
     # switch-base-8 next to FedMoE's switch-base-32: same dims, this many experts per layer.
     c.model.baseline_num_experts = 4
     c.model.expert_capacity = 0  # tokens per expert per sequence (0: the named config's)
+    # capacity = capacity_factor * tokens / experts of the layer (a client's sub-MoE: its own width);
+    # > 0 replaces expert_capacity. HF's absolute 64 slots per expert suit 512-token inputs; at 64
+    # tokens they make the experts compute mostly padding (2.5x slower steps on CPU, measured).
+    c.model.capacity_factor = 2.0
+    c.model.dispatch = ""  # "capacity" or "dropless" (ragged, no drops); "": the named config's
+    c.model.dropout_rate = -1.0  # < 0: the named config's (Switch: 0.1)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.label_smoothing = 0.1
@@ -200,8 +206,11 @@ def validate(config) -> None:
          "model.init='hf' needs a local Hugging Face checkpoint dir"),
         ("model.baseline_path", c.model.init != "hf" or c.method not in FULL_MODEL_METHODS
          or bool(c.model.baseline_path), "full-model baselines with model.init='hf' need their checkpoint"),
-        ("model.pretrain_steps", c.model.pretrain_steps >= 1, "use >= 1"),
+        ("model.pretrain_steps", c.model.pretrain_steps >= 0, "use >= 0 (0: the default)"),
         ("model.expert_capacity", c.model.expert_capacity >= 0, "use >= 0 (0: the named config's)"),
+        ("model.capacity_factor", c.model.capacity_factor >= 0, "use >= 0 (0: expert_capacity)"),
+        ("model.dispatch", c.model.dispatch in ("", "capacity", "dropless"), "use 'capacity' or 'dropless'"),
+        ("model.dropout_rate", c.model.dropout_rate < 1, "use a rate in [0, 1) (< 0: the named config's)"),
         ("loss.label_smoothing", 0 <= c.loss.label_smoothing < 1, "use a value in [0, 1)"),
         ("loss.lb_loss_weight", c.loss.lb_loss_weight >= 0, "use >= 0"),
         ("loss.z_loss_weight", c.loss.z_loss_weight >= 0, "use >= 0"),

@@ -42,6 +42,7 @@ from fedmoe_jax.config import (
 )
 
 log = logging.getLogger("fedmoe_jax")
+SUBSAMPLE_SEED = 20240821  # the data slice of CPU-scale runs does not depend on the run seed
 PyTree = Any
 
 
@@ -133,12 +134,20 @@ def load_task_data(config: ml_collections.ConfigDict) -> dict:
         from fedmoe_jax.data import load_embedded_benchmark
 
         bench = load_embedded_benchmark(data_dir=d.dir or None)
-        # The embedded splits are ordered by a hash of the synset: a prefix is a random sample.
-        return {t: {s: data if limit[s] is None or limit[s] >= len(data) else data.take(np.arange(limit[s]))
+        return {t: {s: subsample(data, limit[s], (TASKS.index(t), SPLITS.index(s)))
                     for s, data in splits.items()} for t, splits in bench.items()}
     from fedmoe_jax.data.tfds_sources import load_tfds_task
 
     return {t: {s: load_tfds_task(t, s, d.dir, max_examples=limit[s]) for s in SPLITS} for t in TASKS}
+
+
+def subsample(data, limit: int | None, stream: tuple[int, ...]):
+    """A uniform random subset of `limit` examples (in file order), the same for every run seed:
+    the embedded files are sorted by synset id (part of speech first), so a prefix is not a sample."""
+    if limit is None or limit >= len(data):
+        return data
+    rng = np.random.default_rng([SUBSAMPLE_SEED, *stream])
+    return data.take(np.sort(rng.choice(len(data), limit, replace=False)))
 
 
 def build_federated_data(config: ml_collections.ConfigDict, tokenizer, workdir: str | None = None):
@@ -160,12 +169,24 @@ def model_config(config: ml_collections.ConfigDict, tokenizer, full_model_baseli
     from fedmoe_jax.models import get_config
 
     m = config.model
-    overrides: dict[str, Any] = {"vocab_size": tokenizer.vocab_size}
-    if m.expert_capacity:
-        overrides["expert_capacity"] = m.expert_capacity
+    overrides: dict[str, Any] = {"vocab_size": tokenizer.vocab_size, **runtime_overrides(config)}
     if full_model_baseline:
         overrides["num_experts"] = m.baseline_num_experts
     return get_config(m.name, **overrides)
+
+
+def runtime_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Model fields that do not change parameter shapes: routing capacity, dispatch, dropout."""
+    m, out = config.model, {}
+    if m.expert_capacity:
+        out["expert_capacity"] = m.expert_capacity
+    if m.capacity_factor:
+        out.update(capacity_factor=m.capacity_factor, expert_capacity=None)
+    if m.dispatch:
+        out["dispatch"] = m.dispatch
+    if m.dropout_rate >= 0:
+        out["dropout_rate"] = m.dropout_rate
+    return out
 
 
 def initial_params(config: ml_collections.ConfigDict, cfg, full_model_baseline: bool, progress: bool):
@@ -177,16 +198,16 @@ def initial_params(config: ml_collections.ConfigDict, cfg, full_model_baseline: 
         from fedmoe_jax.checkpoints import load_hf_switch
 
         path = m.baseline_path if full_model_baseline else m.path
-        loaded_cfg, params = load_hf_switch(path)
+        loaded_cfg, params = load_hf_switch(path, **runtime_overrides(config))
         if loaded_cfg.vocab_size < cfg.vocab_size:
             raise ConfigError(f"{path} has vocab {loaded_cfg.vocab_size} < the tokenizer's {cfg.vocab_size}; "
                               "use the checkpoint's own spiece.model")
         return loaded_cfg, params
     if m.init == "pretrained":
-        from fedmoe_jax.pretrain import pretrained_params
+        from fedmoe_jax.pretrain import DEFAULT_CACHE_DIR, DEFAULT_STEPS, pretrained_params
 
-        params = pretrained_params(cfg, steps=m.pretrain_steps, cache_dir=m.path or "runs/pretrained",
-                                   seed=0, progress=progress)
+        params = pretrained_params(cfg, steps=m.pretrain_steps or DEFAULT_STEPS,
+                                   cache_dir=m.path or DEFAULT_CACHE_DIR, seed=0, progress=progress)
         return cfg, params
     ids = jnp.ones((1, 8), jnp.int32)
     params = SwitchTransformer(cfg).init(jax.random.key(config.seed), ids, ids)["params"]

@@ -1,0 +1,66 @@
+"""Pieces of `fedmoe_jax.experiment` with hand-checked values (the CLI end to end: test_main.py)."""
+
+import collections
+
+import numpy as np
+
+from fedmoe_jax.config import default_config
+from fedmoe_jax.experiment import (
+    client_budgets,
+    load_task_data,
+    max_expert_totals,
+    runtime_overrides,
+    subsample,
+)
+
+
+def test_subsample_is_a_seed_independent_random_sample():
+    c = default_config()
+    c.data.train_examples_per_task, c.data.eval_examples_per_task = 300, 200
+    data = load_task_data(c)
+    assert {s: len(d) for s, d in data["tc"].items()} == {"train": 300, "validation": 200, "test": 200}
+    labels = collections.Counter(data["tc"]["validation"].targets[i] for i in range(200))
+    assert len(labels) >= 20  # the files are sorted by part of speech: a prefix would be one label
+    other_seed = default_config()
+    other_seed.seed = 5
+    again = subsample(load_task_data(other_seed)["tc"]["train"], 7, (0, 0))
+    first = subsample(load_task_data(default_config())["tc"]["train"], 7, (0, 0))
+    assert list(again.inputs) == list(first.inputs)
+    whole = data["rc"]["test"]
+    assert subsample(whole, None, (1, 2)) is whole and subsample(whole, 10**6, (1, 2)) is whole
+
+
+class _Memory:
+    """A memory model with round numbers: dense 100 B, experts 10 B per layer, full model 420 B."""
+
+    dense_bytes = 100.0
+    expert_bytes = np.array([10.0, 10.0])
+
+    def full_model_bytes(self):
+        return 420.0
+
+
+def test_max_expert_totals_by_hand():
+    # 0.8 * 300 - 100 = 140 -> 14 experts; 0.8 * 120 - 100 < 0 -> 0; 0.8 * 1000 - 100 = 700 -> 70
+    np.testing.assert_array_equal(max_expert_totals(_Memory(), np.array([300.0, 120.0, 1000.0]), 0.8),
+                                  [14, 0, 70])
+
+
+def test_client_budgets_relative_and_absolute():
+    c = default_config()
+    c.data.num_clients = 50
+    c.memory.budget_low, c.memory.budget_high, c.memory.budget_step = 0.5, 0.7, 0.1
+    rel = client_budgets(c, _Memory())
+    assert set(np.round(rel / 420.0, 6)) <= {0.5, 0.6, 0.7} and len(set(np.round(rel, 6))) == 3
+    c.memory.relative = False
+    c.memory.budget_low, c.memory.budget_high, c.memory.budget_step = 18.0, 24.0, 1.0
+    gb = client_budgets(c, _Memory()) / 1e9
+    assert set(np.round(gb, 6)) <= set(range(18, 25)) and gb.min() >= 18 and gb.max() <= 24
+
+
+def test_runtime_overrides():
+    c = default_config()
+    assert runtime_overrides(c) == {"capacity_factor": 2.0, "expert_capacity": None}
+    c.model.capacity_factor, c.model.expert_capacity = 0.0, 32
+    c.model.dispatch, c.model.dropout_rate = "dropless", 0.0
+    assert runtime_overrides(c) == {"expert_capacity": 32, "dispatch": "dropless", "dropout_rate": 0.0}
