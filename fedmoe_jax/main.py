@@ -94,7 +94,10 @@ def main(argv: list[str]) -> None:
         if config.get("method") == "pretrain":
             from fedmoe_jax.pretrain import run_pretrain
 
-            result = run_pretrain(config, FLAGS.workdir)
+            if "progress" in config:
+                config.progress = config.progress and FLAGS.progress
+            run_pretrain(config, FLAGS.workdir)  # prints its own summary line
+            return
         else:
             from fedmoe_jax.experiment import run_experiment
 

@@ -1,0 +1,34 @@
+"""Pretraining of the CPU-scale Switch model on the embedded corpus (T5 span corruption), cached.
+
+    python -m fedmoe_jax.main --config=configs/pretrain.py --workdir=runs/pretrain
+    python -m fedmoe_jax.main --config=configs/pretrain.py --workdir=runs/pretrain_e4 \
+        --config.model.num_experts=4          # the full-model baselines' MoE (switch-base-8 analogue)
+
+Writes `workdir/pretrain.json` and `workdir/pretrain_loss.png`; the model itself lives in the
+cache (`cache_dir/<name>-<key>/`, a Hugging Face checkpoint) where the experiments find it. The
+defaults are `fedmoe_jax.pretrain.DEFAULTS`, so this trains exactly the entry that
+`pretrained_params(config, DEFAULT_STEPS)` looks up.
+"""
+
+import ml_collections
+
+from fedmoe_jax.pretrain import DEFAULT_CACHE_DIR, DEFAULT_STEPS, DEFAULTS
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = "pretrain"
+    c.seed = 0
+    c.num_rounds = 0  # unused: every experiment config has it
+    c.progress = True
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "switch-small-16"  # a name in fedmoe_jax.models.NAMED_CONFIGS
+    c.model.num_experts = 0  # experts per MoE layer (0: the named config's)
+    c.model.vocab_size = 0  # 0: the named config's (switch-small-16: 4096, the embedded tokenizer's)
+
+    c.steps = DEFAULT_STEPS  # ~2 minutes for switch-small-16 on 2 CPU cores
+    c.cache_dir = DEFAULT_CACHE_DIR
+    for key, value in DEFAULTS.items():  # batch_size, input_len, target_len, learning_rate, ...
+        setattr(c, key, value)
+    return c

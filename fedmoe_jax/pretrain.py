@@ -1,0 +1,825 @@
+"""Pretraining of the CPU-scale Switch Transformer on the embedded corpus (T5 span corruption), cached.
+
+The paper fine-tunes a pretrained Switch Transformer. No model hub is reachable on the CPU-scale
+setup, so its experiments start from a model pretrained here, once per model config, on the
+*training* texts of the embedded WordNet benchmark (inputs and targets of the TC, RC and TS train
+splits; validation and test texts are never seen). The objective is T5's span corruption
+(Raffel et al. 2020, §3.1.4): 15 % of the tokens, in spans of mean length 3, are replaced by one
+sentinel each in the encoder input; the decoder predicts every sentinel followed by its span.
+
+Sentinels. The embedded tokenizer has no `<extra_id_*>` pieces and the model's vocabulary equals the
+tokenizer's (4096), so, as T5 numbers its sentinels from the top of the vocabulary downwards
+(`<extra_id_0>` = vocab_size - 1), sentinel i is id `vocab_size - 1 - i` and the ids of the few
+sentinels a chunk can need (3 for the default 64 / 16 lengths) are reserved: corpus tokens with those
+ids are mapped to `<unk>` before corruption. With the embedded tokenizer they are the rare
+characters `~ } {` (2 occurrences each in 4.5 M corpus tokens).
+
+Packing (T5's `reduce_concat_tokens` + `split_tokens`): the unique training texts are tokenized
+without EOS, shuffled per epoch, concatenated without separators and cut into chunks of the largest
+length whose corrupted inputs / targets (+ EOS) fit `input_len` / `target_len` (70 tokens for
+64 / 16). Everything is a pure function of the seed.
+
+Cost (measured on the 2-core CI machine, AMD EPYC, one CPU device, `XLA_FLAGS` unset, other load
+~0): switch-small-16 (10.2 M parameters) at batch 32, input 64, target 16 trains at 3.4 steps/s
+(3.5 with 4 experts; ~1.9 when another job shares the two cores); compilation takes 7-12 s and
+tokenizing the corpus 3 s. The default `DEFAULT_STEPS` = 400 steps take 131 s in all and bring the
+loss (CE + router losses) from 9.9 at the first step (8.0 averaged over the first 20; 6.3 by step
+25, 5.1 by 100) to 4.86 (mean of the last 20). That is still about the objective's unigram level
+(~4.5: sentinels and EOS predicted, span tokens at the corpus's unigram entropy of 6.29 nats), so
+this short pretraining teaches token statistics and the text-to-text format more than language;
+1200 steps (6 minutes) reach 4.68. Learning rates 1e-3 and 1e-2 ended higher at 400 steps (4.98,
+4.97) than the default 3e-3. The absolute
+`expert_capacity=64` of switch-small-16 would run at 0.45 steps/s, dropless dispatch at 0.7 (both
+under load, vs 1.9), hence pretraining routes with a capacity factor (see `train_config`).
+
+`pretrained_params(config, steps)` keeps the result in `cache_dir/<name>-<sha256 key>/`: a Hugging
+Face checkpoint (`config.json`, `model.safetensors`, written by `save_hf_switch`) and `pretrain.json`
+(the key's fields, the loss history, timings, the weights' SHA-256). The key covers the model config
+as trained, the steps, seed and every hyperparameter, the recipe version, the embedded data manifest
+and the tokenizer. Entries are built in a temporary folder and renamed into place under an `fcntl`
+lock, so parallel workers never train twice nor read half an entry; an entry that fails to load or
+verify is rebuilt with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer, shift_right, switch_loss
+
+log = logging.getLogger(__name__)
+
+# Bump when the recipe changes what a given key trains (invalidates every cached entry).
+RECIPE_VERSION = 1
+# The embedded tokenizer's vocabulary size: T5 numbers sentinels downwards from vocab_size - 1.
+EMBEDDED_VOCAB_SIZE = 4096
+DEFAULT_STEPS = 400
+DEFAULT_CACHE_DIR = "runs/pretrained"
+# Hyperparameters of `pretrain` (all part of the cache key).
+DEFAULTS: dict[str, Any] = dict(
+    batch_size=32,
+    input_len=64,
+    target_len=16,
+    learning_rate=3e-3,
+    warmup_steps=60,
+    weight_decay=0.01,
+    noise_density=0.15,
+    mean_span_length=3.0,
+    lb_loss_weight=0.01,
+    z_loss_weight=0.001,
+    dropout_rate=0.0,  # T5.1.1: no dropout in pretraining (None: the config's)
+    # Routing while pretraining: capacity ceil(cf * T / E) per sequence (None: the config's own).
+    capacity_factor=2.0,
+    clip_norm=1.0,
+)
+ENTRY_FILE = "pretrain.json"
+# SwitchConfig fields a Hugging Face config.json does not hold (or cannot: expert_capacity=None);
+# they are passed back as `load_hf_switch` overrides and do not change parameter shapes.
+RUNTIME_FIELDS = ("dispatch", "dropped_token_mode", "renormalize_gates", "capacity_factor",
+                  "expert_capacity", "dtype", "param_dtype")
+
+
+# ---------------------------------------------------------------------------------------------
+# Span corruption
+# ---------------------------------------------------------------------------------------------
+
+
+def noise_span_counts(length: int, noise_density: float = 0.15,
+                      mean_span_length: float = 3.0) -> tuple[int, int]:
+    """`(noise tokens, noise spans)` of a sequence of `length` tokens, as T5 computes them.
+
+    noise = round(length * density) clipped to [1, length - 1]; spans = round(noise / mean) clipped
+    to [1, min(noise, length - noise)] (the upper clip is ours: it keeps both partitions valid for
+    extreme densities and never binds at T5's 0.15 / 3). Rounding is half-to-even like `tf.round`.
+    A sequence shorter than 2 tokens or a zero density gets no noise: `(0, 0)`.
+    """
+    if length < 2 or noise_density <= 0.0:
+        return 0, 0
+    noise = int(np.round(length * noise_density))
+    noise = min(max(noise, 1), length - 1)
+    spans = int(np.round(noise / mean_span_length))
+    spans = min(max(spans, 1), noise, length - noise)
+    return noise, spans
+
+
+def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random composition of `num_items` into `num_segments` positive lengths."""
+    cuts = np.sort(rng.choice(num_items - 1, num_segments - 1, replace=False) + 1)
+    return np.diff(np.concatenate([[0], cuts, [num_items]]))
+
+
+def random_spans_noise_mask(length: int, noise_density: float = 0.15, mean_span_length: float = 3.0,
+                            *, rng: np.random.Generator) -> np.ndarray:
+    """bool `[length]`: T5's `random_spans_noise_mask` (no random roll), in NumPy.
+
+    The noise and non-noise tokens are each split into `spans` random positive parts (uniform over
+    compositions, as T5's shuffled segment starts), interleaved non-noise first: the sequence starts
+    with a kept span and ends with a noise span.
+    """
+    noise, spans = noise_span_counts(length, noise_density, mean_span_length)
+    if spans == 0:
+        return np.zeros(length, bool)
+    noise_lengths = _random_segmentation(noise, spans, rng)
+    keep_lengths = _random_segmentation(length - noise, spans, rng)
+    interleaved = np.stack([keep_lengths, noise_lengths], axis=1).reshape(-1)
+    return np.repeat(np.tile([False, True], spans), interleaved)
+
+
+def span_corruption(
+    tokens: Sequence[int] | np.ndarray,
+    noise_density: float = 0.15,
+    mean_span_length: float = 3.0,
+    *,
+    rng: np.random.Generator,
+    sentinel_start: int = EMBEDDED_VOCAB_SIZE - 1,
+    eos_id: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """T5 span corruption of one token sequence (no EOS in it) -> `(inputs, targets)`, int32.
+
+    Inputs: the kept tokens with each noise span replaced by one sentinel; targets: each sentinel
+    followed by its span's tokens; EOS appended to both. Sentinel i (in order of position) is
+    `sentinel_start - i`, as T5's `<extra_id_i>` = vocab_size - 1 - i. `len(inputs) = n - noise +
+    spans + 1` and `len(targets) = noise + spans + 1` with `noise_span_counts(n, ...)`.
+
+    Written here after T5's `random_spans_noise_mask`, `noise_span_to_unique_sentinel` and
+    `nonnoise_span_to_unique_sentinel` (t5/data/preprocessors.py): the library versions need
+    TensorFlow. Deterministic given `rng`'s state.
+    """
+    tokens = np.asarray(tokens, np.int32).reshape(-1)
+    mask = random_spans_noise_mask(tokens.size, noise_density, mean_span_length, rng=rng)
+    spans = int(np.count_nonzero(mask[1:] & ~mask[:-1]) + (mask[0] if mask.size else 0))
+    if spans and sentinel_start - spans + 1 <= eos_id:
+        raise ValueError(f"{spans} sentinels from id {sentinel_start} downwards reach the special ids")
+    eos = np.array([eos_id], np.int32)
+    prev = np.concatenate([[False], mask[:-1]])
+    first = mask & ~prev  # first token of each noise span
+    sentinels = sentinel_start - (np.cumsum(first) - 1)
+    inputs = np.where(first, sentinels, tokens)[~(mask & prev)]
+    # Targets: the span tokens, each span preceded by its sentinel.
+    starts = np.flatnonzero(first)
+    offsets = np.cumsum(mask)[starts] - 1  # where each span begins in tokens[mask]
+    targets = np.insert(tokens[mask], offsets, sentinel_start - np.arange(starts.size))
+    return (np.concatenate([inputs, eos]).astype(np.int32),
+            np.concatenate([targets, eos]).astype(np.int32))
+
+
+def corrupted_lengths(length: int, noise_density: float = 0.15,
+                      mean_span_length: float = 3.0) -> tuple[int, int]:
+    """`(len(inputs), len(targets))` of `span_corruption` on `length` tokens (EOS included)."""
+    noise, spans = noise_span_counts(length, noise_density, mean_span_length)
+    return length - noise + spans + 1, noise + spans + 1
+
+
+def chunk_length(input_len: int, target_len: int, noise_density: float = 0.15,
+                 mean_span_length: float = 3.0) -> int:
+    """Largest number of tokens whose corrupted inputs / targets fit `input_len` / `target_len`.
+
+    T5's `compute_input_and_target_lengths`; 70 for 64 / 16 at density 0.15, mean span 3.
+    """
+    best = 0
+    for n in range(1, 2 * (input_len + target_len)):
+        i, t = corrupted_lengths(n, noise_density, mean_span_length)
+        if i <= input_len and t <= target_len:
+            best = n
+    if best < 2:
+        raise ValueError(f"input_len={input_len}, target_len={target_len} leave no room for a corrupted "
+                         "chunk; use at least 4 and 3")
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus and packed example stream
+# ---------------------------------------------------------------------------------------------
+
+
+def corpus_texts(data_dir: str | None = None) -> list[str]:
+    """The unique texts (inputs and targets) of the embedded benchmark's train splits, in order."""
+    from fedmoe_jax.data import load_embedded_benchmark
+
+    bench = load_embedded_benchmark(splits=("train",), data_dir=data_dir)
+    texts: list[str] = []
+    for task in sorted(bench):
+        data = bench[task]["train"]
+        texts.extend(data.inputs)
+        texts.extend(data.targets)
+    return list(dict.fromkeys(t for t in texts if t))
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of the tokenizer's serialized SentencePiece model."""
+    return hashlib.sha256(tokenizer.processor.serialized_model_proto()).hexdigest()
+
+
+class Documents(Sequence[np.ndarray]):
+    """Token documents stored end to end: `flat` int32 `[total]` and `offsets` `[N + 1]`.
+
+    A `Sequence` of int32 arrays (document i is `flat[offsets[i]:offsets[i + 1]]`) that packs a
+    shuffled epoch with one vectorized gather instead of concatenating N small arrays.
+    """
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        self.flat = np.asarray(flat, np.int32)
+        self.offsets = np.asarray(offsets, np.int64)
+
+    @classmethod
+    def from_arrays(cls, documents: Sequence[Sequence[int]]) -> Documents:
+        if isinstance(documents, Documents):
+            return documents
+        arrays = [np.asarray(d, np.int32).reshape(-1) for d in documents]
+        lengths = np.array([a.size for a in arrays], np.int64)
+        flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+        return cls(flat, np.concatenate([[0], np.cumsum(lengths)]))
+
+    def __len__(self) -> int:
+        return self.offsets.size - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        i = range(len(self))[i]
+        return self.flat[self.offsets[i]: self.offsets[i + 1]]
+
+    def concatenated(self, order: np.ndarray) -> np.ndarray:
+        """The documents in `order`, end to end."""
+        starts, lengths = self.offsets[:-1][order], np.diff(self.offsets)[order]
+        ends = np.cumsum(lengths)
+        index = np.arange(ends[-1] if ends.size else 0) + np.repeat(starts - (ends - lengths), lengths)
+        return self.flat[index]
+
+
+_DOCUMENTS: dict[tuple[str, str | None], Documents] = {}
+
+
+def embedded_documents(tokenizer, data_dir: str | None = None) -> Documents:
+    """The corpus as token documents (no EOS), one per unique train text; cached per tokenizer."""
+    key = (tokenizer_fingerprint(tokenizer), None if data_dir is None else os.fspath(data_dir))
+    if key not in _DOCUMENTS:
+        ids = tokenizer.encode(corpus_texts(data_dir), add_eos=False)
+        _DOCUMENTS.clear()  # one corpus in memory (18 MB for the embedded one)
+        _DOCUMENTS[key] = Documents.from_arrays([x for x in ids if x])
+    return _DOCUMENTS[key]
+
+
+def packed_chunks(documents: Sequence[np.ndarray], length: int, seed: int, epoch: int) -> np.ndarray:
+    """int32 `[N, length]`: the documents shuffled by `(seed, epoch)`, concatenated, cut (rest dropped)."""
+    docs = Documents.from_arrays(documents)
+    order = np.random.default_rng([seed, epoch]).permutation(len(docs))
+    flat = docs.concatenated(order)
+    n = flat.size // length
+    if n == 0:
+        raise ValueError(f"the corpus has {flat.size} tokens: not one chunk of {length}")
+    return flat[: n * length].reshape(n, length)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanCorruptionStream:
+    """Endless, seed-determined batches of span-corrupted packed chunks.
+
+    Chunks hold `chunk_length(input_len, target_len)` corpus tokens; corpus tokens equal to one of
+    the `num_sentinels` reserved ids (`sentinel_start` downwards) become `unk_id`. Each batch is a
+    dict of int32 arrays `inputs`, `input_mask` `[B, input_len]`, `targets`, `target_mask`
+    `[B, target_len]` (right-padded with `pad_id`).
+    """
+
+    documents: Sequence[np.ndarray]
+    input_len: int = 64
+    target_len: int = 16
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    sentinel_start: int = EMBEDDED_VOCAB_SIZE - 1
+    seed: int = 0
+    eos_id: int = 1
+    pad_id: int = 0
+    unk_id: int = 2
+
+    @property
+    def length(self) -> int:
+        return chunk_length(self.input_len, self.target_len, self.noise_density, self.mean_span_length)
+
+    @property
+    def num_sentinels(self) -> int:
+        return noise_span_counts(self.length, self.noise_density, self.mean_span_length)[1]
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        length, floor = self.length, self.sentinel_start - self.num_sentinels + 1
+        if floor <= max(self.eos_id, self.pad_id, self.unk_id):
+            raise ValueError(f"sentinel ids {floor}..{self.sentinel_start} overlap the special ids")
+        docs = Documents.from_arrays(self.documents)
+        rng = np.random.default_rng([self.seed, 1 << 20])
+        epoch, chunks, pos = 0, np.zeros((0, length), np.int32), 0
+        while True:
+            out = {k: np.full((batch_size, n), self.pad_id, np.int32) for k, n in (
+                ("inputs", self.input_len), ("targets", self.target_len))}
+            out["input_mask"] = np.zeros((batch_size, self.input_len), np.int32)
+            out["target_mask"] = np.zeros((batch_size, self.target_len), np.int32)
+            for b in range(batch_size):
+                if pos == len(chunks):
+                    chunks, pos = packed_chunks(docs, length, self.seed, epoch), 0
+                    chunks = np.where(chunks >= floor, self.unk_id, chunks)
+                    epoch += 1
+                inp, tgt = span_corruption(chunks[pos], self.noise_density, self.mean_span_length,
+                                           rng=rng, sentinel_start=self.sentinel_start, eos_id=self.eos_id)
+                pos += 1
+                out["inputs"][b, : inp.size], out["input_mask"][b, : inp.size] = inp, 1
+                out["targets"][b, : tgt.size], out["target_mask"][b, : tgt.size] = tgt, 1
+            yield out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def train_config(config: SwitchConfig, dropout_rate: float | None = DEFAULTS["dropout_rate"],
+                 capacity_factor: float | None = DEFAULTS["capacity_factor"]) -> SwitchConfig:
+    """The config pretraining runs with: `config` with the pretraining dropout and routing.
+
+    `capacity_factor` (not None) routes with `dispatch="capacity"`, `expert_capacity=None` and that
+    factor, whatever the config's own routing (switch-small-16's absolute capacity of 64 slots per
+    expert and sequence computes 16x the tokens and makes a step ~3x slower on CPU; Switch
+    pretraining used factors of 1.0-1.25). Neither changes a parameter shape.
+    """
+    if dropout_rate is not None:
+        config = config.replace(dropout_rate=float(dropout_rate))
+    if capacity_factor is not None:
+        config = config.replace(dispatch="capacity", expert_capacity=None,
+                                capacity_factor=float(capacity_factor))
+    return config
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(cfg: SwitchConfig, weight_decay: float, clip_norm: float, lb_loss_weight: float,
+              z_loss_weight: float):
+    """Jitted `(init, optimizer init, train step)`, kept so that repeated pretrainings of a config
+    (tests, sweeps) trace and compile once. The learning rate is an argument of the step, not a
+    constant, so one program serves any number of steps and any schedule."""
+    model = SwitchTransformer(cfg)
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm),
+                     optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=weight_decay))
+
+    def init(key, input_len, target_len):
+        return model.init(key, jnp.ones((1, input_len), jnp.int32),
+                          jnp.ones((1, target_len), jnp.int32))["params"]
+
+    def train_step(params, opt_state, batch, key, lr):
+        clip_state, adam_state = opt_state
+        opt_state = (clip_state, adam_state._replace(
+            hyperparams={**adam_state.hyperparams, "learning_rate": lr}))
+        drop_key, jitter_key = jax.random.split(key)
+
+        def loss_fn(p):
+            out = model.apply({"params": p}, batch["inputs"], shift_right(batch["targets"],
+                              cfg.decoder_start_token_id, cfg.pad_token_id),
+                              batch["input_mask"], batch["target_mask"], deterministic=False,
+                              rngs={"dropout": drop_key, "jitter": jitter_key})
+            return switch_loss(out, batch["targets"], batch["target_mask"], label_smoothing=0.0,
+                               lb_loss_weight=lb_loss_weight, z_loss_weight=z_loss_weight)
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    return (jax.jit(init, static_argnums=(1, 2)), jax.jit(tx.init),
+            jax.jit(train_step, donate_argnums=(0, 1)))
+
+
+def learning_rate_schedule(steps: int, learning_rate: float, warmup_steps: int) -> np.ndarray:
+    """float32 `[steps]`: the rate of each update, as `optax.warmup_cosine_decay_schedule(0, lr,
+    min(warmup, steps // 2), steps)`: linear from 0, then a cosine to 0 at `steps`."""
+    t = np.arange(steps, dtype=np.float64)
+    warmup = min(warmup_steps, steps // 2)
+    decay = max(steps - warmup, 1)
+    cosine = 0.5 * learning_rate * (1 + np.cos(np.pi * np.clip((t - warmup) / decay, 0, 1)))
+    rates = np.where(t < warmup, learning_rate * t / max(warmup, 1), cosine)
+    return rates.astype(np.float32)
+
+
+def pretrain(
+    config: SwitchConfig,
+    tokenizer,
+    steps: int,
+    batch_size: int = DEFAULTS["batch_size"],
+    input_len: int = DEFAULTS["input_len"],
+    target_len: int = DEFAULTS["target_len"],
+    learning_rate: float = DEFAULTS["learning_rate"],
+    warmup_steps: int = DEFAULTS["warmup_steps"],
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    weight_decay: float = DEFAULTS["weight_decay"],
+    noise_density: float = DEFAULTS["noise_density"],
+    mean_span_length: float = DEFAULTS["mean_span_length"],
+    lb_loss_weight: float = DEFAULTS["lb_loss_weight"],
+    z_loss_weight: float = DEFAULTS["z_loss_weight"],
+    dropout_rate: float | None = DEFAULTS["dropout_rate"],
+    capacity_factor: float | None = DEFAULTS["capacity_factor"],
+    clip_norm: float = DEFAULTS["clip_norm"],
+    documents: Sequence[np.ndarray] | None = None,
+    data_dir: str | None = None,
+    stats: dict | None = None,
+) -> tuple[dict, list[float]]:
+    """Pretrain `SwitchTransformer(config)` from scratch with span corruption -> `(params, history)`.
+
+    AdamW (`weight_decay`, gradient clipping at `clip_norm`) with linear warmup to `learning_rate`
+    over `warmup_steps` (capped at steps // 2) and cosine decay to 0 at `steps`; loss = CE (no label
+    smoothing) + `lb_loss_weight` * load balance + `z_loss_weight` * router z-loss
+    (`models.switch_loss`). Dropout is `dropout_rate` during pretraining (None: the config's; T5.1.1
+    pretrains without) and routing uses `capacity_factor` (see `train_config`). `documents` (token
+    arrays without EOS) default to the embedded corpus (`embedded_documents(tokenizer, data_dir)`).
+    `history` is the loss of every step. A `stats`
+    dict gets `compile_seconds` (the first step), `train_seconds` and `steps_per_second` (the rest).
+    Measured cost: see the module docstring (switch-small-16: 3.4 steps/s on 2 idle CPU cores).
+    """
+    from tqdm.auto import tqdm
+
+    if steps < 1:
+        raise ValueError(f"steps={steps}; pretrain needs at least 1 step")
+    if config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"config.vocab_size={config.vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} pieces")
+    cfg = train_config(config, dropout_rate, capacity_factor)
+    if documents is None:
+        documents = embedded_documents(tokenizer, data_dir)
+    stream = SpanCorruptionStream(
+        documents, input_len, target_len, noise_density, mean_span_length,
+        sentinel_start=cfg.vocab_size - 1, seed=seed, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+        unk_id=tokenizer.unk_id,
+    )
+    batches = stream.batches(batch_size)
+    init_fn, opt_init_fn, step_fn = _programs(cfg, float(weight_decay), float(clip_norm),
+                                              float(lb_loss_weight), float(z_loss_weight))
+    key = jax.random.key(seed)
+    init_key, key = jax.random.split(key)
+    params = init_fn(init_key, input_len, target_len)
+    opt_state = opt_init_fn(params)
+    lrs = learning_rate_schedule(steps, learning_rate, warmup_steps)
+    pending: list[jax.Array] = []
+    history: list[float] = []
+    start = first_done = time.perf_counter()
+    with tqdm(total=steps, desc="pretrain", unit="step", disable=not progress) as bar:
+        for step in range(steps):
+            params, opt_state, metrics = step_fn(params, opt_state, next(batches),
+                                                 jax.random.fold_in(key, step), lrs[step])
+            pending.append(metrics["loss"])
+            if step == 0:
+                jax.block_until_ready(metrics["loss"])
+                first_done = time.perf_counter()
+            if len(pending) == 10 or step == steps - 1:
+                history.extend(float(x) for x in jax.device_get(pending))
+                pending = []
+                bar.set_postfix(loss=f"{history[-1]:.3f}")
+                bar.update(10 if step != steps - 1 else steps - bar.n)
+    end = time.perf_counter()
+    if stats is not None:
+        stats.update(compile_seconds=first_done - start, train_seconds=end - first_done,
+                     steps_per_second=(steps - 1) / (end - first_done) if steps > 1 else None)
+    if not all(math.isfinite(x) for x in history):
+        raise FloatingPointError("pretraining diverged (non-finite loss); lower learning_rate")
+    return jax.device_get(params), history
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+# ---------------------------------------------------------------------------------------------
+
+
+def _hyperparameters(steps: int, seed: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(kwargs) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown pretraining argument(s) {', '.join(unknown)}; use {sorted(DEFAULTS)}")
+    hp = {**DEFAULTS, **kwargs}
+    for k, default in DEFAULTS.items():  # 1 and 1.0 are one key
+        if hp[k] is not None and default is not None:
+            hp[k] = type(default)(hp[k])
+    return dict(sorted({**hp, "steps": int(steps), "seed": int(seed)}.items()))
+
+
+def cache_key(config: SwitchConfig, steps: int, seed: int = 0, tokenizer=None, data_dir: str | None = None,
+              **pretrain_kwargs: Any) -> dict[str, Any]:
+    """Everything a cached pretrained model depends on (its SHA-256 names the entry)."""
+    from fedmoe_jax.data.embedded import embedded_dir
+    from fedmoe_jax.data.wordnet import MANIFEST_FILE
+
+    if tokenizer is None:
+        from fedmoe_jax.data import embedded_tokenizer
+
+        tokenizer = embedded_tokenizer(data_dir)
+    hp = _hyperparameters(steps, seed, pretrain_kwargs)
+    manifest = embedded_dir(data_dir).joinpath(MANIFEST_FILE).read_bytes()
+    return {
+        "recipe_version": RECIPE_VERSION,
+        "model": dataclasses.asdict(train_config(config, hp["dropout_rate"], hp["capacity_factor"])),
+        "hyperparameters": hp,
+        "data_manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+    }
+
+
+def _digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def entry_name(key: dict[str, Any]) -> str:
+    """`d<d_model>-l<enc>x<dec>-e<experts>-v<vocab>-s<steps>-<12 hex of the key's SHA-256>`."""
+    m, hp = key["model"], key["hyperparameters"]
+    return (f"d{m['d_model']}-l{m['num_layers']}x{m['num_decoder_layers']}-e{m['num_experts']}-"
+            f"v{m['vocab_size']}-s{hp['steps']}-{_digest(key)[:12]}")
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for %s (another process is building this pretrained model)", path)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _load_entry(path: str, key: dict[str, Any], trained: SwitchConfig) -> tuple[dict, dict]:
+    """`(params, pretrain.json)` of a complete entry; ValueError when anything does not verify."""
+    from fedmoe_jax.checkpoints import load_hf_switch
+    from fedmoe_jax.checkpoints.hf_switch import WEIGHTS_FILE
+
+    try:
+        with open(os.path.join(path, ENTRY_FILE)) as f:
+            info = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {ENTRY_FILE}: {e}") from None
+    if not isinstance(info, dict) or info.get("key") != key:
+        raise ValueError(f"{ENTRY_FILE} does not hold this entry's key")
+    weights = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.exists(weights) or _file_sha256(weights) != info.get("weights_sha256"):
+        raise ValueError(f"{WEIGHTS_FILE} is missing or its SHA-256 differs from {ENTRY_FILE}")
+    loaded, params = load_hf_switch(path, **{f: getattr(trained, f) for f in RUNTIME_FIELDS})
+    if loaded != trained:
+        diff = [f.name for f in dataclasses.fields(trained)
+                if getattr(loaded, f.name) != getattr(trained, f.name)]
+        raise ValueError(f"config.json differs from the requested model in {', '.join(diff)}")
+    dtype = trained.jnp_param_dtype
+    return jax.tree.map(lambda x: np.asarray(x, dtype), params), info
+
+
+def _build_entry(path: str, key: dict[str, Any], trained: SwitchConfig, config: SwitchConfig,
+                 tokenizer, data_dir, progress: bool) -> None:
+    from fedmoe_jax.checkpoints import save_hf_switch
+    from fedmoe_jax.checkpoints.hf_switch import WEIGHTS_FILE
+
+    hp = key["hyperparameters"]
+    kwargs = {k: hp[k] for k in DEFAULTS}
+    start, stats = time.time(), {}
+    params, history = pretrain(config, tokenizer, steps=hp["steps"], seed=hp["seed"], progress=progress,
+                               data_dir=data_dir, stats=stats, **kwargs)
+    seconds = time.time() - start
+    parent = os.path.dirname(path)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        # HF needs an absolute capacity; a None capacity is restored from RUNTIME_FIELDS on load.
+        saved = trained if trained.expert_capacity is not None else trained.replace(
+            expert_capacity=max(hp["input_len"], hp["target_len"]))
+        save_hf_switch(saved, params, tmp)
+        tail = history[-min(len(history), 20):]
+        info = {
+            "key": key,
+            "entry": os.path.basename(path),
+            "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+            "loss_history": history,
+            "initial_loss": history[0],
+            "final_loss": history[-1],
+            "final_loss_mean20": float(np.mean(tail)),
+            "seconds": round(seconds, 3),  # all of it: corpus, compilation, training
+            "compile_seconds": round(stats["compile_seconds"], 3),  # the first step
+            "steps_per_second": stats["steps_per_second"],  # the other steps
+            "device": str(jax.devices()[0].platform),
+            "num_devices": jax.device_count(),
+            "weights_sha256": _file_sha256(os.path.join(tmp, WEIGHTS_FILE)),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        with open(os.path.join(tmp, ENTRY_FILE), "w") as f:
+            json.dump(info, f, indent=1)
+        for file in os.listdir(tmp):  # mkdtemp / safetensors make them private; the cache is shared
+            os.chmod(os.path.join(tmp, file), 0o644)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def pretrained_entry(
+    config: SwitchConfig,
+    steps: int = DEFAULT_STEPS,
+    cache_dir: str = DEFAULT_CACHE_DIR,
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    tokenizer=None,
+    data_dir: str | None = None,
+    **pretrain_kwargs: Any,
+) -> tuple[dict, dict]:
+    """`(params, info)`: like `pretrained_params`; `info` is the entry's `pretrain.json` plus `path`
+    and `cached` (True when it was loaded without training)."""
+    if tokenizer is None:
+        from fedmoe_jax.data import embedded_tokenizer
+
+        tokenizer = embedded_tokenizer(data_dir)
+    key = cache_key(config, steps, seed, tokenizer, data_dir, **pretrain_kwargs)
+    hp = key["hyperparameters"]
+    trained = train_config(config, hp["dropout_rate"], hp["capacity_factor"])
+    from fedmoe_jax.checkpoints.hf_switch import config_to_hf
+
+    config_to_hf(trained.replace(expert_capacity=trained.expert_capacity or 1))  # ValueError early
+    os.makedirs(cache_dir, exist_ok=True)
+    name = entry_name(key)
+    path = os.path.join(cache_dir, name)
+    with _locked(os.path.join(cache_dir, name + ".lock")):
+        for stale in os.listdir(cache_dir):  # left by a builder that died (we hold the lock)
+            if stale.startswith(f".{name}.tmp-"):
+                shutil.rmtree(os.path.join(cache_dir, stale), ignore_errors=True)
+        cached = os.path.exists(path)
+        if cached:
+            try:
+                params, info = _load_entry(path, key, trained)
+            except (ValueError, OSError) as e:
+                log.warning("pretrained model %s is corrupt (%s); rebuilding it", path, e)
+                aside = tempfile.mkdtemp(prefix=f".{name}.corrupt-", dir=cache_dir)
+                os.replace(path, os.path.join(aside, name))
+                shutil.rmtree(aside, ignore_errors=True)
+                cached = False
+        if not cached:
+            log.info("pretraining %s for %d steps (cache miss)", name, steps)
+            _build_entry(path, key, trained, config, tokenizer, data_dir, progress)
+            params, info = _load_entry(path, key, trained)
+    return params, {**info, "path": path, "cached": cached}
+
+
+def pretrained_params(
+    config: SwitchConfig,
+    steps: int = DEFAULT_STEPS,
+    cache_dir: str = DEFAULT_CACHE_DIR,
+    seed: int = 0,
+    progress: bool = True,
+    **pretrain_kwargs: Any,
+) -> dict:
+    """Params of `config` pretrained for `steps` steps: from the cache, else trained and cached.
+
+    `pretrain_kwargs` are `pretrain`'s hyperparameters (`DEFAULTS`), plus `tokenizer` (default: the
+    embedded one) and `data_dir` (the embedded benchmark's folder). The entry is
+    `cache_dir/<name>-<key sha256[:12]>/` (see the module docstring); the params are NumPy arrays
+    in `config.param_dtype`, shaped for `config` (its dropout rate does not enter the key when
+    pretraining overrides it, the default). Safe to call from parallel processes. The config must
+    be exportable to Hugging Face (top_k=1, no gated FFN, sparse steps that divide the layers).
+    """
+    return pretrained_entry(config, steps, cache_dir, seed, progress, **pretrain_kwargs)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI entry (configs/pretrain.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _config_error(message: str) -> Exception:
+    try:
+        from fedmoe_jax.config import ConfigError
+    except ImportError:  # pragma: no cover - the experiment schema is optional here
+        ConfigError = ValueError  # noqa: N806
+    return ConfigError(message)
+
+
+def model_config(config) -> SwitchConfig:
+    """The SwitchConfig of a pretrain ConfigDict: `model.name` with `model.num_experts` and
+    `model.vocab_size` when not 0."""
+    from fedmoe_jax.models.switch import NAMED_CONFIGS, get_config
+
+    name = config.model.name
+    if name not in NAMED_CONFIGS:
+        raise _config_error(f"config.model.name={name!r} is invalid: use one of "
+                            f"{', '.join(sorted(NAMED_CONFIGS))}")
+    overrides = {}
+    for field in ("num_experts", "vocab_size"):
+        value = config.model.get(field, 0)
+        if not isinstance(value, int) or value < 0:
+            raise _config_error(f"config.model.{field}={value!r} is invalid: use an integer >= 0 "
+                                "(0: the named config's)")
+        if value:
+            overrides[field] = value
+    try:
+        return get_config(name, **overrides)
+    except ValueError as e:
+        raise _config_error(f"config.model is invalid: {e}") from None
+
+
+def _validate(config) -> None:
+    rules = [
+        ("method", config.get("method") == "pretrain", "use 'pretrain'"),
+        ("steps", config.get("steps", 0) >= 1, "use >= 1"),
+        ("seed", config.get("seed", 0) >= 0, "use a non-negative integer"),
+        ("batch_size", config.get("batch_size", 0) >= 1, "use >= 1"),
+        ("input_len", config.get("input_len", 0) >= 4, "use >= 4"),
+        ("target_len", config.get("target_len", 0) >= 3, "use >= 3"),
+        ("learning_rate", config.get("learning_rate", 0) > 0, "use > 0"),
+        ("warmup_steps", config.get("warmup_steps", -1) >= 0, "use >= 0"),
+        ("cache_dir", bool(config.get("cache_dir", "x")), "give a folder"),
+        ("noise_density", 0 < config.get("noise_density", 0.15) < 1, "use a value in (0, 1)"),
+        ("mean_span_length", config.get("mean_span_length", 3.0) >= 1, "use >= 1"),
+    ]
+    for key, ok, fix in rules:
+        if not ok:
+            raise _config_error(f"config.{key}={config.get(key)!r} is invalid: {fix}")
+
+
+def _plot(path: str, history: list[float], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(np.arange(1, len(history) + 1), history, lw=0.8, alpha=0.5, label="per step")
+    w = max(1, min(25, len(history) // 10))
+    if len(history) >= w > 1:
+        smooth = np.convolve(history, np.ones(w) / w, mode="valid")
+        ax.plot(np.arange(w, len(history) + 1) - (w - 1) / 2, smooth, lw=1.5, label=f"centred mean of {w}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (CE + router losses)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_pretrain(config, workdir: str) -> dict:
+    """Pretrain (through the cache) the model of a `configs/pretrain.py` config; write the report.
+
+    Writes `workdir/pretrain.json` (final loss, steps/s, checkpoint path, whether it came from the
+    cache, the loss history) and `workdir/pretrain_loss.png`; returns the summary dict.
+    """
+    _validate(config)
+    cfg = model_config(config)
+    kwargs = {k: config[k] for k in DEFAULTS if k in config}
+    os.makedirs(workdir, exist_ok=True)
+    start = time.time()
+    _, info = pretrained_entry(cfg, int(config.steps), config.get("cache_dir") or DEFAULT_CACHE_DIR,
+                               int(config.seed), bool(config.get("progress", True)), **kwargs)
+    history = info["loss_history"]
+    summary = {
+        "method": "pretrain",
+        "seed": int(config.seed),
+        "model": config.model.name,
+        "num_experts": cfg.num_experts,
+        "num_params": info["num_params"],
+        "steps": int(config.steps),
+        "hyperparameters": info["key"]["hyperparameters"],
+        "checkpoint": os.path.abspath(info["path"]),
+        "cached": info["cached"],
+        "initial_loss": info["initial_loss"],
+        "final_loss": info["final_loss"],
+        "final_loss_mean20": info["final_loss_mean20"],
+        "pretrain_seconds": info["seconds"],
+        "compile_seconds": info.get("compile_seconds"),
+        "steps_per_second": info["steps_per_second"],
+        "wall_seconds": round(time.time() - start, 3),
+        "loss_history": history,
+    }
+    with open(os.path.join(workdir, "pretrain.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    _plot(os.path.join(workdir, "pretrain_loss.png"), history,
+          f"{config.model.name} ({cfg.num_experts} experts): span-corruption pretraining")
+    rate = summary["steps_per_second"]
+    print(f"pretrained {summary['model']} ({cfg.num_experts} experts, {summary['num_params']:,} params)"
+          f" {'loaded from cache' if info['cached'] else 'trained'}: loss {summary['initial_loss']:.3f} -> "
+          f"{summary['final_loss_mean20']:.3f} (mean of last 20 steps), "
+          f"{'-' if rate is None else f'{rate:.2f}'} steps/s; checkpoint {summary['checkpoint']}")
+    return summary

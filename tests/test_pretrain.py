@@ -1,0 +1,361 @@
+"""Span corruption (hand-checked), the packed stream, pretraining, the pretrained-model cache and the
+CLI entry `run_pretrain`, on a tiny model with the embedded tokenizer."""
+
+import json
+import logging
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedmoe_jax import pretrain as pt
+from fedmoe_jax.checkpoints.hf_switch import WEIGHTS_FILE
+from fedmoe_jax.data import embedded_tokenizer
+from fedmoe_jax.models import SwitchTransformer, get_config
+
+EOS = 1
+S = 99  # sentinel_start in the hand-made cases
+# Small, fast pretraining hyperparameters shared by the cache tests (one compiled program).
+# Every pretraining here has these shapes, so the tests share one compiled step per model config.
+FAST = dict(batch_size=8, input_len=32, target_len=8, warmup_steps=2, learning_rate=3e-3)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return embedded_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny(tok):
+    # The config a caller would fine-tune: dropout on, its own capacity. Pretraining overrides both.
+    return get_config("switch-tiny-4", vocab_size=tok.vocab_size, dropout_rate=0.1, expert_capacity=4)
+
+
+class FixedChoice:
+    """An rng whose `choice` returns the given cut positions (0-based, before the +1) in call order."""
+
+    def __init__(self, *draws):
+        self.draws = list(draws)
+
+    def choice(self, n, k, replace=False):
+        out = np.asarray(self.draws.pop(0))
+        assert out.shape == (k,) and not replace and (out < n).all()
+        return out
+
+
+def reconstruct(inputs, targets, floor):
+    """Merge targets back into inputs: every sentinel (id >= floor) of the inputs -> its span."""
+    assert inputs[-1] == EOS and targets[-1] == EOS
+    spans, current = {}, None
+    for t in targets[:-1].tolist():
+        if t >= floor:
+            current = t
+            spans[current] = []
+        else:
+            spans[current].append(t)
+    out = []
+    for t in inputs[:-1].tolist():
+        out.extend(spans.pop(t) if t >= floor else [t])
+    assert not spans  # every target span was used
+    return np.array(out)
+
+
+def test_span_corruption_hand_computed_two_spans():
+    # 10 tokens, density 0.4 -> 4 noise tokens; mean span 2 -> 2 spans. Noise 4 = 1 + 3 (cut after 1),
+    # kept 6 = 2 + 4 (cut after 2), interleaved kept first: K K N K K K K N N N.
+    tokens = np.arange(5, 15)
+    inputs, targets = pt.span_corruption(tokens, 0.4, 2.0, rng=FixedChoice([0], [1]), sentinel_start=S)
+    assert inputs.tolist() == [5, 6, S, 8, 9, 10, 11, S - 1, EOS]
+    assert targets.tolist() == [S, 7, S - 1, 12, 13, 14, EOS]
+    assert inputs.dtype == targets.dtype == np.int32
+
+
+def test_span_corruption_hand_computed_one_span():
+    # 20 tokens at T5's 0.15 / 3: round(3.0) = 3 noise tokens in round(1.0) = 1 span, which T5's recipe
+    # places at the end (kept span first): whatever the rng.
+    for seed in range(3):
+        inputs, targets = pt.span_corruption(np.arange(10, 30), rng=np.random.default_rng(seed),
+                                             sentinel_start=S)
+        assert inputs.tolist() == list(range(10, 27)) + [S, EOS]
+        assert targets.tolist() == [S, 27, 28, 29, EOS]
+
+
+def test_noise_span_counts_follow_t5_rounding():
+    assert pt.noise_span_counts(70) == (10, 3)  # round(10.5) = 10 (half to even, like tf.round)
+    assert pt.noise_span_counts(71) == (11, 4)
+    assert pt.noise_span_counts(3) == (1, 1)  # at least one noise token and one span
+    assert pt.noise_span_counts(2, 0.9) == (1, 1)  # at most length - 1 noise tokens
+    assert pt.noise_span_counts(1) == (0, 0) and pt.noise_span_counts(50, 0.0) == (0, 0)
+    assert pt.chunk_length(64, 16) == 70 and pt.corrupted_lengths(70) == (64, 14)
+    assert pt.corrupted_lengths(71)[0] == 65  # one more token would not fit
+
+
+@pytest.mark.parametrize("density,mean", [(0.15, 3.0), (0.3, 2.0), (0.5, 1.0), (0.15, 8.0)])
+def test_span_corruption_properties(density, mean):
+    rng = np.random.default_rng(0)
+    floor = 1000
+    for length in list(range(0, 40)) + [64, 70, 129, 500]:
+        tokens = rng.integers(3, floor, length)
+        noise, spans = pt.noise_span_counts(length, density, mean)
+        inputs, targets = pt.span_corruption(tokens, density, mean, rng=np.random.default_rng(length),
+                                             sentinel_start=2000)
+        assert (inputs.size, targets.size) == pt.corrupted_lengths(length, density, mean)
+        in_sent, tgt_sent = inputs[inputs >= floor], targets[targets >= floor]
+        assert in_sent.size == tgt_sent.size == spans
+        assert in_sent.tolist() == tgt_sent.tolist() == list(range(2000, 2000 - spans, -1))
+        assert targets.size - 1 - spans == noise  # noise fraction = round(length * density)
+        assert inputs[-1] == targets[-1] == EOS and (inputs == EOS).sum() == (targets == EOS).sum() == 1
+        np.testing.assert_array_equal(reconstruct(inputs, targets, floor), tokens)
+        if spans:
+            assert inputs[0] < floor  # T5 starts with a kept span and ends with a noise span
+            assert inputs[-2] >= floor
+        again = pt.span_corruption(tokens, density, mean, rng=np.random.default_rng(length),
+                                   sentinel_start=2000)
+        np.testing.assert_array_equal(again[0], inputs)
+        np.testing.assert_array_equal(again[1], targets)
+
+
+def test_span_corruption_depends_on_rng():
+    tokens = np.arange(3, 203)
+    outs = {tuple(pt.span_corruption(tokens, rng=np.random.default_rng(s), sentinel_start=999)[0])
+            for s in range(5)}
+    assert len(outs) == 5
+
+
+def test_span_lengths_are_random_partitions():
+    # Mean span length and noise fraction over many draws: noise 30 of 200 in 10 spans (mean 3).
+    rng = np.random.default_rng(1)
+    lengths = []
+    for _ in range(300):
+        mask = pt.random_spans_noise_mask(200, rng=rng)
+        assert mask.sum() == 30 and not mask[0] and mask[-1]
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
+        runs = edges[1::2] - edges[::2]
+        assert runs.size == 10
+        lengths.extend(runs.tolist())
+    assert np.mean(lengths) == 3.0 and max(lengths) > 6  # not all equal: random compositions
+
+
+def test_stream_packs_deterministically_and_reserves_sentinels():
+    docs = [np.arange(3, 3 + n, dtype=np.int32) for n in range(5, 60)]
+    docs[3] = np.array([4095, 4094, 7, 8, 4093, 4092], np.int32)  # ids in / next to the sentinel range
+    stream = pt.SpanCorruptionStream(docs, input_len=64, target_len=16, seed=3)
+    assert stream.length == 70 and stream.num_sentinels == 3
+    a = [next(it) for it in [stream.batches(8)] for _ in range(30)]
+    b = [next(it) for it in [stream.batches(8)] for _ in range(30)]
+    c = next(pt.SpanCorruptionStream(docs, seed=4).batches(8))
+    for x, y in zip(a, b):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    assert not np.array_equal(a[0]["inputs"], c["inputs"])
+    batch = a[0]
+    assert batch["inputs"].shape == (8, 64) and batch["targets"].shape == (8, 16)
+    assert (batch["input_mask"].sum(1) == 64).all() and (batch["target_mask"].sum(1) == 14).all()
+    assert (batch["targets"][:, 14:] == 0).all()
+    seen = []
+    for batch in a:
+        for inp, tgt in zip(batch["inputs"], batch["targets"][:, :14]):
+            assert (inp >= 4093).sum() == 3 and (tgt >= 4093).sum() == 3  # only sentinels up there
+            seen.append(reconstruct(inp, tgt, 4093))
+    flat = np.concatenate(seen)
+    assert 4092 in flat and 2 in flat  # 4092 is not reserved; 4095..4093 became <unk> (2)
+    # The first epoch is the documents in one seeded order, cut into 70-token chunks.
+    total = sum(d.size for d in docs)
+    order = np.random.default_rng([3, 0]).permutation(len(docs))
+    expected = np.concatenate([docs[i] for i in order])[: 70 * (total // 70)].reshape(-1, 70)
+    expected = np.where(expected >= 4093, 2, expected)
+    np.testing.assert_array_equal(np.stack(seen[: len(expected)]), expected)
+
+
+def test_corpus_is_train_texts_only():
+    from fedmoe_jax.data import load_embedded_benchmark
+
+    ordered = pt.corpus_texts()
+    texts = set(ordered)
+    assert len(ordered) == len(texts)  # unique
+    bench = load_embedded_benchmark()
+    train = {t for task in bench.values() for t in [*task["train"].inputs, *task["train"].targets]}
+    assert texts == train
+    # WordNet repeats some texts across synsets (so across splits); those only held out must not leak.
+    held_out = {t for task in bench.values() for s in ("validation", "test")
+                for t in [*task[s].inputs, *task[s].targets]} - train
+    assert len(held_out) > 10000 and not texts & held_out
+
+
+def test_learning_rate_schedule_is_optax_warmup_cosine():
+    import optax
+
+    for steps, lr, warmup in [(50, 3e-3, 10), (7, 1e-2, 100), (1, 1e-3, 0)]:
+        ref = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, steps // 2), steps)
+        np.testing.assert_allclose(pt.learning_rate_schedule(steps, lr, warmup),
+                                   [float(ref(i)) for i in range(steps)], rtol=1e-5, atol=1e-9)
+
+
+def test_pretrain_loss_decreases(tok, tiny):
+    stats = {}
+    params, history = pt.pretrain(tiny, tok, steps=40, progress=False, stats=stats,
+                                  **{**FAST, "learning_rate": 1e-2, "warmup_steps": 4})
+    assert len(history) == 40 and all(np.isfinite(history))
+    assert history[0] > 7.5  # about ln(4096) = 8.3 at init
+    assert np.mean(history[-5:]) < history[0] - 1.5
+    assert stats["steps_per_second"] > 0 and stats["compile_seconds"] > 0
+    ref = SwitchTransformer(tiny).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32),
+                                       jnp.ones((1, 4), jnp.int32))["params"]
+    assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, ref)
+
+
+def counting(monkeypatch):
+    calls = []
+    original = pt.pretrain
+
+    def wrapped(*args, **kwargs):
+        calls.append(kwargs.get("steps"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pt, "pretrain", wrapped)
+    return calls
+
+
+def assert_same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+
+
+def test_cache_hit_miss_and_rebuild(tmp_path, monkeypatch, caplog, tok, tiny):
+    calls = counting(monkeypatch)
+    cache = str(tmp_path / "cache")
+    first, info = pt.pretrained_entry(tiny, 6, cache, progress=False, tokenizer=tok, **FAST)
+    assert calls == [6] and not info["cached"]
+    path = info["path"]
+    assert os.path.basename(path).startswith("d32-l2x2-e4-v4096-s6-")
+    assert len(os.path.basename(path).rsplit("-", 1)[1]) == 12
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "pretrain.json"]
+    assert os.path.exists(path + ".lock")
+    assert not [f for f in os.listdir(cache) if ".tmp-" in f]
+    meta = json.loads(open(os.path.join(path, "pretrain.json")).read())
+    assert len(meta["loss_history"]) == 6 and meta["key"]["hyperparameters"]["steps"] == 6
+    assert meta["key"]["model"]["dropout_rate"] == 0.0 and meta["key"]["model"]["expert_capacity"] is None
+    # Shapes of the requested config.
+    ref = SwitchTransformer(tiny).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32),
+                                       jnp.ones((1, 4), jnp.int32))["params"]
+    assert jax.tree.map(np.shape, first) == jax.tree.map(np.shape, ref)
+
+    # Hit: no training, identical arrays. The requested dropout / capacity do not enter the key.
+    second = pt.pretrained_params(tiny.replace(dropout_rate=0.0, expert_capacity=8), 6, cache,
+                                  progress=False, tokenizer=tok, **FAST)
+    assert calls == [6]
+    assert_same(first, second)
+
+    # Other steps, seed or model: other entries, trained.
+    other_steps = pt.pretrained_entry(tiny, 7, cache, progress=False, tokenizer=tok, **FAST)[1]["path"]
+    other_seed = pt.pretrained_entry(tiny, 6, cache, seed=1, progress=False, tokenizer=tok, **FAST)
+    # (A model field that does not change the compiled step, so the test compiles nothing new.)
+    other_model = pt.pretrained_entry(tiny.replace(router_z_loss_coef=0.01), 6, cache, progress=False,
+                                      tokenizer=tok, **FAST)[1]["path"]
+    other_hp = pt.pretrained_entry(tiny, 6, cache, progress=False, tokenizer=tok,
+                                   **{**FAST, "learning_rate": 1e-3})[1]["path"]
+    assert calls == [6, 7, 6, 6, 6]
+    assert len({path, other_steps, other_seed[1]["path"], other_model, other_hp}) == 5
+    assert not np.array_equal(other_seed[0]["shared"]["embedding"], first["shared"]["embedding"])
+
+    # A corrupt entry (unreadable safetensors) is rebuilt with a warning, never loaded.
+    weights = os.path.join(path, WEIGHTS_FILE)
+    with open(weights, "wb") as f:
+        f.write(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING, logger="fedmoe_jax.pretrain"):
+        rebuilt, info = pt.pretrained_entry(tiny, 6, cache, progress=False, tokenizer=tok, **FAST)
+    assert calls == [6, 7, 6, 6, 6, 6] and not info["cached"]
+    assert any("corrupt" in r.getMessage() and path in r.getMessage() for r in caplog.records)
+    np.testing.assert_allclose(rebuilt["shared"]["embedding"], first["shared"]["embedding"], atol=1e-6)
+
+    # A silently changed tensor (readable file, wrong bytes) is caught by the SHA-256 too.
+    blob = bytearray(open(weights, "rb").read())
+    blob[-5] ^= 0xFF
+    open(weights, "wb").write(bytes(blob))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedmoe_jax.pretrain"):
+        pt.pretrained_params(tiny, 6, cache, progress=False, tokenizer=tok, **FAST)
+    assert len(calls) == 7 and any("SHA-256" in r.getMessage() for r in caplog.records)
+    # A missing pretrain.json as well.
+    os.remove(os.path.join(path, "pretrain.json"))
+    pt.pretrained_params(tiny, 6, cache, progress=False, tokenizer=tok, **FAST)
+    assert len(calls) == 8
+    assert pt.pretrained_entry(tiny, 6, cache, progress=False, tokenizer=tok, **FAST)[1]["cached"]
+    assert len(calls) == 8
+
+
+def test_cache_rejects_unknown_hyperparameters(tmp_path, tiny, tok):
+    with pytest.raises(TypeError, match="learning_rat"):
+        pt.pretrained_params(tiny, 6, str(tmp_path), tokenizer=tok, learning_rat=1e-3)
+
+
+def test_parallel_builders_train_once(tmp_path, monkeypatch, tok, tiny):
+    calls = counting(monkeypatch)
+    cache = str(tmp_path)
+    results, errors = [None, None], []
+    barrier = threading.Barrier(2)
+
+    def worker(i):
+        try:
+            barrier.wait()
+            results[i] = pt.pretrained_entry(tiny, 6, cache, progress=False, tokenizer=tok, **FAST)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and calls == [6]
+    assert sorted(r[1]["cached"] for r in results) == [False, True]
+    assert_same(results[0][0], results[1][0])
+
+
+def test_run_pretrain_writes_summary_and_plot(tmp_path, tok):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "pretrain_config", os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    assert config.method == "pretrain" and config.num_rounds == 0 and config.model.name == "switch-small-16"
+    assert config.steps == pt.DEFAULT_STEPS and config.cache_dir == "runs/pretrained"
+    assert {k: config[k] for k in pt.DEFAULTS} == pt.DEFAULTS
+    config.model.name = "switch-tiny-4"
+    config.model.vocab_size = tok.vocab_size
+    config.model.num_experts = 2
+    assert pt.model_config(config) == get_config("switch-tiny-4", vocab_size=4096, num_experts=2)
+    config.model.num_experts = 0  # the named config's 4
+    config.steps = 6
+    config.progress = False
+    config.cache_dir = str(tmp_path / "cache")
+    for k, v in FAST.items():
+        config[k] = v
+    workdir = tmp_path / "work"
+    summary = pt.run_pretrain(config, str(workdir))
+    written = json.loads((workdir / "pretrain.json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    assert summary["num_experts"] == 4 and summary["steps"] == 6 and not summary["cached"]
+    assert summary["method"] == "pretrain" and summary["num_params"] > 0
+    assert len(summary["loss_history"]) == 6 and summary["final_loss"] == summary["loss_history"][-1]
+    assert summary["steps_per_second"] > 0
+    assert os.path.isdir(summary["checkpoint"]) and summary["checkpoint"].startswith(str(tmp_path / "cache"))
+    png = (workdir / "pretrain_loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    again = pt.run_pretrain(config, str(tmp_path / "work2"))
+    assert again["cached"] and again["checkpoint"] == summary["checkpoint"]
+
+    config.model.num_experts = -1
+    with pytest.raises(ValueError, match="model.num_experts"):
+        pt.run_pretrain(config, str(workdir))
+    config.model.num_experts = 0
+    config.steps = 0
+    with pytest.raises(ValueError, match="config.steps=0"):
+        pt.run_pretrain(config, str(workdir))
