@@ -374,6 +374,30 @@ def test_eval_batches(fed):
             np.testing.assert_array_equal(_rows(ev, i)[k], want[k])
 
 
+def test_eval_subsets_are_fixed_random_samples(fed):
+    """`max_examples` picks a fixed uniform subset per (client, split), not the first examples."""
+    sizes = fed.num_examples["validation"]
+    c = int(np.argmax(sizes))
+    m = max(1, int(sizes[c]) // 2)
+    ev = fed.cohort_eval_batches([c, c], 4, "validation", max_examples=m)
+    again = fed.cohort_eval_batches([c], 3, "validation", max_examples=m)
+    want = fed.client_arrays(c, "validation")
+    got = [_rows(ev, 0), _rows(ev, 1), _rows(again, 0)]
+    assert all(len(g["example_ids"]) == m for g in got)
+    for g in got[1:]:  # the same subset whatever the batch size or cohort position
+        np.testing.assert_array_equal(g["example_ids"], got[0]["example_ids"])
+    assert set(got[0]["example_ids"]) <= set(want["example_ids"])
+    # over many sizes the subset is not always the prefix (a prefix of sorted files is biased)
+    test_ids = fed.client_arrays(c, "test")["example_ids"]
+    subset = lambda k: _rows(fed.cohort_eval_batches([c], 4, "test", max_examples=k), 0)  # noqa: E731
+    prefixes = [np.array_equal(subset(k)["example_ids"], test_ids[:k]) for k in range(1, len(test_ids))]
+    assert not all(prefixes)
+    full = fed.cohort_eval_batches([c], 4, "validation", max_examples=10**6)
+    np.testing.assert_array_equal(_rows(full, 0)["example_ids"], want["example_ids"])
+    with pytest.raises(ValueError, match="max_examples"):
+        fed.cohort_eval_batches([c], 4, "validation", max_examples=0)
+
+
 def test_errors(fed, tok):
     with pytest.raises(ValueError, match="not both"):
         fed.cohort_batches([0], 0, 0, 2, num_steps=2, epochs=1)

@@ -29,7 +29,7 @@ from fedmoe_jax.algorithms.memory import MemoryModel
 from fedmoe_jax.data.federated import FederatedData
 from fedmoe_jax.federated.aggregate import masked_weighted_mean
 from fedmoe_jax.federated.client import LossConfig, model_batch
-from fedmoe_jax.federated.evaluate import first_steps, make_cohort_eval
+from fedmoe_jax.federated.evaluate import make_cohort_eval
 from fedmoe_jax.models.lora import init_lora, merge_lora
 from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer, shift_right, switch_loss
 
@@ -124,8 +124,8 @@ def run_stage1(
 
     measure = make_cohort_eval(config, data.target_len, decode=False)
     adapted = merge_lora(params, lora, alpha, rank)
-    eval_batches = first_steps(data.cohort_eval_batches(cohort, eval_batch_size, "validation"),
-                               max_eval_examples)
+    eval_batches = data.cohort_eval_batches(cohort, eval_batch_size, "validation",
+                                            max_examples=max_eval_examples)
     stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (len(cohort),) + a.shape), adapted)
     all_experts = jnp.ones((len(cohort), config.num_moe_layers, config.num_experts), bool)
     _, stats, _ = measure(stacked, eval_batches, all_experts)

@@ -27,6 +27,7 @@ from fedmoe_jax.data.tokenizer import Tokenizer
 
 PAD_CLIENT = -1  # a client id in a cohort that stands for an all-masked padding client
 TOKENIZE_CHUNK = 1024  # texts read and tokenized at a time by `FederatedData.build`
+EVAL_SUBSET_SEED = 7919  # the fixed per-(client, split) evaluation subsets of `cohort_eval_batches`
 
 
 def length_buckets(max_len: int, smallest: int = 8) -> tuple[int, ...]:
@@ -287,14 +288,29 @@ class FederatedData:
         batch_size: int,
         split: str = "validation",
         step_buckets: Sequence[int] | None = None,
+        max_examples: int | None = None,
     ) -> dict[str, np.ndarray]:
-        """A cohort's whole `split` in index order, as in `cohort_batches` (one epoch, no shuffling)."""
+        """A cohort's `split` in index order, as in `cohort_batches` (one epoch, no shuffling).
+
+        `max_examples`: at most that many examples per client, a uniform random subset that is fixed
+        per (client, split) so that every round scores the same examples. (Not a prefix: example
+        order follows the source files, which are often sorted, e.g. the embedded data by part of
+        speech, so a prefix is a biased sample.)
+        """
         split = check_split(split)
         clients = self._check_clients(client_ids)
         _check_positive(batch_size=batch_size)
-        orders = [
-            _pad_rows(np.arange(0 if c < 0 else self.num_examples[split][c]), batch_size) for c in clients
-        ]
+        if max_examples is not None:
+            _check_positive(max_examples=max_examples)
+
+        def rows(c: int) -> np.ndarray:
+            n = 0 if c < 0 else int(self.num_examples[split][c])
+            if max_examples is None or n <= max_examples:
+                return np.arange(n)
+            rng = np.random.default_rng([EVAL_SUBSET_SEED, int(c), SPLITS.index(split)])
+            return np.sort(rng.choice(n, max_examples, replace=False))
+
+        orders = [_pad_rows(rows(c), batch_size) for c in clients]
         steps = self._steps(orders, batch_size, 1, split, step_buckets)
         return self._assemble(clients, orders, steps, batch_size, split)
 

@@ -12,7 +12,6 @@ Shape letters: C cohort, K eval steps, B batch, S input / T target tokens, L MoE
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -87,12 +86,3 @@ def score_predictions(
         scores["score"] = scores[PRIMARY_METRIC[task]]
         results.append(scores)
     return results
-
-
-def first_steps(batches: dict[str, Any], max_examples: int | None) -> dict[str, Any]:
-    """Keep the first `ceil(max_examples / B)` steps of `[C, K, B, ...]` eval batches."""
-    if max_examples is None:
-        return batches
-    b = batches["example_mask"].shape[2]
-    k = max(1, -(-max_examples // b))
-    return {name: (v[:, :k] if np.ndim(v) >= 2 else v) for name, v in batches.items()}

@@ -26,7 +26,7 @@ from fedmoe_jax.data.tasks import PRIMARY_METRIC, TASKS
 from fedmoe_jax.data.tokenizer import Tokenizer
 from fedmoe_jax.federated.checkpoint import RunCheckpointer, abstract_like
 from fedmoe_jax.federated.client import LossConfig, make_local_train, model_batch
-from fedmoe_jax.federated.evaluate import first_steps, make_cohort_eval, score_predictions
+from fedmoe_jax.federated.evaluate import make_cohort_eval, score_predictions
 from fedmoe_jax.federated.loop import (
     make_personal_step,
     make_round_step,
@@ -243,8 +243,8 @@ class FederatedTrainer:
                   max_examples=None, batch_size=None):
         s = self.settings
         max_examples = s.max_eval_examples if split == "validation" else max_examples
-        batches = first_steps(self.data.cohort_eval_batches(cohort, batch_size or s.eval_batch_size, split),
-                              max_examples)
+        batches = self.data.cohort_eval_batches(cohort, batch_size or s.eval_batch_size, split,
+                                                max_examples=max_examples)
         loss, stats, tokens = self._evaluator(width)(client_params, batches, valid)
         stats = to_global_experts(stats, indices, valid, self.config.num_experts)
         probs = np.asarray(stats.activation_probs, np.float32)
