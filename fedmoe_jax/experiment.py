@@ -40,8 +40,10 @@ from fedmoe_jax.config import (
     flatten,
     validate,
 )
+from fedmoe_jax.files import save_npz, write_json
 
 log = logging.getLogger("fedmoe_jax")
+SUMMARY_FILE = "summary.json"
 SUBSAMPLE_SEED = 20240821  # the data slice of CPU-scale runs does not depend on the run seed
 PyTree = Any
 
@@ -49,29 +51,6 @@ PyTree = Any
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-def write_json(path: str, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename): readers never see a half-written file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
-
-
-def save_npz(path: str, **arrays: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
     """Create `workdir` and its `config.json`, or check a rerun against it; returns whether the run
     is new. Only `RESUMABLE_KEYS` may differ from the saved config."""
@@ -217,6 +196,13 @@ def initial_params(config: ml_collections.ConfigDict, cfg, full_model_baseline: 
 # ---------------------------------------------------------------------------------------------
 # Method
 # ---------------------------------------------------------------------------------------------
+def loss_config(config: ml_collections.ConfigDict):
+    """The `LossConfig` of local training and Stage 1 (label smoothing, load-balance and z-loss)."""
+    from fedmoe_jax.federated.client import LossConfig
+
+    return LossConfig(config.loss.label_smoothing, config.loss.lb_loss_weight, config.loss.z_loss_weight)
+
+
 def client_budgets(config: ml_collections.ConfigDict, memory) -> np.ndarray:
     """M_k in bytes `[N]`: absolute GB, or fractions of the global model's training memory."""
     from fedmoe_jax.algorithms.memory import draw_budgets
@@ -236,7 +222,6 @@ def max_expert_totals(memory, budgets: np.ndarray, mem_fraction: float) -> np.nd
 def fedmoe_start(config, cfg, params, data, memory, budgets, workdir, progress):
     """Stage 1 (LoRA rounds, p on validation, Eq. 3 search), cached in `workdir/stage1.npz`."""
     from fedmoe_jax.algorithms.stage1 import initial_maps, run_stage1, stage1_eligible
-    from fedmoe_jax.federated.client import LossConfig
 
     path = None if workdir is None else os.path.join(workdir, "stage1.npz")
     if path is not None and os.path.exists(path):
@@ -252,8 +237,7 @@ def fedmoe_start(config, cfg, params, data, memory, budgets, workdir, progress):
                         batch_size=config.batch_size,
                         seed=config.seed, eval_batch_size=config.eval_batch_size,
                         max_eval_examples=config.max_eval_examples or None,
-                        loss_config=LossConfig(config.loss.label_smoothing, config.loss.lb_loss_weight,
-                                               config.loss.z_loss_weight), progress=progress)
+                        loss_config=loss_config(config), progress=progress)
     maps, thetas = initial_maps(result.probs, memory, budgets, config.memory.mem_fraction,
                                 s.min_experts_per_layer)
     out = {"probs": result.probs, "measured": result.measured, "lora_loss": np.asarray(result.lora_loss),
@@ -322,18 +306,27 @@ class Experiment:
     setup_seconds: float
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str | None, progress: bool = True) -> Experiment:
-    """Validate, then build data, model, Stage 1 and the trainer (resuming what `workdir` holds).
-
-    Bad input anywhere here (config, data, partition, checkpoint, resume) is a `ConfigError`."""
-    from fedmoe_jax.algorithms.memory import MemoryModel
-    from fedmoe_jax.federated.client import LossConfig
-    from fedmoe_jax.federated.trainer import FederatedTrainer, RunSettings
-
-    start = time.time()
+def check(config: ml_collections.ConfigDict, workdir: str | None) -> None:
+    """Validate the config and, with a `workdir`, create it or check that it holds this run."""
     validate(config)
     if workdir is not None:
         prepare_workdir(config, workdir)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str | None, progress: bool = True) -> Experiment:
+    """`check`, then `build`."""
+    check(config, workdir)
+    return build(config, workdir, progress)
+
+
+def build(config: ml_collections.ConfigDict, workdir: str | None, progress: bool = True) -> Experiment:
+    """Data, model, Stage 1 and the trainer of a `check`ed config (resuming what `workdir` holds).
+
+    Bad input anywhere here (data, partition, checkpoint, resume) is a `ConfigError`."""
+    from fedmoe_jax.algorithms.memory import MemoryModel
+    from fedmoe_jax.federated.trainer import FederatedTrainer, RunSettings
+
+    start = time.time()
     try:
         tokenizer = load_tokenizer(config)
         data = build_federated_data(config, tokenizer, workdir)
@@ -353,10 +346,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str | None, progress: bool
                                eval_batch_size=config.eval_batch_size,
                                max_eval_examples=config.max_eval_examples or None)
         optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
-        loss = LossConfig(config.loss.label_smoothing, config.loss.lb_loss_weight, config.loss.z_loss_weight)
         mesh = make_mesh_for(config)
         defining = {k: v for k, v in flatten(config).items() if k.split(".")[0] not in RESUMABLE_KEYS}
-        trainer = FederatedTrainer(cfg, params, data, tokenizer, algorithm, optimizer, settings, loss,
+        trainer = FederatedTrainer(cfg, params, data, tokenizer, algorithm, optimizer, settings,
+                                   loss_config(config),
                                    mesh=mesh, workdir=workdir, checkpoint_every=config.checkpoint_every,
                                    run_meta={"config": defining})
     except ConfigError:
@@ -417,22 +410,35 @@ def write_results(exp: Experiment, evaluation: dict[str, Any], seconds: float) -
         if exp.stage1 is not None:
             arrays["stage1_probs"] = exp.stage1["probs"]
         save_npz(os.path.join(exp.workdir, "experts.npz"), **arrays)
-        write_json(os.path.join(exp.workdir, "summary.json"), summary)
+        write_json(os.path.join(exp.workdir, SUMMARY_FILE), summary)
     return summary
+
+
+def finished_summary(workdir: str, num_rounds: int) -> dict[str, Any] | None:
+    """The run's `summary.json` if it was written after at least `num_rounds` rounds, else None."""
+    path = os.path.join(workdir, SUMMARY_FILE)
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        raise ConfigError(f"{path} is unreadable; delete it to evaluate the run again") from None
+    return summary if summary.get("rounds", -1) >= num_rounds else None
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str | None, progress: bool = True
                    ) -> dict[str, Any]:
     """Set up (or resume), run the rounds, evaluate on the test splits, write `summary.json`."""
     start = time.time()
-    exp = setup(config, workdir, progress)
+    check(config, workdir)
+    finished = None if workdir is None else finished_summary(workdir, config.num_rounds)
+    if finished is not None:
+        log.info("%s already finished %d rounds; summary: %s", workdir, finished["rounds"],
+                 os.path.join(workdir, SUMMARY_FILE))
+        return finished
+    exp = build(config, workdir, progress)
     t = exp.trainer
-    summary_path = None if workdir is None else os.path.join(workdir, "summary.json")
-    if summary_path and os.path.exists(summary_path) and t.server.round >= config.num_rounds:
-        log.info("%s already finished %d rounds; summary: %s", workdir, t.server.round, summary_path)
-        t.close()
-        with open(summary_path) as f:
-            return json.load(f)
     try:
         t.run(progress=progress)
         evaluation = evaluate_final(exp)
@@ -441,4 +447,4 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | None, progr
         t.close()
 
 
-__all__ = ["ConfigError", "Experiment", "run_experiment", "setup", "validate", "write_json"]
+__all__ = ["ConfigError", "Experiment", "build", "check", "run_experiment", "setup", "validate"]

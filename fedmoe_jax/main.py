@@ -98,10 +98,9 @@ def main(argv: list[str]) -> None:
                 config.progress = config.progress and FLAGS.progress
             run_pretrain(config, FLAGS.workdir)  # prints its own summary line
             return
-        else:
-            from fedmoe_jax.experiment import run_experiment
+        from fedmoe_jax.experiment import run_experiment
 
-            result = run_experiment(config, FLAGS.workdir, progress=FLAGS.progress)
+        result = run_experiment(config, FLAGS.workdir, progress=FLAGS.progress)
     except ConfigError as e:
         fail(str(e))
     print(format_summary(result, FLAGS.workdir), flush=True)

@@ -50,6 +50,7 @@ from fedmoe_jax.federated.metrics import (
     rounds_to_target,
     time_to_target_speedup,
 )
+from fedmoe_jax.files import atomic_write
 
 SUMMARY_FILE = "summary.json"
 EXPERTS_FILE = "experts.npz"
@@ -290,9 +291,8 @@ def _jsonable(x: Any) -> Any:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(_jsonable(obj), f, indent=1, sort_keys=False, allow_nan=False)
-        f.write("\n")
+    """Strict JSON (non-finite numbers as null), written atomically."""
+    atomic_write(path, json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

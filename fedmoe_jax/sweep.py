@@ -44,6 +44,8 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from fedmoe_jax.files import atomic_write
+
 SPEC_KEYS = ("config", "args", "grid", "set", "exclude", "root", "runner")
 DEFAULT_ROOT = "runs/sweep"
 SUMMARY = "summary.json"
@@ -507,17 +509,10 @@ def _record(run: Run, status: str = "pending") -> dict:
             "status": status, "returncode": None, "error": "", "seconds": None}
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_sweep_json(spec: SweepSpec, records: Sequence[dict]) -> None:
     doc = {"spec": spec.to_dict(), "updated": datetime.datetime.now().isoformat(timespec="seconds"),
            "counts": _counts(records), "runs": list(records)}
-    _atomic_write(os.path.join(spec.root, SWEEP_JSON), json.dumps(doc, indent=1) + "\n")
+    atomic_write(os.path.join(spec.root, SWEEP_JSON), json.dumps(doc, indent=1) + "\n")
 
 
 def read_sweep_json(root: str) -> dict | None:
@@ -797,7 +792,7 @@ def write_tables(spec: SweepSpec, rows: Sequence[dict]) -> tuple[str, str]:
     writer.writerow(cols + ["dir", "error"])
     for row in rows:
         writer.writerow(["" if row.get(c) is None else row[c] for c in cols + ["dir", "error"]])
-    _atomic_write(csv_path, buf.getvalue())
+    atomic_write(csv_path, buf.getvalue())
 
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
     lines = [f"# Sweep results: {spec.root}", "",
@@ -824,7 +819,7 @@ def write_tables(spec: SweepSpec, rows: Sequence[dict]) -> tuple[str, str]:
     if failed:
         lines += ["", "## Not finished", ""] + [f"- `{r['dir']}`: {r['status']}"
                                                  + (f": {r['error']}" if r["error"] else "") for r in failed]
-    _atomic_write(md_path, "\n".join(lines) + "\n")
+    atomic_write(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
 

@@ -3,10 +3,12 @@
 import collections
 
 import numpy as np
+import pytest
 
-from fedmoe_jax.config import default_config
+from fedmoe_jax.config import ConfigError, default_config
 from fedmoe_jax.experiment import (
     client_budgets,
+    finished_summary,
     load_task_data,
     max_expert_totals,
     runtime_overrides,
@@ -64,3 +66,14 @@ def test_runtime_overrides():
     c.model.capacity_factor, c.model.expert_capacity = 0.0, 32
     c.model.dispatch, c.model.dropout_rate = "dropless", 0.0
     assert runtime_overrides(c) == {"expert_capacity": 32, "dispatch": "dropless", "dropout_rate": 0.0}
+
+
+def test_finished_summary(tmp_path):
+    assert finished_summary(str(tmp_path), 3) is None
+    (tmp_path / "summary.json").write_text('{"rounds": 3, "method": "fedmoe"}')
+    assert finished_summary(str(tmp_path), 3) == {"rounds": 3, "method": "fedmoe"}
+    assert finished_summary(str(tmp_path), 2)["rounds"] == 3
+    assert finished_summary(str(tmp_path), 4) is None  # more rounds asked for: the run goes on
+    (tmp_path / "summary.json").write_text('{"rounds": 3')
+    with pytest.raises(ConfigError, match="unreadable"):
+        finished_summary(str(tmp_path), 3)

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fedmoe_jax.data.tasks import SPLITS, TASKS, TaskData, check_split, check_task
+from fedmoe_jax.files import atomic_write
 
 SETTINGS = ("T", "TD")
 _FORMAT = "fedmoe_jax.partition/1"
@@ -209,8 +210,8 @@ class Partition:
         buf = io.BytesIO()
         np.savez_compressed(buf, **self._arrays())
         meta = dict(self._meta(), num_clients=self.num_clients, fingerprint=self.fingerprint())
-        _atomic_write(npz_path, buf.getvalue())
-        _atomic_write(json_path, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
+        atomic_write(npz_path, buf.getvalue())
+        atomic_write(json_path, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
         return npz_path, json_path
 
     @classmethod
@@ -435,8 +436,3 @@ def _paths(path: str | os.PathLike) -> tuple[str, str]:
     return prefix + ".npz", prefix + ".json"
 
 
-def _atomic_write(path: str, payload: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)

@@ -1,0 +1,34 @@
+"""Atomic writes: the content arrives whole, no temporary file stays behind, NumPy values become JSON."""
+
+import json
+import os
+
+import numpy as np
+
+from fedmoe_jax.files import atomic_write, save_npz, write_json
+
+
+def test_atomic_write_text_and_bytes_replace_whole_files(tmp_path):
+    path = tmp_path / "f.txt"
+    atomic_write(path, "first version, longer than the second\n")
+    atomic_write(str(path), "second ✓\n")
+    assert path.read_text(encoding="utf-8") == "second ✓\n"
+    atomic_write(path, b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+    assert os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_write_json_converts_numpy(tmp_path):
+    path = tmp_path / "s.json"
+    write_json(path, {"a": np.float32(0.5), "b": np.arange(3), "c": np.int64(7), "d": "x"})
+    assert json.loads(path.read_text()) == {"a": 0.5, "b": [0, 1, 2], "c": 7, "d": "x"}
+    assert path.read_text().endswith("}\n")
+
+
+def test_save_npz_round_trip(tmp_path):
+    path = tmp_path / "a.npz"
+    save_npz(path, maps=np.eye(3, dtype=bool), probs=np.full((2, 2), 0.25, np.float32))
+    with np.load(path) as z:
+        np.testing.assert_array_equal(z["maps"], np.eye(3, dtype=bool))
+        assert z["probs"].dtype == np.float32 and z["probs"].sum() == 1.0
+    assert os.listdir(tmp_path) == ["a.npz"]
