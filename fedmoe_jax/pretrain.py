@@ -402,14 +402,11 @@ def _programs(cfg: SwitchConfig, weight_decay: float, clip_norm: float, lb_loss_
 
 
 def learning_rate_schedule(steps: int, learning_rate: float, warmup_steps: int) -> np.ndarray:
-    """float32 `[steps]`: the rate of each update, as `optax.warmup_cosine_decay_schedule(0, lr,
-    min(warmup, steps // 2), steps)`: linear from 0, then a cosine to 0 at `steps`."""
-    t = np.arange(steps, dtype=np.float64)
-    warmup = min(warmup_steps, steps // 2)
-    decay = max(steps - warmup, 1)
-    cosine = 0.5 * learning_rate * (1 + np.cos(np.pi * np.clip((t - warmup) / decay, 0, 1)))
-    rates = np.where(t < warmup, learning_rate * t / max(warmup, 1), cosine)
-    return rates.astype(np.float32)
+    """float32 `[steps]`: the rate of each update from `optax.warmup_cosine_decay_schedule` (linear
+    from 0 over `min(warmup, steps // 2)` steps, then a cosine to 0 at `steps`), precomputed so that
+    the jitted step takes it as an input."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(warmup_steps, steps // 2), steps)
+    return np.asarray(jax.vmap(schedule)(jnp.arange(steps)), np.float32)
 
 
 def pretrain(
