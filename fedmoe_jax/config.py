@@ -92,6 +92,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.stage2 = ml_collections.ConfigDict()
     c.stage2.patience = 2  # rounds without improvement before a recommendation [ASSUMPTION]
     c.stage2.num_references = 3  # K of Eq. 5 [ASSUMPTION]
+    # [DEVIATION] an equal validation score at a lower validation loss counts as an improvement
+    # (patience counter and trial acceptance); without it, scores stuck at 0 roll back every trial
+    c.stage2.loss_tie_break = True
 
     c.random_moe = ml_collections.ConfigDict()
     c.random_moe.experts_per_layer = 4  # paper: 8 of 32; CPU scale: 4 of 16

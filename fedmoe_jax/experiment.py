@@ -265,6 +265,7 @@ def build_algorithm(config, cfg, params, data, memory, budgets, workdir, progres
     if method == "local":
         return LocalOnly(), None
     stage2 = dict(patience=config.stage2.patience, num_references=config.stage2.num_references,
+                  loss_tie_break=config.stage2.loss_tie_break,
                   min_experts_per_layer=config.stage1.min_experts_per_layer,
                   max_experts=max_expert_totals(memory, budgets, config.memory.mem_fraction))
     if method == "fedmoe_no_stage1":  # a random start of randomMoE's size; Stage 2 grows / prunes it

@@ -97,12 +97,60 @@ def test_recommend_adds_and_removes():
     assert recommend(mask, p_hat, 3.2).tolist() == mask.tolist()  # n = 0: unchanged
 
 
-def _report(round_num, cohort, scores, probs):
+def _report(round_num, cohort, scores, probs, losses=None):
     from fedmoe_jax.algorithms import CohortReport
 
     c = len(cohort)
     return CohortReport(round_num, np.asarray(cohort), np.zeros(c), np.ones(c),
-                        np.asarray(scores, np.float32), np.asarray(probs, np.float32))
+                        np.asarray(scores, np.float32), np.asarray(probs, np.float32),
+                        val_losses=None if losses is None else np.asarray(losses, np.float32))
+
+
+def test_improves_by_hand():
+    from fedmoe_jax.algorithms.base import improves
+
+    score = np.array([0.0, 0.0, 0.0, 5.0, 0.0, 0.0])
+    loss = np.array([2.0, 3.0, 2.5, 9.0, np.nan, 1.0])
+    best = np.array([0.0, 0.0, 0.0, 4.0, 0.0, -np.inf])
+    best_loss = np.array([2.5, 2.5, 2.5, 1.0, 2.5, np.inf])
+    # lower loss at a tied score; higher loss; equal loss; higher score whatever the loss; NaN loss;
+    # the first evaluation (best -inf)
+    assert improves(score, loss, best, best_loss, True).tolist() == [True, False, False, True, False, True]
+    assert improves(score, loss, best, best_loss, False).tolist() == [False, False, False, True, False, True]
+
+
+def test_loss_tie_break_keeps_stuck_scores_from_stalling_and_accepts_trials():
+    """All scores 0 (a small model early in training): without the tie-break every client looks
+    stale and every trial is rolled back; with it, a falling validation loss is progress."""
+    from fedmoe_jax.algorithms.fedmoe import FedMoE
+    from fedmoe_jax.federated.state import ClientStates
+
+    maps = np.zeros((3, 1, 4), bool)
+    maps[0, 0, :1] = True
+    maps[1:, 0, :3] = True
+    probs = np.array([[[0.7, 0.3, 0.0, 0.0]], [[0.6, 0.3, 0.1, 0.0]], [[0.5, 0.2, 0.3, 0.0]]])
+    runs = {}
+    for tie_break in (False, True):
+        algo = FedMoE(maps, patience=1, num_references=2, loss_tie_break=tie_break)
+        states = ClientStates.create(maps, algo.init_extra(3, None))
+        states = algo.update_clients(states, _report(0, [0, 1, 2], [0, 0, 0], probs, [3.0, 3.0, 3.0]))
+        states = algo.update_clients(states, _report(1, [0], [0], probs[:1], [2.5]))  # loss falls
+        runs[tie_break] = (algo, states)
+    algo, states = runs[False]
+    assert states.stale_rounds[0] == 1 and states.extra["on_trial"][0]  # 0 > 0 fails: adjusted
+    assert states.best_loss[0] == 3.0
+    algo, states = runs[True]
+    assert states.stale_rounds[0] == 0 and not states.extra["on_trial"][0]
+    assert states.best_loss[0] == 2.5 and states.best_score[0] == 0.0
+    states = algo.update_clients(states, _report(2, [0], [0], probs[:1], [2.6]))  # stale: adjust
+    assert states.extra["on_trial"][0] and states.expert_maps[0, 0].sum() == 3
+    assert states.extra["best_loss_before_trial"][0] == 2.5
+    states = algo.update_clients(states, _report(3, [0], [0], probs[:1], [2.4]))  # tie, lower loss
+    assert algo.events[-1]["event"] == "accept" and states.expert_maps[0, 0].sum() == 3
+    # without the tie-break the same trial is rolled back and the client frozen
+    algo, states = runs[False]
+    states = algo.update_clients(states, _report(2, [0], [0], probs[:1], [2.4]))
+    assert algo.events[-1]["event"] == "rollback" and states.frozen[0]
 
 
 def test_stage2_adjust_accept_rollback_freeze():

@@ -35,6 +35,7 @@ class CohortReport:
     val_probs: np.ndarray  # <f32>[C, L, E] activation probabilities on validation data
     client_params: PyTree = None  # trained narrow sub-MoEs [C, ...], when the algorithm asks
     num_steps: np.ndarray | None = None  # <int32>[C] real local steps of each client
+    val_losses: np.ndarray | None = None  # <f32>[C] validation loss (NaN when not evaluated)
 
 
 class Algorithm:
@@ -72,15 +73,39 @@ class Algorithm:
         return record_report(states, report)
 
 
-def record_report(states: ClientStates, report: CohortReport) -> ClientStates:
-    """Store the cohort's latest probabilities and scores; count rounds without improvement."""
+def improves(score: np.ndarray, loss: np.ndarray, best_score: np.ndarray, best_loss: np.ndarray,
+             loss_tie_break: bool = False) -> np.ndarray:
+    """`<bool>[C]`: `score > best_score`, or with `loss_tie_break` an equal score at a lower loss.
+
+    The tie-break is ours (not the paper's): while the generated outputs of a small model are all
+    wrong, every validation score is 0 and "better than the best" never holds; the teacher-forced
+    loss still tells an improving client from a stale one. NaN losses never win a tie.
+    """
+    better = score > best_score
+    if loss_tie_break:
+        better = better | ((score == best_score) & (loss < best_loss))
+    return better
+
+
+def record_report(states: ClientStates, report: CohortReport, loss_tie_break: bool = False
+                  ) -> ClientStates:
+    """Store the cohort's latest probabilities and scores; count rounds without improvement.
+
+    A client improves when its score beats its best (`improves`; with `loss_tie_break`, an equal
+    score at a lower validation loss counts too).
+    """
     rows = states.take(report.cohort)
     evaluated = ~np.isnan(report.val_scores)
-    improved = evaluated & (report.val_scores > rows.best_score)
+    c = len(report.cohort)
+    losses = (np.full(c, np.nan, np.float32) if report.val_losses is None
+              else np.asarray(report.val_losses, np.float32))
+    improved = evaluated & improves(report.val_scores, losses, rows.best_score, rows.best_loss,
+                                    loss_tie_break)
     rows = rows.replace(
         probs=np.where(evaluated[:, None, None], report.val_probs, rows.probs).astype(np.float32),
         score=np.where(evaluated, report.val_scores, rows.score).astype(np.float32),
         best_score=np.where(improved, report.val_scores, rows.best_score).astype(np.float32),
+        best_loss=np.where(improved, losses, rows.best_loss).astype(np.float32),
         stale_rounds=np.where(improved, 0, rows.stale_rounds + evaluated).astype(np.int32),
         participations=rows.participations + 1,
     )

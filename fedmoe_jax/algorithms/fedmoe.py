@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedmoe_jax.algorithms.base import Algorithm, CohortReport, record_report
+from fedmoe_jax.algorithms.base import Algorithm, CohortReport, improves, record_report
 from fedmoe_jax.federated.state import ClientStates
 
 TOLERANCE = 1e-9  # float sums of probabilities may end at 0.99999...
@@ -198,13 +198,15 @@ class FedMoE(Algorithm):
     `recommend`). The adjustment is a trial: the next time the client is evaluated, it is kept if
     the score beats the best before the trial, else the previous map is restored and the client's
     structure is frozen for good. Growth is capped per client by `max_experts` (its memory budget).
+    With `loss_tie_break` (ours, see `base.improves`), an equal score at a lower validation loss also
+    counts as an improvement, both for the patience counter and for accepting a trial.
     """
 
     name = "fedmoe"
 
     def __init__(self, initial_maps: np.ndarray, patience: int = 2, num_references: int = 3,
                  min_experts_per_layer: int = 1, max_experts: np.ndarray | None = None,
-                 adjust: bool = True):
+                 adjust: bool = True, loss_tie_break: bool = False):
         maps = np.asarray(initial_maps, bool)
         if maps.ndim != 3:
             raise ValueError(f"initial_maps must be [N, L, E], got shape {maps.shape}")
@@ -217,6 +219,7 @@ class FedMoE(Algorithm):
         self.min_experts_per_layer = min_experts_per_layer
         self.max_experts = None if max_experts is None else np.asarray(max_experts, np.int64)
         self.adjust = adjust  # False: the "w/o stage 2" ablation (maps stay fixed)
+        self.loss_tie_break = loss_tie_break
         self.events: list[dict] = []  # adjustments, acceptances, rollbacks (also in the metrics)
 
     def initial_expert_maps(self, config, num_clients, seed):
@@ -233,11 +236,11 @@ class FedMoE(Algorithm):
             "previous_maps": self.initial_maps.copy(),  # the map before a pending trial
             "on_trial": np.zeros(n, bool),
             "best_before_trial": np.full(n, -np.inf, np.float32),
+            "best_loss_before_trial": np.full(n, np.inf, np.float32),
         }
 
     def update_clients(self, states: ClientStates, report: CohortReport) -> ClientStates:
-        before = states.best_score.copy()
-        states = record_report(states, report)
+        states = record_report(states, report, self.loss_tie_break)
         if not self.adjust:
             return states
         maps = states.expert_maps.copy()
@@ -245,11 +248,13 @@ class FedMoE(Algorithm):
         extra = {k: v.copy() for k, v in states.extra.items()}
         for i, k in enumerate(report.cohort):
             score = report.val_scores[i]
+            loss = np.nan if report.val_losses is None else report.val_losses[i]
             if np.isnan(score):
                 continue
             if extra["on_trial"][k]:
                 extra["on_trial"][k] = False
-                if score > extra["best_before_trial"][k]:
+                if improves(score, loss, extra["best_before_trial"][k],
+                            extra["best_loss_before_trial"][k], self.loss_tie_break):
                     self.events.append({"round": report.round, "client": int(k), "event": "accept"})
                 else:
                     maps[k] = extra["previous_maps"][k]
@@ -262,7 +267,8 @@ class FedMoE(Algorithm):
             if not np.array_equal(new, maps[k]):
                 extra["previous_maps"][k] = maps[k]
                 extra["on_trial"][k] = True
-                extra["best_before_trial"][k] = max(before[k], states.best_score[k])
+                extra["best_before_trial"][k] = states.best_score[k]  # includes this round's
+                extra["best_loss_before_trial"][k] = states.best_loss[k]
                 self.events.append({"round": report.round, "client": int(k), "event": "adjust",
                                     "from": int(maps[k].sum()), "to": int(new.sum())})
                 maps[k] = new

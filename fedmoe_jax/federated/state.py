@@ -27,6 +27,7 @@ class ClientStates:
     probs: np.ndarray  # <f32>[N, L, E] latest activation probabilities (validation data)
     score: np.ndarray  # <f32>[N] latest validation score (NaN before the first)
     best_score: np.ndarray  # <f32>[N] best validation score so far (-inf before the first)
+    best_loss: np.ndarray  # <f32>[N] validation loss of that best evaluation (+inf before the first)
     stale_rounds: np.ndarray  # <int32>[N] participations since the best score last improved
     frozen: np.ndarray  # <bool>[N] structure fixed for good (after a rollback)
     participations: np.ndarray  # <int32>[N] rounds the client was sampled in
@@ -45,6 +46,7 @@ class ClientStates:
             probs=np.zeros(maps.shape, np.float32),
             score=np.full(n, np.nan, np.float32),
             best_score=np.full(n, -np.inf, np.float32),
+            best_loss=np.full(n, np.inf, np.float32),
             stale_rounds=np.zeros(n, np.int32),
             frozen=np.zeros(n, bool),
             participations=np.zeros(n, np.int32),

@@ -223,7 +223,8 @@ class FederatedTrainer:
                                                                 width)
         report = CohortReport(r, cohort, train_loss, weights, val_scores, val_probs,
                               client_params if self.algorithm.needs_client_params else None,
-                              np.asarray(batches["num_steps"]))
+                              np.asarray(batches["num_steps"]),
+                              np.asarray([m.get("loss", np.nan) for m in val_metrics], np.float32))
         self.states = self.algorithm.update_clients(self.states, report)
         self.server = ServerState(params, opt_state, r + 1,
                                   self.algorithm.update_server(server_extra, report, params))
