@@ -33,6 +33,8 @@ flags.DEFINE_bool("collect-only", False, "Only rebuild ROOT/results.csv and resu
 flags.DEFINE_bool("pin_cpus", True, "With several workers, give each a disjoint share of the CPU cores.")
 flags.DEFINE_bool("validate", True, "Check every run's config overrides before launching anything.")
 flags.DEFINE_bool("progress", True, "Show the tqdm progress bar.")
+flags.DEFINE_bool("vectorize_seeds", False, "Run the seeds of each grid point as one process, their "
+                  "rounds vectorized in one program (fedmoe_jax.federated.runs; needs a seed axis).")
 flags.DEFINE_float("grace", 10.0, "Seconds a stopped run gets after SIGTERM before SIGKILL.")
 FLAGS = flags.FLAGS
 
@@ -63,10 +65,13 @@ def build_spec() -> sweep.SweepSpec:
             d["root"] = FLAGS.root
         if FLAGS.runner is not None:
             d["runner"] = FLAGS.runner
+        if FLAGS["vectorize_seeds"].present:
+            d["vectorize_seeds"] = FLAGS.vectorize_seeds
         return sweep.spec_from_dict(d)
     if FLAGS.config:
         return sweep.spec_from_flags(FLAGS.config, FLAGS.arg, FLAGS.grid, FLAGS.set, FLAGS.exclude,
-                                     root=FLAGS.root, runner=FLAGS.runner)
+                                     root=FLAGS.root, runner=FLAGS.runner,
+                                     vectorize_seeds=FLAGS.vectorize_seeds)
     if given:
         fail("--config is required with --arg/--grid/--set/--exclude")
     if FLAGS["collect-only"].value and FLAGS.root:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -34,6 +35,7 @@ import optax
 from fedmoe_jax.config import (
     FEDMOE_METHODS,
     FULL_MODEL_METHODS,
+    METHODS,
     RESUMABLE_KEYS,
     SETTINGS,
     ConfigError,
@@ -448,4 +450,62 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | None, progr
         t.close()
 
 
-__all__ = ["ConfigError", "Experiment", "build", "check", "run_experiment", "setup", "validate"]
+def vectorizable(config: ml_collections.ConfigDict) -> str | None:
+    """Why the seeds of `config` cannot share one round program (None if they can)."""
+    if config.method not in METHODS or config.method == "local":
+        return f"method {config.method!r} trains personal models without a server"
+    if config.mesh.enabled and jax.device_count() > 1:
+        return "the cohort is sharded over several devices (set --config.mesh.enabled=False)"
+    return None
+
+
+def run_experiments(config: ml_collections.ConfigDict, seeds: Sequence[int], workdirs: Sequence[str],
+                    progress: bool = True) -> list[dict[str, Any]]:
+    """`run_experiment` for several seeds of one config, their rounds vectorized (`RunGroup`).
+
+    Each seed gets its own workdir, data partition, Stage 1, checkpoints and summary, exactly as if
+    run alone; finished seeds are skipped, unfinished ones resumed. Methods without a server
+    (`local`) and multi-device meshes fall back to one run after another.
+    """
+    from fedmoe_jax.federated.runs import RunGroup
+
+    if len(seeds) != len(workdirs) or len(set(workdirs)) != len(workdirs):
+        raise ConfigError("give one distinct workdir per seed")
+    start = time.time()
+    configs = []
+    for seed in seeds:
+        c = ml_collections.ConfigDict(config.to_dict())
+        c.seed = int(seed)
+        configs.append(c)
+    for c, w in zip(configs, workdirs):
+        check(c, w)
+    results: dict[int, dict[str, Any]] = {}
+    todo = []
+    for i, (c, w) in enumerate(zip(configs, workdirs)):
+        finished = finished_summary(w, c.num_rounds)
+        if finished is not None:
+            results[i] = finished
+        else:
+            todo.append(i)
+    reason = vectorizable(config)
+    if reason is not None or len(todo) < 2:
+        if reason is not None and len(todo) > 1:
+            log.info("seeds run one after another: %s", reason)
+        for i in todo:
+            results[i] = run_experiment(configs[i], workdirs[i], progress)
+        return [results[i] for i in range(len(seeds))]
+    exps = []
+    try:
+        for i in todo:
+            exps.append(build(configs[i], workdirs[i], progress))
+        RunGroup([e.trainer for e in exps]).run(progress=progress)
+        for i, exp in zip(todo, exps):
+            results[i] = write_results(exp, evaluate_final(exp), time.time() - start)
+    finally:
+        for exp in exps:
+            exp.trainer.close()
+    return [results[i] for i in range(len(seeds))]
+
+
+__all__ = ["ConfigError", "Experiment", "build", "check", "run_experiment", "run_experiments", "setup",
+           "validate", "vectorizable"]

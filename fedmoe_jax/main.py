@@ -22,6 +22,8 @@ FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/cpu.py:standard_hetero_t (ml_collections).")
 flags.DEFINE_string("workdir", None, "Run directory: config.json, checkpoints, metrics.jsonl, summary.json.")
+flags.DEFINE_list("seeds", [], "Run these seeds of the config together, their rounds vectorized in one "
+                  "program (fedmoe_jax.federated.runs); --workdir must then contain {seed}.")
 flags.DEFINE_bool("progress", True, "Show tqdm progress bars.")
 flags.DEFINE_string("jax_cache", os.environ.get("FEDMOE_JAX_CACHE", ""),
                     "Persistent JAX compilation cache directory ('' = off).")
@@ -98,12 +100,33 @@ def main(argv: list[str]) -> None:
                 config.progress = config.progress and FLAGS.progress
             run_pretrain(config, FLAGS.workdir)  # prints its own summary line
             return
-        from fedmoe_jax.experiment import run_experiment
+        from fedmoe_jax.experiment import run_experiment, run_experiments
 
+        if FLAGS.seeds:
+            seeds, workdirs = seed_workdirs(FLAGS.seeds, FLAGS.workdir)
+            for result, workdir in zip(run_experiments(config, seeds, workdirs, FLAGS.progress), workdirs):
+                print(format_summary(result, workdir), flush=True)
+            return
         result = run_experiment(config, FLAGS.workdir, progress=FLAGS.progress)
     except ConfigError as e:
         fail(str(e))
     print(format_summary(result, FLAGS.workdir), flush=True)
+
+
+def seed_workdirs(seeds: list[str], template: str) -> tuple[list[int], list[str]]:
+    """`--seeds=0,1,2 --workdir=runs/x/seed={seed}` -> the seeds and one workdir per seed."""
+    from fedmoe_jax.config import ConfigError
+
+    try:
+        values = [int(s) for s in seeds]
+    except ValueError:
+        raise ConfigError(f"--seeds={','.join(seeds)} must be integers, e.g. --seeds=0,1,2") from None
+    if "{seed}" not in template:
+        raise ConfigError(f"--workdir={template} needs a {{seed}} placeholder with --seeds, "
+                          "e.g. --workdir=runs/x/seed={seed}")
+    if len(set(values)) != len(values) or min(values) < 0:
+        raise ConfigError(f"--seeds={','.join(seeds)} must be distinct non-negative integers")
+    return values, [template.replace("{seed}", str(s)) for s in values]
 
 
 def format_summary(result: dict, workdir: str) -> str:
@@ -129,4 +152,4 @@ def run(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     run()
 
-__all__ = ["format_summary", "main", "run"]
+__all__ = ["format_summary", "main", "run", "seed_workdirs"]

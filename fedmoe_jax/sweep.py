@@ -46,7 +46,7 @@ from typing import Any
 
 from fedmoe_jax.files import atomic_write
 
-SPEC_KEYS = ("config", "args", "grid", "set", "exclude", "root", "runner")
+SPEC_KEYS = ("config", "args", "grid", "set", "exclude", "root", "runner", "vectorize_seeds")
 DEFAULT_ROOT = "runs/sweep"
 SUMMARY = "summary.json"
 LOG = "log.txt"
@@ -197,6 +197,8 @@ class SweepSpec:
     exclude: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     root: str = DEFAULT_ROOT
     runner: list[str] = dataclasses.field(default_factory=lambda: list(default_runner()))
+    # grid points that differ only in `seed` run as one process, rounds vectorized (`--seeds`)
+    vectorize_seeds: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -214,6 +216,54 @@ class Run:
 
     def finished(self) -> bool:
         return os.path.isfile(os.path.join(self.workdir, SUMMARY))
+
+
+@dataclasses.dataclass
+class Job:
+    """One process: a single run, or (`vectorize_seeds`) the seeds of one grid point, whose output
+    goes to the first run's log."""
+
+    runs: list[Run]
+    command: list[str]
+
+    @property
+    def log_dir(self) -> str:
+        return self.runs[0].workdir
+
+
+_SEED_SENTINEL = 987654321
+
+
+def jobs(spec: SweepSpec, runs: Sequence[Run]) -> list[Job]:
+    """The processes that run `runs`: one per run, or with `spec.vectorize_seeds` one per group of
+    runs that differ only in their seed (`RUNNER ... --workdir=ROOT/.../seed={seed},... --seeds=S1,S2`)."""
+    if not spec.vectorize_seeds:
+        return [Job([r], r.command) for r in runs]
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        rest = {k: v for k, v in r.params.items() if k != "seed"}
+        groups.setdefault((r.arg, _canonical(rest)), []).append(r)
+    out = []
+    for members in groups.values():
+        if len(members) == 1:
+            out.append(Job(members, members[0].command))
+            continue
+        first = members[0]
+        template = run_name({**first.params, "seed": _SEED_SENTINEL}).replace(f"seed={_SEED_SENTINEL}",
+                                                                              "seed={seed}")
+        if first.arg is not None:
+            template = os.path.join(os.path.dirname(first.name), template)
+        if not all(isinstance(r.params["seed"], int) and not isinstance(r.params["seed"], bool)
+                   and template.replace("{seed}", str(r.params["seed"])) == r.name for r in members):
+            out.extend(Job([r], r.command) for r in members)  # seeds that are not plain integers
+            continue
+        config = spec.config + (f":{first.arg}" if first.arg is not None else "")
+        command = [*spec.runner, f"--config={config}", f"--workdir={os.path.join(spec.root, template)}",
+                   "--seeds=" + ",".join(str(r.params["seed"]) for r in members)]
+        command += [f"--config.{k}={format_cli_value(v)}" for k, v in {**spec.set, **first.params}.items()
+                    if k != "seed"]
+        out.append(Job(members, command))
+    return out
 
 
 def _check_runner(runner: Sequence[str]) -> None:
@@ -281,8 +331,14 @@ def spec_from_dict(d: Any, *, check_runner: bool = True) -> SweepSpec:
         raise SpecError("'runner' must be a command line string or a list of strings")
     if check_runner:
         _check_runner(runner)
+    vectorize = d.get("vectorize_seeds", False)
+    if not isinstance(vectorize, bool):
+        raise SpecError("'vectorize_seeds' must be true or false")
+    if vectorize and "seed" not in grid:
+        raise SpecError("'vectorize_seeds' needs a 'seed' axis in 'grid'")
     spec = SweepSpec(config=config, args=list(args), grid={k: list(v) for k, v in grid.items()},
-                     set=dict(fixed), exclude=[dict(e) for e in exclude], root=root, runner=list(runner))
+                     set=dict(fixed), exclude=[dict(e) for e in exclude], root=root, runner=list(runner),
+                     vectorize_seeds=vectorize)
     expand(spec)  # name clashes and excludes that match nothing are spec errors too
     return spec
 
@@ -300,7 +356,7 @@ def load_spec(path: str) -> SweepSpec:
 
 def spec_from_flags(config: str, args: Sequence[str] = (), grid: Sequence[str] = (), set: Sequence[str] = (),
                     exclude: Sequence[str] = (), root: str | None = None,
-                    runner: str | Sequence[str] | None = None) -> SweepSpec:
+                    runner: str | Sequence[str] | None = None, vectorize_seeds: bool = False) -> SweepSpec:
     """The spec given by command-line flags (one `--arg` per ARG: ARGs may contain commas)."""
     d: dict[str, Any] = {"config": config}
     if args:
@@ -318,6 +374,7 @@ def spec_from_flags(config: str, args: Sequence[str] = (), grid: Sequence[str] =
         d["root"] = root
     if runner is not None:
         d["runner"] = runner
+    d["vectorize_seeds"] = vectorize_seeds
     return spec_from_dict(d)
 
 
@@ -480,7 +537,7 @@ def last_line(path: str, offset: int = 0) -> str:
 
 @dataclasses.dataclass
 class _Active:
-    run: Run
+    job: Job
     proc: subprocess.Popen
     log: io.BufferedWriter
     offset: int
@@ -596,7 +653,7 @@ def run_sweep(spec: SweepSpec, workers: int = 1, *, rerun: bool = False, pin_cpu
     records = {r.name: _record(r) for r in runs}
     previous = {r["name"]: r for r in (read_sweep_json(spec.root) or {}).get("runs", [])}
     changed = 0
-    queue: deque[Run] = deque()
+    queue: deque[Job] = deque()
     active: dict[int, _Active] = {}
     interrupted = False
     with _lock(spec.root), tqdm(total=len(runs), unit="run", desc="sweep", disable=not progress,
@@ -613,8 +670,7 @@ def run_sweep(spec: SweepSpec, workers: int = 1, *, rerun: bool = False, pin_cpu
                 old = previous.get(run.name)
                 changed += bool(old and old.get("command") and old["command"] != run.command)
                 bar.update(1)
-            else:
-                queue.append(run)
+        queue.extend(jobs(spec, [r for r in runs if records[r.name]["status"] == "pending"]))
         if changed:
             tqdm.write(f"sweep: {changed} finished run(s) were made by a different command (changed 'set' or "
                        "runner?); skipped anyway: pass --rerun to run them again", file=sys.stderr)
@@ -625,20 +681,28 @@ def run_sweep(spec: SweepSpec, workers: int = 1, *, rerun: bool = False, pin_cpu
                 for slot in range(workers):
                     if slot in active or not queue:
                         continue
-                    run = queue.popleft()
+                    job = queue.popleft()
                     share = shares[slot] if shares else None
-                    os.makedirs(run.workdir, exist_ok=True)
-                    log = open(os.path.join(run.workdir, LOG), "ab")  # closed when the run ends or is stopped
                     stamp = datetime.datetime.now().isoformat(timespec="seconds")
-                    log.write(f"=== sweep {stamp}: {shlex.join(run.command)}\n".encode())
+                    for run in job.runs[1:]:
+                        os.makedirs(run.workdir, exist_ok=True)
+                        with open(os.path.join(run.workdir, LOG), "ab") as other:
+                            other.write(f"=== sweep {stamp}: seeds vectorized; output in "
+                                        f"{os.path.join(job.log_dir, LOG)}\n".encode())
+                    os.makedirs(job.log_dir, exist_ok=True)
+                    log = open(os.path.join(job.log_dir, LOG), "ab")  # closed when the job ends or is stopped
+                    log.write(f"=== sweep {stamp}: {shlex.join(job.command)}\n".encode())
                     log.flush()
                     offset = log.tell()
                     with _pinned(share):
-                        proc = subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT,
+                        proc = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT,
                                                 stdin=subprocess.DEVNULL, env=child_env(workers, share),
                                                 start_new_session=True)
-                    active[slot] = _Active(run, proc, log, offset, time.monotonic())
-                    records[run.name]["status"] = "running"
+                    active[slot] = _Active(job, proc, log, offset, time.monotonic())
+                    for run in job.runs:
+                        records[run.name]["status"] = "running"
+                        if len(job.runs) > 1:
+                            records[run.name]["command"] = job.command
                     show()
                 time.sleep(poll)
                 for slot, a in list(active.items()):
@@ -647,28 +711,30 @@ def run_sweep(spec: SweepSpec, workers: int = 1, *, rerun: bool = False, pin_cpu
                         continue
                     del active[slot]
                     a.log.close()
-                    rec = records[a.run.name]
-                    rec.update(returncode=rc, seconds=round(time.monotonic() - a.start, 2))
-                    if rc == 0 and a.run.finished():
-                        rec.update(status="done", error="")
-                    else:
-                        reason = last_line(os.path.join(a.run.workdir, LOG), a.offset) or "(no output)"
-                        if rc == 0:
-                            reason = f"exited 0 without writing {SUMMARY}; last line: {reason}"
-                        rec.update(status="failed", error=reason)
-                        tqdm.write(f"sweep: {a.run.name} failed (exit {rc}): {reason}", file=sys.stderr)
-                    bar.update(1)
+                    for run in a.job.runs:
+                        rec = records[run.name]
+                        rec.update(returncode=rc, seconds=round(time.monotonic() - a.start, 2))
+                        if rc == 0 and run.finished():
+                            rec.update(status="done", error="")
+                        else:
+                            reason = last_line(os.path.join(a.job.log_dir, LOG), a.offset) or "(no output)"
+                            if rc == 0:
+                                reason = f"exited 0 without writing {SUMMARY}; last line: {reason}"
+                            rec.update(status="failed", error=reason)
+                            tqdm.write(f"sweep: {run.name} failed (exit {rc}): {reason}", file=sys.stderr)
+                        bar.update(1)
                     show()
                     write_sweep_json(spec, list(records.values()))
         except KeyboardInterrupt:
             interrupted = True
-            tqdm.write(f"sweep: interrupted; stopping {len(active)} run(s)", file=sys.stderr)
+            tqdm.write(f"sweep: interrupted; stopping {len(active)} process(es)", file=sys.stderr)
             _stop(list(active.values()), grace)
             for a in active.values():
-                finished = a.proc.returncode == 0 and a.run.finished()  # ended during the grace period
-                records[a.run.name].update(status="done" if finished else "interrupted",
-                                           returncode=a.proc.returncode,
-                                           seconds=round(time.monotonic() - a.start, 2))
+                for run in a.job.runs:
+                    finished = a.proc.returncode == 0 and run.finished()  # ended during the grace period
+                    records[run.name].update(status="done" if finished else "interrupted",
+                                             returncode=a.proc.returncode,
+                                             seconds=round(time.monotonic() - a.start, 2))
             active.clear()
         finally:
             for rec in records.values():
@@ -834,8 +900,8 @@ def spec_for_collect(root: str) -> SweepSpec:
 
 
 __all__ = [
-    "SpecError", "SweepReport", "SweepSpec", "Run", "apply_overrides", "check_configs", "collect",
-    "core_shares", "default_runner", "expand", "fedmoe_validator", "format_cli_value", "load_config",
+    "Job", "SpecError", "SweepReport", "SweepSpec", "Run", "apply_overrides", "check_configs", "collect",
+    "core_shares", "default_runner", "expand", "fedmoe_validator", "format_cli_value", "jobs", "load_config",
     "load_spec", "parse_value", "run_name", "run_sweep", "spec_for_collect", "spec_from_dict",
     "spec_from_flags", "write_tables",
 ]

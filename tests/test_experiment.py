@@ -77,3 +77,29 @@ def test_finished_summary(tmp_path):
     (tmp_path / "summary.json").write_text('{"rounds": 3')
     with pytest.raises(ConfigError, match="unreadable"):
         finished_summary(str(tmp_path), 3)
+
+
+def test_seeds_vectorized_write_one_run_each_and_skip_when_finished(tmp_path):
+    import json
+
+    from configs.tiny import get_config
+    from fedmoe_jax.experiment import run_experiments, vectorizable
+
+    config = get_config("fedmoe")
+    config.num_rounds = 2
+    config.mesh.enabled = False  # the tests' 8 host devices would shard the cohort instead
+    assert vectorizable(config) is None
+    workdirs = [str(tmp_path / f"seed={s}") for s in (0, 3)]
+    results = run_experiments(config, [0, 3], workdirs, progress=False)
+    assert [r["seed"] for r in results] == [0, 3] and all(r["rounds"] == 2 for r in results)
+    for w, seed in zip(workdirs, (0, 3)):
+        with open(f"{w}/config.json") as f:
+            assert json.load(f)["seed"] == seed
+        assert len(open(f"{w}/metrics.jsonl").read().splitlines()) == 2
+    # seeds differ in their partitions and cohorts
+    first = [json.loads(open(f"{w}/metrics.jsonl").readline())["cohort"] for w in workdirs]
+    assert first[0] != first[1]
+    again = run_experiments(config, [0, 3], workdirs, progress=False)  # finished: read back, not rerun
+    assert [r["wall_seconds"] for r in again] == [r["wall_seconds"] for r in results]
+    assert "personal models" in vectorizable(get_config("local"))
+    assert "several devices" in vectorizable(get_config("fedmoe"))  # mesh on, 8 test devices

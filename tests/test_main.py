@@ -106,3 +106,14 @@ def test_unsatisfiable_partition_exits_2(tmp_path):
     out = cli(f"--config={TINY}", f"--workdir={tmp_path / 'run'}", "--config.data.min_examples=40")
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "min_examples" in out.stderr
+
+
+def test_seed_workdirs():
+    from fedmoe_jax.config import ConfigError
+    from fedmoe_jax.main import seed_workdirs
+
+    assert seed_workdirs(["0", "2"], "runs/x/s{seed}") == ([0, 2], ["runs/x/s0", "runs/x/s2"])
+    for seeds, template, match in ((["0", "a"], "r/{seed}", "integers"), (["0", "1"], "r/x", "placeholder"),
+                                   (["1", "1"], "r/{seed}", "distinct")):
+        with pytest.raises(ConfigError, match=match):
+            seed_workdirs(seeds, template)

@@ -502,3 +502,64 @@ def test_sweep_with_the_real_cli(tmp_path, monkeypatch):
     # Again: both finished, nothing runs.
     again = sweep.run_sweep(spec, workers=2, progress=False)
     assert [r["status"] for r in again.records] == ["skipped", "skipped"]
+
+
+SEEDS_FAKE_CLI = r'''
+import json, os, sys
+args = sys.argv[1:]
+opt = lambda name: next(a.split("=", 1)[1] for a in args if a.startswith(name + "="))
+template, seeds = opt("--workdir"), [int(s) for s in opt("--seeds").split(",")]
+over = dict(a[len("--config."):].split("=", 1) for a in args if a.startswith("--config."))
+for seed in seeds:
+    workdir = template.replace("{seed}", str(seed))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "calls.jsonl"), "a") as f:
+        f.write(json.dumps({"argv": args}) + "\n")
+    summary = {"method": over.get("method", "fedmoe"), "setting": opt("--config").partition(":")[2],
+               "seed": seed, "test": {"tc_accuracy": 50.0 + seed}, "wall_seconds": 1.0}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f)
+print("done", seeds)
+'''
+
+
+def test_vectorized_seeds_run_as_one_process_per_grid_point(fake, tmp_path):
+    cfg, _, _, root = fake
+    prog = tmp_path / "seeds_cli.py"
+    prog.write_text(SEEDS_FAKE_CLI)
+    spec = sweep.spec_from_dict({"config": cfg, "args": ["standard_hetero_t", "enforced_hetero_t"],
+                                 "grid": {"method": ["fedmoe", "fedprox"], "seed": [0, 1, 2]},
+                                 "set": {"num_rounds": 2}, "root": root,
+                                 "runner": [sys.executable, str(prog)], "vectorize_seeds": True})
+    runs = sweep.expand(spec)
+    jobs = sweep.jobs(spec, runs)
+    assert len(runs) == 12 and len(jobs) == 4 and all(len(j.runs) == 3 for j in jobs)
+    job = jobs[0]
+    assert f"--workdir={root}/standard_hetero_t/method=fedmoe,seed={{seed}}" in job.command
+    assert "--seeds=0,1,2" in job.command and "--config.num_rounds=2" in job.command
+    assert not any(a.startswith("--config.seed") for a in job.command)
+    # without the flag, one process per run
+    assert len(sweep.jobs(sweep.spec_from_dict({**spec.to_dict(), "vectorize_seeds": False}), runs)) == 12
+
+    report = sweep.run_sweep(spec, workers=2, progress=False, validate=False)
+    assert report.exit_code == 0 and report.counts()["done"] == 12
+    for run in runs:
+        assert summary(run.workdir)["seed"] == run.params["seed"]
+        assert len(calls(run.workdir)) == 1  # each seed's directory written by its group's one process
+    # the group's output is in the first seed's log; the others point to it
+    first = os.path.join(root, "standard_hetero_t", "method=fedmoe,seed=0", "log.txt")
+    assert "done [0, 1, 2]" in open(first).read()
+    other = open(os.path.join(root, "standard_hetero_t", "method=fedmoe,seed=2", "log.txt")).read()
+    assert "seeds vectorized" in other and first in other
+    again = sweep.run_sweep(spec, workers=1, progress=False, validate=False)
+    assert again.counts()["skipped"] == 12
+
+
+def test_vectorize_seeds_needs_a_seed_axis(fake):
+    cfg, runner, _, root = fake
+    with pytest.raises(SpecError, match="seed"):
+        sweep.spec_from_dict({"config": cfg, "grid": {"method": ["fedmoe"]}, "root": root,
+                              "runner": runner, "vectorize_seeds": True})
+    with pytest.raises(SpecError, match="true or false"):
+        sweep.spec_from_dict({"config": cfg, "grid": {"seed": [0, 1]}, "root": root, "runner": runner,
+                              "vectorize_seeds": "yes"})

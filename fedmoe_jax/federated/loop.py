@@ -61,6 +61,7 @@ def make_round_step(
     mesh: Mesh | None = None,
     return_clients: bool = False,
     chunk_size: int | None = None,
+    runs: bool = False,
 ) -> Callable[..., RoundOutput]:
     """Build `round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None)`.
 
@@ -75,7 +76,11 @@ def make_round_step(
     model, PAPER.md Algorithm 1). `chunk_size` trains the cohort in sub-cohorts of that many clients
     one after another (`lax.scan`), accumulating the aggregation sums, so memory holds one chunk's
     sub-MoEs at a time (unless `return_clients`); C must then be a multiple of it.
+    `runs=True`: R independent runs (seeds) in one program, every argument and output with a leading
+    runs axis R (`params [R, ...]`, `indices [R, C, L, S]`, ...; `jax.vmap` of the round), no mesh.
     """
+    if runs and mesh is not None:
+        raise ValueError("runs=True vmaps whole rounds on one device; pass mesh=None")
     compiled: dict[int, Callable] = {}
 
     def build(width: int, params: PyTree) -> Callable:
@@ -114,6 +119,8 @@ def make_round_step(
             stats = to_global_experts(stats, indices, valid, config.num_experts)
             return new_params, metrics, stats, held, (trained if return_clients else None)
 
+        if runs:
+            return jax.jit(jax.vmap(round_fn))
         if mesh is None:
             return jax.jit(round_fn)
         rep, per_client = replicated(mesh), client_sharding(mesh)

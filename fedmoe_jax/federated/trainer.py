@@ -77,6 +77,33 @@ class RunSettings:
                                  f"(N = {num_clients} clients)")
 
 
+@dataclasses.dataclass
+class PreparedRound:
+    """A round's host inputs (`FederatedTrainer.prepare_round`); arrays `[C, ...]` unless padded."""
+
+    round: int
+    cohort: np.ndarray  # <int32>[C]
+    maps: np.ndarray  # <bool>[C, L, E]
+    width: int  # S slots
+    indices: np.ndarray  # <int32>[C, L, S]
+    valid: np.ndarray  # <bool>[C, L, S]
+    weights: np.ndarray  # <f32>[C] aggregation weights (training examples)
+    num_steps: np.ndarray  # <int32>[C] real local steps
+    cohort_args: tuple  # round_step's cohort arguments, padded to `padded_size` clients
+    padded_size: int
+    start: float  # time.time() when the round began
+
+
+@dataclasses.dataclass
+class TrainedRound:
+    """A round's device outputs: the new server state and the cohort's metrics and trained models."""
+
+    params: PyTree
+    opt_state: PyTree
+    metrics: dict[str, Any]  # [C_padded] each
+    client_params: PyTree  # [C_padded, ...]
+
+
 class FederatedTrainer:
     """Runs an `Algorithm` on `FederatedData` for a Switch Transformer, round after round."""
 
@@ -171,14 +198,24 @@ class FederatedTrainer:
                                                        self.data.target_len)
         return self._evaluators[width]
 
-    def run_round(self) -> dict[str, Any]:
-        """One round; returns its metrics row (also appended to `history`)."""
+    def round_width(self) -> int:
+        """Slots S the next round's cohort needs (its largest sub-MoE layer, bucketed)."""
+        s, r = self.settings, self.server.round
+        cohort = sample_cohort(s.sampling, s.seed, r, self.client_tasks, s.cohort_size)
+        return bucket_width(int(self.states.expert_maps[cohort].sum(-1).max()), self.config.num_experts)
+
+    def prepare_round(self, width: int | None = None) -> PreparedRound:
+        """Host side of the next round: sample the cohort, its expert slots and batches.
+
+        `width`: at least this many slots (a `RunGroup` trains runs of different widths together);
+        padding slots are masked, but the capacity of a layer follows its slot count.
+        """
         s, r = self.settings, self.server.round
         start = time.time()
         cohort = sample_cohort(s.sampling, s.seed, r, self.client_tasks, s.cohort_size)
         c = len(cohort)
         maps = self.states.expert_maps[cohort]
-        width = bucket_width(int(maps.sum(-1).max()), self.config.num_experts)
+        width = max(width or 0, bucket_width(int(maps.sum(-1).max()), self.config.num_experts))
         indices, valid = (np.asarray(a) for a in expert_slots(maps, width))
         batches = self.data.cohort_batches(cohort, r, s.seed, s.batch_size, num_steps=s.local_steps)
         weights = batches["num_examples"].astype(np.float32)
@@ -188,48 +225,62 @@ class FederatedTrainer:
 
         size = padded_cohort_size(c, self.mesh)
         pad = (lambda t: pad_clients(t, size)) if size != c else (lambda t: t)
-        train_batches = model_batch(batches)
-        cohort_args = (pad(indices), pad(valid), pad(train_batches), pad(batches["step_mask"]),
+        cohort_args = (pad(indices), pad(valid), pad(model_batch(batches)), pad(batches["step_mask"]),
                        pad(weights), jax.random.wrap_key_data(pad(keys)),
                        None if extra is None else pad(extra))
-        server_params = self.server.params
+        return PreparedRound(r, cohort, maps, width, indices, valid, weights,
+                             np.asarray(batches["num_steps"]), cohort_args, size, start)
+
+    def train_round(self, prep: PreparedRound) -> TrainedRound:
+        """Device side of a round: train the cohort and (if the algorithm aggregates) update the server."""
+        cohort_args, server_params = prep.cohort_args, self.server.params
         if self.mesh is not None:  # global arrays: every process holds the same host cohort arrays
             cohort_args = shard_cohort(cohort_args, self.mesh)
             server_params = place_params(server_params, self.config, self.mesh)
         if self.algorithm.aggregates:
             out = self._round_step(server_params, *cohort_args)
-            params, opt_state = self._server_update(server_params, out.params, out.held,
-                                                    self.server.opt_state)
-            out_metrics, out_clients = out.metrics, out.client_params
-        else:  # personal models: train the clients' own full models, no server update
-            own = pad(jax.tree.map(lambda a: np.asarray(a)[cohort], self.states.extra))
-            if self.mesh is not None:
-                own = shard_cohort(own, self.mesh)
-            out_clients, out_metrics, _ = self._personal_step(own, *cohort_args[2:4], cohort_args[5],
-                                                              cohort_args[6])
-            params, opt_state = self.server.params, self.server.opt_state
+            return self.server_update(out.params, out.held, out.metrics, out.client_params, server_params)
+        # personal models: train the clients' own full models, no server update
+        own = jax.tree.map(lambda a: np.asarray(a)[prep.cohort], self.states.extra)
+        if prep.padded_size != len(prep.cohort):
+            own = pad_clients(own, prep.padded_size)
+        if self.mesh is not None:
+            own = shard_cohort(own, self.mesh)
+        clients, metrics, _ = self._personal_step(own, *cohort_args[2:4], cohort_args[5], cohort_args[6])
+        return TrainedRound(self.server.params, self.server.opt_state, metrics, clients)
+
+    def server_update(self, aggregate, held, metrics, client_params, server_params=None) -> TrainedRound:
+        """FedOpt step from a round's aggregate (`held`: the experts it moved)."""
+        params, opt_state = self._server_update(
+            self.server.params if server_params is None else server_params, aggregate, held,
+            self.server.opt_state)
+        return TrainedRound(params, opt_state, metrics, client_params)
+
+    def finish_round(self, prep: PreparedRound, trained: TrainedRound) -> dict[str, Any]:
+        """Validate the cohort's own models, update client and server state, log and checkpoint."""
+        s, r, cohort, c = self.settings, prep.round, prep.cohort, len(prep.cohort)
         server_extra = self.server.extra
-        metrics = to_host(out_metrics)
-        client_params = jax.tree.map(lambda a: a[:c], out_clients)  # drop padding clients
+        metrics = to_host(trained.metrics)
+        client_params = jax.tree.map(lambda a: a[:c], trained.client_params)  # drop padding clients
         if jax.process_count() > 1:  # evaluation below runs on each process's local devices
             client_params = to_host(client_params)
         train_loss = np.asarray(metrics["loss"])[:c]
 
         val_scores = np.full(c, np.nan, np.float32)
-        val_probs = np.zeros(maps.shape, np.float32)
+        val_probs = np.zeros(prep.maps.shape, np.float32)
         val_metrics: list[dict[str, float]] = [{} for _ in range(c)]
         if s.eval_every and (r + 1) % s.eval_every == 0:
-            val_scores, val_probs, val_metrics = self._validate(cohort, client_params, indices, valid,
-                                                                width)
-        report = CohortReport(r, cohort, train_loss, weights, val_scores, val_probs,
+            val_scores, val_probs, val_metrics = self._validate(cohort, client_params, prep.indices,
+                                                                prep.valid, prep.width)
+        report = CohortReport(r, cohort, train_loss, prep.weights, val_scores, val_probs,
                               client_params if self.algorithm.needs_client_params else None,
-                              np.asarray(batches["num_steps"]),
+                              prep.num_steps,
                               np.asarray([m.get("loss", np.nan) for m in val_metrics], np.float32))
         self.states = self.algorithm.update_clients(self.states, report)
-        self.server = ServerState(params, opt_state, r + 1,
-                                  self.algorithm.update_server(server_extra, report, params))
-        row = self._metrics_row(r, cohort, maps, train_loss, weights, val_scores, val_metrics,
-                                time.time() - start)
+        self.server = ServerState(trained.params, trained.opt_state, r + 1,
+                                  self.algorithm.update_server(server_extra, report, trained.params))
+        row = self._metrics_row(r, cohort, prep.maps, train_loss, prep.weights, val_scores, val_metrics,
+                                time.time() - prep.start)
         events = getattr(self.algorithm, "events", None)  # FedMoE: adjust / accept / rollback
         if events:
             row["events"] = list(events)
@@ -239,6 +290,11 @@ class FederatedTrainer:
             self._writer.write(row)
         self.checkpoint()
         return row
+
+    def run_round(self) -> dict[str, Any]:
+        """One round; returns its metrics row (also appended to `history`)."""
+        prep = self.prepare_round()
+        return self.finish_round(prep, self.train_round(prep))
 
     def _validate(self, cohort, client_params, indices, valid, width, split="validation",
                   max_examples=None, batch_size=None):
@@ -393,4 +449,4 @@ class FederatedTrainer:
         return self.history
 
 
-__all__ = ["FederatedTrainer", "RunSettings"]
+__all__ = ["FederatedTrainer", "PreparedRound", "RunSettings", "TrainedRound"]
