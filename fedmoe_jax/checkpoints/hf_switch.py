@@ -277,13 +277,10 @@ def _check_shapes(flat: Mapping[tuple[str, ...], np.ndarray], config: SwitchConf
             )
 
 
-def save_hf_switch(config: SwitchConfig, params: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Write `config.json` + `model.safetensors` that HF's SwitchTransformers loads."""
+def to_hf_state(config: SwitchConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Our parameters as Hugging Face SwitchTransformers tensors (name -> float32 array), in memory."""
     from flax.traverse_util import flatten_dict
 
-    path = os.fspath(path)
-    hf_config = config_to_hf(config)
-    os.makedirs(path, exist_ok=True)
     flat = flatten_dict(dict(params))
     out: dict[str, np.ndarray] = {}
     for ours, sources in _hf_names(config).items():
@@ -297,6 +294,15 @@ def save_hf_switch(config: SwitchConfig, params: Mapping[str, Any], path: str | 
         # transformers 5 unties the input embeddings too when tie_word_embeddings is False.
         for stack in ("encoder", "decoder"):
             out[f"{stack}.embed_tokens.weight"] = out["shared.weight"].copy()
+    return out
+
+
+def save_hf_switch(config: SwitchConfig, params: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write `config.json` + `model.safetensors` that HF's SwitchTransformers loads."""
+    path = os.fspath(path)
+    hf_config = config_to_hf(config)
+    os.makedirs(path, exist_ok=True)
+    out = to_hf_state(config, params)
     tmp = os.path.join(path, WEIGHTS_FILE + ".tmp")
     save_file(out, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(path, WEIGHTS_FILE))

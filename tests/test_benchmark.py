@@ -1,0 +1,98 @@
+"""The round benchmark: hand-counted FLOPs, and every contender against the engine's round."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from fedmoe_jax import benchmark as bm
+from fedmoe_jax.models.switch import SwitchConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_forward_flops_by_hand():
+    # 1 encoder block (MoE, 2 experts, top-1) + 1 decoder block (dense); d=4, inner=2, f=8, V=10
+    cfg = SwitchConfig(vocab_size=10, d_model=4, d_kv=2, num_heads=1, d_ff=8, num_layers=1,
+                       num_decoder_layers=1, encoder_sparse_step=1, decoder_sparse_step=0, num_experts=2)
+    s, t = 3, 2
+    encoder = 2 * s * 4 * 4 * 2 + 2 * 2 * s * s * 2 + 2 * s * (4 * 2 + 1 * 2 * 4 * 8)  # 192 + 72 + 432
+    decoder = (2 * t * 4 * 4 * 2 + 2 * 2 * t * t * 2  # self-attention 128 + 32
+               + 2 * (2 * t * 4 * 2 + 2 * s * 4 * 2) + 2 * 2 * t * s * 2  # cross 160 + 48
+               + 2 * t * 2 * 4 * 8)  # dense FFN 256
+    head = 2 * t * 4 * 10
+    assert encoder + decoder + head == 1480
+    assert bm.forward_flops(cfg, 1, s, t) == 1480
+    assert bm.forward_flops(cfg, 5, s, t) == 5 * 1480
+    assert bm.train_flops_per_step(cfg, 1, s, t) == 3 * 1480
+
+
+def test_sequential_jax_round_equals_the_vectorized_round():
+    w = bm.make_workload(bm.PRESETS["tiny"])
+    assert len(set(w.maps.sum(-1).ravel().tolist())) > 1  # clients keep different expert counts
+    fast, slow = bm.vectorized_round(w)(), bm.sequential_round(w)()
+    for x, y in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+    changed = [not np.allclose(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree.leaves(fast), jax.tree.leaves(w.params))]
+    assert any(changed)
+
+
+def test_torch_round_aggregates_into_the_global_experts():
+    """With a zero learning rate nothing trains, so the aggregate must be the global model itself:
+    every dense tensor, every held expert (slot -> global index) and its router row."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from fedmoe_jax.benchmark_torch import torch_round
+    from fedmoe_jax.checkpoints.hf_switch import to_hf_state
+
+    preset = bm.PRESETS["tiny"].replace(learning_rate=0.0)
+    w = bm.make_workload(preset)
+    out = torch_round(w)()
+    ref = to_hf_state(preset.model, jax.device_get(w.params))
+    held = w.maps.any(0)  # [L, E]
+    layers = {name: i for i, name in enumerate(preset.model.moe_layer_names)}
+    checked = 0
+    for name, value in ref.items():
+        if ".experts.expert_" in name:
+            stack, block = name.split(".")[0], int(name.split(".")[2])
+            e = int(name.split("experts.expert_")[1].split(".")[0])
+            if not held[layers[(stack, block)], e]:
+                assert name not in out
+                continue
+        if "router.classifier" in name:
+            stack, block = name.split(".")[0], int(name.split(".")[2])
+            for e in np.flatnonzero(held[layers[(stack, block)]]):
+                np.testing.assert_allclose(out[f"{name}#{e}"], value[e], rtol=1e-6, atol=1e-7)
+                checked += 1
+            continue
+        np.testing.assert_allclose(out[name], value, rtol=1e-6, atol=1e-7)
+        checked += 1
+    assert checked > 40
+
+
+def test_client_training_memory_grows_with_kept_experts():
+    preset = bm.PRESETS["tiny"]
+    two, eight = bm.client_training_bytes(preset, 2), bm.client_training_bytes(preset, 8)
+    assert 0 < two["argument"] < eight["argument"] and two["total"] < eight["total"]
+
+
+def test_cli_writes_json_and_markdown(tmp_path):
+    out, md = tmp_path / "b.json", tmp_path / "b.md"
+    res = subprocess.run([sys.executable, "experiments/benchmark.py", "--preset=tiny", "--rounds=1",
+                          "--contenders=vectorized,sequential_jax", "--peak_n=128", f"--out={out}",
+                          f"--md={md}"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["client_steps_per_s"]) == {"vectorized", "sequential_jax"}
+    assert result["client_steps_per_s"]["vectorized"] > 0 and result["matmul_peak_flops"] > 0
+    assert "vectorized/sequential_jax" in result["ratios"] and 0 < result["mfu"]["vectorized"]
+    assert result["client_memory"]["ratio"] < 1
+    assert "| vectorized |" in md.read_text()
+    bad = subprocess.run([sys.executable, "experiments/benchmark.py", "--contenders=numpy"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and "unknown contender" in bad.stderr
