@@ -68,7 +68,7 @@ from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer, shift_righ
 log = logging.getLogger(__name__)
 
 # Bump when the recipe changes what a given key trains (invalidates every cached entry).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: dropout masks and router jitter from models.random (counter hash)
 # The embedded tokenizer's vocabulary size: T5 numbers sentinels downwards from vocab_size - 1.
 EMBEDDED_VOCAB_SIZE = 4096
 DEFAULT_STEPS = 400

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedmoe_jax.models.random import Dropout, hash_uniform
+
 Array = jax.Array
 
 # Large finite negative (not -inf): a fully masked row gives a finite softmax instead of NaN.
@@ -240,13 +242,8 @@ class Router(nn.Module):
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
         x = x.astype(jnp.float32)
         if not deterministic and self.jitter_noise > 0:
-            noise = jax.random.uniform(
-                self.make_rng("jitter"),
-                x.shape,
-                jnp.float32,
-                1.0 - self.jitter_noise,
-                1.0 + self.jitter_noise,
-            )
+            noise = hash_uniform(self.make_rng("jitter"), x.shape, 1.0 - self.jitter_noise,
+                                 1.0 + self.jitter_noise)
             x = x * noise
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.num_experts),
                             self.param_dtype)
@@ -285,7 +282,7 @@ class Experts(nn.Module):
             self.wi = self.param("wi", wi_init, (e, d, f), self.param_dtype)
         self.wo = self.param("wo", wo_init, (e, f, d), self.param_dtype)
         self.act = get_activation(self.activation)
-        self.dropout = nn.Dropout(self.dropout_rate)
+        self.dropout = Dropout(self.dropout_rate)
 
     def _hidden(self, project: Callable[[Array], Array], deterministic: bool) -> Array:
         if self.gated:

@@ -31,6 +31,7 @@ from fedmoe_jax.models.moe import (
     get_activation,
     is_concrete,
 )
+from fedmoe_jax.models.random import Dropout
 
 Array = jax.Array
 
@@ -292,7 +293,7 @@ class Attention(nn.Module):
         if mask is not None:
             scores = jnp.where(mask, scores, MASK_VALUE)
         weights = jax.nn.softmax(scores, axis=-1)
-        weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
+        weights = Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dt), v)
         out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dt,
                               param_dtype=pdt, kernel_init=nn.initializers.normal(inner**-0.5),
@@ -320,7 +321,7 @@ class DenseFF(nn.Module):
                 cfg.d_ff, "wi_1", cfg.d_model**-0.5)(x)
         else:
             h = act(dense(cfg.d_ff, "wi", cfg.d_model**-0.5)(x))
-        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        h = Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         return dense(cfg.d_model, "wo", cfg.d_ff**-0.5)(h)
 
 
@@ -343,7 +344,7 @@ class Block(nn.Module):
         encoder_mask=None, deterministic=True, decode=False,
     ) -> tuple[Array, Array, RoutingStats | None]:
         cfg = self.config
-        drop = nn.Dropout(cfg.dropout_rate)
+        drop = Dropout(cfg.dropout_rate)
         attn, position_bias = Attention(
             cfg, bidirectional=not self.is_decoder, has_relative_bias=self.has_relative_bias,
             name="attention",
@@ -398,7 +399,7 @@ class Stack(nn.Module):
         encoder_mask = (
             None if encoder_token_mask is None else encoder_token_mask.astype(bool)[:, None, None, :]
         )
-        h = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        h = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         position_bias = None
         all_stats = []
         for i in range(n_blocks):
@@ -413,7 +414,7 @@ class Stack(nn.Module):
             if stats is not None:
                 all_stats.append(stats)
         h = _norm(cfg, "final_norm")(h)
-        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        h = Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         stacked = jax.tree.map(lambda *a: jnp.stack(a), *all_stats) if all_stats else None
         return h, stacked
 
