@@ -36,6 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 32
     c.max_eval_examples = 64  # per client per validation (0: the whole split)
     c.checkpoint_every = 1
+    # a client update with NaN/inf is always left out of aggregation; "stop": end the run (exit 3),
+    # "exclude": record it in metrics.jsonl (`nonfinite_clients`) and go on
+    c.on_nonfinite = "exclude"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "embedded"  # "embedded" (shipped WordNet benchmark) or "tfds" (AG News/SQuAD/XSum)
@@ -119,7 +122,7 @@ class ConfigError(ValueError):
 
 
 # Keys that may change when a run is resumed (everything else defines the run).
-RESUMABLE_KEYS = ("num_rounds", "checkpoint_every", "eval", "mesh")
+RESUMABLE_KEYS = ("num_rounds", "checkpoint_every", "on_nonfinite", "eval", "mesh")
 FULL_MODEL_METHODS = ("fedprox", "scaffold", "fedavg", "local")
 FEDMOE_METHODS = ("fedmoe", "fedmoe_no_stage1", "fedmoe_no_stage2")
 
@@ -192,6 +195,7 @@ def validate(config) -> None:
         ("eval_batch_size", c.eval_batch_size >= 1, "use >= 1"),
         ("max_eval_examples", c.max_eval_examples >= 0, "use >= 0 (0: the whole split)"),
         ("checkpoint_every", c.checkpoint_every >= 1, "use >= 1"),
+        ("on_nonfinite", c.on_nonfinite in ("exclude", "stop"), "use 'exclude' or 'stop'"),
         ("data.source", c.data.source in ("embedded", "tfds"), "use 'embedded' or 'tfds'"),
         ("data.dir", c.data.source != "tfds" or bool(c.data.dir),
          "data.source='tfds' needs the prepared TFDS dir (python -m fedmoe_jax.data.tfds_sources prepare)"),

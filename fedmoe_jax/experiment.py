@@ -347,7 +347,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None, progress: bool
                                sampling=SETTINGS[config.setting][0], batch_size=config.batch_size,
                                local_steps=config.local_steps, seed=config.seed, eval_every=config.eval_every,
                                eval_batch_size=config.eval_batch_size,
-                               max_eval_examples=config.max_eval_examples or None)
+                               max_eval_examples=config.max_eval_examples or None,
+                               on_nonfinite=config.on_nonfinite)
         optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
         mesh = make_mesh_for(config)
         defining = {k: v for k, v in flatten(config).items() if k.split(".")[0] not in RESUMABLE_KEYS}

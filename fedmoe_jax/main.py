@@ -29,6 +29,7 @@ flags.DEFINE_string("jax_cache", os.environ.get("FEDMOE_JAX_CACHE", ""),
                     "Persistent JAX compilation cache directory ('' = off).")
 
 USAGE_EXIT = 2
+NONFINITE_EXIT = 3  # a client update held NaN/inf and on_nonfinite='stop'
 
 
 def fail(message: str) -> None:
@@ -91,6 +92,7 @@ def main(argv: list[str]) -> None:
 
         jax.config.update("jax_compilation_cache_dir", FLAGS.jax_cache)
     from fedmoe_jax.config import ConfigError
+    from fedmoe_jax.federated.trainer import NonFiniteUpdate
 
     try:
         if config.get("method") == "pretrain":
@@ -110,6 +112,9 @@ def main(argv: list[str]) -> None:
         result = run_experiment(config, FLAGS.workdir, progress=FLAGS.progress)
     except ConfigError as e:
         fail(str(e))
+    except NonFiniteUpdate as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(NONFINITE_EXIT)
     print(format_summary(result, FLAGS.workdir), flush=True)
 
 

@@ -117,3 +117,16 @@ def test_seed_workdirs():
                                    (["1", "1"], "r/{seed}", "distinct")):
         with pytest.raises(ConfigError, match=match):
             seed_workdirs(seeds, template)
+
+
+def test_diverging_clients_stop_the_run_with_exit_3(tmp_path):
+    """A learning rate of 1e30 turns every client's update into inf/NaN: with on_nonfinite='stop'
+    the run ends in round 1 with one line naming the clients, and writes no summary."""
+    workdir = str(tmp_path / "nan")
+    res = cli(f"--config={TINY}:fedavg", f"--workdir={workdir}", "--config.learning_rate=1e30",
+              "--config.on_nonfinite=stop")
+    assert res.returncode == 3, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: round 1: client(s) ") and "NaN/inf" in last
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+    assert not os.path.exists(os.path.join(workdir, "metrics.jsonl")) or not read_rows(workdir)

@@ -38,7 +38,7 @@ class RoundOutput:
     """Result of one round. Arrays have the padded cohort axis C first where per client."""
 
     params: PyTree  # new global parameters (the aggregate)
-    metrics: dict[str, Array]  # [C] each: loss, ce, lb_loss, z_loss, num_steps
+    metrics: dict[str, Array]  # [C] each: loss, ce, lb_loss, z_loss, num_steps, finite (1: aggregated)
     routing: RoutingStats  # tokens_per_expert / prob_mass [C, L, E]; dropped, num_tokens [C, L]
     held: Array  # <bool>[L, E] experts held by a weighted cohort client (the ones aggregation moved)
     client_params: PyTree | None = None  # the cohort's trained sub-MoEs [C, ...] (return_clients=True)
@@ -51,6 +51,21 @@ def to_global_experts(stats: RoutingStats, indices: Array, valid: Array, num_exp
         tokens_per_expert=jnp.einsum("clse,cls->cle", onehot, stats.tokens_per_expert),
         prob_mass=jnp.einsum("clse,cls->cle", onehot, stats.prob_mass),
     )
+
+
+def exclude_nonfinite(trained: PyTree, received: PyTree, metrics: dict[str, Array]
+                      ) -> tuple[PyTree, dict[str, Array]]:
+    """Clients whose trained parameters or loss hold a NaN/inf (leaves `[C, ...]`) get their received
+    parameters back and `metrics["finite"] = 0` (aggregation weight 0): one client's divergence never
+    poisons the global model. `metrics["finite"]`: `<f32>[C]`, 1 for healthy clients."""
+    ok = jnp.isfinite(metrics["loss"])
+    for leaf in jax.tree.leaves(trained):
+        ok = ok & jnp.isfinite(leaf).reshape(leaf.shape[0], -1).all(-1)
+
+    def keep(t, r):
+        return jnp.where(ok.reshape((-1,) + (1,) * (t.ndim - 1)), t, r)
+
+    return jax.tree.map(keep, trained, received), {**metrics, "finite": ok.astype(jnp.float32)}
 
 
 def make_round_step(
@@ -91,7 +106,8 @@ def make_round_step(
         def train_and_sum(params, indices, valid, batches, step_mask, weights, rngs, extra):
             narrow = jax.vmap(lambda idx: gather_submodel(params, config, idx))(indices)
             trained, metrics, stats = train_cohort(narrow, batches, step_mask, valid, rngs, extra)
-            sums = cohort_sums(params, trained, config, indices, valid, weights)
+            trained, metrics = exclude_nonfinite(trained, narrow, metrics)
+            sums = cohort_sums(params, trained, config, indices, valid, weights * metrics["finite"])
             return sums, metrics, stats, (trained if return_clients else None)
 
         def round_fn(params, indices, valid, batches, step_mask, weights, rngs, extra):
@@ -114,8 +130,9 @@ def make_round_step(
                 sums, per_chunk = jax.lax.scan(body, zero, chunks)
                 metrics, stats, trained = jax.tree.map(lambda a: a.reshape((c,) + a.shape[2:]), per_chunk)
             new_params = finalize_aggregate(params, sums, config)
+            used = (weights > 0) & (metrics["finite"] > 0)  # excluded (non-finite) clients move nothing
             held = jnp.einsum("clse,c->le", jax.nn.one_hot(indices, config.num_experts) * valid[..., None],
-                              (weights > 0).astype(jnp.float32)) > 0
+                              used.astype(jnp.float32)) > 0
             stats = to_global_experts(stats, indices, valid, config.num_experts)
             return new_params, metrics, stats, held, (trained if return_clients else None)
 
@@ -150,14 +167,17 @@ def make_personal_step(
     mesh: Mesh | None = None,
 ) -> Callable[..., tuple[PyTree, dict[str, Array], RoutingStats]]:
     """Local training without a server: `(params [C, ...] full trees, batches, step_mask, rngs, extra)
-    -> (trained [C, ...], metrics [C], routing [C, L, E])`; every client holds every expert."""
+    -> (trained [C, ...], metrics [C], routing [C, L, E])`; every client holds every expert. A client
+    whose update is not finite keeps its previous model (`exclude_nonfinite`)."""
     local_train = make_local_train(config, optimizer, loss_config, hooks)
     all_experts = jnp.ones((config.num_moe_layers, config.num_experts), bool)
 
     def step(params, batches, step_mask, rngs, extra):
         one = lambda p, b, m, k, e: local_train(p, b, m, all_experts, k, e)  # noqa: E731
-        return jax.vmap(one, spmd_axis_name=CLIENTS if mesh is not None else None)(
+        trained, metrics, stats = jax.vmap(one, spmd_axis_name=CLIENTS if mesh is not None else None)(
             params, batches, step_mask, rngs, extra)
+        trained, metrics = exclude_nonfinite(trained, params, metrics)
+        return trained, metrics, stats
 
     if mesh is None:
         return jax.jit(step)

@@ -62,6 +62,9 @@ class RunSettings:
     eval_every: int = 1  # validate the cohort every this many rounds (0: never)
     eval_batch_size: int = 16
     max_eval_examples: int | None = 64  # per client and round; None: the whole validation split
+    # a client whose update holds NaN/inf is always left out of aggregation; "stop" also ends the run
+    # (NonFiniteUpdate, before the round is committed), "exclude" records it and goes on
+    on_nonfinite: str = "exclude"
 
     def validate(self, num_clients: int) -> None:
         checks = {
@@ -70,11 +73,23 @@ class RunSettings:
             "eval_every": self.eval_every >= 0, "eval_batch_size": self.eval_batch_size >= 1,
             "cohort_size": 1 <= self.cohort_size <= num_clients,
             "sampling": self.sampling in ("uniform", "enforced"),
+            "on_nonfinite": self.on_nonfinite in ("exclude", "stop"),
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"RunSettings.{name}={getattr(self, name)!r} is invalid "
                                  f"(N = {num_clients} clients)")
+
+
+class NonFiniteUpdate(RuntimeError):
+    """A client's local update held NaN/inf and `RunSettings.on_nonfinite == "stop"`."""
+
+    def __init__(self, round_num: int, clients: list[int]):
+        self.round, self.clients = round_num, clients
+        super().__init__(
+            f"round {round_num}: client(s) {', '.join(map(str, clients))} produced a NaN/inf update "
+            "(left out of aggregation; the global model is intact at the last checkpoint). Lower the "
+            "learning rate, or set on_nonfinite='exclude' to leave such clients out and go on")
 
 
 @dataclasses.dataclass
@@ -152,7 +167,8 @@ class FederatedTrainer:
             self.meta = {
                 "seed": settings.seed, "method": algorithm.name, "model": dataclasses.asdict(config),
                 "data": data.fingerprint(), "partition": data.partition.fingerprint(),
-                "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "num_rounds"},
+                "settings": {k: v for k, v in dataclasses.asdict(settings).items()
+                             if k not in ("num_rounds", "on_nonfinite")},
                 **(run_meta or {}),
             }
             self._checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"),
@@ -261,10 +277,13 @@ class FederatedTrainer:
         s, r, cohort, c = self.settings, prep.round, prep.cohort, len(prep.cohort)
         server_extra = self.server.extra
         metrics = to_host(trained.metrics)
+        finite = np.asarray(metrics["finite"])[:c] > 0
+        if not finite.all() and s.on_nonfinite == "stop":
+            raise NonFiniteUpdate(r + 1, cohort[~finite].tolist())
         client_params = jax.tree.map(lambda a: a[:c], trained.client_params)  # drop padding clients
         if jax.process_count() > 1:  # evaluation below runs on each process's local devices
             client_params = to_host(client_params)
-        train_loss = np.asarray(metrics["loss"])[:c]
+        train_loss = np.where(finite, np.asarray(metrics["loss"])[:c], np.nan)  # inf -> NaN: ignored
 
         val_scores = np.full(c, np.nan, np.float32)
         val_probs = np.zeros(prep.maps.shape, np.float32)
@@ -281,6 +300,8 @@ class FederatedTrainer:
                                   self.algorithm.update_server(server_extra, report, trained.params))
         row = self._metrics_row(r, cohort, prep.maps, train_loss, prep.weights, val_scores, val_metrics,
                                 time.time() - prep.start)
+        if not finite.all():
+            row["nonfinite_clients"] = cohort[~finite].tolist()
         events = getattr(self.algorithm, "events", None)  # FedMoE: adjust / accept / rollback
         if events:
             row["events"] = list(events)
@@ -410,7 +431,7 @@ class FederatedTrainer:
             "cohort": cohort.tolist(),
             "train_loss": loss_means["example_weighted"],
             "train_loss_client_mean": loss_means["client_weighted"],
-            "client_train_loss": [float(x) for x in train_loss],
+            "client_train_loss": [None if np.isnan(x) else float(x) for x in train_loss],
             "client_val_score": [None if np.isnan(x) else float(x) for x in val_scores],
             "client_val": val_metrics,
             "bytes_down": [int(b) for b in sent],
@@ -449,4 +470,4 @@ class FederatedTrainer:
         return self.history
 
 
-__all__ = ["FederatedTrainer", "PreparedRound", "RunSettings", "TrainedRound"]
+__all__ = ["FederatedTrainer", "NonFiniteUpdate", "PreparedRound", "RunSettings", "TrainedRound"]
