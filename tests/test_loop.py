@@ -102,8 +102,17 @@ def test_no_recompilation_across_rounds(setup):
         out = round_step(params, idx, valid, stacked, step_mask, weights,
                          jax.random.wrap_key_data(jnp.asarray(rngs)))
         params = out.params
-    assert list(round_step.compiled) == [4]
-    assert round_step.compiled[4]._cache_size() == 1
+    assert list(round_step.compiled) == [(4, 3)]  # one width; on CPU sub-cohorts of 3 (auto chunk)
+    assert round_step.compiled[(4, 3)]._cache_size() == 1
+
+
+def test_auto_chunk_size():
+    from fedmoe_jax.federated.loop import CPU_CHUNK, auto_chunk_size
+    from fedmoe_jax.federated.sharding import make_mesh
+
+    assert jax.default_backend() == "cpu" and CPU_CHUNK == 4
+    assert [auto_chunk_size(c, None) for c in (1, 3, 5, 6, 8, 12)] == [1, 3, 1, 3, 4, 4]
+    assert auto_chunk_size(8, make_mesh()) is None  # sharded cohorts are vmapped whole
 
 
 def test_server_optimizer(setup):
@@ -140,7 +149,8 @@ def test_chunked_cohort_equals_whole_cohort(setup):
     cohort = np.array([0, 1, 2, 3, 4, 5])
     idx, valid, stacked, step_mask, weights, rngs = cohort_inputs(maps, batches, cohort, 4)
     keys = jax.random.wrap_key_data(jnp.asarray(rngs))
-    whole = make_round_step(config, tx)(params, idx, valid, stacked, step_mask, weights, keys)
+    whole_step = make_round_step(config, tx, chunk_size=None)
+    whole = whole_step(params, idx, valid, stacked, step_mask, weights, keys)
     chunked_step = make_round_step(config, tx, chunk_size=2)
     chunked = chunked_step(params, idx, valid, stacked, step_mask, weights, keys)
     for (key, a), (_, b) in zip(sorted(flatten_dict(chunked.params).items()),
