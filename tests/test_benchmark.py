@@ -84,13 +84,13 @@ def test_client_training_memory_grows_with_kept_experts():
 def test_cli_writes_json_and_markdown(tmp_path):
     out, md = tmp_path / "b.json", tmp_path / "b.md"
     res = subprocess.run([sys.executable, "experiments/benchmark.py", "--preset=tiny", "--rounds=1",
-                          "--contenders=vectorized,sequential_jax", "--peak_n=128", f"--out={out}",
+                          "--contenders=vectorized", "--peak_n=128", f"--out={out}",
                           f"--md={md}"], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert set(result["client_steps_per_s"]) == {"vectorized", "sequential_jax"}
+    assert set(result["client_steps_per_s"]) == {"vectorized"} and result["ratios"] == {}
     assert result["client_steps_per_s"]["vectorized"] > 0 and result["matmul_peak_flops"] > 0
-    assert "vectorized/sequential_jax" in result["ratios"] and 0 < result["mfu"]["vectorized"]
+    assert 0 < result["mfu"]["vectorized"] and result["contenders"]["vectorized"]["peak_rss_mb"] > 0
     assert result["client_memory"]["ratio"] < 1
     assert "| vectorized |" in md.read_text()
     bad = subprocess.run([sys.executable, "experiments/benchmark.py", "--contenders=numpy"],

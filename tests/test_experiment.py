@@ -85,8 +85,10 @@ def test_seeds_vectorized_write_one_run_each_and_skip_when_finished(tmp_path):
     from configs.tiny import get_config
     from fedmoe_jax.experiment import run_experiments, vectorizable
 
-    config = get_config("fedmoe")
+    config = get_config("random_moe")  # no Stage 1: the vectorized rounds are what is tested here
     config.num_rounds = 2
+    config.eval.global_model = False
+    config.eval.unseen_local_steps = 0
     config.mesh.enabled = False  # the tests' 8 host devices would shard the cohort instead
     assert vectorizable(config) is None
     workdirs = [str(tmp_path / f"seed={s}") for s in (0, 3)]

@@ -15,8 +15,9 @@ def assert_same_run(a, b):
     for ra, rb in zip(a.history, b.history):
         np.testing.assert_allclose(ra["client_train_loss"], rb["client_train_loss"], rtol=2e-5)
         assert ra["bytes_down"] == rb["bytes_down"]
-        np.testing.assert_allclose([m["loss"] for m in ra["client_val"]],
-                                   [m["loss"] for m in rb["client_val"]], rtol=2e-5)
+        assert [sorted(m) for m in ra["client_val"]] == [sorted(m) for m in rb["client_val"]]
+        np.testing.assert_allclose([m.get("loss", 0.0) for m in ra["client_val"]],
+                                   [m.get("loss", 0.0) for m in rb["client_val"]], rtol=2e-5)
     for x, y in zip(jax.tree.leaves(a._state()), jax.tree.leaves(b._state())):
         if np.issubdtype(np.asarray(x).dtype, np.floating):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
@@ -48,8 +49,8 @@ def test_fedavg_seeds_in_one_program_equal_runs_alone(small_run):
 def test_runs_of_different_widths_train_at_the_widest(small_run):
     """randomMoE keeps 1 expert per layer in one run and 4 in the other: the group trains both at
     4 slots; the reference trains each run alone at the same widths, round by round."""
-    def pair():
-        return [make_trainer(small_run, RandomMoE(experts_per_layer=k), seed=s)
+    def pair():  # validation off: test_fedavg_... covers it; here the widths matter
+        return [make_trainer(small_run, RandomMoE(experts_per_layer=k), seed=s, eval_every=0)
                 for k, s in ((1, 0), (4, 1))]
 
     alone = pair()
@@ -68,14 +69,14 @@ def test_runs_of_different_widths_train_at_the_widest(small_run):
 def test_resumed_runs_are_brought_level_first(small_run, tmp_path):
     from tests.test_trainer import make_trainer_in
 
-    ahead = make_trainer_in(small_run, str(tmp_path / "a"), num_rounds=3)
+    ahead = make_trainer_in(small_run, str(tmp_path / "a"), num_rounds=2, eval_every=0)
     ahead.run(num_rounds=1, progress=False)
-    behind = make_trainer_in(small_run, str(tmp_path / "b"), num_rounds=3, seed=1)
+    behind = make_trainer_in(small_run, str(tmp_path / "b"), num_rounds=2, seed=1, eval_every=0)
     group = RunGroup([ahead, behind])
     with pytest.raises(ValueError, match="different rounds"):
         group.run_round()
     histories = group.run(progress=False)
-    assert [len(h) for h in histories] == [3, 3] and group.round == 3
+    assert [len(h) for h in histories] == [2, 2] and group.round == 2
     for t in (ahead, behind):
         t.close()
 

@@ -478,14 +478,17 @@ def test_example_specs_are_valid(name, monkeypatch):
 
 
 def test_sweep_with_the_real_cli(tmp_path, monkeypatch):
-    """Two seeds of configs/tiny.py (one round each) through fedmoe_jax.main, two workers."""
+    """Two seeds of configs/tiny.py (one round each) through fedmoe_jax.main, vectorized in one
+    process (`--seeds`, RunGroup), then skipped."""
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device per run (this process has 8)
     monkeypatch.setenv("FEDMOE_JAX_CACHE", os.path.join(REPO, ".jax_cache"))
     root = str(tmp_path / "tiny")
-    spec = sweep.spec_from_flags("configs/tiny.py", grid=["seed=0,1"], set=["num_rounds=1"], root=root)
+    spec = sweep.spec_from_flags("configs/tiny.py", grid=["seed=0,1"], set=["num_rounds=1"], root=root,
+                                 vectorize_seeds=True)
     assert spec.runner == list(sweep.default_runner())
     report = sweep.run_sweep(spec, workers=2, progress=False, validator=sweep.fedmoe_validator())
+    assert "--seeds=0,1" in report.records[0]["command"]
     assert report.exit_code == 0, report.records
     rows = read_csv(root)
     assert [r["seed"] for r in rows] == ["0", "1"] and [r["status"] for r in rows] == ["done", "done"]
@@ -499,6 +502,8 @@ def test_sweep_with_the_real_cli(tmp_path, monkeypatch):
         assert float(row["comm_gib"]) == pytest.approx(s["comm_gib_per_transfer"])
         assert float(row["experts_end_mean"]) == pytest.approx(s["experts_end"]["mean"])
         assert float(row["peak_mem_gb_max"]) == pytest.approx(s["peak_memory_gb"]["max"])
+    log = open(os.path.join(root, "seed=0", "log.txt")).read()
+    assert "x2 runs" in log or "seed 1" in log  # one process ran both seeds
     # Again: both finished, nothing runs.
     again = sweep.run_sweep(spec, workers=2, progress=False)
     assert [r["status"] for r in again.records] == ["skipped", "skipped"]
