@@ -36,7 +36,7 @@ import optax
 
 from fedmoe_jax.federated.client import make_local_train
 from fedmoe_jax.federated.loop import make_round_step
-from fedmoe_jax.federated.sharding import make_mesh, padded_cohort_size, shard_cohort
+from fedmoe_jax.federated.sharding import make_mesh, pad_clients, padded_cohort_size, shard_cohort
 from fedmoe_jax.federated.submodel import (
     bucket_width,
     cohort_sums,
@@ -219,16 +219,11 @@ def vectorized_round(w: Workload, mesh: Any = "auto") -> Callable[[], PyTree]:
         mesh = make_mesh() if jax.device_count() > 1 else None
     cfg = w.preset.model
     step = make_round_step(cfg, optimizer(w.preset), mesh=mesh)
-    c = len(w.maps)
-    size = padded_cohort_size(c, mesh)
-
-    def pad(a):
-        a = np.asarray(a)
-        return a if size == c else np.concatenate([a, np.zeros((size - c,) + a.shape[1:], a.dtype)])
-
+    size = padded_cohort_size(len(w.maps), mesh)
     keys = jax.random.key_data(w.client_keys())
-    args = (pad(w.indices), pad(w.valid), jax.tree.map(pad, w.batches), pad(w.step_mask), pad(w.weights),
-            jax.random.wrap_key_data(pad(np.asarray(keys))), None)
+    indices, valid, batches, step_mask, weights, keys = pad_clients(
+        (w.indices, w.valid, w.batches, w.step_mask, w.weights, keys), size)
+    args = (indices, valid, batches, step_mask, weights, jax.random.wrap_key_data(keys), None)
     if mesh is not None:
         args = shard_cohort(args, mesh)
     params = w.params
@@ -306,7 +301,6 @@ def client_training_bytes(preset: Preset, kept: int) -> dict[str, int]:
     narrow = preset.model.replace(num_experts=kept)
     w = make_workload(preset.replace(cohort_size=1, min_kept=kept, max_kept=kept))
     params = jax.eval_shape(lambda: gather_submodel(w.params, preset.model, w.indices[0]))
-    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), params)
     local = jax.jit(make_local_train(narrow, optimizer(preset)))
     batches = {k: v[0] for k, v in w.batches.items()}
     mem = local.lower(params, batches, w.step_mask[0], np.ones((preset.model.num_moe_layers, kept), bool),

@@ -35,7 +35,6 @@ import optax
 from fedmoe_jax.config import (
     FEDMOE_METHODS,
     FULL_MODEL_METHODS,
-    METHODS,
     RESUMABLE_KEYS,
     SETTINGS,
     ConfigError,
@@ -453,7 +452,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | None, progr
 
 def vectorizable(config: ml_collections.ConfigDict) -> str | None:
     """Why the seeds of `config` cannot share one round program (None if they can)."""
-    if config.method not in METHODS or config.method == "local":
+    if config.method == "local":
         return f"method {config.method!r} trains personal models without a server"
     if config.mesh.enabled and jax.device_count() > 1:
         return "the cohort is sharded over several devices (set --config.mesh.enabled=False)"
@@ -475,7 +474,7 @@ def run_experiments(config: ml_collections.ConfigDict, seeds: Sequence[int], wor
     start = time.time()
     configs = []
     for seed in seeds:
-        c = ml_collections.ConfigDict(config.to_dict())
+        c = config.copy_and_resolve_references()
         c.seed = int(seed)
         configs.append(c)
     for c, w in zip(configs, workdirs):

@@ -257,12 +257,9 @@ def jobs(spec: SweepSpec, runs: Sequence[Run]) -> list[Job]:
                    and template.replace("{seed}", str(r.params["seed"])) == r.name for r in members):
             out.extend(Job([r], r.command) for r in members)  # seeds that are not plain integers
             continue
-        config = spec.config + (f":{first.arg}" if first.arg is not None else "")
-        command = [*spec.runner, f"--config={config}", f"--workdir={os.path.join(spec.root, template)}",
-                   "--seeds=" + ",".join(str(r.params["seed"]) for r in members)]
-        command += [f"--config.{k}={format_cli_value(v)}" for k, v in {**spec.set, **first.params}.items()
-                    if k != "seed"]
-        out.append(Job(members, command))
+        rest = {k: v for k, v in first.params.items() if k != "seed"}
+        seeds = "--seeds=" + ",".join(str(r.params["seed"]) for r in members)
+        out.append(Job(members, _command(spec, first.arg, os.path.join(spec.root, template), rest, seeds)))
     return out
 
 
@@ -383,6 +380,14 @@ def _matches(entry: Mapping[str, Any], arg: str | None, params: Mapping[str, Any
     return all(_canonical(point.get(k)) == _canonical(v) for k, v in entry.items())
 
 
+def _command(spec: SweepSpec, arg: str | None, workdir: str, params: Mapping[str, Any], *extra: str
+             ) -> list[str]:
+    """`RUNNER --config=FILE[:ARG] --workdir=DIR [EXTRA...] --config.k=v ...` (`set`, then `params`)."""
+    config = spec.config + (f":{arg}" if arg is not None else "")
+    command = [*spec.runner, f"--config={config}", f"--workdir={workdir}", *extra]
+    return command + [f"--config.{k}={format_cli_value(v)}" for k, v in {**spec.set, **params}.items()]
+
+
 def expand(spec: SweepSpec) -> list[Run]:
     """Every grid point (args outermost, then the grid axes in spec order), less the excluded."""
     runs, used = [], [False] * len(spec.exclude)
@@ -398,10 +403,7 @@ def expand(spec: SweepSpec) -> list[Run]:
             if arg is not None:
                 name = os.path.join(arg if _SAFE_ARG.fullmatch(arg) else format_name_value(arg), name)
             workdir = os.path.join(spec.root, name)
-            config = spec.config + (f":{arg}" if arg is not None else "")
-            command = [*spec.runner, f"--config={config}", f"--workdir={workdir}"]
-            command += [f"--config.{k}={format_cli_value(v)}" for k, v in {**spec.set, **params}.items()]
-            runs.append(Run(arg, params, name, workdir, command))
+            runs.append(Run(arg, params, name, workdir, _command(spec, arg, workdir, params)))
     for entry, u in zip(spec.exclude, used):
         if not u:
             raise SpecError(f"exclude entry {entry} matches no run (a value misspelled?)")

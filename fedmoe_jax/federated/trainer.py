@@ -214,11 +214,16 @@ class FederatedTrainer:
                                                        self.data.target_len)
         return self._evaluators[width]
 
+    def _next_cohort(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """The next round's cohort `[C]`, its expert maps `[C, L, E]` and the slots S they need."""
+        s = self.settings
+        cohort = sample_cohort(s.sampling, s.seed, self.server.round, self.client_tasks, s.cohort_size)
+        maps = self.states.expert_maps[cohort]
+        return cohort, maps, bucket_width(int(maps.sum(-1).max()), self.config.num_experts)
+
     def round_width(self) -> int:
         """Slots S the next round's cohort needs (its largest sub-MoE layer, bucketed)."""
-        s, r = self.settings, self.server.round
-        cohort = sample_cohort(s.sampling, s.seed, r, self.client_tasks, s.cohort_size)
-        return bucket_width(int(self.states.expert_maps[cohort].sum(-1).max()), self.config.num_experts)
+        return self._next_cohort()[2]
 
     def prepare_round(self, width: int | None = None) -> PreparedRound:
         """Host side of the next round: sample the cohort, its expert slots and batches.
@@ -228,10 +233,9 @@ class FederatedTrainer:
         """
         s, r = self.settings, self.server.round
         start = time.time()
-        cohort = sample_cohort(s.sampling, s.seed, r, self.client_tasks, s.cohort_size)
+        cohort, maps, needed = self._next_cohort()
         c = len(cohort)
-        maps = self.states.expert_maps[cohort]
-        width = max(width or 0, bucket_width(int(maps.sum(-1).max()), self.config.num_experts))
+        width = max(width or 0, needed)
         indices, valid = (np.asarray(a) for a in expert_slots(maps, width))
         batches = self.data.cohort_batches(cohort, r, s.seed, s.batch_size, num_steps=s.local_steps)
         weights = batches["num_examples"].astype(np.float32)
