@@ -39,6 +39,9 @@ def default_config() -> ml_collections.ConfigDict:
     # a client update with NaN/inf is always left out of aggregation; "stop": end the run (exit 3),
     # "exclude": record it in metrics.jsonl (`nonfinite_clients`) and go on
     c.on_nonfinite = "exclude"
+    # memory per device a round may use (GB): the cohort trains in sub-cohorts small enough to fit;
+    # 0: the accelerator's own limit, no cap on CPU (where sub-cohorts of 4 are the default anyway)
+    c.memory_cap_gb = 0.0
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "embedded"  # "embedded" (shipped WordNet benchmark) or "tfds" (AG News/SQuAD/XSum)
@@ -122,7 +125,7 @@ class ConfigError(ValueError):
 
 
 # Keys that may change when a run is resumed (everything else defines the run).
-RESUMABLE_KEYS = ("num_rounds", "checkpoint_every", "on_nonfinite", "eval", "mesh")
+RESUMABLE_KEYS = ("num_rounds", "checkpoint_every", "on_nonfinite", "memory_cap_gb", "eval", "mesh")
 FULL_MODEL_METHODS = ("fedprox", "scaffold", "fedavg", "local")
 FEDMOE_METHODS = ("fedmoe", "fedmoe_no_stage1", "fedmoe_no_stage2")
 
@@ -195,6 +198,7 @@ def validate(config) -> None:
         ("eval_batch_size", c.eval_batch_size >= 1, "use >= 1"),
         ("max_eval_examples", c.max_eval_examples >= 0, "use >= 0 (0: the whole split)"),
         ("checkpoint_every", c.checkpoint_every >= 1, "use >= 1"),
+        ("memory_cap_gb", c.memory_cap_gb >= 0, "use >= 0 (0: the accelerator's limit)"),
         ("on_nonfinite", c.on_nonfinite in ("exclude", "stop"), "use 'exclude' or 'stop'"),
         ("data.source", c.data.source in ("embedded", "tfds"), "use 'embedded' or 'tfds'"),
         ("data.dir", c.data.source != "tfds" or bool(c.data.dir),

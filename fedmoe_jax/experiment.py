@@ -41,6 +41,7 @@ from fedmoe_jax.config import (
     flatten,
     validate,
 )
+from fedmoe_jax.federated.preemption import StopSignals
 from fedmoe_jax.files import save_npz, write_json
 
 log = logging.getLogger("fedmoe_jax")
@@ -295,6 +296,13 @@ def make_mesh_for(config: ml_collections.ConfigDict):
     return make_mesh(experts=config.mesh.experts)
 
 
+def memory_cap(config: ml_collections.ConfigDict) -> int | None:
+    """Bytes per device a round may use: `memory_cap_gb`, or (0) the accelerator's own limit."""
+    from fedmoe_jax.federated.loop import device_memory_cap
+
+    return int(config.memory_cap_gb * 1e9) if config.memory_cap_gb > 0 else device_memory_cap()
+
+
 @dataclasses.dataclass
 class Experiment:
     """Everything `setup` builds; `run` trains, evaluates and writes the summary."""
@@ -347,7 +355,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None, progress: bool
                                local_steps=config.local_steps, seed=config.seed, eval_every=config.eval_every,
                                eval_batch_size=config.eval_batch_size,
                                max_eval_examples=config.max_eval_examples or None,
-                               on_nonfinite=config.on_nonfinite)
+                               on_nonfinite=config.on_nonfinite, memory_cap_bytes=memory_cap(config))
         optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
         mesh = make_mesh_for(config)
         defining = {k: v for k, v in flatten(config).items() if k.split(".")[0] not in RESUMABLE_KEYS}
@@ -432,7 +440,10 @@ def finished_summary(workdir: str, num_rounds: int) -> dict[str, Any] | None:
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str | None, progress: bool = True
                    ) -> dict[str, Any]:
-    """Set up (or resume), run the rounds, evaluate on the test splits, write `summary.json`."""
+    """Set up (or resume), run the rounds, evaluate on the test splits, write `summary.json`.
+
+    SIGTERM / SIGINT stop the run at the next round boundary with a checkpoint (`RunInterrupted`,
+    `fedmoe_jax.federated.preemption`); the same call again resumes."""
     start = time.time()
     check(config, workdir)
     finished = None if workdir is None else finished_summary(workdir, config.num_rounds)
@@ -440,14 +451,15 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | None, progr
         log.info("%s already finished %d rounds; summary: %s", workdir, finished["rounds"],
                  os.path.join(workdir, SUMMARY_FILE))
         return finished
-    exp = build(config, workdir, progress)
-    t = exp.trainer
-    try:
-        t.run(progress=progress)
-        evaluation = evaluate_final(exp)
-        return write_results(exp, evaluation, time.time() - start)
-    finally:
-        t.close()
+    with StopSignals() as stop:  # SIGTERM / SIGINT: checkpoint at the next round boundary and stop
+        exp = build(config, workdir, progress)
+        t = exp.trainer
+        try:
+            t.run(progress=progress, stop=stop)
+            evaluation = evaluate_final(exp)
+            return write_results(exp, evaluation, time.time() - start)
+        finally:
+            t.close()
 
 
 def vectorizable(config: ml_collections.ConfigDict) -> str | None:
@@ -495,15 +507,16 @@ def run_experiments(config: ml_collections.ConfigDict, seeds: Sequence[int], wor
             results[i] = run_experiment(configs[i], workdirs[i], progress)
         return [results[i] for i in range(len(seeds))]
     exps = []
-    try:
-        for i in todo:
-            exps.append(build(configs[i], workdirs[i], progress))
-        RunGroup([e.trainer for e in exps]).run(progress=progress)
-        for i, exp in zip(todo, exps):
-            results[i] = write_results(exp, evaluate_final(exp), time.time() - start)
-    finally:
-        for exp in exps:
-            exp.trainer.close()
+    with StopSignals() as stop:
+        try:
+            for i in todo:
+                exps.append(build(configs[i], workdirs[i], progress))
+            RunGroup([e.trainer for e in exps]).run(progress=progress, stop=stop)
+            for i, exp in zip(todo, exps):
+                results[i] = write_results(exp, evaluate_final(exp), time.time() - start)
+        finally:
+            for exp in exps:
+                exp.trainer.close()
     return [results[i] for i in range(len(seeds))]
 
 

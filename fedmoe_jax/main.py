@@ -6,6 +6,7 @@
 The same command again resumes an unfinished run (raising `num_rounds` extends a finished one);
 a changed seed, model, data or method is refused. Bad input (config, data, checkpoints) exits
 with status 2 and one line on stderr; earlier results in the workdir are left as they were.
+SIGTERM / SIGINT finish the current round, save a checkpoint and exit with 143 / 130 (128 + signal).
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def main(argv: list[str]) -> None:
 
         jax.config.update("jax_compilation_cache_dir", FLAGS.jax_cache)
     from fedmoe_jax.config import ConfigError
+    from fedmoe_jax.federated.loop import MemoryCapExceeded
+    from fedmoe_jax.federated.preemption import RunInterrupted
     from fedmoe_jax.federated.trainer import NonFiniteUpdate
 
     try:
@@ -110,11 +113,14 @@ def main(argv: list[str]) -> None:
                 print(format_summary(result, workdir), flush=True)
             return
         result = run_experiment(config, FLAGS.workdir, progress=FLAGS.progress)
-    except ConfigError as e:
+    except (ConfigError, MemoryCapExceeded) as e:
         fail(str(e))
     except NonFiniteUpdate as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(NONFINITE_EXIT)
+    except RunInterrupted as e:  # SIGTERM / SIGINT: checkpointed at a round boundary
+        print(f"interrupted: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_status)
     print(format_summary(result, FLAGS.workdir), flush=True)
 
 

@@ -55,6 +55,7 @@ RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
 LOCK = ".sweep.lock"
 EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 1, 2, 130
+SIGNAL_EXITS = (128 + 2, 128 + 15)  # a run stopped by SIGINT / SIGTERM after checkpointing (main.py)
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -722,8 +723,10 @@ def run_sweep(spec: SweepSpec, workers: int = 1, *, rerun: bool = False, pin_cpu
                             reason = last_line(os.path.join(a.job.log_dir, LOG), a.offset) or "(no output)"
                             if rc == 0:
                                 reason = f"exited 0 without writing {SUMMARY}; last line: {reason}"
-                            rec.update(status="failed", error=reason)
-                            tqdm.write(f"sweep: {run.name} failed (exit {rc}): {reason}", file=sys.stderr)
+                            # stopped by SIGTERM / SIGINT after a checkpoint: resumable, not failed
+                            status = "interrupted" if rc in SIGNAL_EXITS else "failed"
+                            rec.update(status=status, error=reason)
+                            tqdm.write(f"sweep: {run.name} {status} (exit {rc}): {reason}", file=sys.stderr)
                         bar.update(1)
                     show()
                     write_sweep_json(spec, list(records.values()))

@@ -11,7 +11,7 @@ from test_submodel import reference_aggregate
 
 from fedmoe_jax.federated import bucket_width, expert_slots, gather_submodel, scatter_submodel
 from fedmoe_jax.federated.client import make_local_train
-from fedmoe_jax.federated.loop import make_round_step
+from fedmoe_jax.federated.loop import MemoryCapExceeded, chunk_candidates, make_round_step
 from fedmoe_jax.federated.sharding import make_mesh, pad_clients, padded_cohort_size
 from fedmoe_jax.models import SwitchTransformer, get_config
 
@@ -161,6 +161,34 @@ def test_chunked_cohort_equals_whole_cohort(setup):
     np.testing.assert_array_equal(np.asarray(chunked.held), np.asarray(whole.held))
     with pytest.raises(ValueError, match="multiple of chunk_size"):
         make_round_step(config, tx, chunk_size=4)(params, idx, valid, stacked, step_mask, weights, keys)
+
+
+def test_chunk_candidates():
+    assert chunk_candidates(8, None, 4) == [4, 2, 1]
+    assert chunk_candidates(6, None, None) == [None, 3, 2, 1]  # None: the whole cohort at once
+    assert chunk_candidates(8, make_mesh(2), None) == [None, 4, 2]  # multiples of the client axis
+
+
+def test_memory_cap_picks_the_largest_sub_cohort_that_fits(setup):
+    """Under a cap the round trains in the largest sub-cohort whose compiled program fits (XLA's
+    memory analysis), with the whole cohort's result; below one client's need: MemoryCapExceeded."""
+    config, params, maps, batches = setup
+    tx = optax.sgd(0.1)
+    cohort = np.array([0, 1, 2, 3, 4, 5])
+    idx, valid, stacked, step_mask, weights, rngs = cohort_inputs(maps, batches, cohort, 4)
+    args = (params, idx, valid, stacked, step_mask, weights, jax.random.wrap_key_data(jnp.asarray(rngs)))
+    too_small = make_round_step(config, tx, return_clients=True, memory_cap=1)
+    with pytest.raises(MemoryCapExceeded, match=r"sub-cohorts of 1 client.*lower batch_size"):
+        too_small(*args)
+    need = too_small.memory_needs[(4, 6)]  # every candidate was compiled and measured
+    assert list(need) == [3, 2, 1]  # from the CPU default (auto_chunk_size) down
+    assert need[3] > need[2] > need[1]  # fewer clients at once, fewer activation bytes
+    capped = make_round_step(config, tx, return_clients=True, memory_cap=need[2])
+    out = capped(*args)
+    assert list(capped.compiled) == [(4, 2)]
+    whole = make_round_step(config, tx, chunk_size=None, return_clients=True)(*args)
+    for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(whole.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_expert_parallel_mesh_equals_unsharded(setup):

@@ -70,8 +70,8 @@ try:
     resumed = os.path.exists(os.path.join(workdir, "partial"))
     if matches(control.get("crash_first", [])) and not resumed:
         open(os.path.join(workdir, "partial"), "w").close()
-        print("killed mid-run")
-        sys.exit(1)
+        print("interrupted: stopped by SIGTERM after round 2")  # as main.py on a preemption
+        sys.exit(143)
     time.sleep(control.get("sleep", 0))
     if matches(control.get("no_summary", [])):
         sys.exit(0)
@@ -344,8 +344,8 @@ def test_skip_resume_and_failures_with_two_workers(fake, tmp_path):
     dirs = {s: os.path.join(root, "standard_hetero_t", f"seed={s}") for s in range(4)}
     recs = statuses(root)
     st = {s: recs[os.path.join("standard_hetero_t", f"seed={s}")] for s in range(4)}
-    assert [st[s]["status"] for s in range(4)] == ["done", "done", "failed", "failed"]
-    assert (st[2]["returncode"], st[2]["error"]) == (1, "killed mid-run")
+    assert [st[s]["status"] for s in range(4)] == ["done", "done", "interrupted", "failed"]
+    assert (st[2]["returncode"], st[2]["error"]) == (143, "interrupted: stopped by SIGTERM after round 2")
     assert (st[3]["returncode"], st[3]["error"]) == (3, "RuntimeError: fake failure")
     assert "seed=3 failed (exit 3): RuntimeError: fake failure" in first.stderr
     # Two workers: two runs at a time, never more, each pinned to its own share of the cores.

@@ -1,9 +1,13 @@
 """The multi-round driver end to end on a small slice of the embedded benchmark."""
 
+import logging
+import os
+
 import jax
 import numpy as np
 import optax
 import pytest
+from test_checkpoint import tamper_data
 
 from fedmoe_jax.algorithms import Algorithm, RandomMoE
 from fedmoe_jax.federated.sharding import make_mesh
@@ -62,7 +66,8 @@ def test_bad_settings_raise(small_run):
         make_trainer(small_run, Algorithm(), sampling="random")
 
 
-def test_resume_is_bit_identical_and_wrong_resume_is_refused(small_run, tmp_path):
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax, see test_checkpoint
+def test_resume_is_bit_identical_and_wrong_resume_is_refused(small_run, tmp_path, caplog):
     def final_state(trainer):
         return jax.tree.leaves(trainer._state())
 
@@ -87,6 +92,19 @@ def test_resume_is_bit_identical_and_wrong_resume_is_refused(small_run, tmp_path
     assert losses == [row["client_train_loss"] for row in straight.history]
     with pytest.raises(ValueError, match="seed"):
         make_trainer_in(small_run, workdir, num_rounds=4, seed=1)
+
+    # A damaged latest checkpoint: the run falls back to round 3 with a warning naming step 4,
+    # trains round 4 again and ends bit-identical, the damaged step replaced.
+    tamper_data(os.path.join(workdir, "checkpoints"), 4)
+    with caplog.at_level(logging.WARNING, logger="fedmoe_jax.federated.checkpoint"):
+        again = make_trainer_in(small_run, workdir, num_rounds=4)
+    assert again.server.round == 3
+    assert any("skipping corrupt checkpoint step 4" in r.getMessage() for r in caplog.records)
+    again.run(progress=False)
+    again.close()
+    for a, b in zip(final_state(straight), final_state(again)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [row["client_train_loss"] for row in read_metrics(workdir)] == losses
 
 
 def make_trainer_in(small_run, workdir, **settings):

@@ -15,6 +15,7 @@ B batch, S_in / T input / target tokens.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ from fedmoe_jax.models.switch import SwitchConfig
 
 Array = jax.Array
 PyTree = Any
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -83,6 +85,37 @@ def auto_chunk_size(cohort: int, mesh: Mesh | None) -> int | None:
     return max(d for d in range(1, min(CPU_CHUNK, cohort) + 1) if cohort % d == 0)
 
 
+class MemoryCapExceeded(ValueError):
+    """Even one client per sub-cohort needs more memory than the cap (one line: sizes and the fix)."""
+
+
+def program_bytes(compiled: Any) -> int:
+    """Peak bytes per device of a compiled program from XLA's memory analysis: arguments, outputs
+    and temporaries, less what outputs reuse from donated arguments."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+def device_memory_cap(device: Any = None) -> int | None:
+    """The memory an accelerator offers a program (`memory_stats()["bytes_limit"]`); None on CPU
+    and where the backend does not say."""
+    device = device or jax.local_devices()[0]
+    if device.platform == "cpu":
+        return None
+    stats = device.memory_stats() or {}
+    return int(stats["bytes_limit"]) if "bytes_limit" in stats else None
+
+
+def chunk_candidates(cohort: int, mesh: Mesh | None, start: int | None) -> list[int | None]:
+    """Sub-cohort sizes to try under a memory cap, largest first: `start` (None: all `cohort`
+    at once), then every smaller divisor of `cohort` (multiples of the mesh's client axis)."""
+    step = 1 if mesh is None else int(mesh.shape[CLIENTS])
+    first = cohort if start is None else start
+    sizes = [d for d in range(first, 0, -1) if cohort % d == 0 and d % step == 0]
+    return [None if d == cohort else d for d in sizes]
+
+
 def make_round_step(
     config: SwitchConfig,
     optimizer: optax.GradientTransformation,
@@ -92,6 +125,7 @@ def make_round_step(
     return_clients: bool = False,
     chunk_size: int | None | str = "auto",
     runs: bool = False,
+    memory_cap: int | None = None,
 ) -> Callable[..., RoundOutput]:
     """Build `round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None)`.
 
@@ -109,6 +143,9 @@ def make_round_step(
     (`auto_chunk_size`): on CPU without a mesh, sub-cohorts of up to `CPU_CHUNK` clients, else all at once.
     `runs=True`: R independent runs (seeds) in one program, every argument and output with a leading
     runs axis R (`params [R, ...]`, `indices [R, C, L, S]`, ...; `jax.vmap` of the round), no mesh.
+    `memory_cap` (bytes per device, with `chunk_size="auto"`): the first of `chunk_candidates` whose
+    compiled round fits (`program_bytes`) is used, one choice per slot width and cohort size;
+    `MemoryCapExceeded` if not even sub-cohorts of one client fit.
     """
     if runs and mesh is not None:
         raise ValueError("runs=True vmaps whole rounds on one device; pass mesh=None")
@@ -164,15 +201,43 @@ def make_round_step(
             out_shardings=(global_params, per_client, per_client, rep, per_client),
         )
 
+    fitted: dict[tuple[int, int], Callable] = {}  # (width, cohort) -> program chosen under memory_cap
+    memory_needs: dict[tuple[int, int], dict] = {}  # (width, cohort) -> {chunk: bytes} of those tried
+
+    def fit(width: int, c: int, args: tuple) -> Callable:
+        """The largest sub-cohort whose compiled round fits in `memory_cap` (compiled once here)."""
+        tried = memory_needs.setdefault((width, c), {})
+        for chunk in chunk_candidates(c, mesh, auto_chunk_size(c, mesh)):
+            program = build(width, args[0], chunk).lower(*args).compile()
+            need = tried[chunk] = program_bytes(program)
+            if need <= memory_cap:
+                if tried:
+                    log.info("round of %d clients (S=%d): sub-cohorts of %s to fit the memory cap of "
+                             "%.2f GB (%.2f GB each)", c, width, chunk or c, memory_cap / 1e9, need / 1e9)
+                compiled[(width, chunk)] = program
+                return program
+        size, need = min(tried.items(), key=lambda item: item[1])
+        size = size or c
+        raise MemoryCapExceeded(
+            f"a round needs {need / 1e9:.2f} GB per device even in sub-cohorts of {size} client(s), over "
+            f"the memory cap of {memory_cap / 1e9:.2f} GB: lower batch_size or data.max_input_len / "
+            "max_target_len, shard experts (mesh.experts), or raise memory_cap_gb")
+
     def round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None) -> RoundOutput:
         width, c = int(indices.shape[-1]), int(indices.shape[-3])
+        args = (params, indices, valid, batches, step_mask, weights, rngs, extra)
+        if memory_cap is not None and chunk_size == "auto" and not runs:
+            if (width, c) not in fitted:
+                fitted[(width, c)] = fit(width, c, args)
+            return RoundOutput(*fitted[(width, c)](*args))
         chunk = auto_chunk_size(c, mesh) if chunk_size == "auto" else chunk_size
         if (width, chunk) not in compiled:
             compiled[(width, chunk)] = build(width, params, chunk)
         program = compiled[(width, chunk)]
-        return RoundOutput(*program(params, indices, valid, batches, step_mask, weights, rngs, extra))
+        return RoundOutput(*program(*args))
 
     round_step.compiled = compiled  # exposed for tests and diagnostics
+    round_step.memory_needs = memory_needs
     return round_step
 
 

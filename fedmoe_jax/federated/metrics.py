@@ -8,6 +8,7 @@ fields also go to TensorBoard (tensorboardX) under `train/`, `val/`, `comm/`, `e
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger(__name__)
 
 
 def weighted_means(values: Sequence[float], weights: Sequence[float]) -> dict[str, float]:
@@ -30,12 +32,27 @@ def weighted_means(values: Sequence[float], weights: Sequence[float]) -> dict[st
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """All rows of `workdir/metrics.jsonl` (empty if none)."""
+    """All rows of `workdir/metrics.jsonl` (empty if none).
+
+    A last line cut short (the process was killed while appending it) is dropped with a warning:
+    its round was not checkpointed yet and is run again. Any other unreadable line is a ValueError."""
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:  # no newline after it: an interrupted append
+                log.warning("%s: dropping a cut-off last line (%d bytes)", path, len(line))
+                continue
+            raise ValueError(f"{path} line {i + 1} is not JSON; repair or delete the file") from None
+    return rows
 
 
 class MetricsWriter:

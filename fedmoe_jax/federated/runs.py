@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fedmoe_jax.federated.loop import make_round_step
+from fedmoe_jax.federated.preemption import RunInterrupted, StopSignals
 from fedmoe_jax.federated.trainer import FederatedTrainer
 
 
@@ -83,24 +84,36 @@ class RunGroup:
             rows.append(t.finish_round(prep, trained))
         return rows
 
-    def run(self, num_rounds: int | None = None, progress: bool = True) -> list[list[dict[str, Any]]]:
-        """Run every trainer until `num_rounds` rounds (default: its settings'); returns histories."""
+    def run(self, num_rounds: int | None = None, progress: bool = True,
+            stop: StopSignals | None = None) -> list[list[dict[str, Any]]]:
+        """Run every trainer until `num_rounds` rounds (default: its settings'); returns histories.
+
+        `stop`: as for `FederatedTrainer.run`; every run is checkpointed before `RunInterrupted`."""
         from tqdm import tqdm
 
         target = self.trainers[0].settings.num_rounds if num_rounds is None else num_rounds
         for t in self.trainers:  # resumed at different rounds: catch up alone
             while t.server.round < min(target, max(u.server.round for u in self.trainers)):
+                self._stop_if_requested(stop)
                 t.run_round()
         with tqdm(total=target, initial=min(self.round, target), unit="round",
                   desc=f"{self.trainers[0].algorithm.name} x{len(self.trainers)} runs",
                   disable=not progress) as bar:
             while self.round < target:
+                self._stop_if_requested(stop)
                 rows = self.run_round()
                 bar.update(1)
                 bar.set_postfix(loss=" ".join(f"{r['train_loss']:.3f}" for r in rows))
         for t in self.trainers:
             t.checkpoint(force=True)
         return [t.history for t in self.trainers]
+
+    def _stop_if_requested(self, stop: StopSignals | None) -> None:
+        if stop is None or stop.requested is None:
+            return
+        for t in self.trainers:
+            t.checkpoint(force=True)
+        raise RunInterrupted(stop.requested, self.round)
 
 
 __all__ = ["RunGroup", "run_slice", "stack_runs"]

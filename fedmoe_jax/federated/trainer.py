@@ -34,6 +34,7 @@ from fedmoe_jax.federated.loop import (
     to_global_experts,
 )
 from fedmoe_jax.federated.metrics import MetricsWriter, read_metrics, weighted_means
+from fedmoe_jax.federated.preemption import RunInterrupted, StopSignals
 from fedmoe_jax.federated.sampling import sample_cohort
 from fedmoe_jax.federated.sharding import (
     pad_clients,
@@ -65,6 +66,8 @@ class RunSettings:
     # a client whose update holds NaN/inf is always left out of aggregation; "stop" also ends the run
     # (NonFiniteUpdate, before the round is committed), "exclude" records it and goes on
     on_nonfinite: str = "exclude"
+    # bytes per device a round may use: the cohort trains in sub-cohorts that fit (None: no cap)
+    memory_cap_bytes: int | None = None
 
     def validate(self, num_clients: int) -> None:
         checks = {
@@ -74,6 +77,7 @@ class RunSettings:
             "cohort_size": 1 <= self.cohort_size <= num_clients,
             "sampling": self.sampling in ("uniform", "enforced"),
             "on_nonfinite": self.on_nonfinite in ("exclude", "stop"),
+            "memory_cap_bytes": self.memory_cap_bytes is None or self.memory_cap_bytes > 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -152,7 +156,7 @@ class FederatedTrainer:
         self._server_init, self._server_update = make_server_update(config, server_opt)
         self.server = ServerState(params, self._server_init(params), 0, algorithm.init_server_extra(params))
         self._round_step = make_round_step(config, optimizer, loss_config, algorithm.hooks, mesh,
-                                           return_clients=True)
+                                           return_clients=True, memory_cap=settings.memory_cap_bytes)
         if not algorithm.aggregates:
             self._personal_step = make_personal_step(config, optimizer, loss_config, algorithm.hooks, mesh)
         self._evaluators: dict[int, Any] = {}
@@ -168,7 +172,7 @@ class FederatedTrainer:
                 "seed": settings.seed, "method": algorithm.name, "model": dataclasses.asdict(config),
                 "data": data.fingerprint(), "partition": data.partition.fingerprint(),
                 "settings": {k: v for k, v in dataclasses.asdict(settings).items()
-                             if k not in ("num_rounds", "on_nonfinite")},
+                             if k not in ("num_rounds", "on_nonfinite", "memory_cap_bytes")},
                 **(run_meta or {}),
             }
             self._checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"),
@@ -456,14 +460,27 @@ class FederatedTrainer:
                 row[f"val_score_{task}"] = float(np.mean(scores))
         return row
 
-    def run(self, num_rounds: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
-        """Run until `num_rounds` rounds are done in total (default: `settings.num_rounds`)."""
+    def stop_if_requested(self, stop: StopSignals | None) -> None:
+        """After a signal (`stop.requested`): checkpoint the last finished round, raise `RunInterrupted`."""
+        if stop is None or stop.requested is None:
+            return
+        self.checkpoint(force=True)
+        where = None if self._checkpointer is None else self._checkpointer.directory
+        raise RunInterrupted(stop.requested, self.server.round, where)
+
+    def run(self, num_rounds: int | None = None, progress: bool = True,
+            stop: StopSignals | None = None) -> list[dict[str, Any]]:
+        """Run until `num_rounds` rounds are done in total (default: `settings.num_rounds`).
+
+        `stop`: an active `StopSignals`; once it holds a request, the run checkpoints and raises
+        `RunInterrupted` at the next round boundary."""
         from tqdm import tqdm
 
         target = self.settings.num_rounds if num_rounds is None else num_rounds
         with tqdm(total=target, initial=self.server.round, desc=self.algorithm.name, unit="round",
                   disable=not progress) as bar:
             while self.server.round < target:
+                self.stop_if_requested(stop)
                 row = self.run_round()
                 bar.update(1)
                 postfix = {"loss": f"{row['train_loss']:.3f}"}
