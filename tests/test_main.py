@@ -2,8 +2,11 @@
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,12 +15,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 
 
-def cli(*args, cwd=None):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
+def cli_env(devices=2):
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def cli(*args, cwd=None, devices=2):
     return subprocess.run([sys.executable, "-m", "fedmoe_jax.main", *args, "--progress=false"],
-                          capture_output=True, text=True, env=env, cwd=cwd or ROOT, timeout=600)
+                          capture_output=True, text=True, env=cli_env(devices), cwd=cwd or ROOT, timeout=600)
 
 
 def read_rows(workdir):
@@ -25,18 +31,32 @@ def read_rows(workdir):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
+def checkpoint_leaves(workdir, step):
+    """{leaf path: sha256} of a checkpoint step (its integrity record): the run state, bit for bit."""
+    with open(os.path.join(workdir, "checkpoints", str(step), "integrity", "metadata")) as f:
+        return {path: sha for path, _, _, sha in json.load(f)["leaves"]}
+
+
+# The tests using `tiny_run` share one worker (`--dist loadgroup`) and the session-scoped run, so
+# it runs once (a module-scoped one is set up again when xdist interleaves another module's tests).
+tiny_run_group = pytest.mark.xdist_group("tiny_run")
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """Two rounds of FedMoE on tiny, then the same command with num_rounds=3 (a resume)."""
+    """Three rounds of FedMoE on tiny, uninterrupted (the reference of the fault tests), then the same
+    command with num_rounds=4 (a resume that extends the run)."""
     workdir = str(tmp_path_factory.mktemp("cli") / "run")
-    first = cli(f"--config={TINY}", f"--workdir={workdir}", "--config.num_rounds=2")
+    first = cli(f"--config={TINY}", f"--workdir={workdir}")
     assert first.returncode == 0, first.stderr[-3000:]
-    after_first = read_rows(workdir)
-    second = cli(f"--config={TINY}", f"--workdir={workdir}", "--config.num_rounds=3")
+    reference = {"rows": read_rows(workdir), "leaves": checkpoint_leaves(workdir, 3),
+                 "summary": json.load(open(os.path.join(workdir, "summary.json")))}
+    second = cli(f"--config={TINY}", f"--workdir={workdir}", "--config.num_rounds=4")
     assert second.returncode == 0, second.stderr[-3000:]
-    return workdir, first, after_first, second
+    return workdir, first, reference, second
 
 
+@tiny_run_group
 def test_run_writes_every_artifact(tiny_run):
     workdir, first, _, _ = tiny_run
     for name in ("config.json", "summary.json", "metrics.jsonl", "experts.npz", "stage1.npz", "budgets.json",
@@ -45,12 +65,12 @@ def test_run_writes_every_artifact(tiny_run):
     assert "devices: 2 x cpu" in first.stderr and "mesh: {'clients': 2}" in first.stderr
     assert "summary.json" in first.stdout
     summary = json.load(open(os.path.join(workdir, "summary.json")))
-    assert summary["method"] == "fedmoe" and summary["rounds"] == 3
+    assert summary["method"] == "fedmoe" and summary["rounds"] == 4
     assert set(summary["test"]) == {"tc_accuracy", "rc_f1", "ts_rouge2"}
     assert all(0.0 <= v <= 100.0 for v in summary["test"].values())  # percent, as the paper
     assert summary["num_experts"] == 4 and summary["num_moe_layers"] == 2
     assert len(summary["test_clients"]) == 6
-    assert summary["config"]["num_rounds"] == 3
+    assert summary["config"]["num_rounds"] == 4
     assert set(summary["recommendation"]) == {"adjust", "accept", "rollback"}
     with np.load(os.path.join(workdir, "experts.npz")) as z:
         assert z["initial_maps"].shape == z["final_maps"].shape == (6, 2, 4)
@@ -64,15 +84,16 @@ def test_run_writes_every_artifact(tiny_run):
                                       "max": int(counts.max())}
 
 
+@tiny_run_group
 def test_rerun_resumes_and_extends(tiny_run):
-    workdir, _, after_first, second = tiny_run
-    assert [r["round"] for r in after_first] == [1, 2]
+    workdir, _, reference, second = tiny_run
     rows = read_rows(workdir)
-    assert [r["round"] for r in rows] == [1, 2, 3]
-    assert rows[:2] == after_first  # rounds 1-2 were not redone
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert rows[:3] == reference["rows"]  # rounds 1-3 were not redone
     assert "Stage 1:" not in second.stderr  # Stage 1 came from stage1.npz
 
 
+@tiny_run_group
 def test_different_run_is_refused_and_nothing_changes(tiny_run):
     workdir, _, _, _ = tiny_run
     before = {n: open(os.path.join(workdir, n), "rb").read() for n in ("summary.json", "metrics.jsonl",
@@ -140,3 +161,114 @@ def test_memory_cap_below_one_client_exits_2(tmp_path):
     assert last.startswith("error: a round needs ") and "over the memory cap of 0.00 GB" in last
     assert "lower batch_size" in last
     assert not os.path.exists(tmp_path / "run" / "summary.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault injection: the same run killed for real, and on another device count
+# ---------------------------------------------------------------------------------------------
+def rows_written(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    return sum(1 for _ in open(path)) if os.path.exists(path) else 0
+
+
+def new_row(workdir):
+    """A condition that holds once the resumed run (it rewrites metrics.jsonl, cut back to its
+    checkpoint) has written a row past its last checkpoint."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    before = os.stat(path).st_ino
+
+    def holds():
+        ckpt = os.path.join(workdir, "checkpoints")
+        saved = max([int(n) for n in os.listdir(ckpt) if n.isdigit()], default=0)
+        try:
+            return os.stat(path).st_ino != before and rows_written(workdir) > saved
+        except FileNotFoundError:
+            return False
+
+    return holds
+
+
+def writing_checkpoint(workdir):
+    """Whether orbax's temporary directory of a step being written exists."""
+    ckpt = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(ckpt) and any("tmp" in name for name in os.listdir(ckpt))
+
+
+def run_until(workdir, when, sig=signal.SIGKILL, timeout=300.0):
+    """The tiny CLI run in `workdir`; `sig` is sent the first time `when()` holds (polled every
+    2 ms). Returns (exit status, whether the signal was sent, stderr)."""
+    command = [sys.executable, "-m", "fedmoe_jax.main", f"--config={TINY}", f"--workdir={workdir}",
+               "--progress=false"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline, sent = time.monotonic() + timeout, False
+    while proc.poll() is None and time.monotonic() < deadline:
+        if when():
+            proc.send_signal(sig)
+            sent = True
+            break
+        time.sleep(0.002)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, sent, err
+
+
+def without_seconds(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+@tiny_run_group
+def test_killed_anywhere_and_sigterm_resume_bit_identical(tiny_run, tmp_path):
+    """The tiny FedMoE run killed four times and resumed each time with the same command ends
+    bit-identical to the uninterrupted run: every array of the state (sha256), every metrics row
+    (wall times aside), the test scores."""
+    _, _, reference, _ = tiny_run
+    work = str(tmp_path / "killed")
+    start, delay = time.monotonic(), random.Random(0).uniform(2.0, 8.0)
+    # 1. at a random moment before the first round ends (setup, Stage 1 or round 1)
+    rc, sent, _ = run_until(work, lambda: time.monotonic() - start > delay or rows_written(work) > 0)
+    assert sent and rc == -signal.SIGKILL
+    # 2. while a checkpoint is being written
+    rc, sent, _ = run_until(work, lambda: writing_checkpoint(work))
+    assert sent and rc == -signal.SIGKILL
+    # 3. after a round's metrics row, before its checkpoint
+    rc, sent, _ = run_until(work, new_row(work))
+    assert sent and rc == -signal.SIGKILL
+    # 4. SIGTERM: the round finishes and is checkpointed; exit 143 with one line
+    rc, sent, err = run_until(work, new_row(work), sig=signal.SIGTERM)
+    assert sent and rc == 143, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: stopped by SIGTERM after round ") and "same command" in last
+    stopped = int(last.split("after round ")[1].split(";")[0])
+    assert stopped < 3 and os.path.isdir(os.path.join(work, "checkpoints", str(stopped)))
+    assert not writing_checkpoint(work) and not os.path.exists(os.path.join(work, "summary.json"))
+    # 5. the same command finishes the run
+    rc, _, err = run_until(work, lambda: False)
+    assert rc == 0, err[-3000:]
+
+    assert checkpoint_leaves(work, 3) == reference["leaves"]
+    assert without_seconds(read_rows(work)) == without_seconds(reference["rows"])
+    summary = json.load(open(os.path.join(work, "summary.json")))
+    assert summary["test"] and summary["test_clients"]
+    for key in ("test", "test_clients", "global_test", "unseen_test", "experts_end", "recommendation"):
+        assert summary.get(key) == reference["summary"].get(key), key
+
+
+@tiny_run_group
+def test_one_device_gives_the_same_run(tiny_run, tmp_path):
+    """The same run on 1 device (no mesh) as on 2 (cohort sharded): the same cohorts, expert
+    counts, FedMoE events and test scores, losses equal to float rounding (README: Reliability)."""
+    _, _, reference, _ = tiny_run
+    out = cli(f"--config={TINY}", f"--workdir={tmp_path / 'one'}", devices=1)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "devices: 1 x cpu; mesh: none" in out.stderr
+    rows = read_rows(str(tmp_path / "one"))
+    assert len(rows) == len(reference["rows"]) == 3
+    for a, b in zip(rows, reference["rows"]):
+        for key in ("cohort", "expert_counts", "bytes_down", "client_val_score", "events"):
+            assert a.get(key) == b.get(key), key
+        np.testing.assert_allclose(a["client_train_loss"], b["client_train_loss"], rtol=1e-5)
+        np.testing.assert_allclose([v["loss"] for v in a["client_val"]],
+                                   [v["loss"] for v in b["client_val"]], rtol=1e-5)
+    summary = json.load(open(os.path.join(tmp_path / "one", "summary.json")))
+    for key in ("test", "experts_end", "recommendation"):
+        assert summary[key] == reference["summary"][key], key
