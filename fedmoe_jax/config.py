@@ -237,7 +237,8 @@ def validate(config) -> None:
         ("stage1.learning_rate", c.stage1.learning_rate > 0, "use > 0"),
         ("stage1.local_steps", c.stage1.local_steps >= 1, "use >= 1"),
         ("stage2.patience", c.stage2.patience >= 1, "use >= 1"),
-        ("stage2.num_references", 1 <= c.stage2.num_references <= n - 1,
+        ("stage2.num_references", 1 <= c.stage2.num_references
+         and (c.method not in FEDMOE_METHODS or c.stage2.num_references <= n - 1),
          f"use 1..data.num_clients-1 ({n - 1})"),
         ("fedprox.mu", c.fedprox.mu >= 0, "use >= 0"),
         ("eval.test_examples", c.eval.test_examples >= 0, "use >= 0 (0: all)"),

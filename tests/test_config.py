@@ -88,6 +88,20 @@ def test_inconsistent_values_are_named(key, value, match):
     assert "\n" not in str(info.value)
 
 
+def test_num_references_bound_only_for_fedmoe_methods():
+    """K of Eq. 5 must leave K <= N-1 other clients for FedMoE's recommendation; other methods
+    do not use it (a 3-client `local` run needs no override)."""
+    c = default_config()
+    c.data.num_clients, c.cohort_size, c.stage2.num_references = 3, 3, 3
+    for method in ("local", "fedavg", "random_moe"):
+        c.method = method
+        validate(c)
+    for method in ("fedmoe", "fedmoe_no_stage1", "fedmoe_no_stage2"):
+        c.method = method
+        with pytest.raises(ConfigError, match=r"num_references=3 is invalid.*1\.\.data\.num_clients-1 \(2\)"):
+            validate(c)
+
+
 def test_unknown_missing_and_mistyped_keys():
     c = default_config()
     c.data.unlock()
