@@ -65,8 +65,8 @@ class StopSignals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested is None:
             self.requested = signum
-            log.warning("received %s: finishing the current round, then saving a checkpoint and stopping "
-                        "(send it again to stop at once)", signal.Signals(signum).name)
+            log.warning("received %s: stopping at the next round boundary with a checkpoint (send it "
+                        "again to stop at once)", signal.Signals(signum).name)
             return
         previous = self._previous.get(signum, signal.SIG_DFL)
         self.__exit__()
