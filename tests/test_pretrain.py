@@ -4,6 +4,7 @@ CLI entry `run_pretrain`, on a tiny model with the embedded tokenizer."""
 import json
 import logging
 import os
+import signal
 import threading
 
 import jax
@@ -14,6 +15,8 @@ import pytest
 from fedmoe_jax import pretrain as pt
 from fedmoe_jax.checkpoints.hf_switch import WEIGHTS_FILE
 from fedmoe_jax.data import embedded_tokenizer
+from fedmoe_jax.federated.checkpoint import CheckpointError
+from fedmoe_jax.federated.preemption import RunInterrupted
 from fedmoe_jax.models import SwitchTransformer, get_config
 
 EOS = 1
@@ -170,6 +173,49 @@ def test_stream_packs_deterministically_and_reserves_sentinels():
     np.testing.assert_array_equal(np.stack(seen[: len(expected)]), expected)
 
 
+def test_stream_state_resumes_exactly():
+    docs = [np.arange(3, 3 + n, dtype=np.int32) for n in range(5, 60)]
+    stream = pt.SpanCorruptionStream(docs, seed=3)
+    straight = stream.batches(8)
+    expected = [next(straight) for _ in range(25)]  # 200 chunks: past the first epoch (~22 chunks)
+    it = stream.batches(8)
+    for _ in range(11):
+        next(it)
+    state = json.loads(json.dumps(it.state()))  # it goes through checkpoint metadata as JSON
+    assert state["epoch"] > 1
+    resumed = stream.batches(8, state)
+    for want in expected[11:]:
+        got = next(resumed)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_interrupted_pretraining_resumes_bit_identical(tmp_path, monkeypatch, tok, tiny):
+    """A stop request at step 7 (checkpoints every 5 steps) saves step 7 and raises RunInterrupted;
+    the same call resumes there and ends with the uninterrupted params and loss history."""
+    docs = pt.embedded_documents(tok)[:400]
+    kw = dict(steps=12, progress=False, documents=docs, **FAST)
+    params, history = pt.pretrain(tiny, tok, **kw)
+
+    calls = []
+
+    def stop_at_7():
+        calls.append(1)
+        return signal.SIGTERM if len(calls) == 7 else None
+
+    monkeypatch.setattr(pt, "requested_stop", stop_at_7)
+    ckpt = str(tmp_path / "partial")
+    with pytest.raises(RunInterrupted, match="after step 7; checkpoint of step 7"):
+        pt.pretrain(tiny, tok, checkpoint_dir=ckpt, checkpoint_every=5, **kw)
+    assert sorted(os.listdir(ckpt)) == ["5", "7"]
+    monkeypatch.setattr(pt, "requested_stop", lambda: None)
+    again, again_history = pt.pretrain(tiny, tok, checkpoint_dir=ckpt, checkpoint_every=5, **kw)
+    assert again_history == history
+    assert_same(again, params)
+    with pytest.raises(CheckpointError, match="steps: saved 12, now 13"):  # a different pretraining
+        pt.pretrain(tiny, tok, checkpoint_dir=ckpt, checkpoint_every=5, **{**kw, "steps": 13})
+
+
 def test_corpus_is_train_texts_only():
     from fedmoe_jax.data import load_embedded_benchmark
 
@@ -236,7 +282,7 @@ def test_cache_hit_miss_and_rebuild(tmp_path, monkeypatch, caplog, tok, tiny):
     assert len(os.path.basename(path).rsplit("-", 1)[1]) == 12
     assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "pretrain.json"]
     assert os.path.exists(path + ".lock")
-    assert not [f for f in os.listdir(cache) if ".tmp-" in f]
+    assert not [f for f in os.listdir(cache) if ".tmp-" in f or ".partial" in f]  # nothing left over
     meta = json.loads(open(os.path.join(path, "pretrain.json")).read())
     assert len(meta["loss_history"]) == 6 and meta["key"]["hyperparameters"]["steps"] == 6
     assert meta["key"]["model"]["dropout_rate"] == 0.0 and meta["key"]["model"]["expert_capacity"] is None

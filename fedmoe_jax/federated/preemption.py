@@ -28,14 +28,27 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class RunInterrupted(Exception):
-    """A run stopped on a signal after `round` finished rounds, its state checkpointed."""
+    """A run stopped on a signal after `round` finished rounds (or pretraining steps: `unit`),
+    its state checkpointed in `where` (None: nothing was saved)."""
 
-    def __init__(self, signum: int, round_num: int, where: str | None = None):
+    def __init__(self, signum: int, round_num: int, where: str | None = None, unit: str = "round"):
         self.signum, self.round = int(signum), int(round_num)
         self.exit_status = 128 + self.signum
-        saved = f"checkpoint of round {self.round} in {where}" if where else f"state after round {self.round}"
-        super().__init__(f"stopped by {signal.Signals(self.signum).name} after round {self.round}; "
-                         f"{saved} is saved: run the same command again to resume")
+        done = f"stopped by {signal.Signals(self.signum).name} after {unit} {self.round}"
+        if where:
+            super().__init__(f"{done}; checkpoint of {unit} {self.round} in {where} is saved: run the same "
+                             "command again to resume")
+        else:
+            super().__init__(f"{done}; nothing is saved (no checkpoint directory)")
+
+
+_ACTIVE: list[StopSignals] = []  # entered contexts, innermost last
+
+
+def requested_stop() -> int | None:
+    """The signal an active `StopSignals` context has recorded, or None: for long loops deep inside
+    a run (pretraining on a cache miss) that no `stop` argument reaches."""
+    return next((s.requested for s in reversed(_ACTIVE) if s.requested is not None), None)
 
 
 class StopSignals:
@@ -55,12 +68,15 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested is None:
@@ -76,4 +92,4 @@ class StopSignals:
             os.kill(os.getpid(), signum)  # the default action (terminate) now that our handler is gone
 
 
-__all__ = ["STOP_SIGNALS", "RunInterrupted", "StopSignals"]
+__all__ = ["STOP_SIGNALS", "RunInterrupted", "StopSignals", "requested_stop"]
