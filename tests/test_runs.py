@@ -1,10 +1,13 @@
 """RunGroup (seeds vmapped in one round program) against the same runs trained one by one."""
 
+import signal
+
 import jax
 import numpy as np
 import pytest
 
 from fedmoe_jax.algorithms import Algorithm, FedProx, LocalOnly, RandomMoE
+from fedmoe_jax.federated.preemption import RunInterrupted
 from fedmoe_jax.federated.runs import RunGroup, run_slice, stack_runs
 from fedmoe_jax.federated.sharding import make_mesh
 from tests.test_trainer import make_trainer
@@ -75,6 +78,16 @@ def test_resumed_runs_are_brought_level_first(small_run, tmp_path):
     group = RunGroup([ahead, behind])
     with pytest.raises(ValueError, match="different rounds"):
         group.run_round()
+
+    class StopOnceLevel:  # a signal that arrives once both runs have finished round 1
+        @property
+        def requested(self):
+            return signal.SIGTERM if min(ahead.server.round, behind.server.round) >= 1 else None
+
+    with pytest.raises(RunInterrupted, match="after round 1") as info:
+        group.run(progress=False, stop=StopOnceLevel())
+    for t in (ahead, behind):  # both checkpointed, both named
+        assert t._checkpointer.all_rounds() == [1] and t.checkpoint_dir in str(info.value)
     histories = group.run(progress=False)
     assert [len(h) for h in histories] == [2, 2] and group.round == 2
     for t in (ahead, behind):

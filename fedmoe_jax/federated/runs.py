@@ -113,7 +113,8 @@ class RunGroup:
             return
         for t in self.trainers:
             t.checkpoint(force=True)
-        raise RunInterrupted(stop.requested, self.round)
+        where = [t.checkpoint_dir for t in self.trainers if t.checkpoint_dir is not None]
+        raise RunInterrupted(stop.requested, self.round, ", ".join(where) or None)
 
 
 __all__ = ["RunGroup", "run_slice", "stack_runs"]

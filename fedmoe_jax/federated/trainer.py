@@ -465,8 +465,12 @@ class FederatedTrainer:
         if stop is None or stop.requested is None:
             return
         self.checkpoint(force=True)
-        where = None if self._checkpointer is None else self._checkpointer.directory
-        raise RunInterrupted(stop.requested, self.server.round, where)
+        raise RunInterrupted(stop.requested, self.server.round, self.checkpoint_dir)
+
+    @property
+    def checkpoint_dir(self) -> str | None:
+        """Where the run's checkpoints go (None without a workdir)."""
+        return None if self._checkpointer is None else self._checkpointer.directory
 
     def run(self, num_rounds: int | None = None, progress: bool = True,
             stop: StopSignals | None = None) -> list[dict[str, Any]]:
