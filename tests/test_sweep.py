@@ -568,3 +568,17 @@ def test_vectorize_seeds_needs_a_seed_axis(fake):
     with pytest.raises(SpecError, match="true or false"):
         sweep.spec_from_dict({"config": cfg, "grid": {"seed": [0, 1]}, "root": root, "runner": runner,
                               "vectorize_seeds": "yes"})
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "configs", "sweeps"))))
+def test_shipped_specs_expand_to_valid_configs(name, monkeypatch):
+    """Every spec in configs/sweeps/ loads, expands and gives configs the experiment validator accepts."""
+    from fedmoe_jax.config import validate
+
+    monkeypatch.chdir(REPO)  # specs name their config relative to the repository
+    spec = sweep.load_spec(os.path.join("configs", "sweeps", name))
+    runs = sweep.expand(spec)
+    assert runs and len({r.name for r in runs}) == len(runs)
+    sweep.check_configs(spec, runs, validate)
+    if name == "cpu_reproduction.json":  # the issue's grid: 4 settings x 8 methods x 3 seeds
+        assert len(runs) == 96
