@@ -732,7 +732,7 @@ def _speed(e: Mapping[str, Any]) -> str:
 
 def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, gains: Mapping, cvis: Mapping,
                     ttt: Mapping, figs: Sequence[tuple[str, str]], baselines: Sequence[str],
-                    notes: Sequence[str]) -> str:
+                    notes: Sequence[str], against_paper: Mapping) -> str:
     methods_seen = sorted({m for ms in t1.values() for m in ms}, key=_method_rank)
     lines = [
         "# FedMoE report",
@@ -783,7 +783,7 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
         lines.append("Not computed: no setting has usable validation curves of both FedMoE and a baseline "
                      "(see Notes).")
     lines += ["", "## Against the paper: Table 1 directions", ""]
-    lines += render_paper_comparison(paper_comparison(t1, baselines))
+    lines += render_paper_comparison(against_paper)
     lines += ["", "## Table 2 analogue: ablation", ""]
     if t2:
         lines.append("Experts per client summed over MoE layers: mean over clients (seed mean), min/max over "
@@ -959,16 +959,18 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     cvis = cvi(t1, notes)
     ttt = time_to_target(groups, baselines, notes)
     t2 = table2(groups, notes)
+    against_paper = paper_comparison(t1, baselines)
     os.makedirs(out, exist_ok=True)
     figs = figures(groups, ttt, out, notes)
     _write_json(os.path.join(out, "table1.json"), t1)
     _write_json(os.path.join(out, "table2.json"), t2)
     result = {"root": os.path.abspath(root), "runs": [r.rel for r in runs], "average_improvement": gains,
-              "cvi": cvis, "time_to_target": ttt, "paper_comparison": paper_comparison(t1, baselines),
+              "cvi": cvis, "time_to_target": ttt, "paper_comparison": against_paper,
               "figures": [rel for _, rel in figs], "notes": list(notes)}
     _write_json(os.path.join(out, "report.json"), result)
     with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(render_markdown(root, runs, t1, t2, gains, cvis, ttt, figs, baselines, notes))
+        f.write(render_markdown(root, runs, t1, t2, gains, cvis, ttt, figs, baselines, notes,
+                                against_paper))
     return {**result, "out": out, "table1": t1, "table2": t2}
 
 

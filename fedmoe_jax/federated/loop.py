@@ -205,13 +205,14 @@ def make_round_step(
     memory_needs: dict[tuple[int, int], dict] = {}  # (width, cohort) -> {chunk: bytes} of those tried
 
     def fit(width: int, c: int, args: tuple) -> Callable:
-        """The largest sub-cohort whose compiled round fits in `memory_cap` (compiled once here)."""
+        """The round compiled for the largest sub-cohort that fits in `memory_cap` (shapes of `args`:
+        kept per cohort size, unlike the jitted programs in `compiled`)."""
         tried = memory_needs.setdefault((width, c), {})
         for chunk in chunk_candidates(c, mesh, auto_chunk_size(c, mesh)):
             program = build(width, args[0], chunk).lower(*args).compile()
             need = tried[chunk] = program_bytes(program)
             if need <= memory_cap:
-                if tried:
+                if len(tried) > 1:  # a larger sub-cohort did not fit
                     log.info("round of %d clients (S=%d): sub-cohorts of %s to fit the memory cap of "
                              "%.2f GB (%.2f GB each)", c, width, chunk or c, memory_cap / 1e9, need / 1e9)
                 compiled[(width, chunk)] = program
