@@ -21,9 +21,13 @@ def cli_env(devices=1):
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
+def cli_command(*args):
+    return [sys.executable, "-m", "fedmoe_jax.main", *args, "--progress=false"]
+
+
 def cli(*args, cwd=None, devices=1):
-    return subprocess.run([sys.executable, "-m", "fedmoe_jax.main", *args, "--progress=false"],
-                          capture_output=True, text=True, env=cli_env(devices), cwd=cwd or ROOT, timeout=600)
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, env=cli_env(devices),
+                          cwd=cwd or ROOT, timeout=600)
 
 
 def read_rows(workdir):
@@ -198,10 +202,8 @@ def writing_checkpoint(workdir):
 def run_until(workdir, when, sig=signal.SIGKILL, timeout=300.0):
     """The tiny CLI run in `workdir`; `sig` is sent the first time `when()` holds (polled every
     2 ms). Returns (exit status, whether the signal was sent, stderr)."""
-    command = [sys.executable, "-m", "fedmoe_jax.main", f"--config={TINY}", f"--workdir={workdir}",
-               "--progress=false"]
-    proc = subprocess.Popen(command, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(cli_command(f"--config={TINY}", f"--workdir={workdir}"), cwd=ROOT,
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, sent = time.monotonic() + timeout, False
     while proc.poll() is None and time.monotonic() < deadline:
         if when():
