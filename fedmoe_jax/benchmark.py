@@ -43,6 +43,7 @@ from fedmoe_jax.federated.submodel import (
     expert_slots,
     finalize_aggregate,
     gather_submodel,
+    zero_cohort_sums,
 )
 from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer
 
@@ -250,10 +251,7 @@ def sequential_round(w: Workload) -> Callable[[], PyTree]:
     finalize = jax.jit(lambda p, sums: finalize_aggregate(p, sums, cfg))
     keys = w.client_keys()
     params = w.params
-    first = jax.eval_shape(lambda: jax.tree.map(lambda a: a[None],
-                                                gather_submodel(params, cfg, w.indices[0])))
-    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda one: cohort_sums(params, one, cfg, w.indices[:1], w.valid[:1], w.weights[:1]), first))
+    zero = zero_cohort_sums(params, cfg, w.indices[:1], w.valid[:1], w.weights[:1])
 
     def round_fn():
         sums = zero

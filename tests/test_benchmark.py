@@ -35,8 +35,10 @@ def test_sequential_jax_round_equals_the_vectorized_round():
     w = bm.make_workload(bm.PRESETS["tiny"])
     assert len(set(w.maps.sum(-1).ravel().tolist())) > 1  # clients keep different expert counts
     fast, slow = bm.vectorized_round(w)(), bm.sequential_round(w)()
+    # AdamW divides by sqrt(v): float32 summation-order noise in a tiny gradient can move a weight by
+    # a few 1e-6 (one element of 16384 did in CI); weights here are O(0.1-1).
     for x, y in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=2e-5)
     changed = [not np.allclose(np.asarray(x), np.asarray(y))
                for x, y in zip(jax.tree.leaves(fast), jax.tree.leaves(w.params))]
     assert any(changed)

@@ -186,9 +186,12 @@ def test_memory_cap_picks_the_largest_sub_cohort_that_fits(setup):
     capped = make_round_step(config, tx, return_clients=True, memory_cap=need[2])
     out = capped(*args)
     assert list(capped.compiled) == [(4, 2)]
-    whole = make_round_step(config, tx, chunk_size=None, return_clients=True)(*args)
-    for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(whole.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # the program it chose is the sub-cohorts-of-2 round (which test_chunked_cohort_equals_whole_cohort
+    # checks against the whole cohort); the same program, so the compilation cache serves it
+    halves = make_round_step(config, tx, chunk_size=2, return_clients=True)(*args)
+    for a, b in zip(jax.tree.leaves((out.params, out.metrics, out.client_params)),
+                    jax.tree.leaves((halves.params, halves.metrics, halves.client_params))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_expert_parallel_mesh_equals_unsharded(setup):

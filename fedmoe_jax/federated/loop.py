@@ -26,7 +26,12 @@ from jax.sharding import Mesh
 
 from fedmoe_jax.federated.client import LocalHooks, LossConfig, expert_update_mask, make_local_train
 from fedmoe_jax.federated.sharding import CLIENTS, client_sharding, param_sharding, replicated
-from fedmoe_jax.federated.submodel import cohort_sums, finalize_aggregate, gather_submodel
+from fedmoe_jax.federated.submodel import (
+    cohort_sums,
+    finalize_aggregate,
+    gather_submodel,
+    zero_cohort_sums,
+)
 from fedmoe_jax.models.moe import RoutingStats
 from fedmoe_jax.models.switch import SwitchConfig
 
@@ -172,8 +177,8 @@ def make_round_step(
                 if c % chunk:
                     raise ValueError(f"cohort of {c} is not a multiple of chunk_size={chunk}")
                 chunks = jax.tree.map(lambda a: a.reshape((c // chunk, chunk) + a.shape[1:]), cohort)
-                zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-                    lambda: train_and_sum(params, *jax.tree.map(lambda a: a[0], chunks))[0]))
+                first = jax.tree.map(lambda a: a[0], chunks)
+                zero = zero_cohort_sums(params, config, first[0], first[1], first[4])
 
                 def body(total, chunk):
                     sums, metrics, stats, trained = train_and_sum(params, *chunk)

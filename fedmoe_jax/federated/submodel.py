@@ -121,6 +121,18 @@ def cohort_sums(global_params: Mapping[str, Any], client_params: Mapping[str, An
     return sums
 
 
+def zero_cohort_sums(global_params: Mapping[str, Any], config: SwitchConfig, indices: Array,
+                     valid: Array, weights: Array) -> dict:
+    """Zeros shaped like `cohort_sums` of the cohort `indices / valid [C, L, S]`, `weights [C]`: the
+    start of a sum over sub-cohorts. Shapes come from the gathered sub-MoEs alone, so nothing of the
+    local training is traced for them."""
+    def sums():
+        narrow = jax.vmap(lambda idx: gather_submodel(global_params, config, idx))(indices)
+        return cohort_sums(global_params, narrow, config, indices, valid, weights)
+
+    return jax.tree.map(jnp.zeros_like, jax.eval_shape(sums))
+
+
 def finalize_aggregate(global_params: Mapping[str, Any], sums: Mapping[tuple[str, ...], tuple],
                        config: SwitchConfig) -> dict:
     """The new global tree from `cohort_sums` (summed over sub-cohorts if chunked)."""
