@@ -10,6 +10,7 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fedmoe_jax import pretrain as pt
@@ -248,6 +249,8 @@ def test_pretrain_loss_decreases(tok, tiny):
     assert history[0] > 7.5  # about ln(4096) = 8.3 at init
     assert np.mean(history[-5:]) < history[0] - 1.5
     assert stats["steps_per_second"] > 0 and stats["compile_seconds"] > 0
+    health = stats["input_dependence"]
+    assert set(health) == {"own_ce", "other_ce", "gap"} and np.isfinite(health["gap"])
     ref = SwitchTransformer(tiny).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32),
                                        jnp.ones((1, 4), jnp.int32))["params"]
     assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, ref)
@@ -392,6 +395,7 @@ def test_run_pretrain_writes_summary_and_plot(tmp_path, tok):
     assert summary["method"] == "pretrain" and summary["num_params"] > 0
     assert len(summary["loss_history"]) == 6 and summary["final_loss"] == summary["loss_history"][-1]
     assert summary["steps_per_second"] > 0
+    assert set(summary["input_dependence"]) == {"own_ce", "other_ce", "gap"}
     assert os.path.isdir(summary["checkpoint"]) and summary["checkpoint"].startswith(str(tmp_path / "cache"))
     png = (workdir / "pretrain_loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -405,3 +409,53 @@ def test_run_pretrain_writes_summary_and_plot(tmp_path, tok):
     config.steps = 0
     with pytest.raises(ValueError, match="config.steps=0"):
         pt.run_pretrain(config, str(workdir))
+    config.steps = 6
+    config.optimizer = "sgd"
+    with pytest.raises(ValueError, match="config.optimizer='sgd' is invalid"):
+        pt.run_pretrain(config, str(workdir))
+
+
+def test_input_dependence_is_zero_without_cross_attention_and_matches_direct_ce(tok, tiny):
+    """own_ce is the plain span-corruption CE; with the cross-attention outputs zeroed the decoder
+    cannot see the encoder, so the CE with another example's inputs is the same (gap exactly 0)."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    from fedmoe_jax.models import shift_right, switch_loss
+
+    cfg = pt.train_config(tiny)
+    params = SwitchTransformer(cfg).init(jax.random.key(3), jnp.ones((1, 4), jnp.int32),
+                                         jnp.ones((1, 4), jnp.int32))["params"]
+    docs = pt.embedded_documents(tok)
+    stream = pt.SpanCorruptionStream([docs[i] for i in range(200)], 32, 8, sentinel_start=4095)
+    batches = [next(stream.batches(6))]
+    health = pt.input_dependence(cfg, params, batches)
+    b = {k: jnp.asarray(v) for k, v in batches[0].items()}
+    out = SwitchTransformer(cfg).apply({"params": params}, b["inputs"], shift_right(b["targets"]),
+                                       b["input_mask"], b["target_mask"])
+    direct = switch_loss(out, b["targets"], b["target_mask"], label_smoothing=0.0)[1]["ce"]
+    np.testing.assert_allclose(health["own_ce"], float(direct), rtol=1e-5)
+    assert abs(health["gap"]) > 1e-4  # a random model's predictions do depend on its input
+
+    flat = flatten_dict(params)
+    blind = unflatten_dict({k: (jnp.zeros_like(v) if k[0] == "decoder" and "cross_attention" in k
+                                and k[-2] == "o" else v) for k, v in flat.items()})
+    zero = pt.input_dependence(cfg, blind, batches)
+    assert zero["gap"] == 0.0 and zero["own_ce"] == zero["other_ce"]
+
+
+@pytest.mark.parametrize("name", pt.OPTIMIZERS)
+def test_make_optimizer_is_the_optax_optimizer_with_an_injected_rate(name):
+    params = {"w": jnp.arange(1.0, 7.0).reshape(2, 3), "b": jnp.ones(3)}
+    grads = jax.tree.map(lambda x: 0.1 * x - 0.2, params)
+    tx = pt.make_optimizer(name, 0.01)
+    state = tx.init(params)
+    state = state._replace(hyperparams={**state.hyperparams, "learning_rate": 0.05})
+    updates, _ = tx.update(grads, state, params)
+    ref_tx = (optax.adafactor(0.05, multiply_by_parameter_scale=True, clipping_threshold=1.0,
+                              weight_decay_rate=0.01) if name == "adafactor"
+              else optax.adamw(0.05, weight_decay=0.01))
+    expected, _ = ref_tx.update(grads, ref_tx.init(params), params)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5)  # injected rate: a float32 array, not a float
+    with pytest.raises(ValueError, match="optimizer='sgd'"):
+        pt.make_optimizer("sgd", 0.0)
