@@ -30,8 +30,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.cohort_size = 5  # Standard settings: 5 of N; Enforced settings sample one client per task (3)
     c.batch_size = 8
     c.local_steps = 8  # optimizer steps per round (capped by the client's data: one epoch at most)
-    c.learning_rate = 3e-4  # AdamW, constant [ASSUMPTION: paper gives none]
-    c.weight_decay = 0.01
+    c.learning_rate = 3e-4  # constant [ASSUMPTION: paper gives none]
+    c.optimizer = "adamw"  # local optimizer: "adamw" or "adafactor" (T5's; fedmoe_jax/optimizers.py)
+    c.weight_decay = 0.01  # decoupled (Adafactor: weight_decay_rate; 0 = none)
     c.eval_every = 1  # validate the cohort every this many rounds (drives recommendation)
     c.eval_batch_size = 32
     c.max_eval_examples = 64  # per client per validation (0: the whole split)
@@ -163,6 +164,7 @@ def _type_ok(value, default) -> bool:
 def validate(config) -> None:
     """Check a config against the schema before any compute; raise `ConfigError` (one line)."""
     from fedmoe_jax.models.switch import NAMED_CONFIGS
+    from fedmoe_jax.optimizers import OPTIMIZERS
 
     if config.get("method") == "pretrain":
         return  # validated by fedmoe_jax.pretrain
@@ -200,6 +202,7 @@ def validate(config) -> None:
         ("checkpoint_every", c.checkpoint_every >= 1, "use >= 1"),
         ("memory_cap_gb", c.memory_cap_gb >= 0, "use >= 0 (0: the accelerator's limit)"),
         ("on_nonfinite", c.on_nonfinite in ("exclude", "stop"), "use 'exclude' or 'stop'"),
+        ("optimizer", c.optimizer in OPTIMIZERS, f"use one of {', '.join(OPTIMIZERS)}"),
         ("data.source", c.data.source in ("embedded", "tfds"), "use 'embedded' or 'tfds'"),
         ("data.dir", c.data.source != "tfds" or bool(c.data.dir),
          "data.source='tfds' needs the prepared TFDS dir (python -m fedmoe_jax.data.tfds_sources prepare)"),

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from fedmoe_jax.config import (
     FEDMOE_METHODS,
@@ -43,6 +42,7 @@ from fedmoe_jax.config import (
 )
 from fedmoe_jax.federated.preemption import StopSignals
 from fedmoe_jax.files import save_npz, write_json
+from fedmoe_jax.optimizers import make_optimizer
 
 log = logging.getLogger("fedmoe_jax")
 SUMMARY_FILE = "summary.json"
@@ -356,7 +356,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None, progress: bool
                                eval_batch_size=config.eval_batch_size,
                                max_eval_examples=config.max_eval_examples or None,
                                on_nonfinite=config.on_nonfinite, memory_cap_bytes=memory_cap(config))
-        optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+        optimizer = make_optimizer(config.optimizer, config.learning_rate, config.weight_decay)
         mesh = make_mesh_for(config)
         defining = {k: v for k, v in flatten(config).items() if k.split(".")[0] not in RESUMABLE_KEYS}
         trainer = FederatedTrainer(cfg, params, data, tokenizer, algorithm, optimizer, settings,

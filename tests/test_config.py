@@ -73,6 +73,7 @@ def test_parse_setting_arg():
     ("memory.mem_fraction", 0.0, "mem_fraction"),
     ("loss.label_smoothing", 1.0, "label_smoothing"),
     ("learning_rate", 0.0, "learning_rate"),
+    ("optimizer", "sgd", "optimizer"),
     ("data.source", "hub", "source"),
     ("model.init", "hub", "init"),
     ("data.task_ratios", (1.0, 0.0, 1.0), "task_ratios"),

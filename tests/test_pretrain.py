@@ -10,7 +10,6 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from fedmoe_jax import pretrain as pt
@@ -19,6 +18,7 @@ from fedmoe_jax.data import embedded_tokenizer
 from fedmoe_jax.federated.checkpoint import CheckpointError
 from fedmoe_jax.federated.preemption import RunInterrupted
 from fedmoe_jax.models import SwitchTransformer, get_config
+from fedmoe_jax.optimizers import make_optimizer
 
 EOS = 1
 S = 99  # sentinel_start in the hand-made cases
@@ -174,6 +174,24 @@ def test_stream_packs_deterministically_and_reserves_sentinels():
     np.testing.assert_array_equal(np.stack(seen[: len(expected)]), expected)
 
 
+def test_reconstruction_targets_are_the_chunk_start_uncorrupted():
+    """reconstruct_fraction=1: inputs span-corrupted as before, every target the chunk's first 15
+    tokens + EOS; 0.5: about half of them, the rest span-corruption targets (with sentinels)."""
+    docs = [np.arange(3, 3 + n, dtype=np.int32) for n in range(5, 60)]
+    plain = next(pt.SpanCorruptionStream(docs, seed=3).batches(8))
+    it = pt.SpanCorruptionStream(docs, seed=3, reconstruct_fraction=1.0).batches(8)
+    batch = next(it)
+    np.testing.assert_array_equal(batch["inputs"][0], plain["inputs"][0])  # same corruption draw
+    for i in range(8):
+        assert (batch["inputs"][i] >= 4093).sum() == 3  # still corrupted: 3 sentinels
+        np.testing.assert_array_equal(batch["targets"][i], np.append(it.chunks[i][:15], EOS))
+        assert batch["target_mask"][i].sum() == 16
+    mixed = [next(it) for it in [pt.SpanCorruptionStream(docs, seed=3, reconstruct_fraction=0.5).batches(8)]
+             for _ in range(8)]
+    whole = np.array([(b["targets"] < 4093).all(1) for b in mixed]).ravel()  # no sentinel: reconstructed
+    assert 0.3 < whole.mean() < 0.7
+
+
 def test_stream_state_resumes_exactly():
     docs = [np.arange(3, 3 + n, dtype=np.int32) for n in range(5, 60)]
     stream = pt.SpanCorruptionStream(docs, seed=3)
@@ -250,7 +268,8 @@ def test_pretrain_loss_decreases(tok, tiny):
     assert np.mean(history[-5:]) < history[0] - 1.5
     assert stats["steps_per_second"] > 0 and stats["compile_seconds"] > 0
     health = stats["input_dependence"]
-    assert set(health) == {"own_ce", "other_ce", "gap"} and np.isfinite(health["gap"])
+    assert set(health) == {"own_ce", "other_ce", "gap", "span_corruption_gap"}
+    assert np.isfinite(health["gap"]) and np.isfinite(health["span_corruption_gap"])
     ref = SwitchTransformer(tiny).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32),
                                        jnp.ones((1, 4), jnp.int32))["params"]
     assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, ref)
@@ -395,7 +414,7 @@ def test_run_pretrain_writes_summary_and_plot(tmp_path, tok):
     assert summary["method"] == "pretrain" and summary["num_params"] > 0
     assert len(summary["loss_history"]) == 6 and summary["final_loss"] == summary["loss_history"][-1]
     assert summary["steps_per_second"] > 0
-    assert set(summary["input_dependence"]) == {"own_ce", "other_ce", "gap"}
+    assert set(summary["input_dependence"]) == {"own_ce", "other_ce", "gap", "span_corruption_gap"}
     assert os.path.isdir(summary["checkpoint"]) and summary["checkpoint"].startswith(str(tmp_path / "cache"))
     png = (workdir / "pretrain_loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -444,18 +463,16 @@ def test_input_dependence_is_zero_without_cross_attention_and_matches_direct_ce(
 
 
 @pytest.mark.parametrize("name", pt.OPTIMIZERS)
-def test_make_optimizer_is_the_optax_optimizer_with_an_injected_rate(name):
+def test_injected_optimizer_is_make_optimizer_at_the_injected_rate(name):
     params = {"w": jnp.arange(1.0, 7.0).reshape(2, 3), "b": jnp.ones(3)}
     grads = jax.tree.map(lambda x: 0.1 * x - 0.2, params)
-    tx = pt.make_optimizer(name, 0.01)
+    tx = pt.injected_optimizer(name, 0.01)
     state = tx.init(params)
     state = state._replace(hyperparams={**state.hyperparams, "learning_rate": 0.05})
     updates, _ = tx.update(grads, state, params)
-    ref_tx = (optax.adafactor(0.05, multiply_by_parameter_scale=True, clipping_threshold=1.0,
-                              weight_decay_rate=0.01) if name == "adafactor"
-              else optax.adamw(0.05, weight_decay=0.01))
-    expected, _ = ref_tx.update(grads, ref_tx.init(params), params)
+    ref = make_optimizer(name, 0.05, 0.01)
+    expected, _ = ref.update(grads, ref.init(params), params)
     for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-5)  # injected rate: a float32 array, not a float
     with pytest.raises(ValueError, match="optimizer='sgd'"):
-        pt.make_optimizer("sgd", 0.0)
+        pt.injected_optimizer("sgd", 0.0)
