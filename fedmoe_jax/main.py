@@ -40,7 +40,21 @@ def fail(message: str) -> None:
     sys.exit(USAGE_EXIT)
 
 
-def _config_problem(e: BaseException) -> str:
+def _unknown_key(e: BaseException, argv: list[str]) -> tuple[str, str | None]:
+    """The dotted key of the --config.KEY=V override that named a missing key (`e`: its KeyError),
+    and ml_collections' suggestion for it (dotted the same way) when it made one."""
+    while isinstance(e, AttributeError | KeyError) and e.args and isinstance(e.args[0], BaseException):
+        e = e.args[0]  # ml_collections wraps the KeyError in an AttributeError
+    text = str(e.args[0] if e.args else e)
+    quoted = re.search(r"'([^']+)'", text)
+    name = quoted.group(1) if quoted else text.strip()
+    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    key = next((k for k in overrides if k.rsplit(".", 1)[-1] == name), name)
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    return key, (key[:len(key) - len(name)] + hint.group(1)) if hint else None
+
+
+def _config_problem(e: BaseException, argv: list[str] = ()) -> str:
     """One line for a config file that failed to load or an override that failed to apply."""
     from fedmoe_jax.config import ConfigError
 
@@ -50,7 +64,11 @@ def _config_problem(e: BaseException) -> str:
     if isinstance(e, ConfigError):
         return text
     if isinstance(e, AttributeError | KeyError):
-        return (f"unknown config key {text}: check the --config.KEY=VALUE overrides against "
+        key, suggestion = _unknown_key(e, list(argv))
+        if key in FLAGS and key != "config":
+            return f"unknown config key {key!r}: --{key} is an option of this command, not a config key"
+        meant = f" (did you mean {suggestion!r}?)" if suggestion else ""
+        return (f"unknown config key {key!r}{meant}: check the --config.KEY=VALUE overrides against "
                 "fedmoe_jax/config.py")
     if isinstance(e, OSError):
         reason = next((ln.strip() for ln in text.splitlines() if "Errno" in ln), text.splitlines()[0])
@@ -65,10 +83,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         cause = e.__cause__ or e.__context__
         if isinstance(cause, AttributeError | KeyError | OSError | ValueError) and "flag --" not in str(e):
-            fail(_config_problem(cause))
+            fail(_config_problem(cause, argv))
         fail(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
     except Exception as e:  # noqa: BLE001 - a config file that fails to load is bad input
-        fail(_config_problem(e))
+        fail(_config_problem(e, argv))
     return argv
 
 
@@ -80,7 +98,7 @@ def main(argv: list[str]) -> None:
         if config is not None:
             config.get("method")  # a config file that failed to load raises here
     except Exception as e:  # noqa: BLE001
-        fail(_config_problem(e))
+        fail(_config_problem(e, sys.argv))
     if config is None:
         fail("--config is required, e.g. --config=configs/tiny.py")
     if not FLAGS.workdir:

@@ -112,7 +112,9 @@ def test_different_run_is_refused_and_nothing_changes(tiny_run):
 
 @pytest.mark.parametrize("args,message", [
     (["--config.cohort_size=9"], "config.cohort_size=9 is invalid"),
-    (["--config.stage2.patiense=3"], "unknown config key"),
+    (["--config.stage2.patiense=3"],
+     "unknown config key 'stage2.patiense' (did you mean 'stage2.patience'?)"),
+    (["--config.progress=false"], "--progress is an option of this command, not a config key"),
     (["--config.seed=abc"], "--config.seed=abc"),
     (["--config=configs/none.py"], "--config file could not be loaded"),
     (["--config=configs/cpu.py:standard"], "SETTING or SETTING,METHOD"),
