@@ -96,13 +96,13 @@ def test_scaffold_control_updates_match_numpy():
     extra = alg.cohort_extra(states, cohort, server)
     for e, c, ci in zip(jax.tree.leaves(extra), jax.tree.leaves(c0), jax.tree.leaves(c_i0)):
         np.testing.assert_allclose(e, c[None] - ci[cohort], rtol=1e-6)
-    # the local gradient correction is g - c_i + c
-    g = tiny_tree(rng)
+    # the local step's correction: u - lr (c - c_i) (under SGD, u = -lr g: the gradient g - c_i + c)
+    u = tiny_tree(rng)
     one = jax.tree.map(lambda e: e[0], extra)
-    corrected = alg.hooks.grad_correction(jax.tree.map(jnp.asarray, g), one)
-    for out, gl, c, ci in zip(jax.tree.leaves(corrected), jax.tree.leaves(g), jax.tree.leaves(c0),
+    corrected = alg.hooks.update_correction(jax.tree.map(jnp.asarray, u), one)
+    for out, ul, c, ci in zip(jax.tree.leaves(corrected), jax.tree.leaves(u), jax.tree.leaves(c0),
                               jax.tree.leaves(c_i0)):
-        np.testing.assert_allclose(np.asarray(out), gl - ci[3] + c, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(out), ul - lr * (c - ci[3]), rtol=1e-5, atol=1e-6)
 
     y = tiny_tree(rng, (3,))
     examples = np.array([10, 0, 7])  # client 0 has no data: no step, controls unchanged

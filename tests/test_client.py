@@ -50,8 +50,9 @@ def setup():
     return narrow_cfg, subs, valid, batches
 
 
-def obvious_loop(config, params, batches, step_mask, valid, rng, tx, loss_config):
-    """Python loop over the real steps; after each update, absent experts are put back."""
+def obvious_loop(config, params, batches, step_mask, valid, rng, tx, loss_config, correct_update=None):
+    """Python loop over the real steps; after each update, absent experts are put back.
+    `correct_update(updates) -> updates`: applied to each optimizer step (SCAFFOLD's correction)."""
     model = SwitchTransformer(config)
     original = params
     opt_state = tx.init(params)
@@ -73,6 +74,8 @@ def obvious_loop(config, params, batches, step_mask, valid, rng, tx, loss_config
 
         grads = jax.grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
+        if correct_update is not None:
+            updates = correct_update(updates)
         params = optax.apply_updates(params, updates)
         if keep_mask is None:
             from fedmoe_jax.federated.client import expert_update_mask
@@ -151,3 +154,33 @@ def test_hooks_change_training(setup):
     np.testing.assert_allclose(dist(p_zero), dist(p0), rtol=1e-5)  # mu = 0 is plain training
     assert dist(p_big) < dist(p0)  # the proximal term keeps the client near the global model
     assert "hook_loss" in m_zero
+
+
+def test_scaffold_update_correction(setup):
+    """SCAFFOLD's step u - lr (c - c_i): under SGD the same as the paper's gradient g - c_i + c; under
+    AdamW the optimizer's step corrected in its own units, as an obvious loop does it."""
+    from fedmoe_jax.algorithms.baselines import scaffold_update_correction
+
+    config, subs, valid, batches = setup
+    lr = 0.05
+    rng = np.random.default_rng(3)
+    extra = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), subs[0])  # c - c_i
+    args = (subs[0], batches[0], jnp.array([True, True, False]), valid[0], jax.random.key(2), extra)
+    hooks = LocalHooks(update_correction=scaffold_update_correction(lr))
+    on_update, _, _ = jax.jit(make_local_train(config, optax.sgd(lr), hooks=hooks))(*args)
+    on_grad, _, _ = jax.jit(make_local_train(config, optax.sgd(lr), hooks=LocalHooks(
+        grad_correction=lambda g, e: jax.tree.map(lambda a, b: a + b, g, e))))(*args)
+    plain, _, _ = jax.jit(make_local_train(config, optax.sgd(lr)))(*args[:-1])
+    pairs = zip(sorted(flatten_dict(on_update).items()), sorted(flatten_dict(on_grad).items()))
+    for (key, a), (_, b) in pairs:
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=str(key))
+    assert any(not np.allclose(a, c) for a, c in zip(jax.tree.leaves(on_update), jax.tree.leaves(plain)))
+
+    tx = optax.adamw(1e-2, eps=1e-3, weight_decay=0.1)
+    loss_config = LossConfig()
+    hooks = LocalHooks(update_correction=scaffold_update_correction(1e-2))
+    got, _, _ = jax.jit(make_local_train(config, tx, loss_config, hooks))(*args)
+    ref = obvious_loop(config, subs[0], batches[0], np.asarray(args[2]), valid[0], args[4], tx, loss_config,
+                       correct_update=lambda u: jax.tree.map(lambda a, e: a - 1e-2 * e, u, extra))
+    for (key, a), (_, b) in zip(sorted(flatten_dict(got).items()), sorted(flatten_dict(ref).items())):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6, err_msg=str(key))

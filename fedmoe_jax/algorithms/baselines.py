@@ -10,6 +10,7 @@ Shape letters: N clients, C cohort, L MoE layers, E experts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -85,19 +86,30 @@ def _check_identity_layout(expert_maps: np.ndarray) -> None:
         raise ValueError("SCAFFOLD needs the identity slot layout (slot width == E, experts ascending)")
 
 
-def _correct(grads: PyTree, extra: PyTree) -> PyTree:
-    return jax.tree.map(lambda g, e: g + e.astype(g.dtype), grads, extra)
+def scaffold_update_correction(lr_local: float) -> Callable[[PyTree, PyTree], PyTree]:
+    """`(updates, c - c_i) -> updates - lr_local (c - c_i)`: SCAFFOLD's drift correction on the step."""
+
+    def correct(updates: PyTree, extra: PyTree) -> PyTree:
+        return jax.tree.map(lambda u, e: u - lr_local * e.astype(u.dtype), updates, extra)
+
+    return correct
 
 
 class SCAFFOLD(Algorithm):
     """SCAFFOLD, option II, on the full MoE.
 
     State: server `{"c": c, "x": global params at the round's start}`; clients `extra` = c_i with
-    leaves `[N, ...]` (zeros at start). Local step: g - c_i + c (`extra` per cohort client = c - c_i).
-    After a round, for each cohort client with K_i > 0 real steps:
+    leaves `[N, ...]` (zeros at start). After a round, for each cohort client with K_i > 0 real steps:
       c_i+ = c_i - c + (x - y_i) / (K_i * lr_local),   c += (1/N) * sum_i (c_i+ - c_i)
     (= (|S|/N) mean_i). K_i: `report.num_steps` if the engine provides it, else `local_steps` for
-    clients with training examples. Option II assumes plain SGD locally; with Adam it is a heuristic.
+    clients with training examples.
+    Local step: the optimizer's update u, corrected to u - lr_local (c - c_i) (`extra` per cohort
+    client = c - c_i; `LocalHooks.update_correction`). Under SGD (u = -lr g) this is exactly the
+    paper's step with the gradient g - c_i + c. [DEVIATION for adaptive optimizers] With AdamW the
+    controls (x - y_i) / (K_i lr) measure the mean *normalized* step, of order 1 per coordinate,
+    while raw gradients are orders smaller: added to the gradient (the SGD form) they swamp it and
+    the run does not learn (measured: test scores 0.0 / 0.0 / 0.0 on configs/cpu.py). Correcting
+    the update keeps controls and step in the same units.
     Communication is twice the model (y_i and c_i+ - c_i up, x and c down): `comm_multiplier = 2`.
 
     `cohort_extra` remembers the round's (cohort, c, x, N) for `update_clients` / `update_server`
@@ -113,7 +125,7 @@ class SCAFFOLD(Algorithm):
         if lr_local <= 0 or local_steps < 1:
             raise ValueError(f"lr_local={lr_local} must be > 0 and local_steps={local_steps} >= 1")
         self.lr_local, self.local_steps = float(lr_local), int(local_steps)
-        self.hooks = LocalHooks(grad_correction=_correct)
+        self.hooks = LocalHooks(update_correction=scaffold_update_correction(self.lr_local))
         self._round: tuple[np.ndarray, PyTree, PyTree, int] | None = None
 
     def init_extra(self, num_clients: int, params: PyTree) -> PyTree:

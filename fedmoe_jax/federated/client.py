@@ -49,12 +49,15 @@ class LocalHooks:
     """Algorithm-specific pieces of local training (all optional).
 
     loss_term(params, anchor, extra) -> scalar added to the loss (FedProx: mu/2 ||w - w_global||^2).
-    grad_correction(grads, extra) -> grads (SCAFFOLD: g - c_i + c).
+    grad_correction(grads, extra) -> grads, applied before the optimizer.
+    update_correction(updates, extra) -> updates, applied to the optimizer's output (the step added
+      to the params; SCAFFOLD: u - lr (c - c_i), which under SGD is the gradient g - c_i + c).
     `anchor` is the sub-MoE as received; `extra` is the client's algorithm state (any pytree).
     """
 
     loss_term: Callable[[PyTree, PyTree, PyTree], Array] | None = None
     grad_correction: Callable[[PyTree, PyTree], PyTree] | None = None
+    update_correction: Callable[[PyTree, PyTree], PyTree] | None = None
 
 
 def expert_update_mask(params: Mapping[str, Any], config: SwitchConfig, valid: Array) -> dict:
@@ -136,6 +139,8 @@ def make_local_train(
             if hooks.grad_correction is not None:
                 grads = hooks.grad_correction(grads, extra)
             updates, new_opt_state = optimizer.update(grads, opt_state, params)
+            if hooks.update_correction is not None:
+                updates = hooks.update_correction(updates, extra)
             updates = jax.tree.map(lambda u, m: u * m, updates, update_mask)
             new_params = optax.apply_updates(params, updates)
             keep = lambda new, old: jnp.where(real, new, old)  # noqa: E731
