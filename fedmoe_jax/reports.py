@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -933,6 +934,29 @@ class NoRunsError(ValueError):
     """No `summary.json` under the given root."""
 
 
+# What a report reads from a run directory, plus the resolved config (checkpoints stay behind).
+RUN_FILES = (SUMMARY_FILE, METRICS_FILE, EXPERTS_FILE, "config.json")
+
+
+def export_runs(root: str, dest: str) -> list[str]:
+    """Copy `RUN_FILES` of every run under `root` to `dest` at the same relative paths, file times
+    kept (the newest summary still wins), so a report can be rebuilt from `dest` and committed
+    without checkpoints. Returns the runs' relative paths; `dest` must lie outside `root`."""
+    root_abs, dest_abs = os.path.realpath(root), os.path.realpath(dest)
+    if os.path.commonpath([root_abs, dest_abs]) == root_abs:
+        raise ValueError(f"the export directory {dest!r} is inside {root!r}; pick one outside it")
+    runs = []
+    for path in find_summaries(root):
+        rel = os.path.relpath(os.path.dirname(path), root)
+        os.makedirs(os.path.join(dest, rel), exist_ok=True)
+        for name in RUN_FILES:
+            src = os.path.join(root, rel, name)
+            if os.path.exists(src):
+                shutil.copy2(src, os.path.join(dest, rel, name))
+        runs.append(rel)
+    return runs
+
+
 def build_report(root: str, out: str | None = None, baselines: Sequence[str] = DEFAULT_BASELINES
                  ) -> dict[str, Any]:
     """Reads every run under `root`, writes the report to `out` (default `root/report`), returns its data."""
@@ -983,19 +1007,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baseline-methods", default=",".join(DEFAULT_BASELINES),
                         help="comma-separated baselines FedMoE is compared with (average improvement, "
                              "time-to-target)")
+    parser.add_argument("--export-runs", default=None, metavar="DIR",
+                        help="also copy each run's summary, metrics, expert maps and config (no "
+                             "checkpoints) to DIR, e.g. to commit them; the report can be rebuilt from DIR")
     args = parser.parse_args(argv)
     baselines = [b.strip() for b in args.baseline_methods.split(",") if b.strip()]
     try:
+        exported = export_runs(args.root, args.export_runs) if args.export_runs else None
         result = build_report(args.root, args.out, baselines)
     except NoRunsError:
         print(f"report: no {SUMMARY_FILE} under {args.root!r}; pass the directory that holds the run "
               f"directories written by `python -m fedmoe_jax.main ... --workdir=DIR`", file=sys.stderr)
         return 2
+    except ValueError as e:  # the export directory
+        print(f"report: {e}", file=sys.stderr)
+        return 2
+    if exported is not None:
+        print(f"copied {len(exported)} run(s) to {args.export_runs} ({', '.join(RUN_FILES)})")
     print(f"wrote {os.path.join(result['out'], 'report.md')}: {len(result['runs'])} run(s), "
           f"{len(result['figures'])} figure(s), {len(result['notes'])} note(s)")
     return 0
 
 
-__all__ = ["PAPER_TABLE1", "Run", "build_report", "curve", "cvi", "find_summaries", "group_runs",
-           "improvement", "load_runs", "main", "mean_std", "paper_comparison", "table1", "table2",
-           "time_to_target"]
+__all__ = ["PAPER_TABLE1", "RUN_FILES", "Run", "build_report", "curve", "cvi", "export_runs",
+           "find_summaries", "group_runs", "improvement", "load_runs", "main", "mean_std",
+           "paper_comparison", "table1", "table2", "time_to_target"]

@@ -295,3 +295,20 @@ def test_paper_cells_that_are_lost_give_no_direction():
     assert ts["paper_better"] is True and ts["ours_better"] is None
     comm = cmp["comm_gb"]["fedprox"]  # lower is better: the paper's 1.95 vs 2.30
     assert comm["paper_better"] is True and comm["holds"] is None
+
+
+def test_exported_runs_rebuild_the_same_tables(runs_root, built, tmp_path):
+    dest = tmp_path / "exported"
+    rels = reports.export_runs(str(runs_root), str(dest))
+    assert sorted(rels) == sorted(os.path.relpath(os.path.dirname(p), runs_root)
+                                  for p in reports.find_summaries(str(runs_root)))
+    copied = {os.path.relpath(os.path.join(d, f), dest) for d, _, files in os.walk(dest) for f in files}
+    assert all(os.path.basename(f) in reports.RUN_FILES for f in copied)
+    assert "old/deep/dup/summary.json" in copied  # file times kept: the old duplicate still loses
+    rebuilt = reports.build_report(str(dest), str(tmp_path / "report"))
+    assert rebuilt["table1"] == built[1]["table1"] and rebuilt["table2"] == built[1]["table2"]
+    with pytest.raises(ValueError, match="inside"):
+        reports.export_runs(str(runs_root), str(runs_root / "sub"))
+    assert reports.main([str(runs_root), "--out", str(tmp_path / "r2"), "--export-runs",
+                         str(runs_root / "x")]) == 2
+    assert not (runs_root / "x").exists() and not (tmp_path / "r2").exists()
