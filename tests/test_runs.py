@@ -49,6 +49,30 @@ def test_fedavg_seeds_in_one_program_equal_runs_alone(small_run):
     assert alone[0].history[0]["cohort"] != alone[1].history[0]["cohort"]  # the seeds really differ
 
 
+def test_memory_cap_splits_the_group_into_sub_cohorts(small_run):
+    """Under a cap the R runs train in the largest sub-cohorts that fit together, with the results of
+    the runs trained alone; below one client per run: MemoryCapExceeded naming the runs."""
+    from fedmoe_jax.federated.loop import MemoryCapExceeded
+
+    def group(cap):
+        return RunGroup([make_trainer(small_run, FedProx(0.01), seed=s, eval_every=0, memory_cap_bytes=cap)
+                         for s in (0, 1)])
+
+    too_small = group(1)
+    with pytest.raises(MemoryCapExceeded, match=r"2 runs at once: pass fewer --seeds"):
+        too_small.run(num_rounds=1, progress=False)
+    (key, need), = too_small._step.memory_needs.items()  # (width, cohort 3) -> {chunk: bytes}
+    assert list(need) == [None, 1] and need[None] > need[1]  # whole cohort of 3, then one client a time
+    capped = group(need[1])
+    capped.run(num_rounds=1, progress=False)
+    assert list(capped._step.compiled) == [(key[0], 1)]
+    alone = [make_trainer(small_run, FedProx(0.01), seed=s, eval_every=0) for s in (0, 1)]
+    for t in alone:
+        t.run(num_rounds=1, progress=False)
+    for a, b in zip(alone, capped.trainers):
+        assert_same_run(a, b)
+
+
 def test_runs_of_different_widths_train_at_the_widest(small_run):
     """randomMoE keeps 1 expert per layer in one run and 4 in the other: the group trains both at
     4 slots; the reference trains each run alone at the same widths, round by round."""

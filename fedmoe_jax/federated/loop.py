@@ -149,8 +149,8 @@ def make_round_step(
     `runs=True`: R independent runs (seeds) in one program, every argument and output with a leading
     runs axis R (`params [R, ...]`, `indices [R, C, L, S]`, ...; `jax.vmap` of the round), no mesh.
     `memory_cap` (bytes per device, with `chunk_size="auto"`): the first of `chunk_candidates` whose
-    compiled round fits (`program_bytes`) is used, one choice per slot width and cohort size;
-    `MemoryCapExceeded` if not even sub-cohorts of one client fit.
+    compiled round fits (`program_bytes`; with `runs`, all R runs' sub-cohorts together) is used, one
+    choice per slot width and cohort size; `MemoryCapExceeded` if not even sub-cohorts of one client fit.
     """
     if runs and mesh is not None:
         raise ValueError("runs=True vmaps whole rounds on one device; pass mesh=None")
@@ -224,15 +224,16 @@ def make_round_step(
                 return program
         size, need = min(tried.items(), key=lambda item: item[1])
         size = size or c
+        seeds = (f" ({int(args[1].shape[0])} runs at once: pass fewer --seeds together)," if runs else "")
         raise MemoryCapExceeded(
-            f"a round needs {need / 1e9:.2f} GB per device even in sub-cohorts of {size} client(s), over "
-            f"the memory cap of {memory_cap / 1e9:.2f} GB: lower batch_size or data.max_input_len / "
+            f"a round needs {need / 1e9:.2f} GB per device even in sub-cohorts of {size} client(s){seeds} "
+            f"over the memory cap of {memory_cap / 1e9:.2f} GB: lower batch_size or data.max_input_len / "
             "max_target_len, shard experts (mesh.experts), or raise memory_cap_gb")
 
     def round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None) -> RoundOutput:
         width, c = int(indices.shape[-1]), int(indices.shape[-3])
         args = (params, indices, valid, batches, step_mask, weights, rngs, extra)
-        if memory_cap is not None and chunk_size == "auto" and not runs:
+        if memory_cap is not None and chunk_size == "auto":
             if (width, c) not in fitted:
                 fitted[(width, c)] = fit(width, c, args)
             return RoundOutput(*fitted[(width, c)](*args))

@@ -41,7 +41,8 @@ class RunGroup:
 
     Requires aggregating algorithms (not `LocalOnly`) and no mesh; every trainer must share the model
     config, optimizer, loss, algorithm type and round settings other than `seed`. Trainers that were
-    resumed at different rounds are first brought level one by one.
+    resumed at different rounds are first brought level one by one. `memory_cap_bytes` bounds the
+    whole group's round: the R runs train in lockstep sub-cohorts small enough to fit together.
     """
 
     def __init__(self, trainers: Sequence[FederatedTrainer]):
@@ -61,7 +62,8 @@ class RunGroup:
                                  f"{t.settings} vs {first.settings}")
         self.trainers = list(trainers)
         self._step = make_round_step(first.config, first._optimizer, first._loss_config,
-                                     first.algorithm.hooks, None, return_clients=True, runs=True)
+                                     first.algorithm.hooks, None, return_clients=True, runs=True,
+                                     memory_cap=first.settings.memory_cap_bytes)
 
     @property
     def round(self) -> int:
