@@ -24,6 +24,8 @@ from fedmoe_jax.federated.trainer import FederatedTrainer, RunSettings
 def test_first_signal_is_recorded_second_runs_the_previous_handler():
     seen = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    # Python's own SIGINT handler, also when the suite was started with SIGINT ignored (nohup, `&`)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with StopSignals() as stop:
             assert stop.requested is None
@@ -39,6 +41,7 @@ def test_first_signal_is_recorded_second_runs_the_previous_handler():
                 os.kill(os.getpid(), signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def test_interrupted_exception_names_round_and_exit_status():

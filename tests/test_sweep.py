@@ -432,7 +432,9 @@ def test_ctrl_c_stops_the_running_children(fake):
     proc = subprocess.Popen([sys.executable, SWEEP_CLI, "--noprogress", f"--config={cfg}",
                              "--grid=seed=0,1,2", f"--root={root}", f"--runner={' '.join(runner)}",
                              "--workers=2", "--grace=5"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a terminal's Ctrl-C, also when the suite runs with SIGINT ignored (`&`)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     running = os.path.join(os.path.dirname(runner[1]), "running")
     deadline = time.time() + 60
     while time.time() < deadline and not (os.path.isdir(running) and len(os.listdir(running)) == 2):
