@@ -1014,13 +1014,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     baselines = [b.strip() for b in args.baseline_methods.split(",") if b.strip()]
     try:
         exported = export_runs(args.root, args.export_runs) if args.export_runs else None
+    except ValueError as e:  # the export directory lies inside RUNS_ROOT
+        print(f"report: {e}", file=sys.stderr)
+        return 2
+    try:
         result = build_report(args.root, args.out, baselines)
     except NoRunsError:
         print(f"report: no {SUMMARY_FILE} under {args.root!r}; pass the directory that holds the run "
               f"directories written by `python -m fedmoe_jax.main ... --workdir=DIR`", file=sys.stderr)
-        return 2
-    except ValueError as e:  # the export directory
-        print(f"report: {e}", file=sys.stderr)
         return 2
     if exported is not None:
         print(f"copied {len(exported)} run(s) to {args.export_runs} ({', '.join(RUN_FILES)})")
