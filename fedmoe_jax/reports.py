@@ -269,14 +269,16 @@ def _fmt(mean: float | None, std: float | None = None, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _fmt_size(mean: float | None, std: float | None = None) -> str:
-    """GiB / GB: two decimals, or three significant digits below 0.1 (CPU-scale models)."""
-    def one(x: float) -> str:
-        return f"{x:.2f}" if x == 0 or abs(x) >= 0.1 else f"{x:.3g}"
+def _size(x: float, sign: str = "") -> str:
+    """Two decimals, or three significant digits below 0.1 (CPU-scale models); `sign="+"` signs it."""
+    return f"{x:{sign}.2f}" if x == 0 or abs(x) >= 0.1 else f"{x:{sign}.3g}"
 
+
+def _fmt_size(mean: float | None, std: float | None = None) -> str:
+    """GiB / GB of a table cell: `_size` of the mean (and std)."""
     if mean is None:
         return MISSING
-    return one(mean) if std is None else f"{one(mean)} ± {one(std)}"
+    return _size(mean) if std is None else f"{_size(mean)} ± {_size(std)}"
 
 
 def _jsonable(x: Any) -> Any:
@@ -350,9 +352,15 @@ def table1(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes) -> dict[
     return table
 
 
+# Task scores (percent points) under which a baseline's score, as the §8.3 ratio's denominator, is
+# flagged: the ratio then measures how close to zero that score is rather than FedMoE's gain.
+SMALL_DENOMINATOR = 1.0
+
+
 def improvement(table: Mapping[str, Mapping[str, Mapping]], baselines: Sequence[str], notes: Notes
                 ) -> dict[str, dict[str, Any]]:
-    """FedMoE's average improvement over the best baseline per setting (PAPER.md §8.3)."""
+    """FedMoE's average improvement over the best baseline per setting (PAPER.md §8.3);
+    `small_denominators`: the best baseline's task scores below `SMALL_DENOMINATOR` (also a note)."""
     out: dict[str, dict[str, Any]] = {}
     for setting, methods in table.items():
         if METHOD not in methods:
@@ -378,12 +386,19 @@ def improvement(table: Mapping[str, Mapping[str, Mapping]], baselines: Sequence[
             notes.add(f"{setting}: no baseline with all of {METHOD}'s task scores; no average improvement")
             continue
         best, value = average_improvement(f, candidates)
+        small = {COLUMNS[t]: v for t, v in candidates[best].items() if v < SMALL_DENOMINATOR}
+        if small:
+            notes.add(f"{setting}: the average improvement divides by {best}'s "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in small.items())
+                      + f" (below {SMALL_DENOMINATOR:g} point): its percentage mostly measures that "
+                      "near-zero score, not a gap")
         out[setting] = {
             "best_baseline": best,
             "value_pct": value,
             "signed_pct": average_improvement(f, {best: candidates[best]}, signed=True)[1],
             "per_baseline_pct": {b: average_improvement(f, {b: s})[1] for b, s in candidates.items()},
             "tasks": [COLUMNS[t] for t in f],
+            "small_denominators": small,
         }
         table[setting][METHOD]["avg_improvement_pct"] = value  # type: ignore[index]
         table[setting][METHOD]["avg_improvement_baseline"] = best  # type: ignore[index]
@@ -763,7 +778,11 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
             per = ", ".join(f"{method_name(b)} {v:.2f} %" for b, v in g["per_baseline_pct"].items())
             lines += [f"Average improvement of FedMoE over the best baseline ({'/'.join(g['tasks'])}): "
                       f"**{g['value_pct']:.2f} %** vs {method_name(g['best_baseline'])} (signed "
-                      f"{g['signed_pct']:+.2f} %). Per baseline: {per}.", ""]
+                      f"{g['signed_pct']:+.2f} %). Per baseline: {per}."
+                      + (" **Not a meaningful gap:** it divides by "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in g["small_denominators"].items())
+                         + f" (below {SMALL_DENOMINATOR:g} point)." if g.get("small_denominators") else ""),
+                      ""]
     lines += ["### Robustness: composite variation index (lower is better)", "",
               "| Method | c_v TC | c_v RC | c_v TS | CVI | Settings |", "|---|---|---|---|---|---|"]
     for method, e in cvis.items():
@@ -866,7 +885,8 @@ def _direction(low: float, high: float) -> int | None:
 def paper_comparison(table: Mapping[str, Mapping[str, Mapping]], baselines: Sequence[str] = DEFAULT_BASELINES
                      ) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
     """For each setting, metric (TC / RC / TS / comm_gb / mem_gb) and baseline: FedMoE minus the
-    baseline in the paper (`paper`: (low, high)) and here (`ours`), whether FedMoE is better
+    baseline in the paper (`paper`: (low, high)) and here (`ours`), the same relative to the
+    baseline's value (`paper_rel`, `ours_rel`: fractions, None without a value), whether FedMoE is better
     (`paper_better` / `ours_better`: bool, None if the paper's cell is too uncertain or ours is
     missing; lower is better for comm and memory) and `holds` (the paper's direction reproduced)."""
     out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
@@ -889,8 +909,11 @@ def paper_comparison(table: Mapping[str, Mapping[str, Mapping]], baselines: Sequ
                 diff = None if f is None or v is None else f - v
                 ours_better = None if diff is None or diff == 0 else diff * sign > 0
                 holds = None if paper_better is None or ours_better is None else paper_better == ours_better
+                b_mid = (b_lo + b_hi) / 2
                 entry[b] = {"paper": (lo, hi), "ours": diff, "paper_better": paper_better,
-                            "ours_better": ours_better, "holds": holds}
+                            "ours_better": ours_better, "holds": holds,
+                            "paper_rel": ((lo / b_mid, hi / b_mid) if b_mid else None),
+                            "ours_rel": (diff / v if diff is not None and v else None)}
             out[setting][metric] = entry
     return out
 
@@ -912,11 +935,16 @@ def render_paper_comparison(cmp: Mapping[str, Mapping[str, Mapping[str, Mapping[
                   "|---|" + "---|" * len(bases)]
         for metric, entry in per.items():
             cells = []
+            size = metric in LOWER_IS_BETTER  # GB: CPU-scale sizes differ by thousandths; say how much
             for b in bases:
                 e = entry[b]
                 lo, hi = e["paper"]
                 paper = f"{lo:+.2f}" if abs(hi - lo) < 1e-9 else f"{lo:+.2f}..{hi:+.2f}"
-                here = MISSING if e["ours"] is None else f"{e['ours']:+.2f}"
+                here = MISSING if e["ours"] is None else (_size(e["ours"], "+") if size else f"{e['ours']:+.2f}")
+                if size and e.get("paper_rel") and abs(hi - lo) < 1e-9:
+                    paper += f" ({100 * e['paper_rel'][0]:+.0f} %)"
+                if size and e.get("ours_rel") is not None:
+                    here += f" ({100 * e['ours_rel']:+.0f} %)"
                 mark = {True: "✓", False: "✗", None: "?"}[e["holds"]]
                 cells.append(f"{paper} / {here} {mark}")
             name = {"comm_gb": "Comm", "mem_gb": "Mem"}.get(metric, metric)

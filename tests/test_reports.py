@@ -282,6 +282,37 @@ def test_paper_directions_by_hand(built):
     md = (out / "report.md").read_text()
     assert "## Against the paper: Table 1 directions" in md
     assert "| TC | +3.13 / +4.00 ✓ | +1.84 / +1.00 ✓ | +8.78 / — ? |" in md
+    # sizes: relative to the baseline too (paper 1.76 - 2.30 = -0.54 of 2.30; here 1.6 - 2.3 of 2.3)
+    comm = std["comm_gb"]["random_moe"]
+    assert comm["paper_rel"][0] == pytest.approx(-0.54 / 2.30) and comm["ours_rel"] == pytest.approx(-0.7 / 2.3)
+    assert "| Comm | -0.54 (-23 %) / -0.70 (-30 %) ✓ |" in md
+
+
+def test_size_differences_keep_significant_digits():
+    """CPU-scale comm / memory gaps are thousandths of a GB: printed with 3 significant digits
+    (they used to print as -0.00) and their relative size."""
+    ours = {"standard_hetero_t": {"fedmoe": {"TC": 1.0, "RC": 1.0, "TS": 1.0, "comm_gb": 0.0188,
+                                             "mem_gb": 0.2},
+                                  "fedprox": {"TC": 1.0, "RC": 1.0, "TS": 1.0, "comm_gb": 0.0200,
+                                              "mem_gb": 0.25}}}
+    lines = reports.render_paper_comparison(reports.paper_comparison(ours, ["fedprox"]))
+    assert "| Comm | -0.54 (-23 %) / -0.0012 (-6 %) ✓ |" in lines
+    assert "| Mem | -11.27 (-46 %) / -0.05 (-20 %) ✓ |" in lines
+
+
+def test_average_improvement_flags_near_zero_denominators():
+    """FedMoE 10 / 4 / 0.8 vs randomMoE 20 / 0.5 / 0.5: (|10-20|/20 + |4-0.5|/0.5 + |0.8-0.5|/0.5) / 3
+    = (0.5 + 7 + 0.6) / 3 = 270 %, driven by the two scores below 1 point, which are named."""
+    table = {"standard_hetero_t": {"fedmoe": {"TC": 10.0, "RC": 4.0, "TS": 0.8},
+                                   "random_moe": {"TC": 20.0, "RC": 0.5, "TS": 0.5}}}
+    notes = reports.Notes()
+    gain = reports.improvement(table, ["random_moe"], notes)["standard_hetero_t"]
+    assert gain["value_pct"] == pytest.approx(270.0)
+    assert gain["small_denominators"] == {"RC": 0.5, "TS": 0.5}
+    assert any("divides by random_moe's RC 0.50, TS 0.50" in n for n in notes)
+    table["standard_hetero_t"]["random_moe"].update(RC=2.0, TS=1.0)
+    assert reports.improvement(table, ["random_moe"], reports.Notes())["standard_hetero_t"][
+        "small_denominators"] == {}
 
 
 def test_paper_cells_that_are_lost_give_no_direction():
