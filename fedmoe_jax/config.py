@@ -118,6 +118,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 64
     c.eval.global_model = True  # also score the full global model on every client's test split
     c.eval.unseen_local_steps = 4  # clients never sampled: fine-tune this many steps, then test (0: off)
+    c.eval.predictions = 4  # per client and model: decoded test predictions kept in predictions.jsonl
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.enabled = True  # shard the cohort over all devices when there is more than one
@@ -251,6 +252,7 @@ def validate(config) -> None:
         ("eval.test_examples", c.eval.test_examples >= 0, "use >= 0 (0: all)"),
         ("eval.batch_size", c.eval.batch_size >= 1, "use >= 1"),
         ("eval.unseen_local_steps", c.eval.unseen_local_steps >= 0, "use >= 0 (0: off)"),
+        ("eval.predictions", c.eval.predictions >= 0, "use >= 0 (0: none)"),
         ("mesh.experts", c.mesh.experts >= 1, "use >= 1"),
     ]
     if experts is not None:

@@ -41,11 +41,18 @@ from fedmoe_jax.config import (
     validate,
 )
 from fedmoe_jax.federated.preemption import StopSignals
-from fedmoe_jax.files import save_npz, write_json
+from fedmoe_jax.files import (
+    EXPERTS_FILE,
+    PREDICTIONS_FILE,
+    RUN_CONFIG_FILE,
+    SUMMARY_FILE,
+    atomic_write,
+    save_npz,
+    write_json,
+)
 from fedmoe_jax.optimizers import make_optimizer
 
 log = logging.getLogger("fedmoe_jax")
-SUMMARY_FILE = "summary.json"
 SUBSAMPLE_SEED = 20240821  # the data slice of CPU-scale runs does not depend on the run seed
 PyTree = Any
 
@@ -65,7 +72,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
     except OSError as e:
         raise ConfigError(f"workdir {workdir} is not writable ({e.strerror}); "
                           "pass a writable --workdir") from None
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(workdir, RUN_CONFIG_FILE)
     current = config.to_dict()
     if not os.path.exists(path):
         write_json(path, current)
@@ -375,7 +382,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None, progress: bool
 def evaluate_final(exp: Experiment) -> dict[str, Any]:
     """Personalized test scores, and optionally the global model and the never-sampled clients."""
     t, e = exp.trainer, exp.config.eval
-    kw = dict(max_examples=e.test_examples or None, batch_size=e.batch_size)
+    kw = dict(max_examples=e.test_examples or None, batch_size=e.batch_size, predictions=e.predictions)
     out = {"test": t.evaluate("test", **kw)}
     if e.global_model and t.algorithm.aggregates:
         out["global_test"] = t.evaluate("test", model="global", **kw)
@@ -383,6 +390,19 @@ def evaluate_final(exp: Experiment) -> dict[str, Any]:
     if e.unseen_local_steps and len(unseen):
         out["unseen_test"] = t.evaluate("test", clients=unseen, local_steps=e.unseen_local_steps, **kw)
     return out
+
+
+def write_predictions(path: str, trainer, evaluation: dict[str, Any]) -> int:
+    """`predictions.jsonl`: one object per kept test example (`client`, `task`, `model`: "own",
+    "global" or "unseen", `id`, `prediction`, `references`); returns the number of lines."""
+    lines = []
+    for key, model in (("test", "own"), ("global_test", "global"), ("unseen_test", "unseen")):
+        for client, result in evaluation.get(key, {}).get("clients", {}).items():
+            task = trainer.data.partition.task_of(int(client))
+            lines += [json.dumps({"client": int(client), "task": task, "model": model, **ex})
+                      for ex in result.get("examples", [])]
+    atomic_write(path, "".join(line + "\n" for line in lines))
+    return len(lines)
 
 
 def _scores(result: dict[str, Any]) -> dict[str, float]:
@@ -420,7 +440,8 @@ def write_results(exp: Experiment, evaluation: dict[str, Any], seconds: float) -
                   "probs": t.states.probs, "budgets_bytes": exp.budgets}
         if exp.stage1 is not None:
             arrays["stage1_probs"] = exp.stage1["probs"]
-        save_npz(os.path.join(exp.workdir, "experts.npz"), **arrays)
+        save_npz(os.path.join(exp.workdir, EXPERTS_FILE), **arrays)
+        write_predictions(os.path.join(exp.workdir, PREDICTIONS_FILE), t, evaluation)
         write_json(os.path.join(exp.workdir, SUMMARY_FILE), summary)
     return summary
 

@@ -13,6 +13,13 @@ from typing import Any
 
 import numpy as np
 
+# What a run directory holds besides checkpoints and TensorBoard events (`metrics.jsonl` is
+# `fedmoe_jax.federated.metrics.METRICS_FILE`).
+RUN_CONFIG_FILE = "config.json"  # the resolved config (`experiment.prepare_workdir`)
+SUMMARY_FILE = "summary.json"  # final scores, comm, memory, expert counts; written last
+EXPERTS_FILE = "experts.npz"  # expert maps and activation probabilities per client
+PREDICTIONS_FILE = "predictions.jsonl"  # a few decoded test predictions per client
+
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     """Write `data` (text as UTF-8) to `path` through a temporary file and a rename."""

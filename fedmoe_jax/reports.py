@@ -51,10 +51,8 @@ from fedmoe_jax.federated.metrics import (
     rounds_to_target,
     time_to_target_speedup,
 )
-from fedmoe_jax.files import atomic_write
+from fedmoe_jax.files import EXPERTS_FILE, PREDICTIONS_FILE, RUN_CONFIG_FILE, SUMMARY_FILE, atomic_write
 
-SUMMARY_FILE = "summary.json"
-EXPERTS_FILE = "experts.npz"
 TASKS = ("tc", "rc", "ts")  # the order of `client_tasks` in experts.npz
 COLUMNS = {"tc": "TC", "rc": "RC", "ts": "TS"}
 TEST_KEYS = {"tc": "tc_accuracy", "rc": "rc_f1", "ts": "ts_rouge2"}
@@ -940,7 +938,8 @@ def render_paper_comparison(cmp: Mapping[str, Mapping[str, Mapping[str, Mapping[
                 e = entry[b]
                 lo, hi = e["paper"]
                 paper = f"{lo:+.2f}" if abs(hi - lo) < 1e-9 else f"{lo:+.2f}..{hi:+.2f}"
-                here = MISSING if e["ours"] is None else (_size(e["ours"], "+") if size else f"{e['ours']:+.2f}")
+                here = (MISSING if e["ours"] is None
+                        else _size(e["ours"], "+") if size else f"{e['ours']:+.2f}")
                 if size and e.get("paper_rel") and abs(hi - lo) < 1e-9:
                     paper += f" ({100 * e['paper_rel'][0]:+.0f} %)"
                 if size and e.get("ours_rel") is not None:
@@ -963,7 +962,7 @@ class NoRunsError(ValueError):
 
 
 # What a report reads from a run directory, plus the resolved config (checkpoints stay behind).
-RUN_FILES = (SUMMARY_FILE, METRICS_FILE, EXPERTS_FILE, "config.json")
+RUN_FILES = (SUMMARY_FILE, METRICS_FILE, EXPERTS_FILE, RUN_CONFIG_FILE, PREDICTIONS_FILE)
 
 
 def export_runs(root: str, dest: str) -> list[str]:

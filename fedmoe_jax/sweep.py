@@ -44,11 +44,11 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from fedmoe_jax.files import SUMMARY_FILE as SUMMARY
 from fedmoe_jax.files import atomic_write
 
 SPEC_KEYS = ("config", "args", "grid", "set", "exclude", "root", "runner", "vectorize_seeds")
 DEFAULT_ROOT = "runs/sweep"
-SUMMARY = "summary.json"
 LOG = "log.txt"
 SWEEP_JSON = "sweep.json"
 RESULTS_CSV = "results.csv"

@@ -63,8 +63,8 @@ def tiny_run(tmp_path_factory):
 @tiny_run_group
 def test_run_writes_every_artifact(tiny_run):
     workdir, first, _, _ = tiny_run
-    for name in ("config.json", "summary.json", "metrics.jsonl", "experts.npz", "stage1.npz", "budgets.json",
-                 "checkpoints", "tensorboard"):
+    for name in ("config.json", "summary.json", "metrics.jsonl", "experts.npz", "predictions.jsonl",
+                 "stage1.npz", "budgets.json", "checkpoints", "tensorboard"):
         assert os.path.exists(os.path.join(workdir, name)), name
     assert "devices: 1 x cpu; mesh: none" in first.stderr
     assert "summary.json" in first.stdout
@@ -76,6 +76,13 @@ def test_run_writes_every_artifact(tiny_run):
     assert len(summary["test_clients"]) == 6
     assert summary["config"]["num_rounds"] == 4
     assert set(summary["recommendation"]) == {"adjust", "accept", "rollback"}
+    records = [json.loads(line) for line in open(os.path.join(workdir, "predictions.jsonl"))]
+    own = [r for r in records if r["model"] == "own"]
+    assert {r["client"] for r in own} == set(range(6)) and {r["model"] for r in records} >= {"own", "global"}
+    for k in range(6):  # eval.predictions = 4 per client, of the client's own task
+        mine = [r for r in own if r["client"] == k]
+        assert 1 <= len(mine) <= 4 and {r["task"] for r in mine} == {summary["test_clients"][str(k)]["task"]}
+    assert all(isinstance(r["prediction"], str) and r["references"] for r in records)
     with np.load(os.path.join(workdir, "experts.npz")) as z:
         assert z["initial_maps"].shape == z["final_maps"].shape == (6, 2, 4)
         assert list(z["client_tasks"]) == [0, 0, 1, 1, 2, 2]

@@ -12,6 +12,7 @@ Shape letters: C cohort, K eval steps, B batch, S input / T target tokens, L MoE
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -67,11 +68,13 @@ def score_predictions(
     example_ids: np.ndarray,
     tasks: Sequence[str],
     references: Sequence[Callable[[np.ndarray], list[list[str]]]],
-) -> list[dict[str, float]]:
+    keep: int = 0,
+) -> list[dict[str, Any]]:
     """Task metrics per client from predicted tokens `[C, K, B, T]` and `example_ids [C, K, B]`.
 
     `references[c](ids)` returns the reference lists of client c's examples `ids`. Each result holds
-    every metric of the task plus `score`, the task's primary metric (PAPER.md Algorithm 1's "acc").
+    every metric of the task plus `score`, the task's primary metric (PAPER.md Algorithm 1's "acc"),
+    and with `keep > 0` `examples`: the first `keep` as `{"id", "prediction", "references"}`.
     """
     results = []
     for c, task in enumerate(tasks):
@@ -82,7 +85,11 @@ def score_predictions(
             continue
         flat = np.asarray(tokens[c]).reshape(-1, tokens.shape[-1])[real]
         predictions = tokenizer.decode(flat)
-        scores = task_scores(task, predictions, references[c](ids[real]))
+        refs = references[c](ids[real])
+        scores: dict[str, Any] = task_scores(task, predictions, refs)
         scores["score"] = scores[PRIMARY_METRIC[task]]
+        if keep > 0:
+            scores["examples"] = [{"id": int(i), "prediction": p, "references": list(r)}
+                                  for i, p, r in zip(ids[real][:keep], predictions[:keep], refs[:keep])]
         results.append(scores)
     return results

@@ -326,7 +326,7 @@ class FederatedTrainer:
         return self.finish_round(prep, self.train_round(prep))
 
     def _validate(self, cohort, client_params, indices, valid, width, split="validation",
-                  max_examples=None, batch_size=None):
+                  max_examples=None, batch_size=None, keep=0):
         s = self.settings
         max_examples = s.max_eval_examples if split == "validation" else max_examples
         batches = self.data.cohort_eval_batches(cohort, batch_size or s.eval_batch_size, split,
@@ -337,7 +337,7 @@ class FederatedTrainer:
         tasks = [self.data.partition.task_of(int(k)) for k in cohort]
         refs = [self._references(t, split) for t in tasks]
         results = score_predictions(self.tokenizer, np.asarray(tokens), batches["example_ids"], tasks,
-                                    refs)
+                                    refs, keep)
         for res, lv in zip(results, np.asarray(loss)):
             res["loss"] = float(lv)
         scores = np.asarray([res["score"] for res in results], np.float32)
@@ -349,14 +349,15 @@ class FederatedTrainer:
 
     def evaluate(self, split: str = "test", clients: np.ndarray | None = None, chunk: int = 8,
                  max_examples: int | None = None, batch_size: int | None = None,
-                 model: str = "own", local_steps: int = 0) -> dict[str, Any]:
+                 model: str = "own", local_steps: int = 0, predictions: int = 0) -> dict[str, Any]:
         """Evaluation on each client's own `split`; per-client metrics and the mean score per task.
 
         `model="own"` (PAPER.md §7.5, personalized): the client's sub-MoE of the current global model
         (or its own model for `LocalOnly`); `model="global"`: the full global model for every client.
         `local_steps > 0` first fine-tunes each client's model that many steps on its training data
         (for clients never sampled during training: unseen-client evaluation). Clients are evaluated
-        `chunk` at a time (one compiled program per slot width).
+        `chunk` at a time (one compiled program per slot width). `predictions > 0` keeps that many
+        decoded examples per client (`clients[k]["examples"]`, see `score_predictions`).
         """
         if model not in ("own", "global"):
             raise ValueError(f"model={model!r}; use 'own' or 'global'")
@@ -376,7 +377,7 @@ class FederatedTrainer:
             if local_steps > 0:
                 narrow = self._fine_tune(part, narrow, valid, width, local_steps)
             _, _, results = self._validate(part, narrow, indices, valid, width, split, max_examples,
-                                           batch_size)
+                                           batch_size, predictions)
             per_client.update({int(k): res for k, res in zip(part, results)})
         out: dict[str, Any] = {"split": split, "clients": per_client}
         for task in TASKS:

@@ -1,0 +1,57 @@
+"""`fedmoe_jax.predictions`: loading, alignment across runs, diagnostics by hand, the CLI's exit 2."""
+
+import json
+import os
+
+import pytest
+
+from fedmoe_jax import predictions
+
+
+def write(run_dir, method, records, seed=0):
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump({"method": method, "seed": seed}, f)
+    with open(os.path.join(run_dir, "predictions.jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def rec(client, task, id_, pred, refs, model="own"):
+    return {"client": client, "task": task, "model": model, "id": id_, "prediction": pred, "references": refs}
+
+
+A = [rec(0, "ts", 1, "the cat", ["the cat sat"]), rec(0, "ts", 2, "", ["a dog"]),
+     rec(1, "tc", 5, "noun.animal", ["noun.animal"]), rec(1, "tc", 6, "noun.animal", ["verb.motion"]),
+     rec(1, "tc", 7, "noun.animal", ["noun.animal"]), rec(0, "ts", 1, "global", ["the cat sat"], "global")]
+B = [rec(0, "ts", 2, "a dog", ["a dog"]), rec(1, "tc", 5, "verb.motion", ["noun.animal"])]
+
+
+def test_diagnostics_by_hand():
+    d = predictions.diagnostics(predictions.select(A))
+    assert d["tc"] == {"kept": 3, "empty": 0.0, "distinct": pytest.approx(1 / 3), "top": "noun.animal",
+                       "top_share": 1.0, "exact": pytest.approx(2 / 3)}
+    assert d["ts"]["empty"] == 0.5 and d["ts"]["exact"] == 0.0 and d["ts"]["distinct"] == 1.0
+
+
+def test_side_by_side_aligns_examples_and_marks_missing_ones():
+    rows = predictions.side_by_side({"a": predictions.select(A), "b": predictions.select(B)}, n=1)
+    assert [(r["task"], r["client"], r["id"]) for r in rows] == [("ts", 0, 1), ("tc", 1, 5)]
+    assert rows[0]["predictions"] == {"a": "the cat", "b": None}
+    assert rows[1]["predictions"] == {"a": "noun.animal", "b": "verb.motion"}
+    assert predictions.select(A, task="ts", model="global") == [A[-1]]
+    assert predictions.select(A, client=1, task="ts") == []
+
+
+def test_cli_prints_markdown_and_exits_2_without_predictions(tmp_path, capsys):
+    write(tmp_path / "fedmoe", "fedmoe", A)
+    write(tmp_path / "fedavg", "fedavg", B)
+    assert predictions.main([str(tmp_path / "fedmoe"), str(tmp_path / "fedavg"), "--task=ts"]) == 0
+    out = capsys.readouterr().out
+    assert "| fedmoe s0 | ts | 2 | 50% | 100% | 0% |" in out
+    assert "- fedmoe s0: (empty)" in out and "- fedavg s0: `a dog`" in out
+    os.makedirs(tmp_path / "old")
+    assert predictions.main([str(tmp_path / "fedmoe"), str(tmp_path / "old")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "predictions.jsonl does not exist" in err
+    assert predictions.main([str(tmp_path / "fedavg"), "--model=unseen"]) == 2
