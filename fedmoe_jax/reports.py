@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmoe_jax import predictions
 from fedmoe_jax.federated.metrics import (
     METRICS_FILE,
     average_improvement,
@@ -744,9 +745,49 @@ def _speed(e: Mapping[str, Any]) -> str:
     return f"{e['speedup']:.2f}× ({e['rounds_method']} vs {e['rounds_baseline']})"
 
 
+def output_diagnostics(groups: Mapping[str, Mapping[str, Sequence[Run]]]
+                       ) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """{setting: {method: {task: `predictions.diagnostics`}}} of the personalized ("own") test
+    predictions each run kept in `predictions.jsonl`, seeds pooled; runs without the file are left out."""
+    out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    for setting, methods in groups.items():
+        for method, runs in methods.items():
+            records = []
+            for run in runs:
+                try:
+                    records += predictions.select(predictions.load(run.path))
+                except predictions.PredictionsError:
+                    continue
+            if records:
+                out.setdefault(setting, {})[method] = predictions.diagnostics(records)
+    return out
+
+
+def render_outputs(outputs: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]]) -> list[str]:
+    """Markdown lines of `output_diagnostics`: one table per setting."""
+    if not outputs:
+        return ["No run kept test predictions (`predictions.jsonl`, written by runs since 2026-12-03)."]
+    lines = ["The personalized test predictions each run kept (`eval.predictions` per client, seeds pooled): "
+             "share empty, share distinct, share equal to a reference, and the most common output. "
+             "`python experiments/predictions.py RUN_DIR ...` shows them side by side.", ""]
+    for setting, methods in outputs.items():
+        lines += [f"### {setting_name(setting)}", "",
+                  "| Method | Task | Kept | Empty | Distinct | Exact | Most common (share) |",
+                  "|---|---|---|---|---|---|---|"]
+        for method, per_task in methods.items():
+            for task, d in per_task.items():
+                top = d["top"].replace("|", "\\|")
+                top = (top[:47] + "…" if len(top) > 48 else top) if top else "(empty)"
+                lines.append(f"| {method_name(method)} | {COLUMNS.get(task, task)} | {d['kept']} | "
+                             f"{d['empty']:.0%} | {d['distinct']:.0%} | {d['exact']:.0%} | "
+                             f"{top} ({d['top_share']:.0%}) |")
+        lines.append("")
+    return lines
+
+
 def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, gains: Mapping, cvis: Mapping,
                     ttt: Mapping, figs: Sequence[tuple[str, str]], baselines: Sequence[str],
-                    notes: Sequence[str], against_paper: Mapping) -> str:
+                    notes: Sequence[str], against_paper: Mapping, outputs: Mapping | None = None) -> str:
     methods_seen = sorted({m for ms in t1.values() for m in ms}, key=_method_rank)
     lines = [
         "# FedMoE report",
@@ -823,6 +864,8 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
                              f"{rec_s} | {row['seeds']} |")
     else:
         lines.append("No FedMoE, ablation or randomMoE runs.")
+    lines += ["", "## What the outputs look like", ""]
+    lines += render_outputs(outputs or {})
     lines += ["", "## Figures", ""]
     for caption, rel in figs:
         lines += [f"**{caption}**", "", f"![{caption}]({rel})", ""]
@@ -1011,17 +1054,18 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     ttt = time_to_target(groups, baselines, notes)
     t2 = table2(groups, notes)
     against_paper = paper_comparison(t1, baselines)
+    outputs = output_diagnostics(groups)
     os.makedirs(out, exist_ok=True)
     figs = figures(groups, ttt, out, notes)
     _write_json(os.path.join(out, "table1.json"), t1)
     _write_json(os.path.join(out, "table2.json"), t2)
     result = {"root": os.path.abspath(root), "runs": [r.rel for r in runs], "average_improvement": gains,
               "cvi": cvis, "time_to_target": ttt, "paper_comparison": against_paper,
-              "figures": [rel for _, rel in figs], "notes": list(notes)}
+              "outputs": outputs, "figures": [rel for _, rel in figs], "notes": list(notes)}
     _write_json(os.path.join(out, "report.json"), result)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(render_markdown(root, runs, t1, t2, gains, cvis, ttt, figs, baselines, notes,
-                                against_paper))
+                                against_paper, outputs))
     return {**result, "out": out, "table1": t1, "table2": t2}
 
 

@@ -82,6 +82,13 @@ def runs_root(tmp_path_factory):
                   start=(10.0 + 2 * seed, 8, 12), end=(9.0, 5 + seed, 20 - 2 * seed),
                   metrics=(setting, method, seed) != ("enforced_hetero_t", "random_moe", 1),
                   experts=(setting, method, seed) != ("enforced_hetero_t", "fedmoe", 1))
+    for seed, pred in ((0, ""), (1, "a b")):  # FedMoE's TS outputs: seed 0 empty, seed 1 "a b" twice
+        with open(root / "standard_hetero_t" / f"fedmoe_s{seed}" / "predictions.jsonl", "w") as f:
+            for i in range(2):
+                f.write(json.dumps({"client": 4, "task": "ts", "model": "own", "id": i, "prediction": pred,
+                                    "references": ["a b"]}) + "\n")
+            f.write(json.dumps({"client": 4, "task": "ts", "model": "global", "id": 0, "prediction": "x",
+                                "references": ["a b"]}) + "\n")
     # an older duplicate of standard_hetero_t/fedmoe/seed 0 with other scores: must be ignored
     old = write_run(str(root / "old" / "deep" / "dup"), "standard_hetero_t", "fedmoe", 0, (0.1, 0.1, 0.1))
     os.utime(os.path.join(old, "summary.json"), (1e9, 1e9))
@@ -327,6 +334,15 @@ def test_paper_cells_that_are_lost_give_no_direction():
     assert ts["paper_better"] is True and ts["ours_better"] is None
     comm = cmp["comm_gb"]["fedprox"]  # lower is better: the paper's 1.95 vs 2.30
     assert comm["paper_better"] is True and comm["holds"] is None
+
+
+def test_output_diagnostics_pool_the_seeds_own_predictions(built):
+    out, result = built
+    ts = result["outputs"]["standard_hetero_t"]["fedmoe"]["ts"]  # "", "", "a b", "a b"; global ignored
+    assert ts == {"kept": 4, "empty": 0.5, "distinct": 0.5, "top": "", "top_share": 0.5, "exact": 0.5}
+    assert set(result["outputs"]) == {"standard_hetero_t"}  # the other runs kept no predictions
+    md = (out / "report.md").read_text()
+    assert "| FedMoE | TS | 4 | 50% | 50% | 50% | (empty) (50%) |" in md
 
 
 def test_exported_runs_rebuild_the_same_tables(runs_root, built, tmp_path):
