@@ -19,6 +19,7 @@ Input problems (config, data, checkpoints) raise `ConfigError` with one line; th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -177,6 +178,19 @@ def runtime_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return out
 
 
+def params_fingerprint(params: PyTree) -> str:
+    """sha256 (first 16 hex digits) of every leaf's dtype, shape and bytes in tree-path order: which
+    initial model a run started from (a pretrained cache entry rebuilt on another machine or with
+    other XLA flags can differ in the last bits under the same key)."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
+                             key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
 def initial_params(config: ml_collections.ConfigDict, cfg, full_model_baseline: bool, progress: bool):
     """`(SwitchConfig, params)` from the configured source (`model.init`)."""
     from fedmoe_jax.models import SwitchTransformer
@@ -321,6 +335,7 @@ class Experiment:
     budgets: np.ndarray
     stage1: dict | None
     setup_seconds: float
+    init_fingerprint: str = ""  # `params_fingerprint` of the model the run started from
 
 
 def check(config: ml_collections.ConfigDict, workdir: str | None) -> None:
@@ -376,7 +391,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None, progress: bool
         raise ConfigError(str(e).splitlines()[0]) from None
     log.info("devices: %d x %s; mesh: %s", jax.device_count(), jax.devices()[0].platform,
              "none" if mesh is None else dict(mesh.shape))
-    return Experiment(config, workdir, trainer, memory, budgets, stage1, time.time() - start)
+    return Experiment(config, workdir, trainer, memory, budgets, stage1, time.time() - start,
+                      params_fingerprint(params))
 
 
 def evaluate_final(exp: Experiment) -> dict[str, Any]:
@@ -418,7 +434,7 @@ def write_results(exp: Experiment, evaluation: dict[str, Any], seconds: float) -
         num_experts=t.config.num_experts, num_moe_layers=t.config.num_moe_layers,
         test_clients={str(k): {"task": t.data.partition.task_of(k), "score": r["score"]}
                       for k, r in evaluation["test"]["clients"].items()},
-        wall_seconds=seconds, config=config.to_dict(),
+        wall_seconds=seconds, config=config.to_dict(), init_fingerprint=exp.init_fingerprint,
     )
     for key in ("global_test", "unseen_test"):
         if key in evaluation:

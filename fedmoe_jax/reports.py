@@ -253,6 +253,25 @@ def method_name(m: str) -> str:
     return METHOD_NAMES.get(m, m)
 
 
+def check_initial_models(runs: Sequence[Run], notes: Notes) -> dict[str, list[str]]:
+    """{model (experts): sorted `init_fingerprint`s} of the runs that record one; a model with more than
+    one (a pretrained model rebuilt between runs, say) gets a note naming its runs per fingerprint."""
+    seen: dict[str, dict[str, list[str]]] = {}
+    for run in runs:
+        fp = run.summary.get("init_fingerprint")
+        if fp:
+            model = f"{run.summary.get('model', '?')} ({run.summary.get('num_experts', '?')} experts)"
+            seen.setdefault(model, {}).setdefault(fp, []).append(run.rel)
+    for model, fps in seen.items():
+        if len(fps) > 1:
+            notes.add(f"runs of {model} started from {len(fps)} different initial models: "
+                      + "; ".join(f"{fp}: {', '.join(f'`{r}`' for r in sorted(rels)[:3])}"
+                                  + (f" and {len(rels) - 3} more" if len(rels) > 3 else "")
+                                  for fp, rels in sorted(fps.items()))
+                      + " (comparisons across them mix models)")
+    return {model: sorted(fps) for model, fps in seen.items()}
+
+
 def group_runs(runs: Iterable[Run]) -> dict[str, dict[str, list[Run]]]:
     """{setting: {method: [runs by seed]}}, settings and methods in the paper's order."""
     groups: dict[str, dict[str, list[Run]]] = {}
@@ -1038,6 +1057,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     if not runs:
         raise NoRunsError(root)
     groups = group_runs(runs)
+    initial_models = check_initial_models(runs, notes)
     baselines = [b for b in baselines if b != METHOD]
     seen = {r.method for r in runs}
     for b in baselines:
@@ -1061,7 +1081,8 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     _write_json(os.path.join(out, "table2.json"), t2)
     result = {"root": os.path.abspath(root), "runs": [r.rel for r in runs], "average_improvement": gains,
               "cvi": cvis, "time_to_target": ttt, "paper_comparison": against_paper,
-              "outputs": outputs, "figures": [rel for _, rel in figs], "notes": list(notes)}
+              "initial_models": initial_models, "outputs": outputs, "figures": [rel for _, rel in figs],
+              "notes": list(notes)}
     _write_json(os.path.join(out, "report.json"), result)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(render_markdown(root, runs, t1, t2, gains, cvis, ttt, figs, baselines, notes,

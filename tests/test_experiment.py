@@ -11,6 +11,7 @@ from fedmoe_jax.experiment import (
     finished_summary,
     load_task_data,
     max_expert_totals,
+    params_fingerprint,
     runtime_overrides,
     subsample,
 )
@@ -66,6 +67,24 @@ def test_runtime_overrides():
     c.model.capacity_factor, c.model.expert_capacity = 0.0, 32
     c.model.dispatch, c.model.dropout_rate = "dropless", 0.0
     assert runtime_overrides(c) == {"expert_capacity": 32, "dispatch": "dropless", "dropout_rate": 0.0}
+
+
+def test_params_fingerprint_sees_one_bit_and_not_dict_order():
+    import hashlib
+
+    a = {"x": np.arange(3, dtype=np.float32), "y": {"z": np.ones((2, 2), np.float32)}}
+    b = {"y": {"z": np.ones((2, 2), np.float32)}, "x": np.arange(3, dtype=np.float32)}
+    assert params_fingerprint(a) == params_fingerprint(b) and len(params_fingerprint(a)) == 16
+    flipped = a["x"].copy()
+    flipped.view(np.uint32)[1] ^= 1  # the last mantissa bit of 1.0
+    assert params_fingerprint({**a, "x": flipped}) != params_fingerprint(a)
+    assert params_fingerprint({**a, "x": a["x"].reshape(3, 1)}) != params_fingerprint(a)  # shape counts
+    # by hand: path, dtype and shape, then the bytes, leaves in path order
+    h = hashlib.sha256()
+    for path, arr in (("['x']", a["x"]), ("['y']['z']", a["y"]["z"])):
+        h.update(f"{path}:{arr.dtype}:{arr.shape};".encode())
+        h.update(arr.tobytes())
+    assert params_fingerprint(a) == h.hexdigest()[:16]
 
 
 def test_finished_summary(tmp_path):

@@ -75,6 +75,7 @@ def test_run_writes_every_artifact(tiny_run):
     assert summary["num_experts"] == 4 and summary["num_moe_layers"] == 2
     assert len(summary["test_clients"]) == 6
     assert summary["config"]["num_rounds"] == 4
+    assert len(summary["init_fingerprint"]) == 16  # the initial model (tiny: random init, seed 0)
     assert set(summary["recommendation"]) == {"adjust", "accept", "rollback"}
     records = [json.loads(line) for line in open(os.path.join(workdir, "predictions.jsonl"))]
     own = [r for r in records if r["model"] == "own"]

@@ -345,6 +345,20 @@ def test_output_diagnostics_pool_the_seeds_own_predictions(built):
     assert "| FedMoE | TS | 4 | 50% | 50% | 50% | (empty) (50%) |" in md
 
 
+def test_runs_from_different_initial_models_get_a_note(tmp_path):
+    root = tmp_path / "runs"
+    for method, fp in (("fedmoe", "aaaa"), ("random_moe", "aaaa"), ("fedprox", "bbbb"), ("fedavg", None)):
+        path = write_run(str(root / method), "standard_hetero_t", method, 0, (0.5, 0.5, 0.5), curve=[0.5])
+        summary = json.load(open(os.path.join(path, "summary.json")))
+        summary["init_fingerprint"] = fp
+        json.dump(summary, open(os.path.join(path, "summary.json"), "w"))
+    result = reports.build_report(str(root), str(tmp_path / "out"))
+    assert result["initial_models"] == {"switch-small-16 (4 experts)": ["aaaa", "bbbb"]}
+    note = [n for n in result["notes"] if "different initial models" in n]
+    assert note == ["runs of switch-small-16 (4 experts) started from 2 different initial models: "
+                    "aaaa: `fedmoe`, `random_moe`; bbbb: `fedprox` (comparisons across them mix models)"]
+
+
 def test_exported_runs_rebuild_the_same_tables(runs_root, built, tmp_path):
     dest = tmp_path / "exported"
     rels = reports.export_runs(str(runs_root), str(dest))
