@@ -159,6 +159,18 @@ def test_scaffold_trainer_run(small_run):
     for a, b in zip(jax.tree.leaves(trainer.server.extra["x"]), jax.tree.leaves(trainer.server.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert SCAFFOLD.comm_multiplier == 2
+    # never-sampled clients are fine-tuned before their test with their correction c - c_i = c
+    # (this evaluation crashed with extra=None in the Enforced CPU grid), recording nothing
+    alg._round = None
+    extra = alg.local_extra(trainer.states, unseen, trainer.server.extra)
+    for e, cl in zip(jax.tree.leaves(extra), jax.tree.leaves(c)):
+        np.testing.assert_array_equal(e, np.broadcast_to(np.asarray(cl), e.shape))
+    tuned = trainer.evaluate("test", clients=unseen, max_examples=4, batch_size=4, local_steps=2)
+    own = trainer.evaluate("test", clients=unseen, max_examples=4, batch_size=4)
+    assert all(np.isfinite(tuned["clients"][int(k)]["loss"]) for k in unseen)
+    loss = lambda r: [r["clients"][int(k)]["loss"] for k in unseen]  # noqa: E731
+    assert loss(tuned) != loss(own)
+    assert alg._round is None
 
 
 def test_local_only_trains_personal_models_and_never_the_global_one(small_run):

@@ -64,6 +64,11 @@ class Algorithm:
         """The `extra` argument of the cohort's local training, leaves `[C, ...]`."""
         return None
 
+    def local_extra(self, states: ClientStates, clients: np.ndarray, server_extra: PyTree) -> PyTree:
+        """The `extra` of local training outside a round (fine-tuning never-sampled clients before
+        their test), leaves `[C, ...]`; unlike `cohort_extra` it records nothing for the round."""
+        return None
+
     def update_server(self, server_extra: PyTree, report: CohortReport, params: PyTree) -> PyTree:
         """New server-side algorithm state after a round (`params`: the new global parameters)."""
         return server_extra

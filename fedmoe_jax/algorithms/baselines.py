@@ -138,9 +138,15 @@ class SCAFFOLD(Algorithm):
     def cohort_extra(self, states: ClientStates, cohort: np.ndarray, server_extra: PyTree) -> PyTree:
         """c - c_i, leaves `<f32>[C, ...]`."""
         cohort = np.asarray(cohort)
-        _check_identity_layout(states.expert_maps[cohort])
+        extra = self.local_extra(states, cohort, server_extra)
         self._round = (cohort, server_extra["c"], server_extra["x"], states.num_clients)
-        return jax.tree.map(lambda c, ci: np.asarray(c, np.float32)[None] - np.asarray(ci)[cohort],
+        return extra
+
+    def local_extra(self, states: ClientStates, clients: np.ndarray, server_extra: PyTree) -> PyTree:
+        """c - c_i, leaves `<f32>[C, ...]` (a never-sampled client's c_i is 0: its correction is c)."""
+        clients = np.asarray(clients)
+        _check_identity_layout(states.expert_maps[clients])
+        return jax.tree.map(lambda c, ci: np.asarray(c, np.float32)[None] - np.asarray(ci)[clients],
                             server_extra["c"], states.extra)
 
     def _steps(self, report: CohortReport) -> np.ndarray:

@@ -388,17 +388,19 @@ class FederatedTrainer:
         return out
 
     def _fine_tune(self, clients, narrow, valid, width, steps):
-        """A few local steps on each client's training data (round id -1 stream: seed-only order)."""
+        """A few local steps on each client's training data (round id -1 stream: seed-only order),
+        with the algorithm's `local_extra` (SCAFFOLD: the clients' drift corrections c - c_i)."""
         if width not in self._fine_tuners:
             local = make_local_train(self.config.replace(num_experts=width), self._optimizer,
                                      self._loss_config, self.algorithm.hooks)
-            self._fine_tuners[width] = jax.jit(jax.vmap(lambda p, b, m, v, k: local(p, b, m, v, k)))
+            self._fine_tuners[width] = jax.jit(jax.vmap(lambda p, b, m, v, k, e: local(p, b, m, v, k, e)))
         s = self.settings
         batches = self.data.cohort_batches(clients, 0, s.seed + 1, s.batch_size, num_steps=steps)
         keys = jax.random.wrap_key_data(np.stack([
             jax.random.key_data(jax.random.fold_in(jax.random.key(s.seed + 1), int(k))) for k in clients]))
+        extra = self.algorithm.local_extra(self.states, clients, self.server.extra)
         tuned, _, _ = self._fine_tuners[width](narrow, model_batch(batches), batches["step_mask"], valid,
-                                               keys)
+                                               keys, extra)
         return tuned
 
     def summary(self, memory: Any = None, test: dict[str, Any] | None = None) -> dict[str, Any]:
