@@ -393,7 +393,7 @@ class FederatedTrainer:
         if width not in self._fine_tuners:
             local = make_local_train(self.config.replace(num_experts=width), self._optimizer,
                                      self._loss_config, self.algorithm.hooks)
-            self._fine_tuners[width] = jax.jit(jax.vmap(lambda p, b, m, v, k, e: local(p, b, m, v, k, e)))
+            self._fine_tuners[width] = jax.jit(jax.vmap(local))
         s = self.settings
         batches = self.data.cohort_batches(clients, 0, s.seed + 1, s.batch_size, num_steps=steps)
         keys = jax.random.wrap_key_data(np.stack([
