@@ -408,9 +408,9 @@ def evaluate_final(exp: Experiment) -> dict[str, Any]:
     return out
 
 
-def write_predictions(path: str, trainer, evaluation: dict[str, Any]) -> int:
+def write_predictions(path: str, trainer, evaluation: dict[str, Any]) -> None:
     """`predictions.jsonl`: one object per kept test example (`client`, `task`, `model`: "own",
-    "global" or "unseen", `id`, `prediction`, `references`); returns the number of lines."""
+    "global" or "unseen", `id`, `prediction`, `references`)."""
     lines = []
     for key, model in (("test", "own"), ("global_test", "global"), ("unseen_test", "unseen")):
         for client, result in evaluation.get(key, {}).get("clients", {}).items():
@@ -418,7 +418,6 @@ def write_predictions(path: str, trainer, evaluation: dict[str, Any]) -> int:
             lines += [json.dumps({"client": int(client), "task": task, "model": model, **ex})
                       for ex in result.get("examples", [])]
     atomic_write(path, "".join(line + "\n" for line in lines))
-    return len(lines)
 
 
 def _scores(result: dict[str, Any]) -> dict[str, float]:

@@ -97,12 +97,19 @@ def side_by_side(runs: Mapping[str, Sequence[Mapping[str, Any]]], n: int = 5
     return out
 
 
-def _quote(text: str | None, limit: int = 160) -> str:
+def quote(text: str | None, limit: int = 160) -> str:
+    """`text` as one Markdown table-safe code span: newlines flattened, `|` escaped, cut to `limit` chars."""
     if text is None:
         return "(not kept)"
     text = text.replace("\n", " ").replace("|", "\\|")
     text = text if len(text) <= limit else text[:limit - 1] + "…"
     return f"`{text}`" if text.strip() else "(empty)"
+
+
+def diagnostics_cells(d: Mapping[str, Any], limit: int = 60) -> str:
+    """The Kept | Empty | Distinct | Exact | Most common (share) cells of one `diagnostics` entry."""
+    return (f"{d['kept']} | {d['empty']:.0%} | {d['distinct']:.0%} | {d['exact']:.0%} | "
+            f"{quote(d['top'], limit)} ({d['top_share']:.0%})")
 
 
 def render(runs: Mapping[str, Sequence[Mapping[str, Any]]], n: int = 5) -> str:
@@ -112,14 +119,13 @@ def render(runs: Mapping[str, Sequence[Mapping[str, Any]]], n: int = 5) -> str:
              "|---|---|---|---|---|---|---|"]
     for label, recs in runs.items():
         for task, d in diagnostics(recs).items():
-            lines.append(f"| {label} | {task} | {d['kept']} | {d['empty']:.0%} | {d['distinct']:.0%} | "
-                         f"{d['exact']:.0%} | {_quote(d['top'], 60)} ({d['top_share']:.0%}) |")
+            lines.append(f"| {label} | {task} | {diagnostics_cells(d)} |")
     lines += ["", "## Examples", ""]
     for ex in side_by_side(runs, n):
-        refs = " / ".join(_quote(r) for r in ex["references"][:3])
+        refs = " / ".join(quote(r) for r in ex["references"][:3])
         lines += [f"### {ex['task']} · client {ex['client']} · test example {ex['id']}", "",
                   f"- reference: {refs}"]
-        lines += [f"- {label}: {_quote(p)}" for label, p in ex["predictions"].items()]
+        lines += [f"- {label}: {quote(p)}" for label, p in ex["predictions"].items()]
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -155,4 +161,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["PredictionsError", "diagnostics", "load", "main", "render", "run_label", "select", "side_by_side"]
+__all__ = ["PredictionsError", "diagnostics", "diagnostics_cells", "load", "main", "quote", "render",
+           "run_label", "select", "side_by_side"]

@@ -795,11 +795,8 @@ def render_outputs(outputs: Mapping[str, Mapping[str, Mapping[str, Mapping[str, 
                   "|---|---|---|---|---|---|---|"]
         for method, per_task in methods.items():
             for task, d in per_task.items():
-                top = d["top"].replace("|", "\\|")
-                top = (top[:47] + "…" if len(top) > 48 else top) if top else "(empty)"
-                lines.append(f"| {method_name(method)} | {COLUMNS.get(task, task)} | {d['kept']} | "
-                             f"{d['empty']:.0%} | {d['distinct']:.0%} | {d['exact']:.0%} | "
-                             f"{top} ({d['top_share']:.0%}) |")
+                lines.append(f"| {method_name(method)} | {COLUMNS.get(task, task)} | "
+                             f"{predictions.diagnostics_cells(d, limit=48)} |")
         lines.append("")
     return lines
 

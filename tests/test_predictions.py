@@ -55,3 +55,11 @@ def test_cli_prints_markdown_and_exits_2_without_predictions(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "predictions.jsonl does not exist" in err
     assert predictions.main([str(tmp_path / "fedavg"), "--model=unseen"]) == 2
+
+
+def test_quote_flattens_escapes_and_cuts():
+    assert predictions.quote("a|b\nc") == "`a\\|b c`"
+    assert predictions.quote("abcdef", limit=4) == "`abc…`"
+    assert predictions.quote("  ") == "(empty)" and predictions.quote(None) == "(not kept)"
+    d = {"kept": 4, "empty": 0.25, "distinct": 0.5, "exact": 0.0, "top": "x|y", "top_share": 0.75}
+    assert predictions.diagnostics_cells(d) == "4 | 25% | 50% | 0% | `x\\|y` (75%)"
