@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Model: a named config from fedmoe_jax.models.NAMED_CONFIGS plus overrides.
     config.model = "switch-tiny-8"
     config.model_overrides = ml_collections.ConfigDict(
-        {"d_model": 64, "d_kv": 16, "d_ff": 128, "dispatch": "capacity"}
+        {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 4, "num_decoder_layers": 4,
+         "dispatch": "capacity"}
     )
     return config

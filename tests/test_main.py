@@ -10,13 +10,14 @@ import time
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 
 
 def cli_env(devices=1):
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    return {**os.environ, "XLA_FLAGS": xla_flags(devices),
             "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache"),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
 

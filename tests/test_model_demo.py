@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 
+from conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "experiments", "model_demo.py")
 
 
 def run(*args):
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, DEMO, *args], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=300)
 

@@ -86,9 +86,11 @@ def free_port():
 
 
 def start_workers(tmp_path):
+    from conftest import xla_flags  # here: the workers run this file as a script
+
     port = free_port()
     env = dict(os.environ,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
+               XLA_FLAGS=xla_flags(DEVICES_PER_PROCESS),
                JAX_PLATFORMS="cpu",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from conftest import xla_flags
 
 from fedmoe_jax import sweep
 from fedmoe_jax.sweep import SpecError
@@ -483,7 +484,7 @@ def test_sweep_with_the_real_cli(tmp_path, monkeypatch):
     """Two seeds of configs/tiny.py (one round each) through fedmoe_jax.main, vectorized in one
     process (`--seeds`, RunGroup), then skipped."""
     monkeypatch.chdir(REPO)
-    monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device per run (this process has 8)
+    monkeypatch.setenv("XLA_FLAGS", xla_flags(1))  # one CPU device per run (this process has 8)
     monkeypatch.setenv("FEDMOE_JAX_CACHE", os.path.join(REPO, ".jax_cache"))
     root = str(tmp_path / "tiny")
     spec = sweep.spec_from_flags("configs/tiny.py", grid=["seed=0,1"], set=["num_rounds=1"], root=root,

@@ -61,8 +61,8 @@ def test_relative_position_bucket_matches_hugging_face(bidirectional):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    config = get_config("switch-tiny-8")
+def tiny():  # 4 + 4 blocks: two MoE layers on each side (the suite's switch-tiny-8 has one)
+    config = get_config("switch-tiny-8", num_layers=4, num_decoder_layers=4)
     model = SwitchTransformer(config)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(2, config.vocab_size, (2, 10)))

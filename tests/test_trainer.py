@@ -42,8 +42,8 @@ def test_rounds_update_state_and_report_metrics(small_run):
     maps = states.expert_maps[row["cohort"]]
     expected = dense + (maps.sum(-1) * expert).sum(-1)
     assert row["bytes_down"] == row["bytes_up"] == expected.tolist()
-    assert row["expert_counts"] == [16, 16, 16]  # 4 MoE layers x 4 of 8 experts
-    assert row["expert_count_mean"] == row["expert_count_min"] == row["expert_count_max"] == 16
+    assert row["expert_counts"] == [8, 8, 8]  # 2 MoE layers x 4 of 8 experts
+    assert row["expert_count_mean"] == row["expert_count_min"] == row["expert_count_max"] == 8
 
 
 def test_enforced_sampling_and_sharded_run_match_unsharded(small_run):
@@ -160,7 +160,7 @@ def test_summary_reports_comm_experts_memory_and_scores(small_run):
     summary = trainer.summary(memory, test)
     row = trainer.history[0]
     assert summary["comm_gib_per_transfer"] == np.mean(row["bytes_down"]) / 2**30
-    assert summary["experts_start"] == summary["experts_end"] == {"mean": 16.0, "min": 16, "max": 16}
+    assert summary["experts_start"] == summary["experts_end"] == {"mean": 8.0, "min": 8, "max": 8}
     one = memory.submodel_bytes(trainer.states.expert_maps[0]) / 1e9
     assert summary["peak_memory_gb"]["max"] == pytest.approx(one)
     assert summary["test"] == {"tc_accuracy": 12.5} and summary["rounds"] == 1

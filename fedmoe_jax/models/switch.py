@@ -165,15 +165,16 @@ NAMED_CONFIGS: dict[str, SwitchConfig] = {
         vocab_size=4096, d_model=128, d_kv=32, d_ff=512, num_heads=4, num_layers=4,
         num_decoder_layers=4, num_experts=16, expert_capacity=64,
     ),
-    # For tests: a few thousand parameters, compiles in seconds.
+    # For tests: a few thousand parameters, 2 encoder + 2 decoder blocks (one MoE layer each; compile
+    # time grows with depth and dominates the test suite).
     "switch-tiny-4": SwitchConfig(
         vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2,
         num_decoder_layers=2, num_experts=4, expert_capacity=8, relative_attention_num_buckets=8,
         relative_attention_max_distance=16, dropout_rate=0.0, router_jitter_noise=0.0,
     ),
     "switch-tiny-8": SwitchConfig(
-        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=4,
-        num_decoder_layers=4, num_experts=8, expert_capacity=8, relative_attention_num_buckets=8,
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2,
+        num_decoder_layers=2, num_experts=8, expert_capacity=8, relative_attention_num_buckets=8,
         relative_attention_max_distance=16, dropout_rate=0.0, router_jitter_noise=0.0,
     ),
 }
