@@ -9,12 +9,12 @@ COMPILE_FAST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 
 
 def xla_flags(devices: int) -> str:
-    """XLA_FLAGS for a test subprocess with `devices` host CPU devices."""
+    """The tests' XLA_FLAGS with `devices` host CPU devices (this process: 8, unless the caller set some)."""
     return f"--xla_force_host_platform_device_count={devices} {COMPILE_FAST_XLA_FLAGS}"
 
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-if COMPILE_FAST_XLA_FLAGS not in os.environ["XLA_FLAGS"]:
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
+if COMPILE_FAST_XLA_FLAGS not in os.environ["XLA_FLAGS"]:  # XLA_FLAGS set by the caller (`make test`)
     os.environ["XLA_FLAGS"] += " " + COMPILE_FAST_XLA_FLAGS
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Most XLA optimizations off: compilation dominates this suite (a tiny round compiles in ~15 s and
