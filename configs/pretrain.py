@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.steps = DEFAULT_STEPS  # 3000: ~15 minutes for switch-small-16 on 2 CPU cores
     c.cache_dir = DEFAULT_CACHE_DIR
+    # An entry shipped in fedmoe_jax/data/pretrained/ (the reproduction's models) is used as is;
+    # False trains (or loads from cache_dir) this machine's own build instead.
+    c.use_shipped = True
     for key, value in DEFAULTS.items():  # batch_size, input_len, target_len, learning_rate, ...
         setattr(c, key, value)
     return c

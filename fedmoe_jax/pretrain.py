@@ -112,6 +112,10 @@ RECIPE_VERSION = 3
 EMBEDDED_VOCAB_SIZE = 4096
 DEFAULT_STEPS = 3000
 DEFAULT_CACHE_DIR = "runs/pretrained"
+# Entries that ship with the package, looked up before the cache: a rebuild on another machine (CPU
+# model, XLA flags) differs in the last bits, which thousands of steps amplify into another model, so
+# the CPU-scale reproduction starts every run, on every machine, from these committed bytes.
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "pretrained")
 # Hyperparameters of `pretrain` (all part of the cache key).
 DEFAULTS: dict[str, Any] = dict(
     batch_size=32,
@@ -806,6 +810,7 @@ def _build_entry(path: str, key: dict[str, Any], trained: SwitchConfig, config: 
             "input_dependence": stats["input_dependence"],
             "device": str(jax.devices()[0].platform),
             "num_devices": jax.device_count(),
+            "built_with": build_environment(),
             "weights_sha256": _file_sha256(os.path.join(tmp, WEIGHTS_FILE)),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -819,6 +824,28 @@ def _build_entry(path: str, key: dict[str, Any], trained: SwitchConfig, config: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(partial, ignore_errors=True)
+
+
+# The vector extensions XLA:CPU's code generation depends on (a virtual CPU's name often hides them).
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_tile")
+
+
+def build_environment() -> dict[str, Any]:
+    """What a build's last bits depend on besides its key: the CPU (name and vector extensions),
+    jax/jaxlib and `XLA_FLAGS`."""
+    import platform
+
+    import jaxlib
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu, flags = info.get("model name", cpu), set(info.get("flags", "").split())
+    return {"cpu": cpu, "isa": [f for f in ISA_FLAGS if f in flags], "cpu_count": os.cpu_count(),
+            "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def partial_dir(path: str) -> str:
@@ -836,10 +863,12 @@ def pretrained_entry(
     *,
     tokenizer=None,
     data_dir: str | None = None,
+    shipped_dir: str | None = SHIPPED_DIR,
     **pretrain_kwargs: Any,
 ) -> tuple[dict, dict]:
-    """`(params, info)`: like `pretrained_params`; `info` is the entry's `pretrain.json` plus `path`
-    and `cached` (True when it was loaded without training)."""
+    """`(params, info)`: like `pretrained_params`; `info` is the entry's `pretrain.json` plus `path`,
+    `cached` (True when it was loaded without training) and `shipped` (True when it came from
+    `shipped_dir`, which is looked up first; None skips it)."""
     if tokenizer is None:
         from fedmoe_jax.data import embedded_tokenizer
 
@@ -852,6 +881,15 @@ def pretrained_entry(
     config_to_hf(trained.replace(expert_capacity=trained.expert_capacity or 1))  # ValueError early
     os.makedirs(cache_dir, exist_ok=True)
     name = entry_name(key)
+    if shipped_dir and os.path.isdir(os.path.join(shipped_dir, name)):
+        shipped = os.path.join(shipped_dir, name)
+        try:
+            params, info = _load_entry(shipped, key, trained)
+            return params, {**info, "path": shipped, "cached": True, "shipped": True}
+        except (ValueError, OSError) as e:
+            log.warning("the shipped pretrained model %s does not verify (%s; a partial checkout?): "
+                        "using the cache in %s instead, whose model may differ in the last bits",
+                        shipped, e, cache_dir)
     path = os.path.join(cache_dir, name)
     with _locked(os.path.join(cache_dir, name + ".lock")):
         for stale in os.listdir(cache_dir):  # left by a builder that died (we hold the lock)
@@ -871,7 +909,7 @@ def pretrained_entry(
             log.info("pretraining %s for %d steps (cache miss)", name, steps)
             _build_entry(path, key, trained, config, tokenizer, data_dir, progress)
             params, info = _load_entry(path, key, trained)
-    return params, {**info, "path": path, "cached": cached}
+    return params, {**info, "path": path, "cached": cached, "shipped": False}
 
 
 def pretrained_params(
@@ -987,7 +1025,9 @@ def run_pretrain(config, workdir: str) -> dict:
     start = time.time()
     with StopSignals():  # SIGTERM / SIGINT: checkpoint the pretraining, exit; the same command resumes
         _, info = pretrained_entry(cfg, int(config.steps), config.get("cache_dir") or DEFAULT_CACHE_DIR,
-                                   int(config.seed), bool(config.get("progress", True)), **kwargs)
+                                   int(config.seed), bool(config.get("progress", True)),
+                                   shipped_dir=SHIPPED_DIR if config.get("use_shipped", True) else None,
+                                   **kwargs)
     history = info["loss_history"]
     summary = {
         "method": "pretrain",
@@ -999,6 +1039,7 @@ def run_pretrain(config, workdir: str) -> dict:
         "hyperparameters": info["key"]["hyperparameters"],
         "checkpoint": os.path.abspath(info["path"]),
         "cached": info["cached"],
+        "shipped": info["shipped"],
         "initial_loss": info["initial_loss"],
         "final_loss": info["final_loss"],
         "final_loss_mean20": info["final_loss_mean20"],
@@ -1014,8 +1055,10 @@ def run_pretrain(config, workdir: str) -> dict:
     _plot(os.path.join(workdir, "pretrain_loss.png"), history,
           f"{config.model.name} ({cfg.num_experts} experts): span-corruption pretraining")
     rate, gap = summary["steps_per_second"], summary["input_dependence"]["gap"]
+    source = ("shipped with the package" if info["shipped"] else "loaded from cache" if info["cached"]
+              else "trained")
     print(f"pretrained {summary['model']} ({cfg.num_experts} experts, {summary['num_params']:,} params)"
-          f" {'loaded from cache' if info['cached'] else 'trained'}: loss {summary['initial_loss']:.3f} -> "
+          f" {source}: loss {summary['initial_loss']:.3f} -> "
           f"{summary['final_loss_mean20']:.3f} (mean of last 20 steps), "
           f"{'-' if rate is None else f'{rate:.2f}'} steps/s; input dependence {gap:.3f} nats"
           f"{'' if gap >= MIN_INPUT_GAP else ' (too little: the decoder ignores the encoder)'}; "

@@ -4,6 +4,7 @@ CLI entry `run_pretrain`, on a tiny model with the embedded tokenizer."""
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 
@@ -357,6 +358,82 @@ def test_cache_hit_miss_and_rebuild(tmp_path, monkeypatch, caplog, tok, tiny):
     assert len(calls) == 8
 
 
+def test_shipped_entry_comes_first_and_a_broken_one_falls_back_to_the_cache(tmp_path, monkeypatch, caplog,
+                                                                             tok, tiny):
+    calls = counting(monkeypatch)
+    built, info = pt.pretrained_entry(tiny, 6, str(tmp_path / "build"), progress=False, tokenizer=tok,
+                                      shipped_dir=None, **FAST)
+    assert calls == [6] and not info["shipped"]
+    meta = json.loads(open(os.path.join(info["path"], "pretrain.json")).read())
+    assert meta["built_with"]["jax"] == jax.__version__ and meta["built_with"]["cpu_count"] == os.cpu_count()
+    assert set(meta["built_with"]) == {"cpu", "isa", "cpu_count", "jax", "jaxlib", "xla_flags"}
+    assert set(meta["built_with"]["isa"]) <= set(pt.ISA_FLAGS)
+    shipped = tmp_path / "shipped"
+    shutil.copytree(info["path"], shipped / os.path.basename(info["path"]))
+
+    # Shipped: loaded as is, no training, nothing written to the (empty) cache.
+    cache = tmp_path / "cache"
+    params, got = pt.pretrained_entry(tiny, 6, str(cache), progress=False, tokenizer=tok,
+                                      shipped_dir=str(shipped), **FAST)
+    assert calls == [6] and got["shipped"] and got["cached"]
+    assert got["path"] == str(shipped / os.path.basename(info["path"]))
+    assert_same(params, built)
+    assert not cache.exists() or not [f for f in os.listdir(cache) if not f.endswith(".lock")]
+    # ... even when the cache holds an entry under the same key (another machine's build).
+    cached = pt.pretrained_entry(tiny, 6, str(cache), progress=False, tokenizer=tok, shipped_dir=None, **FAST)
+    assert calls == [6, 6] and cached[1]["path"].startswith(str(cache))
+    assert pt.pretrained_entry(tiny, 6, str(cache), progress=False, tokenizer=tok, shipped_dir=str(shipped),
+                               **FAST)[1]["path"] == got["path"]
+    # Another key is not in the shipped folder: the cache (here: a build) serves it.
+    other = pt.pretrained_entry(tiny, 7, str(cache), progress=False, tokenizer=tok, shipped_dir=str(shipped),
+                                **FAST)[1]
+    assert calls == [6, 6, 7] and not other["shipped"]
+
+    # A shipped entry that does not verify (say, a partial checkout) warns and falls back to the cache.
+    weights = shipped / os.path.basename(info["path"]) / WEIGHTS_FILE
+    blob = bytearray(weights.read_bytes())
+    blob[-5] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with caplog.at_level(logging.WARNING, logger="fedmoe_jax.pretrain"):
+        _, fallback = pt.pretrained_entry(tiny, 6, str(cache), progress=False, tokenizer=tok,
+                                          shipped_dir=str(shipped), **FAST)
+    assert calls == [6, 6, 7] and fallback["cached"] and not fallback["shipped"]
+    assert fallback["path"] == cached[1]["path"]
+    assert any("does not verify" in r.getMessage() and "SHA-256" in r.getMessage() for r in caplog.records)
+
+
+def test_cpu_scale_configs_start_from_the_shipped_models(tmp_path, monkeypatch):
+    """configs/cpu.py's two models (switch-small-16 and the baselines' 4-expert sibling) ship with the
+    package: no machine trains them (a rebuild elsewhere differs in the last bits)."""
+    import importlib.util
+
+    from fedmoe_jax import experiment
+    from fedmoe_jax.checkpoints import load_hf_switch
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the CPU-scale configs trained a model instead of loading the shipped one")
+
+    monkeypatch.setattr(pt, "pretrain", no_training)
+    spec = importlib.util.spec_from_file_location(
+        "cpu_config", os.path.join(os.path.dirname(__file__), "..", "configs", "cpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    seen = set()
+    for method in ("fedmoe", "fedprox"):
+        config = module.get_config(f"standard_hetero_t,{method}")
+        full = method in experiment.FULL_MODEL_METHODS
+        cfg = experiment.model_config(config, experiment.load_tokenizer(config), full)
+        params, info = pt.pretrained_entry(cfg, config.model.pretrain_steps or pt.DEFAULT_STEPS,
+                                           str(tmp_path), progress=False)
+        assert info["shipped"] and os.path.dirname(info["path"]) == pt.SHIPPED_DIR, info["path"]
+        assert cfg.num_experts == (config.model.baseline_num_experts if full else 16)
+        _, direct = load_hf_switch(info["path"])
+        np.testing.assert_array_equal(params["shared"]["embedding"], direct["shared"]["embedding"])
+        assert_same(experiment.initial_params(config, cfg, full, progress=False)[1], params)
+        seen.add(os.path.basename(info["path"]))
+    assert sorted(seen) == sorted(os.listdir(pt.SHIPPED_DIR))
+
+
 def test_cache_rejects_unknown_hyperparameters(tmp_path, tiny, tok):
     with pytest.raises(TypeError, match="learning_rat"):
         pt.pretrained_params(tiny, 6, str(tmp_path), tokenizer=tok, learning_rat=1e-3)
@@ -411,6 +488,7 @@ def test_run_pretrain_writes_summary_and_plot(tmp_path, tok):
     written = json.loads((workdir / "pretrain.json").read_text())
     assert written == json.loads(json.dumps(summary))
     assert summary["num_experts"] == 4 and summary["steps"] == 6 and not summary["cached"]
+    assert not summary["shipped"]
     assert summary["method"] == "pretrain" and summary["num_params"] > 0
     assert len(summary["loss_history"]) == 6 and summary["final_loss"] == summary["loss_history"][-1]
     assert summary["steps_per_second"] > 0
