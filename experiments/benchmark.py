@@ -33,7 +33,51 @@ def _preset(args):
         p = p.replace(cohort_size=args.cohort)
     if args.experts:
         p = p.replace(model=p.model.replace(num_experts=args.experts))
+    if args.model:
+        p = p.replace(model=p.model.replace(**model_overrides(args.model, p.model)))
     return p
+
+
+def model_overrides(items: list[str], base=None) -> dict:
+    """`["dtype=bfloat16", "capacity_factor=1.25"]` -> SwitchConfig changes, typed like the field.
+
+    Raises SystemExit(2) with one line naming a bad item.
+    """
+    import dataclasses
+
+    from fedmoe_jax.models.switch import SwitchConfig
+
+    fields = {f.name: f for f in dataclasses.fields(SwitchConfig)}
+    defaults = base if base is not None else SwitchConfig()
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            print(f"benchmark: error: --model={item!r}: expected KEY=VALUE with KEY a SwitchConfig "
+                  f"field ({', '.join(sorted(fields))})", file=sys.stderr)
+            sys.exit(2)
+        current = getattr(defaults, key)
+        try:
+            if raw.lower() == "none":
+                value = None
+            elif isinstance(current, bool):
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError(raw)
+                value = raw.lower() == "true"
+            elif isinstance(current, (int, float)) or key == "capacity_factor":
+                value = (float if isinstance(current, float) or key == "capacity_factor" else int)(raw)
+            else:
+                value = raw
+        except ValueError:
+            print(f"benchmark: error: --model={item!r}: {raw!r} is not a valid {key}", file=sys.stderr)
+            sys.exit(2)
+        out[key] = value
+    try:
+        defaults.replace(**out)  # validate against the preset's model before any compute
+    except (TypeError, ValueError) as e:
+        print(f"benchmark: error: --model: {e}", file=sys.stderr)
+        sys.exit(2)
+    return out
 
 
 def child(args) -> dict:
@@ -69,6 +113,8 @@ def child(args) -> dict:
             raise SystemExit(f"unknown contender {args.child}")
         out.update(bm.figures(w, bm.time_rounds(fn, args.rounds, args.warmup), None))
         out.update(width=w.width, cohort=p.cohort_size, experts=p.model.num_experts)
+        # What the child actually ran with, for every overridden field.
+        out["model"] = {k: getattr(p.model, k) for k in model_overrides(args.model, p.model)}
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -77,6 +123,7 @@ def run_child(args, what: str, **extra) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), f"--child={what}", f"--preset={args.preset}",
            f"--rounds={args.rounds}", f"--warmup={args.warmup}", f"--seed={args.seed}",
            f"--peak_n={args.peak_n}"]
+    cmd += [f"--model={m}" for m in args.model]
     cmd += [f"--{k}={v}" for k, v in extra.items()]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if res.returncode != 0:
@@ -87,7 +134,9 @@ def run_child(args, what: str, **extra) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"### `{result['preset']}` on {result['device']} ({result['machine']})", "",
+    changed = ", ".join(f"{k}={v}" for k, v in result.get("model_overrides", {}).items())
+    lines = [f"### `{result['preset']}`{' with ' + changed if changed else ''} on {result['device']} "
+             f"({result['machine']})", "",
              "| contender | client-steps/s | round s | first round s | MFU | peak RSS MB |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, r in result["contenders"].items():
@@ -125,6 +174,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peak_n", type=int, default=1024, help="matmul size of the peak measurement")
     ap.add_argument("--scaling", default="", help="cohort:4,8,16 or experts:8,16,32 (vectorized only)")
+    ap.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a SwitchConfig field of the preset, e.g. dtype=bfloat16, "
+                         "dispatch=dropless, capacity_factor=1.25 (repeatable)")
     ap.add_argument("--out", default="", help="JSON file")
     ap.add_argument("--md", default="", help="Markdown file")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -134,13 +186,14 @@ def main(argv=None) -> dict:
     if args.child:
         print(json.dumps(child(args)))
         return {}
+    overrides = model_overrides(args.model, PRESETS[args.preset].model)
     contenders = [c for c in args.contenders.split(",") if c]
     bad = sorted(set(contenders) - set(CONTENDERS))
     if bad:
         print(f"benchmark: error: unknown contender(s) {bad}; use {list(CONTENDERS)}", file=sys.stderr)
         sys.exit(2)
     peak = run_child(args, "peak")
-    result = {"preset": args.preset, "device": peak.get("device", "?"),
+    result = {"preset": args.preset, "model_overrides": overrides, "device": peak.get("device", "?"),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "matmul_peak_flops": peak.get("matmul_peak_flops"), "peak_n": args.peak_n, "contenders": {}}
     if args.scaling:

@@ -86,7 +86,8 @@ def test_client_training_memory_grows_with_kept_experts():
 def test_cli_writes_json_and_markdown(tmp_path):
     out, md = tmp_path / "b.json", tmp_path / "b.md"
     res = subprocess.run([sys.executable, "experiments/benchmark.py", "--preset=tiny", "--rounds=1",
-                          "--contenders=vectorized", "--peak_n=128", f"--out={out}",
+                          "--contenders=vectorized", "--peak_n=128", "--model=capacity_factor=1.5",
+                          f"--out={out}",
                           f"--md={md}"], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -94,7 +95,15 @@ def test_cli_writes_json_and_markdown(tmp_path):
     assert result["client_steps_per_s"]["vectorized"] > 0 and result["matmul_peak_flops"] > 0
     assert 0 < result["mfu"]["vectorized"] and result["contenders"]["vectorized"]["peak_rss_mb"] > 0
     assert result["client_memory"]["ratio"] < 1
-    assert "| vectorized |" in md.read_text()
+    assert result["model_overrides"] == {"capacity_factor": 1.5}
+    assert result["contenders"]["vectorized"]["model"] == {"capacity_factor": 1.5}
+    assert "| vectorized |" in md.read_text() and "with capacity_factor=1.5" in md.read_text()
     bad = subprocess.run([sys.executable, "experiments/benchmark.py", "--contenders=numpy"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "unknown contender" in bad.stderr
+    for item, says in (("nope=1", "SwitchConfig field"), ("dtype=float64", "dtype"),
+                       ("num_experts=many", "not a valid num_experts")):
+        bad = subprocess.run([sys.executable, "experiments/benchmark.py", f"--model={item}"],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert bad.returncode == 2 and says in bad.stderr, (item, bad.stderr[-500:])
+        assert len(bad.stderr.strip().splitlines()) == 1
