@@ -77,6 +77,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.capacity_factor = 2.0
     c.model.dispatch = ""  # "capacity" or "dropless" (ragged, no drops); "": the named config's
     c.model.dropout_rate = -1.0  # < 0: the named config's (Switch: 0.1)
+    # Rematerialize each block in training: "none", "full" or "dots" (SwitchConfig.remat; "": the
+    # named config's, none). Trades compute for activation memory on GPU/TPU (XLA:CPU saves nothing,
+    # BENCHMARKS.md); values do not change, so it may be switched when a run is resumed.
+    c.model.remat = ""
 
     c.loss = ml_collections.ConfigDict()
     c.loss.label_smoothing = 0.1
@@ -131,9 +135,15 @@ class ConfigError(ValueError):
 
 
 # Keys that may change when a run is resumed (everything else defines the run).
-RESUMABLE_KEYS = ("num_rounds", "checkpoint_every", "on_nonfinite", "memory_cap_gb", "eval", "mesh")
+RESUMABLE_KEYS = ("num_rounds", "checkpoint_every", "on_nonfinite", "memory_cap_gb", "eval", "mesh",
+                  "model.remat")
 FULL_MODEL_METHODS = ("fedprox", "scaffold", "fedavg", "local")
 FEDMOE_METHODS = ("fedmoe", "fedmoe_no_stage1", "fedmoe_no_stage2")
+
+
+def is_resumable(key: str) -> bool:
+    """Whether flattened key `key` ("eval.every", "model.remat", ...) may change on resume."""
+    return key in RESUMABLE_KEYS or key.split(".")[0] in RESUMABLE_KEYS
 
 
 def _flatten(d, prefix: str = "") -> dict:
@@ -230,6 +240,7 @@ def validate(config) -> None:
         ("model.capacity_factor", c.model.capacity_factor >= 0, "use >= 0 (0: expert_capacity)"),
         ("model.dispatch", c.model.dispatch in ("", "capacity", "dropless"), "use 'capacity' or 'dropless'"),
         ("model.dropout_rate", c.model.dropout_rate < 1, "use a rate in [0, 1) (< 0: the named config's)"),
+        ("model.remat", c.model.remat in ("", "none", "full", "dots"), "use 'none', 'full' or 'dots'"),
         ("loss.label_smoothing", 0 <= c.loss.label_smoothing < 1, "use a value in [0, 1)"),
         ("loss.lb_loss_weight", c.loss.lb_loss_weight >= 0, "use >= 0"),
         ("loss.z_loss_weight", c.loss.z_loss_weight >= 0, "use >= 0"),

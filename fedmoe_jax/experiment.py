@@ -35,10 +35,10 @@ import numpy as np
 from fedmoe_jax.config import (
     FEDMOE_METHODS,
     FULL_MODEL_METHODS,
-    RESUMABLE_KEYS,
     SETTINGS,
     ConfigError,
     flatten,
+    is_resumable,
     validate,
 )
 from fedmoe_jax.federated.preemption import StopSignals
@@ -63,7 +63,7 @@ PyTree = Any
 # ---------------------------------------------------------------------------------------------
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
     """Create `workdir` and its `config.json`, or check a rerun against it; returns whether the run
-    is new. Only `RESUMABLE_KEYS` may differ from the saved config."""
+    is new. Only resumable keys (`config.RESUMABLE_KEYS`) may differ from the saved config."""
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write-test-{os.getpid()}")
@@ -85,7 +85,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
         raise ConfigError(f"{path} is unreadable; restore it, or start fresh with a new --workdir") from None
     saved_flat, current_flat = flatten(saved), flatten(json.loads(json.dumps(current)))
     differ = sorted(k for k in set(saved_flat) | set(current_flat)
-                    if k.split(".")[0] not in RESUMABLE_KEYS and saved_flat.get(k) != current_flat.get(k))
+                    if not is_resumable(k) and saved_flat.get(k) != current_flat.get(k))
     if differ:
         detail = "; ".join(f"{k}: saved {saved_flat.get(k)!r}, now {current_flat.get(k)!r}"
                            for k in differ[:4])
@@ -165,7 +165,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer, full_model_baseli
 
 
 def runtime_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Model fields that do not change parameter shapes: routing capacity, dispatch, dropout."""
+    """Model fields that do not change parameter shapes: routing capacity, dispatch, dropout, remat."""
     m, out = config.model, {}
     if m.expert_capacity:
         out["expert_capacity"] = m.expert_capacity
@@ -175,6 +175,8 @@ def runtime_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
         out["dispatch"] = m.dispatch
     if m.dropout_rate >= 0:
         out["dropout_rate"] = m.dropout_rate
+    if m.remat:
+        out["remat"] = m.remat
     return out
 
 
@@ -380,7 +382,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None, progress: bool
                                on_nonfinite=config.on_nonfinite, memory_cap_bytes=memory_cap(config))
         optimizer = make_optimizer(config.optimizer, config.learning_rate, config.weight_decay)
         mesh = make_mesh_for(config)
-        defining = {k: v for k, v in flatten(config).items() if k.split(".")[0] not in RESUMABLE_KEYS}
+        defining = {k: v for k, v in flatten(config).items() if not is_resumable(k)}
         trainer = FederatedTrainer(cfg, params, data, tokenizer, algorithm, optimizer, settings,
                                    loss_config(config),
                                    mesh=mesh, workdir=workdir, checkpoint_every=config.checkpoint_every,

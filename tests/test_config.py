@@ -76,6 +76,7 @@ def test_parse_setting_arg():
     ("optimizer", "sgd", "optimizer"),
     ("data.source", "hub", "source"),
     ("model.init", "hub", "init"),
+    ("model.remat", "all", "model.remat"),
     ("data.task_ratios", (1.0, 0.0, 1.0), "task_ratios"),
 ])
 def test_inconsistent_values_are_named(key, value, match):
@@ -167,8 +168,13 @@ def test_prepare_workdir_refuses_a_different_run_and_keeps_its_files(tmp_path):
     assert (tmp_path / "config.json").read_bytes() == saved
     c = default_config()
     c.num_rounds, c.eval.test_examples = 99, 5  # resumable keys may change
+    c.model.remat = "full"  # a resumable key inside a defining group; its siblings still define
     assert prepare_workdir(c, str(tmp_path)) is False
-    assert json.loads((tmp_path / "config.json").read_text())["num_rounds"] == 99
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["num_rounds"] == 99 and saved["model"]["remat"] == "full"
+    c.model.dispatch = "dropless"
+    with pytest.raises(ConfigError, match="model.dispatch"):
+        prepare_workdir(c, str(tmp_path))
 
 
 def test_unwritable_workdir(tmp_path):

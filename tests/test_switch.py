@@ -139,6 +139,41 @@ def test_grad_step_finite_and_masked_experts_untouched(tiny, dispatch):
     assert np.any(np.asarray(layer["experts"]["wi"]) != 0.0)
 
 
+def test_remat_keeps_loss_and_gradients_and_saves_fewer_residuals(tiny):
+    config, _, params, ids, dec = tiny
+    noisy = config.replace(dropout_rate=0.3, router_jitter_noise=0.1)
+    rngs = {"dropout": jax.random.key(1), "jitter": jax.random.key(2)}
+
+    def loss_fn(remat):
+        model = SwitchTransformer(noisy.replace(remat=remat))
+
+        def loss(p):
+            out = model.apply(p, ids, dec, deterministic=False, rngs=rngs)
+            return switch_loss(out, dec, jnp.ones(dec.shape))[0]
+
+        return loss
+
+    results = {r: jax.jit(jax.value_and_grad(loss_fn(r)))(params) for r in ("none", "full", "dots")}
+    loss, grads = results["none"]
+    for remat in ("full", "dots"):  # same dropout masks and jitter inside the recomputed blocks
+        np.testing.assert_allclose(float(results[remat][0]), float(loss), rtol=1e-6)
+        for g, ref in zip(jax.tree.leaves(results[remat][1]), jax.tree.leaves(grads)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-4, atol=1e-6)
+
+    def residual_bytes(remat):  # what the backward pass keeps: the leaves of the vjp closure
+        _, vjp = jax.vjp(loss_fn(remat), params)
+        return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(vjp))
+
+    kept = {r: residual_bytes(r) for r in ("none", "full", "dots")}
+    assert kept["full"] < kept["dots"] < kept["none"], kept
+    # Cached decoding (decode=True) never rematerializes (no backward pass): same tokens as without.
+    from fedmoe_jax.models.decoding import greedy_decode
+
+    tokens = {r: np.asarray(greedy_decode(SwitchTransformer(config.replace(remat=r)), params["params"], ids,
+                                          max_length=5).tokens) for r in ("none", "full")}
+    np.testing.assert_array_equal(tokens["full"], tokens["none"])
+
+
 def test_bfloat16_activations_keep_float32_router(tiny):
     config, _, params, ids, dec = tiny
     model = SwitchTransformer(config.replace(dtype="bfloat16"))
@@ -198,3 +233,5 @@ def test_bad_inputs_and_configs(tiny):
         get_config("switch-huge")
     with pytest.raises(ValueError, match="activation"):
         SwitchConfig(dense_act_fn="tanhh")
+    with pytest.raises(ValueError, match="remat='all'"):
+        SwitchConfig(remat="all")

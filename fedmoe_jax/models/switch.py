@@ -36,6 +36,15 @@ from fedmoe_jax.models.random import Dropout
 Array = jax.Array
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Rematerialization of each block in training (`SwitchConfig.remat`): what the backward pass keeps.
+#   none: every activation (fastest, most memory); full: only the block inputs, the rest recomputed;
+#   dots: the outputs of matmuls without batch dimensions (projections, dense FFNs), elementwise work
+#   and the batched attention / expert einsums recomputed (jax.checkpoint_policies).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +83,7 @@ class SwitchConfig:
     decoder_start_token_id: int = 0
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: str = "none"  # a key of REMAT_POLICIES; the values do not change, only memory and time
 
     def __post_init__(self):
         self.validate()
@@ -111,6 +121,8 @@ class SwitchConfig:
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"SwitchConfig.{name}={getattr(self, name)!r}; use one of "
                                  f"{sorted(DTYPES)}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"SwitchConfig.remat={self.remat!r}; use one of {sorted(REMAT_POLICIES)}")
         get_activation(self.dense_act_fn)
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"SwitchConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
@@ -403,12 +415,16 @@ class Stack(nn.Module):
         h = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         position_bias = None
         all_stats = []
+        block_cls = Block
+        if cfg.remat != "none" and not decode:
+            # Arguments counted with `self` (Flax's lifted checkpoint): deterministic=8, decode=9.
+            block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(8, 9))
         for i in range(n_blocks):
             sparse = cfg.is_sparse(i, step)
             row = None
             if sparse and expert_mask is not None:
                 row = expert_mask[len(all_stats)]
-            h, position_bias, stats = Block(
+            h, position_bias, stats = block_cls(
                 cfg, self.is_decoder, sparse, has_relative_bias=(i == 0), name=f"block_{i}"
             )(h, mask, position_bias, token_mask, row, encoder_out, encoder_mask,
               deterministic, decode)
