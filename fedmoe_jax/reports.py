@@ -803,7 +803,8 @@ def render_outputs(outputs: Mapping[str, Mapping[str, Mapping[str, Mapping[str, 
 
 def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, gains: Mapping, cvis: Mapping,
                     ttt: Mapping, figs: Sequence[tuple[str, str]], baselines: Sequence[str],
-                    notes: Sequence[str], against_paper: Mapping, outputs: Mapping | None = None) -> str:
+                    notes: Sequence[str], against_paper: Mapping, outputs: Mapping | None = None,
+                    compared: tuple[str, Mapping] | None = None) -> str:
     methods_seen = sorted({m for ms in t1.values() for m in ms}, key=_method_rank)
     lines = [
         "# FedMoE report",
@@ -859,6 +860,9 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
                      "(see Notes).")
     lines += ["", "## Against the paper: Table 1 directions", ""]
     lines += render_paper_comparison(against_paper)
+    if compared is not None:
+        lines += ["", "## Against an earlier report", ""]
+        lines += render_comparison(compared[1], compared[0])
     lines += ["", "## Table 2 analogue: ablation", ""]
     if t2:
         lines.append("Experts per client summed over MoE layers: mean over clients (seed mean), min/max over "
@@ -1012,6 +1016,104 @@ def render_paper_comparison(cmp: Mapping[str, Mapping[str, Mapping[str, Mapping[
 
 
 # ----------------------------------------------------------------------------------------------
+# Against an earlier report
+# ----------------------------------------------------------------------------------------------
+
+
+def load_table1(path: str) -> dict[str, dict[str, dict]]:
+    """`table1.json` of an earlier report: the file itself or the report directory holding it.
+    ValueError naming the path when it is missing or not a Table-1 mapping."""
+    file = os.path.join(path, "table1.json") if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            table = json.load(f)
+    except OSError:
+        raise ValueError(f"{file} does not exist or is unreadable; pass a report directory or its "
+                         "table1.json") from None
+    except ValueError:
+        raise ValueError(f"{file} is not JSON; pass the table1.json a report wrote") from None
+    if not isinstance(table, dict) or not all(
+            isinstance(rows, dict) and all(isinstance(r, dict) for r in rows.values())
+            for rows in table.values()):
+        raise ValueError(f"{file} is not a Table 1 ({{setting: {{method: {{TC: ..}}}}}}); pass the "
+                         "table1.json a report wrote")
+    return table
+
+
+def compare_tables(now: Mapping[str, Mapping[str, Mapping]], then: Mapping[str, Mapping[str, Mapping]],
+                   baselines: Sequence[str] = DEFAULT_BASELINES) -> dict[str, Any]:
+    """How Table 1 moved from an earlier report (`then`) to this one (`now`).
+
+    Returns `cells`: {setting: {method: {metric: {"now", "then", "delta"}}}} for the TC / RC / TS
+    cells both reports have (delta = now - then, None if either is missing); `max_abs_delta`: per
+    metric, the largest |delta| and its (setting, method); `directions`: {setting: {metric: {baseline:
+    {"now", "then", "flipped"}}}} with the sign (+1 / -1 / 0) of FedMoE minus that baseline in each
+    report (None where a cell is missing; flipped: both signs nonzero and different); `flips`: the count
+    of flipped directions and `comparable` of those with both signs known."""
+    cells: dict[str, dict[str, dict[str, dict[str, float | None]]]] = {}
+    largest: dict[str, dict[str, Any]] = {}
+    for setting in (s for s in now if s in then):
+        for method in (m for m in now[setting] if m in then[setting]):
+            row = cells.setdefault(setting, {}).setdefault(method, {})
+            for metric in COLUMNS.values():
+                a, b = _num(now[setting][method].get(metric)), _num(then[setting][method].get(metric))
+                delta = None if a is None or b is None else a - b
+                row[metric] = {"now": a, "then": b, "delta": delta}
+                if delta is None:
+                    continue
+                if metric not in largest or abs(delta) > abs(largest[metric]["delta"]):
+                    largest[metric] = {"delta": delta, "setting": setting, "method": method}
+
+    def sign(table: Mapping, setting: str, metric: str, baseline: str) -> int | None:
+        f = _num(table.get(setting, {}).get(METHOD, {}).get(metric))
+        v = _num(table.get(setting, {}).get(baseline, {}).get(metric))
+        return None if f is None or v is None else int(np.sign(f - v))
+
+    directions: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    flips = comparable = 0
+    for setting in cells:
+        for metric in COLUMNS.values():
+            for b in baselines:
+                a, c = sign(now, setting, metric, b), sign(then, setting, metric, b)
+                if a is None and c is None:
+                    continue
+                flipped = a is not None and c is not None and a * c < 0
+                directions.setdefault(setting, {}).setdefault(metric, {})[b] = {
+                    "now": a, "then": c, "flipped": flipped}
+                comparable += a is not None and c is not None
+                flips += flipped
+    return {"cells": cells, "max_abs_delta": largest, "directions": directions, "flips": flips,
+            "comparable": comparable}
+
+
+def render_comparison(cmp: Mapping[str, Any], label: str) -> list[str]:
+    """Markdown lines for `compare_tables`: each shared cell as now (then, delta), then the flips."""
+    if not cmp["cells"]:
+        return [f"No setting and method in common with `{label}`: nothing to compare."]
+    largest = ", ".join(f"{m} {e['delta']:+.2f} ({setting_name(e['setting'])}, {method_name(e['method'])})"
+                        for m, e in cmp["max_abs_delta"].items())
+    lines = [f"Each cell here (then: `{label}`, change). Largest change per task: {largest or MISSING}. "
+             f"FedMoE-vs-baseline directions that flipped: **{cmp['flips']} of {cmp['comparable']}**.", ""]
+    for setting, rows in cmp["cells"].items():
+        lines += [f"### {setting_name(setting)}", "", "| Method | TC | RC | TS |", "|---|---|---|---|"]
+        for method in sorted(rows, key=_method_rank):
+            cells = []
+            for metric in COLUMNS.values():
+                e = rows[method][metric]
+                now_s = MISSING if e["now"] is None else f"{e['now']:.2f}"
+                then_s = MISSING if e["then"] is None else f"{e['then']:.2f}"
+                delta = "" if e["delta"] is None else f", {e['delta']:+.2f}"
+                cells.append(f"{now_s} ({then_s}{delta})")
+            lines.append(f"| {method_name(method)} | " + " | ".join(cells) + " |")
+        flipped = [f"{metric} vs {method_name(b)} ({'better' if e['then'] > 0 else 'worse'} then, "
+                   f"{'better' if e['now'] > 0 else 'worse'} now)"
+                   for metric, per in cmp["directions"].get(setting, {}).items() for b, e in per.items()
+                   if e["flipped"]]
+        lines += ["", "FedMoE directions flipped: " + ("; ".join(flipped) if flipped else "none") + ".", ""]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # Entry points
 # ----------------------------------------------------------------------------------------------
 
@@ -1043,9 +1145,11 @@ def export_runs(root: str, dest: str) -> list[str]:
     return runs
 
 
-def build_report(root: str, out: str | None = None, baselines: Sequence[str] = DEFAULT_BASELINES
-                 ) -> dict[str, Any]:
-    """Reads every run under `root`, writes the report to `out` (default `root/report`), returns its data."""
+def build_report(root: str, out: str | None = None, baselines: Sequence[str] = DEFAULT_BASELINES,
+                 compare: str | None = None) -> dict[str, Any]:
+    """Reads every run under `root`, writes the report to `out` (default `root/report`), returns its data.
+    `compare`: an earlier report directory (or its table1.json) to show how each cell moved from it."""
+    earlier = load_table1(compare) if compare else None
     if not os.path.isdir(root) or not find_summaries(root):
         raise NoRunsError(root)
     out = out or os.path.join(root, "report")
@@ -1072,6 +1176,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     t2 = table2(groups, notes)
     against_paper = paper_comparison(t1, baselines)
     outputs = output_diagnostics(groups)
+    moved = compare_tables(t1, earlier, baselines) if earlier is not None else None
     os.makedirs(out, exist_ok=True)
     figs = figures(groups, ttt, out, notes)
     _write_json(os.path.join(out, "table1.json"), t1)
@@ -1080,10 +1185,12 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
               "cvi": cvis, "time_to_target": ttt, "paper_comparison": against_paper,
               "initial_models": initial_models, "outputs": outputs, "figures": [rel for _, rel in figs],
               "notes": list(notes)}
+    if moved is not None:
+        result["compared_with"] = {"path": compare, **moved}
     _write_json(os.path.join(out, "report.json"), result)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(render_markdown(root, runs, t1, t2, gains, cvis, ttt, figs, baselines, notes,
-                                against_paper, outputs))
+                                against_paper, outputs, (compare, moved) if moved is not None else None))
     return {**result, "out": out, "table1": t1, "table2": t2}
 
 
@@ -1099,15 +1206,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--export-runs", default=None, metavar="DIR",
                         help="also copy each run's summary, metrics, expert maps and config (no "
                              "checkpoints) to DIR, e.g. to commit them; the report can be rebuilt from DIR")
+    parser.add_argument("--compare", default=None, metavar="REPORT",
+                        help="an earlier report directory (or its table1.json): adds how every Table 1 "
+                             "cell moved from it and which FedMoE-vs-baseline directions flipped")
     args = parser.parse_args(argv)
     baselines = [b.strip() for b in args.baseline_methods.split(",") if b.strip()]
+    if args.compare:
+        try:  # before any work: a bad --compare must not leave a half-written report
+            load_table1(args.compare)
+        except ValueError as e:
+            print(f"report: --compare: {e}", file=sys.stderr)
+            return 2
     try:
         exported = export_runs(args.root, args.export_runs) if args.export_runs else None
     except ValueError as e:  # the export directory lies inside RUNS_ROOT
         print(f"report: {e}", file=sys.stderr)
         return 2
     try:
-        result = build_report(args.root, args.out, baselines)
+        result = build_report(args.root, args.out, baselines, args.compare)
     except NoRunsError:
         print(f"report: no {SUMMARY_FILE} under {args.root!r}; pass the directory that holds the run "
               f"directories written by `python -m fedmoe_jax.main ... --workdir=DIR`", file=sys.stderr)
@@ -1119,6 +1235,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["PAPER_TABLE1", "RUN_FILES", "Run", "build_report", "curve", "cvi", "export_runs",
-           "find_summaries", "group_runs", "improvement", "load_runs", "main", "mean_std",
-           "paper_comparison", "table1", "table2", "time_to_target"]
+__all__ = ["PAPER_TABLE1", "RUN_FILES", "Run", "build_report", "compare_tables", "curve", "cvi",
+           "export_runs", "find_summaries", "group_runs", "improvement", "load_runs", "load_table1", "main",
+           "mean_std", "paper_comparison", "table1", "table2", "time_to_target"]

@@ -374,3 +374,53 @@ def test_exported_runs_rebuild_the_same_tables(runs_root, built, tmp_path):
     assert reports.main([str(runs_root), "--out", str(tmp_path / "r2"), "--export-runs",
                          str(runs_root / "x")]) == 2
     assert not (runs_root / "x").exists() and not (tmp_path / "r2").exists()
+
+
+def test_compare_tables_by_hand():
+    then = {"s": {"fedmoe": {"TC": 50.0, "RC": 10.0, "TS": 1.0},
+                  "random_moe": {"TC": 60.0, "RC": 5.0, "TS": None},
+                  "fedprox": {"TC": 40.0, "RC": 20.0, "TS": 2.0}},
+            "gone": {"fedmoe": {"TC": 1.0, "RC": 1.0, "TS": 1.0}}}
+    now = {"s": {"fedmoe": {"TC": 55.0, "RC": 4.0, "TS": 1.5},
+                 "random_moe": {"TC": 52.0, "RC": 6.0, "TS": 0.5},
+                 "scaffold": {"TC": 1.0, "RC": 1.0, "TS": 1.0}}}
+    cmp = reports.compare_tables(now, then, ["random_moe", "fedprox"])
+    assert set(cmp["cells"]) == {"s"} and set(cmp["cells"]["s"]) == {"fedmoe", "random_moe"}
+    assert cmp["cells"]["s"]["fedmoe"]["TC"] == {"now": 55.0, "then": 50.0, "delta": 5.0}
+    assert cmp["cells"]["s"]["random_moe"]["TS"] == {"now": 0.5, "then": None, "delta": None}
+    # largest |change| per task: TC random_moe -8, RC fedmoe -6, TS fedmoe +0.5
+    assert {m: (e["delta"], e["method"]) for m, e in cmp["max_abs_delta"].items()} == {
+        "TC": (-8.0, "random_moe"), "RC": (-6.0, "fedmoe"), "TS": (0.5, "fedmoe")}
+    d = cmp["directions"]["s"]
+    # FedMoE - randomMoE: TC -10 -> +3 (flip), RC +5 -> -2 (flip), TS then unknown -> +1
+    assert d["TC"]["random_moe"] == {"now": 1, "then": -1, "flipped": True}
+    assert d["RC"]["random_moe"] == {"now": -1, "then": 1, "flipped": True}
+    assert d["TS"]["random_moe"] == {"now": 1, "then": None, "flipped": False}
+    assert d["TC"]["fedprox"] == {"now": None, "then": 1, "flipped": False}  # fedprox gone now
+    assert cmp["flips"] == 2 and cmp["comparable"] == 2
+    text = "\n".join(reports.render_comparison(cmp, "old"))
+    assert "| FedMoE | 55.00 (50.00, +5.00) | 4.00 (10.00, -6.00) | 1.50 (1.00, +0.50) |" in text
+    assert "**2 of 2**" in text and "TC vs randomMoE (worse then, better now)" in text
+
+
+def test_cli_compare_adds_the_section_and_a_bad_path_exits_2_before_writing(tmp_path):
+    root = tmp_path / "runs"
+    for setting, method, seed in SCORES:
+        write_run(str(root / f"{setting}_{method}_{seed}"), setting, method, seed,
+                  SCORES[setting, method, seed], metrics=False, experts=False)
+    assert reports.main([str(root), "--out", str(tmp_path / "a")]) == 0
+    assert reports.main([str(root), "--out", str(tmp_path / "b"), "--compare", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    cell = report["compared_with"]["cells"]["standard_hetero_t"]["fedmoe"]["TC"]
+    assert cell["now"] == cell["then"] == pytest.approx(91.0) and cell["delta"] == 0
+    assert report["compared_with"]["flips"] == 0
+    assert "## Against an earlier report" in (tmp_path / "b" / "report.md").read_text()
+    assert "## Against an earlier report" not in (tmp_path / "a" / "report.md").read_text()
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    for bad, says in ((tmp_path / "nowhere", "does not exist"), (tmp_path / "junk.json", "not a Table 1")):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"), str(root),
+                               "--out", str(tmp_path / "c"), "--compare", str(bad)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "c").exists()
