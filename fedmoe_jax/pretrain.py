@@ -577,7 +577,7 @@ def pretrain(
     first, stream_state, checkpointer = 0, None, None
     if checkpoint_dir is not None:
         checkpointer = RunCheckpointer(checkpoint_dir, max_to_keep=2, save_every=checkpoint_every)
-        identity = dict(model=dataclasses.asdict(cfg), steps=steps, seed=seed, batch_size=batch_size,
+        identity = dict(model=cfg.identity(), steps=steps, seed=seed, batch_size=batch_size,
                         input_len=input_len, target_len=target_len, learning_rate=learning_rate,
                         warmup_steps=warmup_steps, optimizer=optimizer, weight_decay=weight_decay,
                         noise_density=noise_density,
@@ -706,7 +706,7 @@ def cache_key(config: SwitchConfig, steps: int, seed: int = 0, tokenizer=None, d
     manifest = embedded_dir(data_dir).joinpath(MANIFEST_FILE).read_bytes()
     return {
         "recipe_version": RECIPE_VERSION,
-        "model": dataclasses.asdict(train_config(config, hp["dropout_rate"], hp["capacity_factor"])),
+        "model": train_config(config, hp["dropout_rate"], hp["capacity_factor"]).identity(),
         "hyperparameters": hp,
         "data_manifest_sha256": hashlib.sha256(manifest).hexdigest(),
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),

@@ -431,6 +431,11 @@ def test_cpu_scale_configs_start_from_the_shipped_models(tmp_path, monkeypatch):
         np.testing.assert_array_equal(params["shared"]["embedding"], direct["shared"]["embedding"])
         assert_same(experiment.initial_params(config, cfg, full, progress=False)[1], params)
         seen.add(os.path.basename(info["path"]))
+        # compute-only fields (remat) name the same model: switching them never retrains it
+        steps = config.model.pretrain_steps or pt.DEFAULT_STEPS
+        for remat in ("full", "dots"):
+            other = cfg.replace(remat=remat)
+            assert pt.entry_name(pt.cache_key(other, steps)) == os.path.basename(info["path"])
     assert sorted(seen) == sorted(os.listdir(pt.SHIPPED_DIR))
 
 

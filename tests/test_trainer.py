@@ -92,6 +92,17 @@ def test_resume_is_bit_identical_and_wrong_resume_is_refused(small_run, tmp_path
     assert losses == [row["client_train_loss"] for row in straight.history]
     with pytest.raises(ValueError, match="seed"):
         make_trainer_in(small_run, workdir, num_rounds=4, seed=1)
+    # compute-only model fields (remat) may change on resume; a field that defines the model may not
+    config, params, fed, tok = small_run
+    for model, ok in ((config.replace(remat="full"), True), (config.replace(dropout_rate=0.3), False)):
+        run = (model, params, fed, tok)
+        if ok:
+            again = make_trainer_in(run, workdir, num_rounds=4)
+            assert again.server.round == 4
+            again.close()
+        else:
+            with pytest.raises(ValueError, match="model"):
+                make_trainer_in(run, workdir, num_rounds=4)
 
     # A damaged latest checkpoint: the run falls back to round 3 with a warning naming step 4,
     # trains round 4 again and ends bit-identical, the damaged step replaced.

@@ -169,7 +169,7 @@ class FederatedTrainer:
         self._checkpointer = self._writer = None
         if workdir is not None:
             self.meta = {
-                "seed": settings.seed, "method": algorithm.name, "model": dataclasses.asdict(config),
+                "seed": settings.seed, "method": algorithm.name, "model": config.identity(),
                 "data": data.fingerprint(), "partition": data.partition.fingerprint(),
                 "settings": {k: v for k, v in dataclasses.asdict(settings).items()
                              if k not in ("num_rounds", "on_nonfinite", "memory_cap_bytes")},

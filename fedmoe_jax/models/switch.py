@@ -40,6 +40,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 #   none: every activation (fastest, most memory); full: only the block inputs, the rest recomputed;
 #   dots: the outputs of matmuls without batch dimensions (projections, dense FFNs), elementwise work
 #   and the batched attention / expert einsums recomputed (jax.checkpoint_policies).
+# Fields that change how a step is computed, not what it computes (up to float rounding): left out
+# of `SwitchConfig.identity`, so setting them, or adding such a field, never renames a pretrained
+# cache entry or a shipped model and never blocks resuming a run.
+COMPUTE_ONLY_FIELDS = ("remat",)
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -129,6 +133,11 @@ class SwitchConfig:
 
     def replace(self, **changes: Any) -> SwitchConfig:
         return dataclasses.replace(self, **changes)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields as a dict, less `COMPUTE_ONLY_FIELDS`: what names a pretrained model (cache
+        key) and what a checkpoint must match to be resumed."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in COMPUTE_ONLY_FIELDS}
 
     @staticmethod
     def is_sparse(block: int, sparse_step: int) -> bool:
