@@ -67,6 +67,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.path = ""  # hf: the checkpoint dir; pretrained: cache dir ("" = runs/pretrained)
     c.model.baseline_path = ""  # hf: the full-model baselines' checkpoint (paper: switch-base-8)
     c.model.pretrain_steps = 0  # pretraining steps if the cached model is missing (0: pretrain.DEFAULT_STEPS)
+    # init="pretrained": pretrain the model when it is neither shipped nor cached. False: exit 2 instead
+    # (a reproduction that must start from the shipped bytes, not a rebuild that differs in the last bits).
+    c.model.build_pretrained = True
     # Full-model baselines (fedprox, scaffold, fedavg, local) train a smaller MoE, as the paper's
     # switch-base-8 next to FedMoE's switch-base-32: same dims, this many experts per layer.
     c.model.baseline_num_experts = 4
@@ -136,7 +139,7 @@ class ConfigError(ValueError):
 
 # Keys that may change when a run is resumed (everything else defines the run).
 RESUMABLE_KEYS = ("num_rounds", "checkpoint_every", "on_nonfinite", "memory_cap_gb", "eval", "mesh",
-                  "model.remat")
+                  "model.remat", "model.build_pretrained")
 FULL_MODEL_METHODS = ("fedprox", "scaffold", "fedavg", "local")
 FEDMOE_METHODS = ("fedmoe", "fedmoe_no_stage1", "fedmoe_no_stage2")
 

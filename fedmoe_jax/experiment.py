@@ -208,10 +208,20 @@ def initial_params(config: ml_collections.ConfigDict, cfg, full_model_baseline: 
                               "use the checkpoint's own spiece.model")
         return loaded_cfg, params
     if m.init == "pretrained":
-        from fedmoe_jax.pretrain import DEFAULT_CACHE_DIR, DEFAULT_STEPS, pretrained_params
+        from fedmoe_jax.pretrain import (
+            DEFAULT_CACHE_DIR,
+            DEFAULT_STEPS,
+            PretrainedModelMissing,
+            pretrained_params,
+        )
 
-        params = pretrained_params(cfg, steps=m.pretrain_steps or DEFAULT_STEPS,
-                                   cache_dir=m.path or DEFAULT_CACHE_DIR, seed=0, progress=progress)
+        try:
+            params = pretrained_params(cfg, steps=m.pretrain_steps or DEFAULT_STEPS,
+                                       cache_dir=m.path or DEFAULT_CACHE_DIR, seed=0, progress=progress,
+                                       build=m.build_pretrained)
+        except PretrainedModelMissing as e:
+            raise ConfigError(f"{e}: restore it (a partial checkout?), or pass "
+                              "--config.model.build_pretrained=True to pretrain it here") from None
         return cfg, params
     ids = jnp.ones((1, 8), jnp.int32)
     params = SwitchTransformer(cfg).init(jax.random.key(config.seed), ids, ids)["params"]

@@ -864,11 +864,13 @@ def pretrained_entry(
     tokenizer=None,
     data_dir: str | None = None,
     shipped_dir: str | None = SHIPPED_DIR,
+    build: bool = True,
     **pretrain_kwargs: Any,
 ) -> tuple[dict, dict]:
     """`(params, info)`: like `pretrained_params`; `info` is the entry's `pretrain.json` plus `path`,
     `cached` (True when it was loaded without training) and `shipped` (True when it came from
-    `shipped_dir`, which is looked up first; None skips it)."""
+    `shipped_dir`, which is looked up first; None skips it). `build=False`: `PretrainedModelMissing`
+    instead of pretraining when the model is neither shipped nor cached."""
     if tokenizer is None:
         from fedmoe_jax.data import embedded_tokenizer
 
@@ -905,11 +907,19 @@ def pretrained_entry(
                 os.replace(path, os.path.join(aside, name))
                 shutil.rmtree(aside, ignore_errors=True)
                 cached = False
+        if not cached and not build:
+            raise PretrainedModelMissing(
+                f"pretrained model {name} is neither shipped ({shipped_dir}) nor cached in {cache_dir}"
+                f" and building it ({steps} steps) is off")
         if not cached:
             log.info("pretraining %s for %d steps (cache miss)", name, steps)
             _build_entry(path, key, trained, config, tokenizer, data_dir, progress)
             params, info = _load_entry(path, key, trained)
     return params, {**info, "path": path, "cached": cached, "shipped": False}
+
+
+class PretrainedModelMissing(ValueError):
+    """The pretrained model is neither shipped nor cached, and building it was not allowed."""
 
 
 def pretrained_params(
@@ -918,6 +928,7 @@ def pretrained_params(
     cache_dir: str = DEFAULT_CACHE_DIR,
     seed: int = 0,
     progress: bool = True,
+    build: bool = True,
     **pretrain_kwargs: Any,
 ) -> dict:
     """Params of `config` pretrained for `steps` steps: from the cache, else trained and cached.
@@ -928,8 +939,10 @@ def pretrained_params(
     in `config.param_dtype`, shaped for `config` (its dropout rate does not enter the key when
     pretraining overrides it, the default). Safe to call from parallel processes. The config must
     be exportable to Hugging Face (top_k=1, no gated FFN, sparse steps that divide the layers).
+    `build=False` raises `PretrainedModelMissing` instead of pretraining a model that is neither
+    shipped nor cached (for runs that must start from known bytes).
     """
-    return pretrained_entry(config, steps, cache_dir, seed, progress, **pretrain_kwargs)[0]
+    return pretrained_entry(config, steps, cache_dir, seed, progress, build=build, **pretrain_kwargs)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -168,7 +168,8 @@ def test_prepare_workdir_refuses_a_different_run_and_keeps_its_files(tmp_path):
     assert (tmp_path / "config.json").read_bytes() == saved
     c = default_config()
     c.num_rounds, c.eval.test_examples = 99, 5  # resumable keys may change
-    c.model.remat = "full"  # a resumable key inside a defining group; its siblings still define
+    c.model.remat = "full"  # resumable keys inside a defining group; their siblings still define
+    c.model.build_pretrained = False
     assert prepare_workdir(c, str(tmp_path)) is False
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["num_rounds"] == 99 and saved["model"]["remat"] == "full"

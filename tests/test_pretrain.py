@@ -439,6 +439,26 @@ def test_cpu_scale_configs_start_from_the_shipped_models(tmp_path, monkeypatch):
     assert sorted(seen) == sorted(os.listdir(pt.SHIPPED_DIR))
 
 
+def test_build_false_refuses_to_pretrain_a_missing_model(tmp_path, tiny, tok, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("build=False pretrained a model")
+
+    monkeypatch.setattr(pt, "pretrain", no_training)
+    with pytest.raises(pt.PretrainedModelMissing, match="neither shipped .* nor cached in") as info:
+        pt.pretrained_params(tiny, 6, str(tmp_path), tokenizer=tok, build=False)
+    assert pt.entry_name(pt.cache_key(tiny, 6, tokenizer=tok)) in str(info.value)
+    assert not [f for f in os.listdir(tmp_path) if not f.endswith(".lock")]  # nothing built or left
+
+    # the CLI path: a one-line ConfigError naming the key that turns building back on
+    from fedmoe_jax.config import ConfigError, default_config
+    from fedmoe_jax.experiment import initial_params
+
+    config = default_config()
+    config.model.path, config.model.build_pretrained = str(tmp_path), False
+    with pytest.raises(ConfigError, match="build_pretrained=True"):
+        initial_params(config, tiny, False, progress=False)
+
+
 def test_cache_rejects_unknown_hyperparameters(tmp_path, tiny, tok):
     with pytest.raises(TypeError, match="learning_rat"):
         pt.pretrained_params(tiny, 6, str(tmp_path), tokenizer=tok, learning_rat=1e-3)
