@@ -76,8 +76,14 @@ def default_runner() -> tuple[str, ...]:
 # Values and flags
 
 
+PYTHON_LITERALS = {"True": True, "False": False, "None": None}  # as `--config.KEY=False` spells them
+
+
 def parse_value(text: str) -> Any:
-    """JSON where possible (`20`, `0.1`, `true`, `[1,2]`, `"0"`), else the string itself."""
+    """JSON where possible (`20`, `0.1`, `true`, `[1,2]`, `"0"`), Python's `True` / `False` / `None`,
+    else the string itself."""
+    if text in PYTHON_LITERALS:
+        return PYTHON_LITERALS[text]
     try:
         return json.loads(text)
     except ValueError:

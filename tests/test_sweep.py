@@ -143,6 +143,8 @@ def test_parse_value_json_else_string():
     assert sweep.parse_value("0.1") == 0.1
     assert sweep.parse_value("1e-4") == 1e-4
     assert sweep.parse_value("true") is True
+    assert sweep.parse_value("False") is False and sweep.parse_value("True") is True  # --config.K=False
+    assert sweep.parse_value("None") is None and sweep.parse_value("false") is False
     assert sweep.parse_value("[1, 2]") == [1, 2]
     assert sweep.parse_value("fedmoe") == "fedmoe"
     assert sweep.parse_value('"0"') == "0"
