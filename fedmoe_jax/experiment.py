@@ -37,6 +37,7 @@ from fedmoe_jax.config import (
     FULL_MODEL_METHODS,
     SETTINGS,
     ConfigError,
+    default_config,
     flatten,
     is_resumable,
     validate,
@@ -84,8 +85,11 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
     except (OSError, ValueError):
         raise ConfigError(f"{path} is unreadable; restore it, or start fresh with a new --workdir") from None
     saved_flat, current_flat = flatten(saved), flatten(json.loads(json.dumps(current)))
+    # A key the saved config lacks (added to the schema since) stands for its default.
+    schema = flatten(json.loads(json.dumps(default_config().to_dict())))
     differ = sorted(k for k in set(saved_flat) | set(current_flat)
-                    if not is_resumable(k) and saved_flat.get(k) != current_flat.get(k))
+                    if not is_resumable(k)
+                    and saved_flat.get(k, schema.get(k)) != current_flat.get(k, schema.get(k)))
     if differ:
         detail = "; ".join(f"{k}: saved {saved_flat.get(k)!r}, now {current_flat.get(k)!r}"
                            for k in differ[:4])
@@ -393,10 +397,12 @@ def build(config: ml_collections.ConfigDict, workdir: str | None, progress: bool
         optimizer = make_optimizer(config.optimizer, config.learning_rate, config.weight_decay)
         mesh = make_mesh_for(config)
         defining = {k: v for k, v in flatten(config).items() if not is_resumable(k)}
+        # a key added to the schema after a checkpoint was written matches it at its default
+        schema = {k: v for k, v in flatten(default_config()).items() if not is_resumable(k)}
         trainer = FederatedTrainer(cfg, params, data, tokenizer, algorithm, optimizer, settings,
                                    loss_config(config),
                                    mesh=mesh, workdir=workdir, checkpoint_every=config.checkpoint_every,
-                                   run_meta={"config": defining})
+                                   run_meta={"config": defining}, run_meta_defaults={"config": schema})
     except ConfigError:
         raise
     except ValueError as e:  # the library's input checks: one line naming the problem and the fix

@@ -230,6 +230,26 @@ def test_check_compatible():
         check_compatible(saved, {"seed": 0, "data": {"partition": "p1"}})
 
 
+def test_check_compatible_with_defaults_for_settings_added_since():
+    # written before "remat" and "lr" existed; both now at their defaults: the same run
+    saved = {"seed": 0, "config": {"model.name": "a"}, "data": {"partition": "p1"}}
+    defaults = {"config": {"model.remat": "none", "model.name": "x"}, "lr": 0.1, "seed": 7}
+    now = {"seed": 0, "config": {"model.name": "a", "model.remat": "none"}, "lr": 0.1,
+           "data": {"partition": "p1"}}
+    keys = ("seed", "config", "lr", "data.partition")
+    check_compatible(saved, now, keys, defaults=defaults)
+    with pytest.raises(ValueError, match="config"):  # the new setting away from its default
+        check_compatible(saved, {**now, "config": {"model.name": "a", "model.remat": "full"}}, keys,
+                         defaults=defaults)
+    with pytest.raises(ValueError, match="lr"):
+        check_compatible(saved, {**now, "lr": 0.2}, keys, defaults=defaults)
+    with pytest.raises(ValueError, match="lr"):  # without defaults an absent value is a difference
+        check_compatible(saved, now, keys)
+    with pytest.raises(ValueError, match="config"):  # a default never hides a value both sides have
+        check_compatible(saved, {**now, "config": {"model.name": "b", "model.remat": "none"}}, keys,
+                         defaults=defaults)
+
+
 def test_restore_refuses_other_run_before_reading_state(tmp_path):
     save_rounds(tmp_path, [1]).close()
     ckpt = RunCheckpointer(tmp_path)

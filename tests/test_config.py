@@ -177,6 +177,20 @@ def test_prepare_workdir_refuses_a_different_run_and_keeps_its_files(tmp_path):
     with pytest.raises(ConfigError, match="model.dispatch"):
         prepare_workdir(c, str(tmp_path))
 
+    # A run written before a key existed (here: loss.z_loss_weight) resumes while the key keeps its
+    # default, and is refused once it does not.
+    path = tmp_path / "config.json"
+    old = json.loads(path.read_text())
+    del old["loss"]["z_loss_weight"]
+    path.write_text(json.dumps(old))
+    c = default_config()
+    c.num_rounds = 99
+    assert prepare_workdir(c, str(tmp_path)) is False
+    path.write_text(json.dumps(old))
+    c.loss.z_loss_weight = 0.5
+    with pytest.raises(ConfigError, match="loss.z_loss_weight"):
+        prepare_workdir(c, str(tmp_path))
+
 
 def test_unwritable_workdir(tmp_path):
     blocker = tmp_path / "file"

@@ -92,6 +92,27 @@ def test_resume_is_bit_identical_and_wrong_resume_is_refused(small_run, tmp_path
     assert losses == [row["client_train_loss"] for row in straight.history]
     with pytest.raises(ValueError, match="seed"):
         make_trainer_in(small_run, workdir, num_rounds=4, seed=1)
+    # a defining field added since the checkpoint was written matches it at its default only
+    run = RunSettings(num_rounds=4, cohort_size=3, batch_size=4, local_steps=2, eval_batch_size=4,
+                      max_eval_examples=2)
+    config, params, fed, tok = small_run
+
+    def with_meta(meta, defaults):
+        return FederatedTrainer(config, params, fed, tok, RandomMoE(experts_per_layer=4),
+                                optax.adamw(3e-3, eps=1e-3), run, workdir=workdir, run_meta=meta,
+                                run_meta_defaults=defaults)
+
+    meta_dir = str(tmp_path / "meta_run")
+    workdir_saved, workdir = workdir, meta_dir
+    first = with_meta({"config": {"a": 1}}, None)
+    first.run(num_rounds=1, progress=False)
+    first.close()
+    resumed = with_meta({"config": {"a": 1, "new": 0}}, {"config": {"new": 0}})
+    assert resumed.server.round == 1
+    resumed.close()
+    with pytest.raises(ValueError, match="config"):
+        with_meta({"config": {"a": 1, "new": 5}}, {"config": {"new": 0}})
+    workdir = workdir_saved
     # compute-only model fields (remat) may change on resume; a field that defines the model may not
     config, params, fed, tok = small_run
     for model, ok in ((config.replace(remat="full"), True), (config.replace(dropout_rate=0.3), False)):

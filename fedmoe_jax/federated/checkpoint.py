@@ -73,15 +73,30 @@ def check_compatible(
     current_meta: Mapping[str, Any],
     keys: Sequence[str] = COMPAT_KEYS,
     workdir: str | os.PathLike | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> None:
     """Raise `CheckpointError` (a `ValueError`) naming the `keys` whose values differ.
 
     Only `keys` are compared (dotted keys reach into nested dicts), so settings that may change on
     resume (e.g. `num_rounds`) are left out of them. Values are compared after a JSON round trip.
+    `defaults` (same layout as the metas): what a value absent on one side stands for. A dict value
+    is compared with its default dict underneath on both sides, so a setting added to the code after
+    a checkpoint was written matches that checkpoint as long as it keeps its default.
     """
     saved = json.loads(json.dumps(dict(saved_meta), default=str))
     current = json.loads(json.dumps(dict(current_meta), default=str))
-    diffs = [(k, _lookup(saved, k), _lookup(current, k)) for k in keys]
+    base = json.loads(json.dumps(dict(defaults or {}), default=str))
+
+    def with_default(value: Any, default: Any) -> Any:
+        if isinstance(value, Mapping) and isinstance(default, Mapping):
+            return {**default, **value}
+        return default if value is _MISSING else value
+
+    diffs = []
+    for k in keys:
+        default = _lookup(base, k)
+        diffs.append((k, with_default(_lookup(saved, k), default),
+                      with_default(_lookup(current, k), default)))
     diffs = [(k, a, b) for k, a, b in diffs if a is not b and a != b]
     if not diffs:
         return
@@ -226,12 +241,14 @@ class RunCheckpointer:
         abstract_state: PyTree,
         current_meta: Mapping[str, Any] | None = None,
         keys: Sequence[str] = COMPAT_KEYS,
+        defaults: Mapping[str, Any] | None = None,
     ) -> tuple[int, PyTree, dict] | None:
         """`(round, state, meta)` of the newest step that restores and verifies, or None if none exist.
 
         `abstract_state`: the restore target (`abstract_like(tree)`, or `jax.eval_shape` output with
         shardings); it fixes container types (optax NamedTuples), dtypes and placement. With
-        `current_meta`, `check_compatible` runs on the saved meta before any state is read.
+        `current_meta`, `check_compatible` (with `defaults`) runs on the saved meta before any state
+        is read.
         Raises `CheckpointError` if the saved state's layout differs from the target, or if every
         step is corrupt.
         """
@@ -249,7 +266,7 @@ class RunCheckpointer:
                 self._skip(step, error)
                 continue
             if current_meta is not None:
-                check_compatible(meta, current_meta, keys, self.directory)
+                check_compatible(meta, current_meta, keys, self.directory, defaults)
             self._check_layout(step, integrity["leaves"], target_layout)
             try:
                 state = self._read_state(step, abstract_state, integrity["leaves"])

@@ -50,6 +50,11 @@ from fedmoe_jax.models.switch import SwitchConfig
 PyTree = Any
 
 
+def _field_defaults(cls: type) -> dict[str, Any]:
+    """A dataclass's fields that have a plain default: `{name: default}`."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
     """How rounds run (the paper leaves all of these open; PAPER.md §9)."""
@@ -141,10 +146,13 @@ class FederatedTrainer:
         workdir: str | None = None,
         checkpoint_every: int = 1,
         run_meta: dict[str, Any] | None = None,
+        run_meta_defaults: dict[str, Any] | None = None,
     ):
         """`workdir`: where checkpoints (`checkpoints/`), `metrics.jsonl` and TensorBoard events go;
         an existing run there is resumed (refused if `run_meta` or the data differ). `run_meta`:
-        JSON fields that define the run (e.g. the model config), checked on resume."""
+        JSON fields that define the run (e.g. the model config), checked on resume;
+        `run_meta_defaults`: what their fields default to (a field absent from an older checkpoint
+        matches its default; the model's and the settings' dataclass defaults are added here)."""
         settings.validate(data.num_clients)
         self.config, self.data, self.tokenizer = config, data, tokenizer
         self.algorithm, self.settings, self.mesh = algorithm, settings, mesh
@@ -175,6 +183,8 @@ class FederatedTrainer:
                              if k not in ("num_rounds", "on_nonfinite", "memory_cap_bytes")},
                 **(run_meta or {}),
             }
+            self.meta_defaults = {"model": _field_defaults(SwitchConfig),
+                                  "settings": _field_defaults(RunSettings), **(run_meta_defaults or {})}
             self._checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"),
                                                  save_every=checkpoint_every)
             self._resume()
@@ -187,7 +197,8 @@ class FederatedTrainer:
 
     def _resume(self) -> None:
         restored = self._checkpointer.restore_latest(abstract_like(self._state()), self.meta,
-                                                     keys=tuple(k for k in self.meta if k != "round"))
+                                                     keys=tuple(k for k in self.meta if k != "round"),
+                                                     defaults=self.meta_defaults)
         if restored is None:
             return
         round_num, state, _ = restored
