@@ -112,6 +112,9 @@ def child(args) -> dict:
         else:
             raise SystemExit(f"unknown contender {args.child}")
         out.update(bm.figures(w, bm.time_rounds(fn, args.rounds, args.warmup), None))
+        if args.profile and args.child != "pytorch_hf":
+            trace_dir = os.path.join(os.path.abspath(args.profile), args.child)
+            out["op_breakdown"] = bm.profile_round(fn, trace_dir)
         out.update(width=w.width, cohort=p.cohort_size, experts=p.model.num_experts)
         # What the child actually ran with, for every overridden field.
         out["model"] = {k: getattr(p.model, k) for k in model_overrides(args.model, p.model)}
@@ -124,6 +127,7 @@ def run_child(args, what: str, **extra) -> dict:
            f"--rounds={args.rounds}", f"--warmup={args.warmup}", f"--seed={args.seed}",
            f"--peak_n={args.peak_n}"]
     cmd += [f"--model={m}" for m in args.model]
+    cmd += [f"--profile={args.profile}"] if args.profile else []
     cmd += [f"--{k}={v}" for k, v in extra.items()]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if res.returncode != 0:
@@ -147,6 +151,17 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {r['client_steps_per_s']:.2f} | {r['round_s']:.3f} | "
                      f"{r['first_round_s']:.1f} | {mfu} | {r['peak_rss_mb']:.0f} |")
     lines.append("")
+    profiled = {n: r["op_breakdown"] for n, r in result["contenders"].items() if "op_breakdown" in r}
+    if profiled:
+        from fedmoe_jax.benchmark import OP_CATEGORIES
+
+        lines += ["XLA op time per category, one profiled round (CPU time summed over threads):", "",
+                  "| contender | " + " | ".join(OP_CATEGORIES) + " | total ms |",
+                  "|---|" + "---:|" * (len(OP_CATEGORIES) + 1)]
+        for n, b in profiled.items():
+            lines.append(f"| {n} | " + " | ".join(f"{100 * b['share'][c]:.0f} %" for c in OP_CATEGORIES)
+                         + f" | {b['total_ms']:.0f} |")
+        lines.append("")
     for k, v in result.get("ratios", {}).items():
         lines.append(f"- {k}: **{v:.2f}x**")
     if "matmul_peak_flops" in result:
@@ -177,6 +192,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                     help="override a SwitchConfig field of the preset, e.g. dtype=bfloat16, "
                          "dispatch=dropless, capacity_factor=1.25 (repeatable)")
+    ap.add_argument("--profile", default="", metavar="DIR",
+                    help="also trace one round of each JAX contender with jax.profiler into DIR/<contender> "
+                         "(TensorBoard / Perfetto) and report its XLA op time per category")
     ap.add_argument("--out", default="", help="JSON file")
     ap.add_argument("--md", default="", help="Markdown file")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)

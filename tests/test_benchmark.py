@@ -87,6 +87,7 @@ def test_cli_writes_json_and_markdown(tmp_path):
     out, md = tmp_path / "b.json", tmp_path / "b.md"
     res = subprocess.run([sys.executable, "experiments/benchmark.py", "--preset=tiny", "--rounds=1",
                           "--contenders=vectorized", "--peak_n=128", "--model=capacity_factor=1.5",
+                          f"--profile={tmp_path / 'trace'}",
                           f"--out={out}",
                           f"--md={md}"], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -95,6 +96,10 @@ def test_cli_writes_json_and_markdown(tmp_path):
     assert result["client_steps_per_s"]["vectorized"] > 0 and result["matmul_peak_flops"] > 0
     assert 0 < result["mfu"]["vectorized"] and result["contenders"]["vectorized"]["peak_rss_mb"] > 0
     assert result["client_memory"]["ratio"] < 1
+    ops = result["contenders"]["vectorized"]["op_breakdown"]
+    assert sum(ops["share"].values()) == pytest.approx(1.0) and ops["ms"]["matmul"] > 0
+    assert os.path.exists(ops["trace"]) and str(tmp_path / "trace" / "vectorized") in ops["trace"]
+    assert "XLA op time per category" in md.read_text()
     assert result["model_overrides"] == {"capacity_factor": 1.5}
     assert result["contenders"]["vectorized"]["model"] == {"capacity_factor": 1.5}
     assert "| vectorized |" in md.read_text() and "with capacity_factor=1.5" in md.read_text()
@@ -107,3 +112,22 @@ def test_cli_writes_json_and_markdown(tmp_path):
                              capture_output=True, text=True, cwd=REPO, timeout=120)
         assert bad.returncode == 2 and says in bad.stderr, (item, bad.stderr[-500:])
         assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_op_categories_and_breakdown_by_hand():
+    cases = {"dot.1": "matmul", "ynn_fusion.3": "matmul", "copy.2": "copy/layout",
+             "copy_bitcast_fusion": "copy/layout", "broadcast_add_fusion.1": "elementwise/reduce",
+             "wrapped_reduce.4": "elementwise/reduce", "copy_gather_fusion": "gather/scatter",
+             "scatter.3": "gather/scatter", "custom-call.1": "other",
+             "ThunkExecutor::Execute": None, "end: copy": None, "call": None, "while.2": None}
+    assert {n: bm.op_category(n) for n in cases} == cases
+    meta = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": t, "args": {"name": n}}
+            for t, n in ((1, "tf_XLAEigen/1"), (2, "tf_XLAEigen/2"), (3, "python"))]
+    ops = [("dot.1", 1, 3000), ("dot.2", 2, 1000), ("copy.1", 1, 2000), ("add_fusion", 2, 4000),
+           ("call", 1, 9000), ("ThunkExecutor::Execute", 2, 9000), ("dot.3", 3, 50000)]  # python: ignored
+    events = meta + [{"ph": "X", "name": n, "pid": 1, "tid": t, "dur": d} for n, t, d in ops]
+    b = bm.op_breakdown(events)
+    assert b["ms"] == {"matmul": 4.0, "gather/scatter": 0.0, "copy/layout": 2.0,
+                       "elementwise/reduce": 4.0, "other": 0.0}
+    assert b["total_ms"] == 10.0 and b["share"]["matmul"] == 0.4
+    assert b["top"][0] == ("dot", 4.0)
