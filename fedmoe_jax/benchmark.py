@@ -286,8 +286,9 @@ def time_rounds(round_fn: Callable[[], Any], rounds: int = 3, warmup: int = 1) -
 # Where a round's time goes (jax.profiler trace, per XLA op category)
 # ---------------------------------------------------------------------------------------------
 OP_CATEGORIES = ("matmul", "gather/scatter", "copy/layout", "elementwise/reduce", "other")
-# Container events that enclose other ops on the same thread (counting them would count twice).
-_ENCLOSING = ("ThunkExecutor", "call", "while", "conditional")
+# Container events that enclose other ops on the same thread (counting them would count twice);
+# runtime events (`ThunkExecutor::Execute`, `SlinkyThreadPool::Await`) are left out too.
+_ENCLOSING = ("call", "while", "conditional")
 
 
 _LAYOUT_OPS = {"copy", "transpose", "bitcast", "broadcast", "concatenate", "pad", "slice", "reshape",
@@ -306,7 +307,7 @@ def op_category(name: str) -> str | None:
     fusions: elementwise/reduce.
     """
     base = name.split(".")[0]
-    if base.startswith("end: ") or any(base == e or base.startswith(e + "::") for e in _ENCLOSING):
+    if base.startswith("end: ") or "::" in base or base in _ENCLOSING:  # runtime events, waits
         return None
     if "dot" in base or "convolution" in base or base.startswith("ynn_") or "ragged" in base:
         return "matmul"

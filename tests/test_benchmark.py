@@ -119,7 +119,8 @@ def test_op_categories_and_breakdown_by_hand():
              "copy_bitcast_fusion": "copy/layout", "broadcast_add_fusion.1": "elementwise/reduce",
              "wrapped_reduce.4": "elementwise/reduce", "copy_gather_fusion": "gather/scatter",
              "scatter.3": "gather/scatter", "custom-call.1": "other",
-             "ThunkExecutor::Execute": None, "end: copy": None, "call": None, "while.2": None}
+             "ThunkExecutor::Execute": None, "SlinkyThreadPool::Await": None, "end: copy": None,
+             "call": None, "while.2": None}
     assert {n: bm.op_category(n) for n in cases} == cases
     meta = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": t, "args": {"name": n}}
             for t, n in ((1, "tf_XLAEigen/1"), (2, "tf_XLAEigen/2"), (3, "python"))]
