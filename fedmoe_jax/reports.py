@@ -8,7 +8,8 @@ runs by (setting, method) over seeds and writes to `out`:
 - `report.md`: Table 1 and Table 2 analogues, average improvement, CVI, time-to-target, figures, notes;
 - `table1.json`: `{setting: {method: {"TC", "RC", "TS", "comm_gb", "mem_gb", "seeds", ...extras}}}`;
 - `table2.json`: `{setting: {method: {"TC", "RC", "TS", "experts_start_mean", ..., "seeds"}}}`;
-- `report.json`: average improvement, CVI and time-to-target speedups, and the notes;
+- `report.json`: average improvement, CVI, time-to-target speedups, the paper's Table-1 directions (with
+  seed-paired differences and 95 % intervals) and the notes;
 - `figures/*.png`: expert activation heatmaps per task, convergence curves, expert counts over rounds.
 
 Definitions where the paper is silent (PAPER.md §9), all written into the report:
@@ -325,7 +326,7 @@ def _task_scores(runs: list[Run], block: str, notes: Notes | None) -> dict[str, 
     """Percent mean / std / count over seeds of one evaluation block ("test", "global_test", ...)."""
     out: dict[str, Any] = {}
     for task in TASKS:
-        col, values = COLUMNS[task], []
+        col, values, by_seed = COLUMNS[task], [], {}
         for run in runs:
             v = _num(_get(run.summary, block, TEST_KEYS[task]))
             if v is None:
@@ -333,8 +334,10 @@ def _task_scores(runs: list[Run], block: str, notes: Notes | None) -> dict[str, 
                     notes.add(f"{run.label()}: no {block} {col} score (shown as {MISSING})")
             else:
                 values.append(v)
+                by_seed[str(run.seed)] = v
         out[col], out[f"{col}_std"] = mean_std(values)
         out[f"{col}_n"] = len(values)
+        out[f"{col}_by_seed"] = by_seed
     return out
 
 
@@ -747,7 +750,12 @@ DEFINITIONS = """\
   rounds without a value skipped), the target of FedMoE against a baseline is the best score both curves
   reach, min(max FedMoE, max baseline); the speedup to 99 % (90 %) is rounds(baseline) / rounds(FedMoE)
   to first reach 0.99 (0.9) × target. "All" uses `val_score`, the example-weighted cohort mean over
-  tasks. FedMoE's Stage-1 LoRA rounds are not in `metrics.jsonl`, so they are not counted."""
+  tasks. FedMoE's Stage-1 LoRA rounds are not in `metrics.jsonl`, so they are not counted.
+- **Against the paper**: a direction is FedMoE above or below a baseline in the seed means. Seeds are
+  paired (the same seed is the same federation: clients, data, tasks, budgets); `k/n` counts the seeds
+  whose own difference has the paper's sign, and a bold mark means the two-sided 95 % Student-t interval
+  of the mean paired difference, mean ± t(0.975, n−1)·s/√n, excludes 0 (`table1.json`: per-seed scores
+  in `TC_by_seed` etc.; `report.json`: `paired`, `seeds_agree`, `significant`)."""
 
 
 def _score_cells(row: Mapping[str, Any] | None) -> list[str]:
@@ -934,6 +942,31 @@ PAPER_TABLE1: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
 LOWER_IS_BETTER = ("comm_gb", "mem_gb")
 
 
+def paired_difference(ours: Mapping[str, float] | None, base: Mapping[str, float] | None,
+                      level: float = 0.95) -> dict[str, Any] | None:
+    """FedMoE minus a baseline paired by seed (a seed fixes the clients' data, tasks and budgets, so
+    the same seed of two methods sees the same federation). `ours` / `base`: {seed: score}.
+
+    Returns None with no seed in common, else `seeds` (the common seeds, sorted), `diffs` (per seed),
+    `mean`, `better` / `worse` (seeds where FedMoE is above / below), and `ci` — the two-sided `level`
+    Student-t interval of the mean paired difference, mean ± t_{n-1} s / sqrt(n) (None with one seed;
+    (mean, mean) when every difference is equal). scipy's t quantile: the only library call needed."""
+    if not ours or not base:
+        return None
+    seeds = sorted(set(ours) & set(base), key=lambda k: (len(k), k))
+    diffs = [float(ours[k]) - float(base[k]) for k in seeds]
+    if not diffs:
+        return None
+    d = np.asarray(diffs, np.float64)
+    mean, ci = float(d.mean()), None
+    if len(d) > 1:
+        from scipy import stats  # a jax dependency; imported here to keep `import reports` light
+        half = float(stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+        ci = (mean - half, mean + half)
+    return {"seeds": seeds, "diffs": diffs, "mean": mean, "better": int((d > 0).sum()),
+            "worse": int((d < 0).sum()), "ci": ci}
+
+
 def _direction(low: float, high: float) -> int | None:
     """+1 / -1 when FedMoE minus the baseline has that sign over the whole range, else None."""
     if low > 0 and high > 0:
@@ -949,7 +982,13 @@ def paper_comparison(table: Mapping[str, Mapping[str, Mapping]], baselines: Sequ
     baseline in the paper (`paper`: (low, high)) and here (`ours`), the same relative to the
     baseline's value (`paper_rel`, `ours_rel`: fractions, None without a value), whether FedMoE is better
     (`paper_better` / `ours_better`: bool, None if the paper's cell is too uncertain or ours is
-    missing; lower is better for comm and memory) and `holds` (the paper's direction reproduced)."""
+    missing; lower is better for comm and memory) and `holds` (the paper's direction reproduced, on
+    the means over seeds).
+
+    For the task scores, when the rows carry `{metric}_by_seed`: `paired` (`paired_difference`: per-seed
+    FedMoE minus baseline and its 95 % interval), `seeds_agree` (how many paired seeds show the paper's
+    direction; None if the paper's is undecided) and `significant` (the interval excludes 0; None with
+    fewer than two paired seeds)."""
     out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for setting, paper in PAPER_TABLE1.items():
         ours = table.get(setting, {})
@@ -975,6 +1014,15 @@ def paper_comparison(table: Mapping[str, Mapping[str, Mapping]], baselines: Sequ
                             "ours_better": ours_better, "holds": holds,
                             "paper_rel": ((lo / b_mid, hi / b_mid) if b_mid else None),
                             "ours_rel": (diff / v if diff is not None and v else None)}
+                if metric in COLUMNS.values():
+                    p = paired_difference(ours[METHOD].get(f"{metric}_by_seed"),
+                                          ours.get(b, {}).get(f"{metric}_by_seed"))
+                    agree = significant = None
+                    if p is not None and paper_better is not None:
+                        agree = p["better"] if paper_better else p["worse"]  # scores: higher is better
+                    if p is not None and p["ci"] is not None:
+                        significant = p["ci"][0] > 0 or p["ci"][1] < 0
+                    entry[b].update(paired=p, seeds_agree=agree, significant=significant)
             out[setting][metric] = entry
     return out
 
@@ -984,11 +1032,25 @@ def render_paper_comparison(cmp: Mapping[str, Mapping[str, Mapping[str, Mapping[
     paper's direction holds."""
     if not cmp:
         return ["No FedMoE runs in the paper's settings: nothing to compare."]
-    counts = [e["holds"] for per in cmp.values() for m in per.values() for e in m.values()]
-    held, judged = sum(h is True for h in counts), sum(h is not None for h in counts)
-    lines = [f"FedMoE minus each baseline, in the paper (PAPER.md §8.1) and here; ✓ the paper's direction "
-             f"holds, ✗ it is reversed, ? not decidable (a lost paper cell, or missing / tied runs here). "
-             f"Comm and memory: lower is better. **{held} of {judged}** decidable directions hold.", ""]
+    entries = [e for per in cmp.values() for m in per.values() for e in m.values()]
+    held = sum(e["holds"] is True for e in entries)
+    judged = sum(e["holds"] is not None for e in entries)
+    lines = [f"FedMoE minus each baseline, in the paper (PAPER.md §8.1) and here (means over seeds); ✓ the "
+             f"paper's direction holds, ✗ it is reversed, ? not decidable (a lost paper cell, or missing / "
+             f"tied runs here). Comm and memory: lower is better. **{held} of {judged}** decidable "
+             f"directions hold."]
+    seeded = [e for e in entries if e["holds"] is not None and (e.get("paired") or {}).get("ci")]
+    if seeded:
+        every = sum(e["seeds_agree"] == len(e["paired"]["seeds"]) for e in seeded)
+        sig = [e for e in seeded if e["significant"]]
+        lines[0] += (
+            f" With several seeds, each task-score cell also says in how many seeds (paired: the same "
+            f"seed is the same federation) FedMoE shows the paper's direction, e.g. `2/3`, and a **bold** "
+            f"mark where the paired 95 % t-interval of FedMoE minus the baseline excludes 0. Of the "
+            f"{len(seeded)} decidable task-score directions, **{every}** show the paper's direction in "
+            f"every seed; **{len(sig)}** differences are significant at 95 %, of which "
+            f"**{sum(e['holds'] for e in sig)}** hold and {sum(not e['holds'] for e in sig)} are reversed.")
+    lines.append("")
     for setting, per in cmp.items():
         bases = list(next(iter(per.values())))
         lines += [f"### {setting_name(setting)}", "",
@@ -1008,6 +1070,11 @@ def render_paper_comparison(cmp: Mapping[str, Mapping[str, Mapping[str, Mapping[
                 if size and e.get("ours_rel") is not None:
                     here += f" ({100 * e['ours_rel']:+.0f} %)"
                 mark = {True: "✓", False: "✗", None: "?"}[e["holds"]]
+                if e.get("significant"):
+                    mark = f"**{mark}**"
+                p = e.get("paired")
+                if e.get("seeds_agree") is not None and p is not None and len(p["seeds"]) > 1:
+                    mark += f" {e['seeds_agree']}/{len(p['seeds'])}"
                 cells.append(f"{paper} / {here} {mark}")
             name = {"comm_gb": "Comm", "mem_gb": "Mem"}.get(metric, metric)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -1237,4 +1304,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = ["PAPER_TABLE1", "RUN_FILES", "Run", "build_report", "compare_tables", "curve", "cvi",
            "export_runs", "find_summaries", "group_runs", "improvement", "load_runs", "load_table1", "main",
-           "mean_std", "paper_comparison", "table1", "table2", "time_to_target"]
+           "mean_std", "paired_difference", "paper_comparison", "table1", "table2", "time_to_target"]

@@ -288,7 +288,10 @@ def test_paper_directions_by_hand(built):
     assert std["TC"]["scaffold"]["ours"] is None and std["TC"]["scaffold"]["holds"] is None  # no runs
     md = (out / "report.md").read_text()
     assert "## Against the paper: Table 1 directions" in md
-    assert "| TC | +3.13 / +4.00 ✓ | +1.84 / +1.00 ✓ | +8.78 / — ? |" in md
+    # two seeds each: TC diffs vs randomMoE 2, 6 (both FedMoE-better: 2/2), vs FedProx 0, 2 (1/2)
+    assert rm["paired"]["diffs"] == pytest.approx([2.0, 6.0]) and rm["seeds_agree"] == 2
+    assert std["TC"]["fedprox"]["seeds_agree"] == 1 and std["TC"]["fedprox"]["significant"] is False
+    assert "| TC | +3.13 / +4.00 ✓ 2/2 | +1.84 / +1.00 ✓ 1/2 | +8.78 / — ? |" in md
     # sizes: relative to the baseline too (paper 1.76 - 2.30 = -0.54 of 2.30; here 1.6 - 2.3 of 2.3)
     comm = std["comm_gb"]["random_moe"]
     assert comm["paper_rel"][0] == pytest.approx(-0.54 / 2.30)
@@ -424,3 +427,45 @@ def test_cli_compare_adds_the_section_and_a_bad_path_exits_2_before_writing(tmp_
         assert proc.returncode == 2 and says in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "c").exists()
+
+
+def test_paired_seed_differences_by_hand():
+    """FedMoE minus a baseline paired by seed, with the 95 % Student-t interval: diffs 10, 11, 9 ->
+    mean 10, s 1, half-width t_{0.975,2} / sqrt(3) = 4.302653 / 1.732051 = 2.484138."""
+    p = reports.paired_difference({"0": 20.0, "1": 22.0, "2": 24.0}, {"0": 10.0, "1": 11.0, "2": 15.0})
+    assert p["seeds"] == ["0", "1", "2"] and p["diffs"] == pytest.approx([10.0, 11.0, 9.0])
+    assert p["mean"] == pytest.approx(10.0) and (p["better"], p["worse"]) == (3, 0)
+    assert p["ci"] == pytest.approx((10.0 - 2.484138, 10.0 + 2.484138), abs=1e-5)
+    one = reports.paired_difference({"0": 5.0, "7": 1.0}, {"0": 1.0, "1": 1.0})  # only seed 0 pairs
+    assert one["seeds"] == ["0"] and one["ci"] is None and one["better"] == 1
+    assert reports.paired_difference({"1": 1.0}, {"2": 1.0}) is None
+    assert reports.paired_difference(None, {"2": 1.0}) is None
+    # seeds order numerically ("10" after "2") and equal differences give a zero-width interval
+    p = reports.paired_difference({"2": 3.0, "10": 4.0}, {"2": 1.0, "10": 2.0})
+    assert p["seeds"] == ["2", "10"] and p["ci"] == pytest.approx((2.0, 2.0))
+
+
+def test_paper_comparison_counts_seeds_and_marks_significant_directions():
+    """Standard-Hetero-T vs FedProx (paper: FedMoE ahead on TC, behind on RC). TC diffs 10, 11, 9:
+    significant and held in 3/3 seeds (bold). RC diffs -1, -2, -3: CI -2 +- 2.48 includes 0, held 3/3.
+    TS: one common seed, no interval and no seed count."""
+    row = lambda tc, rc, ts: {  # noqa: E731
+        "TC": np.mean(list(tc.values())), "RC": np.mean(list(rc.values())), "TS": np.mean(list(ts.values())),
+        "TC_by_seed": tc, "RC_by_seed": rc, "TS_by_seed": ts, "comm_gb": 1.0, "mem_gb": 1.0}
+    table = {"standard_hetero_t": {
+        "fedmoe": row({"0": 20.0, "1": 22.0, "2": 24.0}, {"0": 1.0, "1": 1.0, "2": 1.0}, {"0": 5.0}),
+        "fedprox": row({"0": 10.0, "1": 11.0, "2": 15.0}, {"0": 2.0, "1": 3.0, "2": 4.0},
+                       {"0": 1.0, "1": 1.0})}}
+    cmp = reports.paper_comparison(table, ["fedprox"])
+    tc, rc, ts = (cmp["standard_hetero_t"][m]["fedprox"] for m in ("TC", "RC", "TS"))
+    assert tc["holds"] and tc["significant"] is True and tc["seeds_agree"] == 3
+    assert rc["holds"] and rc["significant"] is False and rc["seeds_agree"] == 3
+    assert rc["paired"]["ci"] == pytest.approx((-2.0 - 2.484138, -2.0 + 2.484138), abs=1e-5)
+    assert ts["paired"]["ci"] is None and ts["significant"] is None and ts["seeds_agree"] == 1
+    assert "paired" not in cmp["standard_hetero_t"]["comm_gb"]["fedprox"]  # scores only
+    lines = reports.render_paper_comparison(cmp)
+    assert "| TC | +1.84 / +10.00 **✓** 3/3 |" in lines
+    assert "| RC | -1.35 / -2.00 ✓ 3/3 |" in lines
+    assert "| TS | +4.98 / +4.00 ✓ |" in lines  # means: 5 - 1; one paired seed: no count
+    assert ("Of the 2 decidable task-score directions, **2** show the paper's direction in every seed; "
+            "**1** differences are significant at 95 %, of which **1** hold and 0 are reversed.") in lines[0]
