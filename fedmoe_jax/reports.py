@@ -5,7 +5,8 @@ numbers), `metrics.jsonl` (one row per round) and `experts.npz` (client expert m
 probabilities). `build_report(root, out)` finds every `summary.json` under `root` (any depth), groups the
 runs by (setting, method) over seeds and writes to `out`:
 
-- `report.md`: Table 1 and Table 2 analogues, average improvement, CVI, time-to-target, figures, notes;
+- `report.md`: Table 1 and Table 2 analogues, average improvement, CVI, time-to-target, the paper's
+  directions, whether clients' experts follow their tasks (`task_separation`), figures, notes;
 - `table1.json`: `{setting: {method: {"TC", "RC", "TS", "comm_gb", "mem_gb", "seeds", ...extras}}}`;
 - `table2.json`: `{setting: {method: {"TC", "RC", "TS", "experts_start_mean", ..., "seeds"}}}`;
 - `report.json`: average improvement, CVI, time-to-target speedups, the paper's Table-1 directions (with
@@ -538,6 +539,127 @@ def table2(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes) -> dict[
     return table
 
 
+def stage1_measured(run: Run) -> np.ndarray | None:
+    """`<bool>[N]`: the clients whose Stage-1 profile was measured rather than predicted from their
+    task's peers (PAPER.md §5.2), or None without Stage-1 data. A client is measured iff its budget
+    covers the full model plus LoRA (`stage1.stage1_eligible`: one threshold per run), so with the
+    summary's count m they are the m largest `budgets_bytes`; without budgets or count, every client
+    with a nonzero finite profile (predicted ones then count as measured)."""
+    if run.experts is None or "stage1_probs" not in run.experts:
+        return None
+    probs = np.asarray(run.experts["stage1_probs"], np.float64)
+    nonzero = np.isfinite(probs).all((1, 2)) & (np.where(np.isfinite(probs), probs, 0).sum((1, 2)) > 0)
+    count = _num(_get(run.summary, "stage1", "measured"))
+    budgets = run.experts.get("budgets_bytes")
+    if count is None or budgets is None or len(budgets) != len(probs):
+        return nonzero
+    measured = np.zeros(len(probs), bool)
+    measured[np.argsort(-np.asarray(budgets, np.float64), kind="stable")[:int(count)]] = True
+    return measured & nonzero
+
+
+def _pairwise_cosine(x: np.ndarray) -> np.ndarray:
+    """`[M, D]` -> `[M, M]` cosine similarities (0 for zero rows)."""
+    norms = np.linalg.norm(x, axis=1)
+    outer = norms[:, None] * norms[None]
+    return np.divide(x @ x.T, outer, out=np.zeros((len(x), len(x))), where=outer > 0)
+
+
+def _within_between(sim: np.ndarray, tasks: np.ndarray) -> tuple[list[float], list[float]]:
+    same = tasks[:, None] == tasks[None]
+    off = ~np.eye(len(tasks), dtype=bool)
+    return sim[same & off].tolist(), sim[~same].tolist()
+
+
+def task_separation(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes
+                    ) -> dict[str, dict[str, dict[str, Any]]]:
+    """Do the clients' expert choices follow their tasks (FedMoE's premise, PAPER.md Fig. 1)?
+
+    Per setting and sub-MoE method (`ABLATION_METHODS`) with expert maps, pairs of clients are compared
+    within each run (seed) and pooled over seeds. From `stage1_probs [N, L, E]` (measured clients
+    only, `stage1_measured`):
+    `cos_within` / `cos_between`, the mean cosine of flattened profiles of two clients of the same /
+    different tasks (Eq. 4's similarity); `task_from_profile`, the leave-one-out nearest-centroid
+    accuracy of naming a client's task from its profile (chance 1/3 with three tasks); `entropy`, the
+    mean per-layer entropy of a profile over log E (1 = uniform routing). From `initial_maps <bool>[N, L, E]`
+    (all clients): `jaccard_within` / `jaccard_between`, the mean Jaccard overlap of two clients'
+    initial sub-MoEs. Numbers are None where a run lacks the array."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for setting, methods in groups.items():
+        for method in (m for m in ABLATION_METHODS if m in methods):  # the sub-MoE methods
+            cw, cb, jw, jb, hits, ents, clients = [], [], [], [], [], [], 0
+            for run in methods[method]:
+                if run.experts is None:
+                    continue
+                tasks = np.asarray(run.experts["client_tasks"])
+                maps = run.experts.get("initial_maps")
+                if maps is not None and maps.shape[:1] == tasks.shape:
+                    m = np.asarray(maps, np.float64).reshape(len(maps), -1)
+                    inter = m @ m.T
+                    union = m.sum(1)[:, None] + m.sum(1)[None] - inter
+                    w, b = _within_between(np.divide(inter, union, out=np.zeros_like(inter), where=union > 0),
+                                           tasks)
+                    jw += w
+                    jb += b
+                measured = stage1_measured(run)
+                if measured is None or measured.sum() < 2:
+                    continue
+                probs = np.asarray(run.experts["stage1_probs"], np.float64)[measured]
+                t = tasks[measured]
+                clients += len(t)
+                flat = probs.reshape(len(probs), -1)
+                w, b = _within_between(_pairwise_cosine(flat), t)
+                cw += w
+                cb += b
+                layer = probs / np.maximum(probs.sum(-1, keepdims=True), 1e-12)
+                ents.append(float((-(layer * np.log(np.where(layer > 0, layer, 1))).sum(-1)
+                                   / np.log(probs.shape[-1])).mean()))
+                for i in range(len(t)):
+                    others = np.arange(len(t)) != i
+                    labels = list(np.unique(t[others]))  # a task with no other client: a miss
+                    cents = np.stack([flat[others & (t == k)].mean(0) for k in labels])
+                    sim = _pairwise_cosine(np.concatenate([flat[i:i + 1], cents]))[0, 1:]
+                    hits.append(labels[int(np.argmax(sim))] == t[i])
+            if not (jw or jb or cw or cb):
+                continue
+            mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
+            out.setdefault(setting, {})[method] = {
+                "clients": clients, "cos_within": mean(cw), "cos_between": mean(cb),
+                "task_from_profile": mean([float(h) for h in hits]), "entropy": mean(ents),
+                "jaccard_within": mean(jw), "jaccard_between": mean(jb), "seeds": len(methods[method])}
+    if not out:
+        notes.add("no FedMoE, ablation or randomMoE run has expert maps (experts.npz): no task-separation "
+                  "table")
+    return out
+
+
+def render_task_separation(sep: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
+    """Markdown lines for `task_separation`."""
+    if not sep:
+        return ["No FedMoE, ablation or randomMoE run has expert maps or Stage-1 profiles."]
+    lines = ["Whether clients' expert use follows their task, the premise of FedMoE (paper Fig. 1): "
+             "**Stage-1 profiles** (measured clients only, each client's activation probabilities "
+             "`[L, E]` after the LoRA rounds) — mean cosine between two clients of the same / different "
+             "tasks, the share of clients whose task the nearest task centroid names (leave-one-out; "
+             "chance 33 %), and the routing entropy (1 = uniform over experts); **initial sub-MoEs** — "
+             "mean Jaccard overlap of two clients' expert maps, same / different task. Pairs within a "
+             "run, seeds pooled.", ""]
+    for setting, rows in sep.items():
+        lines += [f"### {setting_name(setting)}", "",
+                  "| Method | Profiles | Cosine same / diff task | Task from profile | Entropy | "
+                  "Map overlap same / diff task | Seeds |", "|---|---|---|---|---|---|---|"]
+        for method, e in rows.items():
+            cos = (MISSING if e["cos_within"] is None
+                   else f"{e['cos_within']:.3f} / {_fmt(e['cos_between'], digits=3)}")
+            task = MISSING if e["task_from_profile"] is None else f"{100 * e['task_from_profile']:.0f} %"
+            jac = (MISSING if e["jaccard_within"] is None
+                   else f"{e['jaccard_within']:.2f} / {_fmt(e['jaccard_between'])}")
+            lines.append(f"| {method_name(method)} | {e['clients'] or MISSING} | {cos} | {task} | "
+                         f"{_fmt(e['entropy'], digits=3)} | {jac} | {e['seeds']} |")
+        lines.append("")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------------------------
@@ -812,7 +934,7 @@ def render_outputs(outputs: Mapping[str, Mapping[str, Mapping[str, Mapping[str, 
 def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, gains: Mapping, cvis: Mapping,
                     ttt: Mapping, figs: Sequence[tuple[str, str]], baselines: Sequence[str],
                     notes: Sequence[str], against_paper: Mapping, outputs: Mapping | None = None,
-                    compared: tuple[str, Mapping] | None = None) -> str:
+                    compared: tuple[str, Mapping] | None = None, separation: Mapping | None = None) -> str:
     methods_seen = sorted({m for ms in t1.values() for m in ms}, key=_method_rank)
     lines = [
         "# FedMoE report",
@@ -892,6 +1014,8 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
                              f"{rec_s} | {row['seeds']} |")
     else:
         lines.append("No FedMoE, ablation or randomMoE runs.")
+    lines += ["", "## Stage 1: do the clients' experts follow their tasks?", ""]
+    lines += render_task_separation(separation or {})
     lines += ["", "## What the outputs look like", ""]
     lines += render_outputs(outputs or {})
     lines += ["", "## Figures", ""]
@@ -1241,6 +1365,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     cvis = cvi(t1, notes)
     ttt = time_to_target(groups, baselines, notes)
     t2 = table2(groups, notes)
+    separation = task_separation(groups, notes)
     against_paper = paper_comparison(t1, baselines)
     outputs = output_diagnostics(groups)
     moved = compare_tables(t1, earlier, baselines) if earlier is not None else None
@@ -1250,6 +1375,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     _write_json(os.path.join(out, "table2.json"), t2)
     result = {"root": os.path.abspath(root), "runs": [r.rel for r in runs], "average_improvement": gains,
               "cvi": cvis, "time_to_target": ttt, "paper_comparison": against_paper,
+              "task_separation": separation,
               "initial_models": initial_models, "outputs": outputs, "figures": [rel for _, rel in figs],
               "notes": list(notes)}
     if moved is not None:
@@ -1257,7 +1383,8 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     _write_json(os.path.join(out, "report.json"), result)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(render_markdown(root, runs, t1, t2, gains, cvis, ttt, figs, baselines, notes,
-                                against_paper, outputs, (compare, moved) if moved is not None else None))
+                                against_paper, outputs, (compare, moved) if moved is not None else None,
+                                separation))
     return {**result, "out": out, "table1": t1, "table2": t2}
 
 
@@ -1304,4 +1431,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = ["PAPER_TABLE1", "RUN_FILES", "Run", "build_report", "compare_tables", "curve", "cvi",
            "export_runs", "find_summaries", "group_runs", "improvement", "load_runs", "load_table1", "main",
-           "mean_std", "paired_difference", "paper_comparison", "table1", "table2", "time_to_target"]
+           "mean_std", "paired_difference", "paper_comparison", "stage1_measured", "table1", "table2",
+           "task_separation", "time_to_target"]

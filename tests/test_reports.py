@@ -170,6 +170,11 @@ def test_table2_expert_counts(built):
     md = (out / "report.md").read_text()
     assert ("| FedMoE | 91.00 ± 1.41 | 81.00 ± 1.41 | 19.00 ± 1.41 | 11.0 → 9.0 | 8 / 12 | 5 / 20 | "
             "4.5/2/2.5 | 2 |") in md
+    # the task-separation section: FedMoE's Stage-1 profiles of two seeds, five of six clients measured
+    # in each (client 5's profile is zero); all maps are full, so overlap 1 / 1
+    sep = json.loads((out / "report.json").read_text())["task_separation"]["standard_hetero_t"]
+    assert sep["fedmoe"]["clients"] == 10 and sep["fedmoe"]["jaccard_within"] == pytest.approx(1.0)
+    assert "## Stage 1: do the clients' experts follow their tasks?" in md
 
 
 def test_figures_are_pngs_and_heatmap_means(runs_root, built):
@@ -469,3 +474,60 @@ def test_paper_comparison_counts_seeds_and_marks_significant_directions():
     assert "| TS | +4.98 / +4.00 ✓ |" in lines  # means: 5 - 1; one paired seed: no count
     assert ("Of the 2 decidable task-score directions, **2** show the paper's direction in every seed; "
             "**1** differences are significant at 95 %, of which **1** hold and 0 are reversed.") in lines[0]
+
+
+def _experts_run(tasks, stage1_probs=None, maps=None, budgets=None, measured=None, method="fedmoe", seed=0):
+    experts = {"client_tasks": np.asarray(tasks, np.int32), "probs": np.zeros((len(tasks), 1, 2))}
+    if stage1_probs is not None:
+        experts["stage1_probs"] = np.asarray(stage1_probs, np.float64)[:, None, :]  # [N, L=1, E=2]
+    if maps is not None:
+        experts["initial_maps"] = np.asarray(maps, bool)[:, None, :]
+    if budgets is not None:
+        experts["budgets_bytes"] = np.asarray(budgets, np.float64)
+    summary = {"method": method, "setting": "standard_hetero_t", "seed": seed}
+    if measured is not None:
+        summary["stage1"] = {"measured": measured}
+    return reports.Run(path="", rel="", summary=summary, mtime=0.0, experts=experts)
+
+
+def test_stage1_measured_are_the_largest_budgets():
+    """Stage 1 measures a client iff its budget clears one threshold: with 2 measured, the 2 largest."""
+    run = _experts_run([0, 0, 1, 1], [[1, 0]] * 4, budgets=[5.0, 9.0, 7.0, 1.0], measured=2)
+    assert reports.stage1_measured(run).tolist() == [False, True, True, False]
+    zero = _experts_run([0, 0, 1, 1], [[1, 0], [0, 0], [0, 1], [1, 0]])  # no count: nonzero profiles
+    assert reports.stage1_measured(zero).tolist() == [True, False, True, True]
+    assert reports.stage1_measured(_experts_run([0, 1], maps=[[1, 1], [1, 1]])) is None
+
+
+def test_task_separation_by_hand():
+    """Profiles (L=1, E=2) c0 = [1, 0], c1 = [.5, .5] (task 0), c2 = [0, 1], c3 = [.5, .5] (task 1).
+    Cosine same task: cos(c0, c1) = cos(c2, c3) = 1/sqrt2 = .7071; different: 0, .7071, .7071, 1 ->
+    .60355. Leave-one-out centroids: c0 -> task 0 (cos .7071 vs .3162), c1 -> task 1 (.7071 vs .8944),
+    c2 -> task 1, c3 -> task 0: 2 of 4. Entropy over log 2: 0, 1, 0, 1 -> .5. Maps {0}, {0, 1}, {1},
+    {1}: Jaccard same task 1/2 and 1 -> .75; different 0, 0, 1/2, 1/2 -> .25."""
+    run = _experts_run([0, 0, 1, 1], [[1, 0], [.5, .5], [0, 1], [.5, .5]],
+                       maps=[[1, 0], [1, 1], [0, 1], [0, 1]], budgets=[4.0, 3.0, 2.0, 1.0], measured=4)
+    notes = reports.Notes()
+    sep = reports.task_separation({"standard_hetero_t": {"fedmoe": [run]}}, notes)
+    e = sep["standard_hetero_t"]["fedmoe"]
+    assert e["clients"] == 4 and e["cos_within"] == pytest.approx(math.sqrt(0.5))
+    assert e["cos_between"] == pytest.approx((2 * math.sqrt(0.5) + 1) / 4)
+    assert e["task_from_profile"] == pytest.approx(0.5) and e["entropy"] == pytest.approx(0.5)
+    assert e["jaccard_within"] == pytest.approx(0.75) and e["jaccard_between"] == pytest.approx(0.25)
+    # 3 measured: client 3 (smallest budget) was predicted and leaves the profile numbers, not the maps
+    run3 = _experts_run([0, 0, 1, 1], [[1, 0], [.5, .5], [0, 1], [.5, .5]],
+                        maps=[[1, 0], [1, 1], [0, 1], [0, 1]], budgets=[4.0, 3.0, 2.0, 1.0], measured=3)
+    e3 = reports.task_separation({"standard_hetero_t": {"fedmoe": [run3]}}, notes)
+    e3 = e3["standard_hetero_t"]["fedmoe"]
+    assert e3["clients"] == 3 and e3["cos_between"] == pytest.approx(math.sqrt(0.5) / 2)
+    assert e3["jaccard_within"] == pytest.approx(0.75)
+    # randomMoE: maps only; full-model baselines are not sub-MoE methods and get no row
+    rnd = _experts_run([0, 1], maps=[[1, 0], [1, 0]], method="random_moe")
+    sep = reports.task_separation({"standard_hetero_t": {"random_moe": [rnd], "fedprox": [rnd]}}, notes)
+    assert list(sep["standard_hetero_t"]) == ["random_moe"]
+    r = sep["standard_hetero_t"]["random_moe"]
+    assert r["cos_within"] is None and r["jaccard_within"] is None  # one client per task: no pair
+    assert r["jaccard_between"] == pytest.approx(1.0)
+    lines = reports.render_task_separation(sep)
+    assert "| randomMoE | — | — | — | — | — | 1 |" in lines
+    assert reports.task_separation({}, notes) == {} and any("no task-separation" in n for n in notes)
