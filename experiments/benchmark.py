@@ -88,7 +88,9 @@ def child(args) -> dict:
 
     out: dict = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
     if args.child == "peak":
-        out["matmul_peak_flops"] = bm.matmul_peak(args.peak_n)
+        dtype = _preset(args).model.dtype  # the compute dtype: bf16 on the gpu preset, f32 on CPU
+        n = args.peak_n or (1024 if jax.default_backend() == "cpu" else 8192)
+        out.update(matmul_peak_flops=bm.matmul_peak(n, dtype=dtype), peak_n=n, peak_dtype=str(dtype))
     elif args.child == "memory":
         p = _preset(args)
         e = p.model.num_experts
@@ -119,6 +121,9 @@ def child(args) -> dict:
         # What the child actually ran with, for every overridden field.
         out["model"] = {k: getattr(p.model, k) for k in model_overrides(args.model, p.model)}
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    stats = jax.devices()[0].memory_stats()  # None on CPU; accelerators report their allocator's peak
+    if stats and "peak_bytes_in_use" in stats:
+        out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
     return out
 
 
@@ -139,17 +144,20 @@ def run_child(args, what: str, **extra) -> dict:
 
 def markdown(result: dict) -> str:
     changed = ", ".join(f"{k}={v}" for k, v in result.get("model_overrides", {}).items())
+    on_device = any("device_peak_mb" in r for r in result["contenders"].values())  # accelerators
     lines = [f"### `{result['preset']}`{' with ' + changed if changed else ''} on {result['device']} "
              f"({result['machine']})", "",
-             "| contender | client-steps/s | round s | first round s | MFU | peak RSS MB |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| contender | client-steps/s | round s | first round s | MFU | peak RSS MB |"
+             + (" device peak MB |" if on_device else ""),
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if on_device else "")]
     for name, r in result["contenders"].items():
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error']} | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f} %" if "mfu" in r else "—"
+        device = f" {r['device_peak_mb']:.0f} |" if "device_peak_mb" in r else (" — |" if on_device else "")
         lines.append(f"| {name} | {r['client_steps_per_s']:.2f} | {r['round_s']:.3f} | "
-                     f"{r['first_round_s']:.1f} | {mfu} | {r['peak_rss_mb']:.0f} |")
+                     f"{r['first_round_s']:.1f} | {mfu} | {r['peak_rss_mb']:.0f} |{device}")
     lines.append("")
     profiled = {n: r["op_breakdown"] for n, r in result["contenders"].items() if "op_breakdown" in r}
     if profiled:
@@ -166,7 +174,8 @@ def markdown(result: dict) -> str:
         lines.append(f"- {k}: **{v:.2f}x**")
     if "matmul_peak_flops" in result:
         lines.append(f"- matmul peak: {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s "
-                     f"(jitted {result['peak_n']}x{result['peak_n']} f32 matmul chain)")
+                     f"(jitted {result['peak_n']}x{result['peak_n']} {result.get('peak_dtype') or 'float32'} "
+                     "matmul chain)")
     if "client_memory" in result:
         m = result["client_memory"]
         lines.append(f"- client training memory (XLA memory analysis), {m['experts'] // 4} of {m['experts']} "
@@ -187,7 +196,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per contender (median)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--peak_n", type=int, default=1024, help="matmul size of the peak measurement")
+    ap.add_argument("--peak_n", type=int, default=0,
+                    help="matmul size of the peak measurement, in the model's compute dtype "
+                         "(default: 1024 on CPU, 8192 on accelerators, whose peak small products miss)")
     ap.add_argument("--scaling", default="", help="cohort:4,8,16 or experts:8,16,32 (vectorized only)")
     ap.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                     help="override a SwitchConfig field of the preset, e.g. dtype=bfloat16, "
@@ -213,7 +224,8 @@ def main(argv=None) -> dict:
     peak = run_child(args, "peak")
     result = {"preset": args.preset, "model_overrides": overrides, "device": peak.get("device", "?"),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "matmul_peak_flops": peak.get("matmul_peak_flops"), "peak_n": args.peak_n, "contenders": {}}
+              "matmul_peak_flops": peak.get("matmul_peak_flops"), "peak_n": peak.get("peak_n"),
+              "peak_dtype": peak.get("peak_dtype"), "contenders": {}}
     if args.scaling:
         axis, _, values = args.scaling.partition(":")
         if axis not in ("cohort", "experts"):

@@ -100,6 +100,8 @@ def test_cli_writes_json_and_markdown(tmp_path):
     assert sum(ops["share"].values()) == pytest.approx(1.0) and ops["ms"]["matmul"] > 0
     assert os.path.exists(ops["trace"]) and str(tmp_path / "trace" / "vectorized") in ops["trace"]
     assert "XLA op time per category" in md.read_text()
+    assert (result["peak_n"], result["peak_dtype"]) == (128, "float32")  # the tiny preset computes in f32
+    assert "128x128 float32 matmul chain" in md.read_text()
     assert result["model_overrides"] == {"capacity_factor": 1.5}
     assert result["contenders"]["vectorized"]["model"] == {"capacity_factor": 1.5}
     assert "| vectorized |" in md.read_text() and "with capacity_factor=1.5" in md.read_text()
@@ -132,3 +134,23 @@ def test_op_categories_and_breakdown_by_hand():
                        "elementwise/reduce": 4.0, "other": 0.0}
     assert b["total_ms"] == 10.0 and b["share"]["matmul"] == 0.4
     assert b["top"][0] == ("dot", 4.0)
+
+
+def test_markdown_shows_device_memory_only_on_accelerators():
+    """Accelerators report their allocator's peak (`device_peak_mb`, from `memory_stats`); CPU runs
+    keep the table without that column."""
+    import importlib.util
+
+    path = os.path.join(REPO, "experiments", "benchmark.py")
+    spec = importlib.util.spec_from_file_location("bench_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    row = {"client_steps_per_s": 2.0, "round_s": 0.5, "first_round_s": 9.0, "peak_rss_mb": 700.0}
+    result = {"preset": "gpu", "device": "1 x H200", "machine": "x86_64, 16 cores",
+              "contenders": {"vectorized": {**row, "mfu": 0.4, "device_peak_mb": 2048.0}, "pytorch_hf": row}}
+    md = cli.markdown(result)
+    assert "| MFU | peak RSS MB | device peak MB |\n|---|---:|---:|---:|---:|---:|---:|" in md
+    assert "| vectorized | 2.00 | 0.500 | 9.0 | 40.0 % | 700 | 2048 |" in md
+    assert "| pytorch_hf | 2.00 | 0.500 | 9.0 | — | 700 | — |" in md
+    del result["contenders"]["vectorized"]["device_peak_mb"]
+    assert "device peak" not in cli.markdown(result)

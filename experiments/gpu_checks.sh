@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 7's GPU checks as one prepared run for a lent accelerator machine (BENCHMARKS.md, "GPU").
+#
+#   device tool:  run(command="bash experiments/gpu_checks.sh", timeout_s=570)
+#   anywhere:     OUT=runs/gpu bash experiments/gpu_checks.sh
+#
+# Uses the machine's own python3 and its JAX (the device image has jax/flax/optax/torch/transformers;
+# fedmoe_jax.benchmark needs nothing else), so no install step. Each check has its own time limit, so
+# one hang leaves the others' results. Writes to $OUT (default runs/gpu): log.txt, device.txt and
+#   small64.{json,md}  cpu-small dims, cohort 64: vectorized vs sequential_jax (target >= 5x)
+#   gpu.{json,md}      switch-base-32 dims in bf16 (the `gpu` preset): vectorized MFU (target >= 35 %)
+#                      against a measured 8192^3 bf16 matmul peak, and the device's peak memory
+# SMALL_PRESET / PAPER_PRESET / ROUNDS override the presets and timed rounds (a CPU smoke test:
+# SMALL_PRESET=tiny PAPER_PRESET=tiny ROUNDS=1).
+set -u
+OUT=${OUT:-runs/gpu}
+SMALL_PRESET=${SMALL_PRESET:-cpu-small}
+PAPER_PRESET=${PAPER_PRESET:-gpu}
+ROUNDS=${ROUNDS:-3}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+exec > >(tee "$OUT/log.txt") 2>&1
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null \
+    || echo "no nvidia-smi"
+  "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax',
+optax.__version__); print(jax.devices())"
+} | tee "$OUT/device.txt"
+
+status=0
+echo "== small clients, cohort 64: vectorized vs sequential_jax"
+timeout 240 "$PY" experiments/benchmark.py --preset="$SMALL_PRESET" --cohort=64 \
+  --contenders=vectorized,sequential_jax --rounds="$ROUNDS" \
+  --out="$OUT/small64.json" --md="$OUT/small64.md" || status=1
+echo "== paper-like dims in bf16: vectorized MFU"
+timeout 270 "$PY" experiments/benchmark.py --preset="$PAPER_PRESET" --contenders=vectorized \
+  --rounds="$ROUNDS" --out="$OUT/gpu.json" --md="$OUT/gpu.md" || status=1
+cat "$OUT"/*.md 2>/dev/null
+exit $status
