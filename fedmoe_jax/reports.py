@@ -532,6 +532,9 @@ def table2(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes) -> dict[
             if recs:
                 row["recommendation"] = {k: float(np.mean([_num(r.get(k)) or 0.0 for r in recs]))
                                          for k in ("adjust", "accept", "rollback")}
+            totals = {int(e) * int(m) for r in runs if (e := _num(r.summary.get("num_experts")))
+                      and (m := _num(r.summary.get("num_moe_layers")))}
+            row["experts_total"] = totals.pop() if len(totals) == 1 else None  # L x E of the global model
             row["seeds"] = len(runs)
             rows[method] = row
         if rows:
@@ -934,7 +937,8 @@ def render_outputs(outputs: Mapping[str, Mapping[str, Mapping[str, Mapping[str, 
 def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, gains: Mapping, cvis: Mapping,
                     ttt: Mapping, figs: Sequence[tuple[str, str]], baselines: Sequence[str],
                     notes: Sequence[str], against_paper: Mapping, outputs: Mapping | None = None,
-                    compared: tuple[str, Mapping] | None = None, separation: Mapping | None = None) -> str:
+                    compared: tuple[str, Mapping] | None = None, separation: Mapping | None = None,
+                    against_table2: Mapping | None = None) -> str:
     methods_seen = sorted({m for ms in t1.values() for m in ms}, key=_method_rank)
     lines = [
         "# FedMoE report",
@@ -1014,6 +1018,8 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
                              f"{rec_s} | {row['seeds']} |")
     else:
         lines.append("No FedMoE, ablation or randomMoE runs.")
+    lines += ["", "### Against the paper's Table 2", ""]
+    lines += render_paper_table2(against_table2 or {}, t2)
     lines += ["", "## Stage 1: do the clients' experts follow their tasks?", ""]
     lines += render_task_separation(separation or {})
     lines += ["", "## What the outputs look like", ""]
@@ -1206,6 +1212,102 @@ def render_paper_comparison(cmp: Mapping[str, Mapping[str, Mapping[str, Mapping[
     return lines
 
 
+# PAPER.md §8.4 (Table 2, Standard-Hetero-T, switch-base-32: 12 MoE layers x 32 experts = 384): TS and
+# the total experts per client at the start and the end of Stage 2, min / max at the end.
+PAPER_TABLE2 = {
+    "fedmoe": {"TS": 16.92, "start": 78.0, "end": 65.0, "end_min": 52.0, "end_max": 92.0},
+    "fedmoe_no_stage1": {"TS": 14.50, "start": 96.0, "end": 104.0, "end_min": 94.0, "end_max": 118.0},
+    "fedmoe_no_stage2": {"TS": 16.69, "start": 78.0, "end": 78.0, "end_min": 50.0, "end_max": 114.0},
+}
+PAPER_TABLE2_TOTAL = 384
+
+
+def _table2_claims(rows: Mapping[str, Mapping[str, Any]], paper: bool) -> dict[str, float | None]:
+    """The signed quantities behind Table 2's readings; positive = the paper's direction."""
+    def get(method: str, key: str) -> float | None:
+        if paper:
+            return PAPER_TABLE2.get(method, {}).get({"experts_start_mean": "start", "experts_end_mean": "end",
+                                                     "experts_end_min": "end_min",
+                                                     "experts_end_max": "end_max"}.get(key, key))
+        return _num(rows.get(method, {}).get(key))
+
+    def diff(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a - b
+
+    def spread(method: str) -> float | None:
+        return diff(get(method, "experts_end_max"), get(method, "experts_end_min"))
+
+    f, s1, s2 = "fedmoe", "fedmoe_no_stage1", "fedmoe_no_stage2"
+    return {
+        "ts_vs_no_stage1": diff(get(f, "TS"), get(s1, "TS")),
+        "ts_vs_no_stage2": diff(get(f, "TS"), get(s2, "TS")),
+        "stage2_prunes": diff(get(f, "experts_start_mean"), get(f, "experts_end_mean")),
+        "stage2_narrows": diff(spread(s2), spread(f)),
+        "no_stage1_starts_larger": diff(get(s1, "experts_start_mean"), get(f, "experts_start_mean")),
+        "no_stage1_grows": diff(get(s1, "experts_end_mean"), get(s1, "experts_start_mean")),
+    }
+
+
+TABLE2_CLAIMS = {
+    "ts_vs_no_stage1": "Stage 1 helps: FedMoE's TS above w/o Stage 1's",
+    "ts_vs_no_stage2": "Stage 2 keeps performance: FedMoE's TS above w/o Stage 2's",
+    "stage2_prunes": "Stage 2 prunes: FedMoE's average experts fall from start to end",
+    "stage2_narrows": "Stage 2 narrows the spread: FedMoE's max - min at the end below w/o Stage 2's",
+    "no_stage1_starts_larger": "w/o Stage 1 starts larger (randomMoE-sized) than FedMoE",
+    "no_stage1_grows": "Stage 2 grows w/o Stage 1's sub-MoEs: its average experts rise",
+}
+
+
+def paper_table2_comparison(t2: Mapping[str, Mapping[str, Mapping[str, Any]]]
+                            ) -> dict[str, dict[str, dict[str, Any]]]:
+    """The paper's Table 2 readings (PAPER.md §8.4, Standard-Hetero-T only) checked in each setting here.
+
+    Per setting and claim (`TABLE2_CLAIMS`): `paper` and `ours`, the signed quantity (TS points or
+    experts; positive = the paper's reading), and `holds` (ours > 0; None where ours is missing or 0).
+    Expert counts are totals over the MoE layers (`experts_total` experts in all here, 384 in the paper)."""
+    paper = _table2_claims({}, paper=True)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for setting, rows in t2.items():
+        if "fedmoe" not in rows:
+            continue
+        ours = _table2_claims(rows, paper=False)
+        out[setting] = {k: {"paper": paper[k], "ours": ours[k],
+                            "holds": None if not ours[k] else ours[k] > 0} for k in TABLE2_CLAIMS}
+    return out
+
+
+def render_paper_table2(cmp: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                        t2: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
+    """Markdown lines for `paper_table2_comparison`."""
+    if not cmp:
+        return ["No FedMoE runs: nothing to compare with the paper's Table 2."]
+    held = sum(e["holds"] is True for per in cmp.values() for e in per.values())
+    judged = sum(e["holds"] is not None for per in cmp.values() for e in per.values())
+    lines = [f"The paper's Table 2 readings (PAPER.md §8.4: Standard-Hetero-T only; experts are totals over "
+             f"the MoE layers, {PAPER_TABLE2_TOTAL} in all there) checked in every setting here; each cell "
+             f"is the signed quantity, positive in the paper's direction (TS points or experts). "
+             f"**{held} of {judged}** decidable readings hold.", ""]
+    settings = list(cmp)
+    lines += ["| Reading | Paper | " + " | ".join(setting_name(s) for s in settings) + " |",
+              "|---|---|" + "---|" * len(settings)]
+    for key, text in TABLE2_CLAIMS.items():
+        paper = cmp[settings[0]][key]["paper"]
+        cells = []
+        for s in settings:
+            e = cmp[s][key]
+            mark = {True: "✓", False: "✗", None: "?"}[e["holds"]]
+            cells.append(f"{MISSING if e['ours'] is None else format(e['ours'], '+.2f')} {mark}")
+        lines.append(f"| {text} | {MISSING if paper is None else format(paper, '+.2f')} | "
+                     + " | ".join(cells) + " |")
+    totals = sorted({r.get("experts_total") for rows in t2.values() for r in rows.values()
+                     if r.get("experts_total")})
+    if totals:
+        lines += ["", f"Experts in all here: {', '.join(str(t) for t in totals)} (the paper's FedMoE keeps "
+                  f"78 → 65 of {PAPER_TABLE2_TOTAL}, {100 * 78 / PAPER_TABLE2_TOTAL:.0f} → "
+                  f"{100 * 65 / PAPER_TABLE2_TOTAL:.0f} %)."]
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------
 # Against an earlier report
 # ----------------------------------------------------------------------------------------------
@@ -1367,6 +1469,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     t2 = table2(groups, notes)
     separation = task_separation(groups, notes)
     against_paper = paper_comparison(t1, baselines)
+    against_table2 = paper_table2_comparison(t2)
     outputs = output_diagnostics(groups)
     moved = compare_tables(t1, earlier, baselines) if earlier is not None else None
     os.makedirs(out, exist_ok=True)
@@ -1375,7 +1478,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     _write_json(os.path.join(out, "table2.json"), t2)
     result = {"root": os.path.abspath(root), "runs": [r.rel for r in runs], "average_improvement": gains,
               "cvi": cvis, "time_to_target": ttt, "paper_comparison": against_paper,
-              "task_separation": separation,
+              "task_separation": separation, "paper_table2_comparison": against_table2,
               "initial_models": initial_models, "outputs": outputs, "figures": [rel for _, rel in figs],
               "notes": list(notes)}
     if moved is not None:
@@ -1384,7 +1487,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(render_markdown(root, runs, t1, t2, gains, cvis, ttt, figs, baselines, notes,
                                 against_paper, outputs, (compare, moved) if moved is not None else None,
-                                separation))
+                                separation, against_table2))
     return {**result, "out": out, "table1": t1, "table2": t2}
 
 
@@ -1431,5 +1534,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = ["PAPER_TABLE1", "RUN_FILES", "Run", "build_report", "compare_tables", "curve", "cvi",
            "export_runs", "find_summaries", "group_runs", "improvement", "load_runs", "load_table1", "main",
-           "mean_std", "paired_difference", "paper_comparison", "stage1_measured", "table1", "table2",
+           "mean_std", "paired_difference", "paper_comparison", "paper_table2_comparison", "stage1_measured",
+           "table1", "table2",
            "task_separation", "time_to_target"]

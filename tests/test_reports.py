@@ -175,6 +175,7 @@ def test_table2_expert_counts(built):
     sep = json.loads((out / "report.json").read_text())["task_separation"]["standard_hetero_t"]
     assert sep["fedmoe"]["clients"] == 10 and sep["fedmoe"]["jaccard_within"] == pytest.approx(1.0)
     assert "## Stage 1: do the clients' experts follow their tasks?" in md
+    assert f["experts_total"] == 8 and "### Against the paper's Table 2" in md  # 4 experts x 2 layers
 
 
 def test_figures_are_pngs_and_heatmap_means(runs_root, built):
@@ -531,3 +532,32 @@ def test_task_separation_by_hand():
     lines = reports.render_task_separation(sep)
     assert "| randomMoE | — | — | — | — | — | 1 |" in lines
     assert reports.task_separation({}, notes) == {} and any("no task-separation" in n for n in notes)
+
+
+def test_paper_table2_readings_by_hand():
+    """FedMoE TS 10, experts 20 -> 18 (end 10..30); w/o Stage 1 TS 8, 32 -> 34; w/o Stage 2 TS 11, 20
+    (end 8..40). Readings: TS +2 (vs w/o Stage 1), -1 (vs w/o Stage 2), prunes +2, narrows 32 - 20 = +12,
+    starts larger +12, grows +2. The paper: +2.42, +0.23, 78 - 65 = 13, (114 - 50) - (92 - 52) = 24, 18, 8."""
+    def row(ts, start, end, lo, hi):
+        return {"TS": ts, "experts_start_mean": start, "experts_end_mean": end, "experts_end_min": lo,
+                "experts_end_max": hi, "experts_total": 64}
+    t2 = {"standard_hetero_t": {"fedmoe": row(10.0, 20.0, 18.0, 10, 30),
+                                "fedmoe_no_stage1": row(8.0, 32.0, 34.0, 30, 40),
+                                "fedmoe_no_stage2": row(11.0, 20.0, 20.0, 8, 40)},
+          "enforced_hetero_t": {"fedmoe": row(10.0, 20.0, 20.0, 10, 30)}}
+    cmp = reports.paper_table2_comparison(t2)
+    ours = {k: e["ours"] for k, e in cmp["standard_hetero_t"].items()}
+    assert ours == {"ts_vs_no_stage1": 2.0, "ts_vs_no_stage2": -1.0, "stage2_prunes": 2.0,
+                    "stage2_narrows": 12.0, "no_stage1_starts_larger": 12.0, "no_stage1_grows": 2.0}
+    paper = {k: e["paper"] for k, e in cmp["standard_hetero_t"].items()}
+    assert paper == pytest.approx({"ts_vs_no_stage1": 2.42, "ts_vs_no_stage2": 0.23, "stage2_prunes": 13.0,
+                                   "stage2_narrows": 24.0, "no_stage1_starts_larger": 18.0,
+                                   "no_stage1_grows": 8.0})
+    assert [e["holds"] for e in cmp["standard_hetero_t"].values()] == [True, False, True, True, True, True]
+    enf = cmp["enforced_hetero_t"]  # only FedMoE: the ablation readings are undecided; no pruning is a tie
+    assert all(e["holds"] is None for e in enf.values())
+    lines = reports.render_paper_table2(cmp, t2)
+    assert "**5 of 6** decidable readings hold." in lines[0]
+    assert ("| Stage 2 keeps performance: FedMoE's TS above w/o Stage 2's | +0.23 | -1.00 ✗ | — ? |"
+            in lines)
+    assert reports.paper_table2_comparison({"standard_hetero_t": {"random_moe": row(1, 1, 1, 1, 1)}}) == {}
