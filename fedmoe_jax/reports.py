@@ -636,6 +636,122 @@ def task_separation(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes
     return out
 
 
+def replay_stale_trials(rows: Sequence[Mapping[str, Any]], patience: int, loss_tie_break: bool
+                        ) -> tuple[int, int]:
+    """The base rate for Stage 2's trials, from a run whose maps never change (w/o Stage 2).
+
+    Replays FedMoE's bookkeeping (`base.record_report`, `fedmoe.FedMoE.update_clients`) over the
+    metrics rows: a client that has gone `patience` evaluations without beating its best would start a
+    trial; its next evaluation judges it (improved over its best, with the same loss tie-break). Here
+    nothing is changed in between, so the result is how often a stale client recovers on its own.
+    Unlike FedMoE, no client is frozen after a failed "trial". Returns (trials, improved)."""
+    best: dict[int, float] = {}
+    best_loss: dict[int, float] = {}
+    stale: dict[int, int] = {}
+    pending: set[int] = set()
+    trials = improved = 0
+    for row in sorted(rows, key=lambda r: r.get("round", 0)):
+        vals = row.get("client_val") or [{}] * len(row.get("cohort", []))
+        for k, score, val in zip(row.get("cohort", []), row.get("client_val_score", []), vals):
+            score = _num(score)
+            if score is None:
+                continue
+            loss = _num(val.get("loss")) if isinstance(val, Mapping) else None
+            loss = math.nan if loss is None else loss
+            b, bl = best.get(k, -math.inf), best_loss.get(k, math.inf)
+            better = score > b or (loss_tie_break and score == b and loss < bl)
+            if better:
+                best[k], best_loss[k], stale[k] = score, loss, 0
+            else:
+                stale[k] = stale.get(k, 0) + 1
+            if k in pending:
+                pending.discard(k)
+                trials += 1
+                improved += better
+                continue
+            if stale[k] >= patience:
+                pending.add(k)
+    return trials, improved
+
+
+def stage2_trials(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes) -> dict[str, dict[str, Any]]:
+    """Do Stage 2's recommended adjustments beat leaving a stale client alone?
+
+    Per setting (and `all`, pooled): for FedMoE and w/o Stage 1, the trials judged (accept + rollback
+    of `summary.recommendation`, seeds summed) and the share accepted (the adjusted client beat its
+    best); `unadjusted`: the same judgement replayed on the w/o-Stage-2 runs' metrics
+    (`replay_stale_trials`, with their `stage2.patience` and `loss_tie_break`); `p_value`: Fisher's
+    exact test (two-sided, scipy) of each method's accept share against the unadjusted one."""
+    from scipy import stats  # a jax dependency
+
+    out: dict[str, dict[str, Any]] = {}
+    pooled: dict[str, list[int]] = {}
+    for setting, methods in groups.items():
+        entry: dict[str, Any] = {}
+        for method in ("fedmoe", "fedmoe_no_stage1"):
+            recs = [r.summary["recommendation"] for r in methods.get(method, [])
+                    if isinstance(r.summary.get("recommendation"), Mapping)]
+            if recs:
+                acc = int(sum(_num(r.get("accept")) or 0 for r in recs))
+                rb = int(sum(_num(r.get("rollback")) or 0 for r in recs))
+                entry[method] = {"trials": acc + rb, "accepted": acc, "seeds": len(recs)}
+        base = [0, 0]
+        for run in methods.get("fedmoe_no_stage2", []):
+            stage2 = _get(run.summary, "config", "stage2") or {}
+            if not run.rows or not isinstance(stage2, Mapping) or _num(stage2.get("patience")) is None:
+                notes.add(f"{run.label()}: no metrics rows or stage2.patience; left out of the "
+                          "unadjusted base rate")
+                continue
+            t, i = replay_stale_trials(run.rows, int(stage2["patience"]), bool(stage2.get("loss_tie_break")))
+            base[0] += t
+            base[1] += i
+        if base[0]:
+            entry["unadjusted"] = {"trials": base[0], "accepted": base[1],
+                                   "seeds": len(methods.get("fedmoe_no_stage2", []))}
+        if entry:
+            out[setting] = entry
+            for m, e in entry.items():
+                acc = pooled.setdefault(m, [0, 0, 0])
+                acc[0] += e["trials"]
+                acc[1] += e["accepted"]
+                acc[2] += e["seeds"]
+    if len(out) > 1:
+        out["all"] = {m: {"trials": t, "accepted": a, "seeds": n} for m, (t, a, n) in pooled.items()}
+    for entry in out.values():
+        base = entry.get("unadjusted")
+        for m, e in entry.items():
+            e["rate"] = e["accepted"] / e["trials"] if e["trials"] else None
+            if m != "unadjusted" and base and e["trials"]:
+                table = [[e["accepted"], e["trials"] - e["accepted"]],
+                         [base["accepted"], base["trials"] - base["accepted"]]]
+                e["p_value"] = float(stats.fisher_exact(table).pvalue)
+    return out
+
+
+def render_stage2_trials(trials: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Markdown lines for `stage2_trials`."""
+    if not trials:
+        return ["No FedMoE or w/o-Stage-2 runs with recommendation counts or metrics."]
+    lines = ["A Stage-2 adjustment is a trial: kept if the client's next validation score beats its best, "
+             "else rolled back (PAPER.md §6). How often trials are kept, against how often a client that "
+             "went as long without improving beats its best at its next evaluation with nothing changed "
+             "(replayed on the w/o-Stage-2 runs' metrics, same patience and tie-break). p: Fisher's exact "
+             "test against that base rate.", "",
+             "| Setting | FedMoE kept | w/o Stage 1 kept | Unadjusted recovered |", "|---|---|---|---|"]
+
+    def cell(e: Mapping[str, Any] | None) -> str:
+        if not e or not e["trials"]:
+            return MISSING
+        p = f", p {e['p_value']:.2g}" if e.get("p_value") is not None else ""
+        return f"{e['accepted']}/{e['trials']} ({100 * e['rate']:.0f} %{p})"
+
+    for setting, e in trials.items():
+        name = "All settings" if setting == "all" else setting_name(setting)
+        lines.append(f"| {name} | {cell(e.get('fedmoe'))} | {cell(e.get('fedmoe_no_stage1'))} | "
+                     f"{cell(e.get('unadjusted'))} |")
+    return lines
+
+
 def render_task_separation(sep: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
     """Markdown lines for `task_separation`."""
     if not sep:
@@ -938,7 +1054,7 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
                     ttt: Mapping, figs: Sequence[tuple[str, str]], baselines: Sequence[str],
                     notes: Sequence[str], against_paper: Mapping, outputs: Mapping | None = None,
                     compared: tuple[str, Mapping] | None = None, separation: Mapping | None = None,
-                    against_table2: Mapping | None = None) -> str:
+                    against_table2: Mapping | None = None, trials: Mapping | None = None) -> str:
     methods_seen = sorted({m for ms in t1.values() for m in ms}, key=_method_rank)
     lines = [
         "# FedMoE report",
@@ -1022,6 +1138,8 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
     lines += render_paper_table2(against_table2 or {}, t2)
     lines += ["", "## Stage 1: do the clients' experts follow their tasks?", ""]
     lines += render_task_separation(separation or {})
+    lines += ["", "## Stage 2: do recommended adjustments beat leaving the client alone?", ""]
+    lines += render_stage2_trials(trials or {})
     lines += ["", "## What the outputs look like", ""]
     lines += render_outputs(outputs or {})
     lines += ["", "## Figures", ""]
@@ -1468,6 +1586,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     ttt = time_to_target(groups, baselines, notes)
     t2 = table2(groups, notes)
     separation = task_separation(groups, notes)
+    trials = stage2_trials(groups, notes)
     against_paper = paper_comparison(t1, baselines)
     against_table2 = paper_table2_comparison(t2)
     outputs = output_diagnostics(groups)
@@ -1479,6 +1598,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     result = {"root": os.path.abspath(root), "runs": [r.rel for r in runs], "average_improvement": gains,
               "cvi": cvis, "time_to_target": ttt, "paper_comparison": against_paper,
               "task_separation": separation, "paper_table2_comparison": against_table2,
+              "stage2_trials": trials,
               "initial_models": initial_models, "outputs": outputs, "figures": [rel for _, rel in figs],
               "notes": list(notes)}
     if moved is not None:
@@ -1487,7 +1607,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(render_markdown(root, runs, t1, t2, gains, cvis, ttt, figs, baselines, notes,
                                 against_paper, outputs, (compare, moved) if moved is not None else None,
-                                separation, against_table2))
+                                separation, against_table2, trials))
     return {**result, "out": out, "table1": t1, "table2": t2}
 
 
@@ -1534,6 +1654,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = ["PAPER_TABLE1", "RUN_FILES", "Run", "build_report", "compare_tables", "curve", "cvi",
            "export_runs", "find_summaries", "group_runs", "improvement", "load_runs", "load_table1", "main",
-           "mean_std", "paired_difference", "paper_comparison", "paper_table2_comparison", "stage1_measured",
-           "table1", "table2",
+           "mean_std", "paired_difference", "paper_comparison", "paper_table2_comparison",
+           "replay_stale_trials", "stage1_measured", "stage2_trials", "table1", "table2",
            "task_separation", "time_to_target"]

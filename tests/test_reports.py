@@ -176,6 +176,7 @@ def test_table2_expert_counts(built):
     assert sep["fedmoe"]["clients"] == 10 and sep["fedmoe"]["jaccard_within"] == pytest.approx(1.0)
     assert "## Stage 1: do the clients' experts follow their tasks?" in md
     assert f["experts_total"] == 8 and "### Against the paper's Table 2" in md  # 4 experts x 2 layers
+    assert "## Stage 2: do recommended adjustments beat leaving the client alone?" in md
 
 
 def test_figures_are_pngs_and_heatmap_means(runs_root, built):
@@ -561,3 +562,49 @@ def test_paper_table2_readings_by_hand():
     assert ("| Stage 2 keeps performance: FedMoE's TS above w/o Stage 2's | +0.23 | -1.00 ✗ | — ? |"
             in lines)
     assert reports.paper_table2_comparison({"standard_hetero_t": {"random_moe": row(1, 1, 1, 1, 1)}}) == {}
+
+
+def _trial_rows():
+    """Client 7: scores 1, .5, .5, 2, 1, 1, 1 (no loss); client 8: score 0 with losses 5, 4, 4.5, 4.6, 3,
+    then not evaluated."""
+    s7, s8, l8 = [1, .5, .5, 2, 1, 1, 1], [0, 0, 0, 0, 0, None, None], [5, 4, 4.5, 4.6, 3, None, None]
+    return [{"round": r + 1, "cohort": [7, 8], "client_val_score": [s7[r], s8[r]],
+             "client_val": [{"score": s7[r]}, {"score": s8[r], "loss": l8[r]}]} for r in range(7)]
+
+
+def test_replay_stale_trials_by_hand():
+    """Patience 2. Client 7: stale after .5, .5 -> trial judged by 2 (improved); stale after 1, 1 ->
+    judged by 1 (not): 2 trials, 1 improved. Client 8 with the loss tie-break: 0 @5 best, 0 @4 better,
+    @4.5 and @4.6 stale -> judged by 0 @3 (better): 1 of 1. Without it: @4 and @4.5 stale -> judged by
+    @4.6 (not); @3 stale again -> a trial never judged: 1 trial, 0 improved."""
+    rows = _trial_rows()
+    assert reports.replay_stale_trials(rows, 2, True) == (3, 2)
+    assert reports.replay_stale_trials(rows[::-1], 2, False) == (3, 1)  # rows are sorted by round
+    assert reports.replay_stale_trials(rows, 10, True) == (0, 0)
+
+
+def test_stage2_trials_against_the_unadjusted_base_rate(tmp_path):
+    """FedMoE kept 2 of 6 and 1 of 2 trials (3/8); the w/o-Stage-2 replay recovers 2 of 3. Fisher's exact
+    test of [[3, 5], [2, 1]]: P(3) = C(5,3) C(6,5) / C(11,8) = 60/165; the tables as or less likely
+    (k = 2, 3, 5: 10 + 60 + 20) give p = 90/165 = 6/11."""
+    def run(method, seed, rec=None, rows=()):
+        summary = {"method": method, "setting": "standard_hetero_t", "seed": seed,
+                   "config": {"stage2": {"patience": 2, "loss_tie_break": True}}}
+        if rec:
+            summary["recommendation"] = dict(zip(("adjust", "accept", "rollback"), rec))
+        return reports.Run(path="", rel="", summary=summary, mtime=0.0, rows=list(rows))
+    groups = {"standard_hetero_t": {"fedmoe": [run("fedmoe", 0, (6, 2, 4)), run("fedmoe", 1, (2, 1, 1))],
+                                    "fedmoe_no_stage2": [run("fedmoe_no_stage2", 0, rows=_trial_rows())]}}
+    notes = reports.Notes()
+    out = reports.stage2_trials(groups, notes)["standard_hetero_t"]
+    assert out["fedmoe"] == {"trials": 8, "accepted": 3, "seeds": 2, "rate": 3 / 8,
+                             "p_value": pytest.approx(6 / 11)}
+    assert out["unadjusted"]["trials"] == 3 and out["unadjusted"]["rate"] == pytest.approx(2 / 3)
+    assert "fedmoe_no_stage1" not in out and "all" not in reports.stage2_trials(groups, notes)
+    lines = reports.render_stage2_trials({"standard_hetero_t": out})
+    assert "| Standard-Hetero-T | 3/8 (38 %, p 0.55) | — | 2/3 (67 %) |" in lines
+    groups["enforced_hetero_t"] = {"fedmoe": [run("fedmoe", 0, (1, 1, 0))],
+                                   "fedmoe_no_stage2": [run("fedmoe_no_stage2", 0)]}  # no rows: a note
+    both = reports.stage2_trials(groups, notes)
+    assert both["all"]["fedmoe"]["trials"] == 9 and both["all"]["fedmoe"]["seeds"] == 3
+    assert "unadjusted" not in both["enforced_hetero_t"] and any("base rate" in n for n in notes)
