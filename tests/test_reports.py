@@ -177,6 +177,7 @@ def test_table2_expert_counts(built):
     assert "## Stage 1: do the clients' experts follow their tasks?" in md
     assert f["experts_total"] == 8 and "### Against the paper's Table 2" in md  # 4 experts x 2 layers
     assert "## Stage 2: do recommended adjustments beat leaving the client alone?" in md
+    assert "### Against the paper's text" in md
 
 
 def test_figures_are_pngs_and_heatmap_means(runs_root, built):
@@ -608,3 +609,38 @@ def test_stage2_trials_against_the_unadjusted_base_rate(tmp_path):
     both = reports.stage2_trials(groups, notes)
     assert both["all"]["fedmoe"]["trials"] == 9 and both["all"]["fedmoe"]["seeds"] == 3
     assert "unadjusted" not in both["enforced_hetero_t"] and any("base rate" in n for n in notes)
+
+
+def test_paper_claims_by_hand():
+    """Comm: FedMoE 1.5 vs randomMoE 2.0 (-25 %) in one setting, 3.0 vs 2.0 (+50 %) in another: mean
+    +12.5 %, not below. Speedups: 1.2 vs randomMoE (holds), 1.0 vs FedProx (a tie: undecided). CVI:
+    FedMoE 0.1 < FedProx 0.2 < randomMoE 0.3 < SCAFFOLD 0.4: lowest holds, the order does not."""
+    t1 = {"standard_hetero_t": {"fedmoe": {"comm_gb": 1.5}, "random_moe": {"comm_gb": 2.0}},
+          "enforced_hetero_t": {"fedmoe": {"comm_gb": 3.0}, "random_moe": {"comm_gb": 2.0}}}
+    gains = {"standard_hetero_t": {"signed_pct": 5.0, "small_denominators": {"TS": 0.5}},
+             "enforced_hetero_t": {"signed_pct": -3.0, "small_denominators": {}}}
+    cvis = {"fedmoe": {"CVI": 0.1}, "fedprox": {"CVI": 0.2}, "random_moe": {"CVI": 0.3},
+            "scaffold": {"CVI": 0.4}}
+    ttt = {"enforced_hetero_t": {"all": {"random_moe": {"0.99": {"speedup": 1.2}},
+                                         "fedprox": {"0.99": {"speedup": 1.0}}}}}
+    claims = {c["claim"]: c for c in reports.paper_claims(t1, gains, cvis, ttt)}
+    st = claims["Standard-Hetero-T: FedMoE ahead of the best baseline on average (signed §8.3 %) †"]
+    assert (st["paper"], st["ours"], st["holds"]) == (7.63, 5.0, True)
+    assert claims["Enforced-Hetero-T: FedMoE ahead of the best baseline on average (signed §8.3 %)"][
+        "holds"] is False
+    assert claims["Standard-Hetero-TD: FedMoE ahead of the best baseline on average (signed §8.3 %)"][
+        "holds"] is None
+    comm = claims["Communication below randomMoE (%, mean over settings)"]
+    assert comm["ours"] == pytest.approx(12.5) and comm["holds"] is False and comm["paper"] == -19.11
+    assert claims["Communication below FedProx (%, mean over settings)"]["ours"] is None
+    speed = "Enforced-Hetero-T: FedMoE reaches 99 % of the target sooner than {} (speedup)"
+    assert claims[speed.format("randomMoE")]["holds"] is True
+    assert claims[speed.format("FedProx")]["holds"] is None
+    assert claims[speed.format("SCAFFOLD")]["ours"] is None
+    assert claims["CVI: FedMoE the lowest of FedMoE, FedProx, SCAFFOLD, randomMoE"]["holds"] is True
+    order = claims["CVI order FedMoE < FedProx < SCAFFOLD < randomMoE"]
+    assert order["ours"] == "FedMoE < FedProx < randomMoE < SCAFFOLD" and order["holds"] is False
+    lines = reports.render_paper_claims(list(claims.values()))
+    # decidable: the two averages (1 holds), speedup vs randomMoE, comm vs randomMoE, the two CVI claims
+    assert "**3 of 6** decidable claims hold." in lines[0] and "†: the best baseline" in lines[0]
+    assert "| Communication below randomMoE (%, mean over settings) | -19.11 | 12.5 | ✗ |" in lines
