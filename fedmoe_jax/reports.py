@@ -1050,6 +1050,47 @@ def render_outputs(outputs: Mapping[str, Mapping[str, Mapping[str, Mapping[str, 
     return lines
 
 
+def at_a_glance(against_paper: Mapping, against_table2: Mapping, claims: Sequence[Mapping[str, Any]],
+                separation: Mapping, trials: Mapping) -> list[str]:
+    """Markdown bullet lines: the report's verdicts in one place (each names its section)."""
+    out = []
+    entries = [e for per in against_paper.values() for m in per.values() for e in m.values()]
+    judged = [e for e in entries if e["holds"] is not None]
+    if judged:
+        line = (f"- Table 1 directions (FedMoE vs each baseline, \"Against the paper\"): "
+                f"**{sum(e['holds'] for e in judged)} of {len(judged)}** hold")
+        seeded = [e for e in judged if (e.get("paired") or {}).get("ci")]
+        if seeded:
+            sig = [e for e in seeded if e["significant"]]
+            every = sum(e["seeds_agree"] == len(e["paired"]["seeds"]) for e in seeded)
+            line += (f"; of {len(seeded)} task-score directions with several seeds, {every} hold in every "
+                     f"seed and {len(sig)} are significant at 95 % ({sum(e['holds'] for e in sig)} of them "
+                     "hold)")
+        out.append(line + ".")
+    t2 = [e for per in against_table2.values() for e in per.values() if e["holds"] is not None]
+    if t2:
+        out.append(f"- Table 2 readings (\"Against the paper's Table 2\"): "
+                   f"**{sum(e['holds'] for e in t2)} of {len(t2)}** hold.")
+    text = [c for c in claims if c["holds"] is not None]
+    if text:
+        out.append(f"- Claims of the paper's text (\"Against the paper's text\"): "
+                   f"**{sum(c['holds'] for c in text)} of {len(text)}** hold.")
+    fed = [e["fedmoe"] for e in separation.values() if e.get("fedmoe", {}).get("cos_within") is not None]
+    if fed:
+        out.append("- Stage-1 profiles name the client's task (leave-one-out) for "
+                   + ", ".join(f"{100 * e['task_from_profile']:.0f} %" for e in fed)
+                   + " of FedMoE's measured clients (settings in order; chance 33 %); cosine same / "
+                   "different task "
+                   + ", ".join(f"{e['cos_within']:.2f} / {e['cos_between']:.2f}" for e in fed) + ".")
+    pooled = trials.get("all") or (next(iter(trials.values())) if len(trials) == 1 else None)
+    if pooled and pooled.get("fedmoe", {}).get("trials") and pooled.get("unadjusted", {}).get("trials"):
+        f, u = pooled["fedmoe"], pooled["unadjusted"]
+        out.append(f"- Stage-2 trials kept: FedMoE {f['accepted']}/{f['trials']} ({100 * f['rate']:.0f} %) "
+                   f"vs {u['accepted']}/{u['trials']} ({100 * u['rate']:.0f} %) of unadjusted stale "
+                   f"clients recovering (Fisher p {f['p_value']:.2g}).")
+    return ["## At a glance", "", *out, ""] if out else []
+
+
 def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, gains: Mapping, cvis: Mapping,
                     ttt: Mapping, figs: Sequence[tuple[str, str]], baselines: Sequence[str],
                     notes: Sequence[str], against_paper: Mapping, outputs: Mapping | None = None,
@@ -1064,6 +1105,7 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
         f"Baselines for the comparisons: {', '.join(method_name(b) for b in baselines)}. "
         "Definitions at the end; \"—\" marks missing data (see Notes).",
         "",
+        *at_a_glance(against_paper, against_table2 or {}, claims or [], separation or {}, trials or {}),
         "## Table 1 analogue: end-to-end performance",
         "",
     ]
@@ -1728,7 +1770,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["PAPER_TABLE1", "RUN_FILES", "Run", "build_report", "compare_tables", "curve", "cvi",
+__all__ = ["PAPER_TABLE1", "RUN_FILES", "Run", "at_a_glance", "build_report", "compare_tables", "curve",
+           "cvi",
            "export_runs", "find_summaries", "group_runs", "improvement", "load_runs", "load_table1", "main",
            "mean_std", "paired_difference", "paper_claims", "paper_comparison", "paper_table2_comparison",
            "replay_stale_trials", "stage1_measured", "stage2_trials", "table1", "table2",

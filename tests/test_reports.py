@@ -178,6 +178,10 @@ def test_table2_expert_counts(built):
     assert f["experts_total"] == 8 and "### Against the paper's Table 2" in md  # 4 experts x 2 layers
     assert "## Stage 2: do recommended adjustments beat leaving the client alone?" in md
     assert "### Against the paper's text" in md
+    glance = md.split("## At a glance")[1].split("## Table 1 analogue")[0]
+    assert "- Table 1 directions" in glance and "hold in every seed" in glance
+    assert "- Stage-1 profiles name the client's task" in glance
+    assert reports.at_a_glance({}, {}, [], {}, {}) == []
 
 
 def test_figures_are_pngs_and_heatmap_means(runs_root, built):
