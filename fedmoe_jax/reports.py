@@ -1170,7 +1170,8 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
                     return MISSING if lo is None or hi is None else f"{lo:g} / {hi:g}"
 
                 rec = row.get("recommendation")
-                rec_s = "/".join(f"{rec[k]:.3g}" for k in ("adjust", "accept", "rollback")) if rec else MISSING
+                rec_s = ("/".join(f"{rec[k]:.3g}" for k in ("adjust", "accept", "rollback")) if rec
+                         else MISSING)
                 lines.append(f"| {method_name(method)} | " + " | ".join(_score_cells(row)) +
                              f" | {_fmt(row['experts_start_mean'], digits=1)} → "
                              f"{_fmt(row['experts_end_mean'], digits=1)} | {mm('start')} | {mm('end')} | "
