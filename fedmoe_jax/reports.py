@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 
 from fedmoe_jax import predictions
+from fedmoe_jax.algorithms.base import improves
+from fedmoe_jax.algorithms.fedmoe import cosine_similarity
 from fedmoe_jax.federated.metrics import (
     METRICS_FILE,
     average_improvement,
@@ -82,6 +84,7 @@ METHOD = "fedmoe"
 TARGET_FRACTIONS = (0.99, 0.9)
 CURVES = {"tc": "val_score_tc", "rc": "val_score_rc", "ts": "val_score_ts", "all": "val_score"}
 MISSING = "—"
+MARKS = {True: "✓", False: "✗", None: "?"}  # a paper direction or reading: holds / reversed / undecided
 
 
 @dataclass
@@ -561,13 +564,6 @@ def stage1_measured(run: Run) -> np.ndarray | None:
     return measured & nonzero
 
 
-def _pairwise_cosine(x: np.ndarray) -> np.ndarray:
-    """`[M, D]` -> `[M, M]` cosine similarities (0 for zero rows)."""
-    norms = np.linalg.norm(x, axis=1)
-    outer = norms[:, None] * norms[None]
-    return np.divide(x @ x.T, outer, out=np.zeros((len(x), len(x))), where=outer > 0)
-
-
 def _within_between(sim: np.ndarray, tasks: np.ndarray) -> tuple[list[float], list[float]]:
     same = tasks[:, None] == tasks[None]
     off = ~np.eye(len(tasks), dtype=bool)
@@ -611,7 +607,7 @@ def task_separation(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes
                 t = tasks[measured]
                 clients += len(t)
                 flat = probs.reshape(len(probs), -1)
-                w, b = _within_between(_pairwise_cosine(flat), t)
+                w, b = _within_between(np.stack([cosine_similarity(p, flat) for p in flat]), t)
                 cw += w
                 cb += b
                 layer = probs / np.maximum(probs.sum(-1, keepdims=True), 1e-12)
@@ -621,7 +617,7 @@ def task_separation(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes
                     others = np.arange(len(t)) != i
                     labels = list(np.unique(t[others]))  # a task with no other client: a miss
                     cents = np.stack([flat[others & (t == k)].mean(0) for k in labels])
-                    sim = _pairwise_cosine(np.concatenate([flat[i:i + 1], cents]))[0, 1:]
+                    sim = cosine_similarity(flat[i], cents)
                     hits.append(labels[int(np.argmax(sim))] == t[i])
             if not (jw or jb or cw or cb):
                 continue
@@ -659,7 +655,7 @@ def replay_stale_trials(rows: Sequence[Mapping[str, Any]], patience: int, loss_t
             loss = _num(val.get("loss")) if isinstance(val, Mapping) else None
             loss = math.nan if loss is None else loss
             b, bl = best.get(k, -math.inf), best_loss.get(k, math.inf)
-            better = score > b or (loss_tie_break and score == b and loss < bl)
+            better = bool(improves(np.float64(score), np.float64(loss), b, bl, loss_tie_break))
             if better:
                 best[k], best_loss[k], stale[k] = score, loss, 0
             else:
@@ -1363,7 +1359,7 @@ def render_paper_comparison(cmp: Mapping[str, Mapping[str, Mapping[str, Mapping[
                     paper += f" ({100 * e['paper_rel'][0]:+.0f} %)"
                 if size and e.get("ours_rel") is not None:
                     here += f" ({100 * e['ours_rel']:+.0f} %)"
-                mark = {True: "✓", False: "✗", None: "?"}[e["holds"]]
+                mark = MARKS[e["holds"]]
                 if e.get("significant"):
                     mark = f"**{mark}**"
                 p = e.get("paired")
@@ -1444,7 +1440,7 @@ def render_paper_claims(claims: Sequence[Mapping[str, Any]]) -> list[str]:
         def fmt(v: Any) -> str:
             return MISSING if v is None else v if isinstance(v, str) else f"{v:.4g}"
         lines.append(f"| {c['claim']} | {fmt(c['paper'])} | {fmt(c['ours'])} | "
-                     f"{ {True: '✓', False: '✗', None: '?'}[c['holds']]} |")
+                     f"{MARKS[c['holds']]} |")
     return lines
 
 
@@ -1531,7 +1527,7 @@ def render_paper_table2(cmp: Mapping[str, Mapping[str, Mapping[str, Any]]],
         cells = []
         for s in settings:
             e = cmp[s][key]
-            mark = {True: "✓", False: "✗", None: "?"}[e["holds"]]
+            mark = MARKS[e["holds"]]
             cells.append(f"{MISSING if e['ours'] is None else format(e['ours'], '+.2f')} {mark}")
         lines.append(f"| {text} | {MISSING if paper is None else format(paper, '+.2f')} | "
                      + " | ".join(cells) + " |")
