@@ -222,6 +222,12 @@ def _num(x: Any) -> float | None:
     return float(x) if math.isfinite(float(x)) else None
 
 
+def _tally(entries: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
+    """(held, judged) over verdict entries: those whose `holds` is True, and those decidable (not None)."""
+    marks = [e["holds"] for e in entries]
+    return sum(m is True for m in marks), sum(m is not None for m in marks)
+
+
 def _get(d: Any, *keys: str) -> Any:
     for k in keys:
         if not isinstance(d, Mapping):
@@ -1053,8 +1059,9 @@ def at_a_glance(against_paper: Mapping, against_table2: Mapping, claims: Sequenc
     entries = [e for per in against_paper.values() for m in per.values() for e in m.values()]
     judged = [e for e in entries if e["holds"] is not None]
     if judged:
+        held, n = _tally(judged)
         line = (f"- Table 1 directions (FedMoE vs each baseline, \"Against the paper\"): "
-                f"**{sum(e['holds'] for e in judged)} of {len(judged)}** hold")
+                f"**{held} of {n}** hold")
         seeded = [e for e in judged if (e.get("paired") or {}).get("ci")]
         if seeded:
             sig = [e for e in seeded if e["significant"]]
@@ -1063,14 +1070,13 @@ def at_a_glance(against_paper: Mapping, against_table2: Mapping, claims: Sequenc
                      f"seed and {len(sig)} are significant at 95 % ({sum(e['holds'] for e in sig)} of them "
                      "hold)")
         out.append(line + ".")
-    t2 = [e for per in against_table2.values() for e in per.values() if e["holds"] is not None]
-    if t2:
-        out.append(f"- Table 2 readings (\"Against the paper's Table 2\"): "
-                   f"**{sum(e['holds'] for e in t2)} of {len(t2)}** hold.")
-    text = [c for c in claims if c["holds"] is not None]
-    if text:
+    held, judged_t2 = _tally(e for per in against_table2.values() for e in per.values())
+    if judged_t2:
+        out.append(f"- Table 2 readings (\"Against the paper's Table 2\"): **{held} of {judged_t2}** hold.")
+    held, judged_text = _tally(claims)
+    if judged_text:
         out.append(f"- Claims of the paper's text (\"Against the paper's text\"): "
-                   f"**{sum(c['holds'] for c in text)} of {len(text)}** hold.")
+                   f"**{held} of {judged_text}** hold.")
     fed = [e["fedmoe"] for e in separation.values() if e.get("fedmoe", {}).get("cos_within") is not None]
     if fed:
         out.append("- Stage-1 profiles name the client's task (leave-one-out) for "
@@ -1323,8 +1329,7 @@ def render_paper_comparison(cmp: Mapping[str, Mapping[str, Mapping[str, Mapping[
     if not cmp:
         return ["No FedMoE runs in the paper's settings: nothing to compare."]
     entries = [e for per in cmp.values() for m in per.values() for e in m.values()]
-    held = sum(e["holds"] is True for e in entries)
-    judged = sum(e["holds"] is not None for e in entries)
+    held, judged = _tally(entries)
     lines = [f"FedMoE minus each baseline, in the paper (PAPER.md §8.1) and here (means over seeds); ✓ the "
              f"paper's direction holds, ✗ it is reversed, ? not decidable (a lost paper cell, or missing / "
              f"tied runs here). Comm and memory: lower is better. **{held} of {judged}** decidable "
@@ -1430,7 +1435,7 @@ def paper_claims(t1: Mapping[str, Mapping[str, Mapping]], gains: Mapping[str, Ma
 
 def render_paper_claims(claims: Sequence[Mapping[str, Any]]) -> list[str]:
     """Markdown lines for `paper_claims`."""
-    held, judged = sum(c["holds"] is True for c in claims), sum(c["holds"] is not None for c in claims)
+    held, judged = _tally(claims)
     lines = [f"The claims of the paper's text (PAPER.md §8.2) checked here: **{held} of {judged}** decidable "
              "claims hold."
              + (" †: the best baseline has a task score below 1 point, so the percentage mostly measures "
@@ -1446,10 +1451,13 @@ def render_paper_claims(claims: Sequence[Mapping[str, Any]]) -> list[str]:
 
 # PAPER.md §8.4 (Table 2, Standard-Hetero-T, switch-base-32: 12 MoE layers x 32 experts = 384): TS and
 # the total experts per client at the start and the end of Stage 2, min / max at the end.
-PAPER_TABLE2 = {
-    "fedmoe": {"TS": 16.92, "start": 78.0, "end": 65.0, "end_min": 52.0, "end_max": 92.0},
-    "fedmoe_no_stage1": {"TS": 14.50, "start": 96.0, "end": 104.0, "end_min": 94.0, "end_max": 118.0},
-    "fedmoe_no_stage2": {"TS": 16.69, "start": 78.0, "end": 78.0, "end_min": 50.0, "end_max": 114.0},
+PAPER_TABLE2 = {  # keyed like `table2` rows, so `_table2_claims` reads both the same way
+    "fedmoe": {"TS": 16.92, "experts_start_mean": 78.0, "experts_end_mean": 65.0,
+               "experts_end_min": 52.0, "experts_end_max": 92.0},
+    "fedmoe_no_stage1": {"TS": 14.50, "experts_start_mean": 96.0, "experts_end_mean": 104.0,
+                         "experts_end_min": 94.0, "experts_end_max": 118.0},
+    "fedmoe_no_stage2": {"TS": 16.69, "experts_start_mean": 78.0, "experts_end_mean": 78.0,
+                         "experts_end_min": 50.0, "experts_end_max": 114.0},
 }
 PAPER_TABLE2_TOTAL = 384
 
@@ -1457,11 +1465,7 @@ PAPER_TABLE2_TOTAL = 384
 def _table2_claims(rows: Mapping[str, Mapping[str, Any]], paper: bool) -> dict[str, float | None]:
     """The signed quantities behind Table 2's readings; positive = the paper's direction."""
     def get(method: str, key: str) -> float | None:
-        if paper:
-            return PAPER_TABLE2.get(method, {}).get({"experts_start_mean": "start", "experts_end_mean": "end",
-                                                     "experts_end_min": "end_min",
-                                                     "experts_end_max": "end_max"}.get(key, key))
-        return _num(rows.get(method, {}).get(key))
+        return _num((PAPER_TABLE2 if paper else rows).get(method, {}).get(key))
 
     def diff(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else a - b
@@ -1513,8 +1517,7 @@ def render_paper_table2(cmp: Mapping[str, Mapping[str, Mapping[str, Any]]],
     """Markdown lines for `paper_table2_comparison`."""
     if not cmp:
         return ["No FedMoE runs: nothing to compare with the paper's Table 2."]
-    held = sum(e["holds"] is True for per in cmp.values() for e in per.values())
-    judged = sum(e["holds"] is not None for per in cmp.values() for e in per.values())
+    held, judged = _tally(e for per in cmp.values() for e in per.values())
     lines = [f"The paper's Table 2 readings (PAPER.md §8.4: Standard-Hetero-T only; experts are totals over "
              f"the MoE layers, {PAPER_TABLE2_TOTAL} in all there) checked in every setting here; each cell "
              f"is the signed quantity, positive in the paper's direction (TS points or experts). "
