@@ -11,7 +11,7 @@ from test_submodel import reference_aggregate
 
 from fedmoe_jax.federated import bucket_width, expert_slots, gather_submodel, scatter_submodel
 from fedmoe_jax.federated.client import make_local_train
-from fedmoe_jax.federated.loop import MemoryCapExceeded, chunk_candidates, make_round_step
+from fedmoe_jax.federated.loop import MemoryCapExceeded, chunk_candidates, make_personal_step, make_round_step
 from fedmoe_jax.federated.sharding import make_mesh, pad_clients, padded_cohort_size
 from fedmoe_jax.models import SwitchTransformer, get_config
 
@@ -197,6 +197,49 @@ def test_memory_cap_picks_the_largest_sub_cohort_that_fits(setup):
     halves = make_round_step(config, tx, chunk_size=2, return_clients=True)(*args)
     for a, b in zip(jax.tree.leaves((out.params, out.metrics, out.client_params)),
                     jax.tree.leaves((halves.params, halves.metrics, halves.client_params))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_personal_step_chunked_and_capped_equal_each_client_alone(setup):
+    """Local training without a server (method `local`): the vmapped cohort, sub-cohorts of 2 and the
+    program a memory cap picks all equal each client's own model trained alone; below one client's
+    need: MemoryCapExceeded naming local training."""
+    _, _, _, batches = setup
+    config = get_config("switch-tiny-4", dropout_rate=0.1, router_jitter_noise=0.01)
+    params = SwitchTransformer(config).init(jax.random.key(0), jnp.ones((1, 6), jnp.int32),
+                                            jnp.ones((1, 4), jnp.int32))["params"]
+    c = 4  # every client its own full model: the global one scaled differently per client
+    own = jax.tree.map(lambda a: np.stack([np.asarray(a) * (1 + 0.05 * i) for i in range(c)]), params)
+    stacked = jax.tree.map(lambda *a: np.stack(a), *batches[:c])
+    step_mask = np.ones((c, 3), bool)
+    step_mask[1, 2] = False
+    keys = jax.random.wrap_key_data(jnp.stack(
+        [jax.random.key_data(jax.random.fold_in(jax.random.key(3), i)) for i in range(c)]))
+    tx = optax.sgd(0.1, momentum=0.9)
+    args = (own, stacked, step_mask, keys)
+
+    local_train = jax.jit(make_local_train(config, tx))  # the slow obvious reference: one client at a time
+    all_experts = jnp.ones((config.num_moe_layers, config.num_experts), bool)
+    alone = [local_train(jax.tree.map(lambda a, i=i: a[i], own), jax.tree.map(lambda a, i=i: a[i], stacked),
+                         jnp.asarray(step_mask[i]), all_experts, keys[i]) for i in range(c)]
+    whole = make_personal_step(config, tx, chunk_size=None)(*args)
+    halves = make_personal_step(config, tx, chunk_size=2)(*args)
+    for out in (whole, halves):
+        for i in range(c):
+            for a, b in zip(jax.tree.leaves(alone[i][0]), jax.tree.leaves(out[0])):
+                np.testing.assert_allclose(np.asarray(b[i]), np.asarray(a), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(float(out[1]["loss"][i]), float(alone[i][1]["loss"]), rtol=1e-5)
+        np.testing.assert_array_equal(np.asarray(out[1]["finite"]), np.ones(c))
+
+    too_small = make_personal_step(config, tx, memory_cap=1)
+    with pytest.raises(MemoryCapExceeded, match=r"^local training needs .* of 1 client.*batch_size"):
+        too_small(*args)
+    need = too_small.memory_needs[c]
+    assert list(need) == [None, 2, 1] and need[None] > need[2] > need[1]  # None: all 4 at once
+    capped = make_personal_step(config, tx, memory_cap=need[2])
+    out = capped(*args)
+    assert list(capped.memory_needs[c]) == [None, 2]  # all at once did not fit, halves did
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(halves)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

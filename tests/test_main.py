@@ -168,13 +168,15 @@ def test_diverging_clients_stop_the_run_with_exit_3(tmp_path):
     assert not os.path.exists(os.path.join(workdir, "metrics.jsonl")) or not read_rows(workdir)
 
 
-def test_memory_cap_below_one_client_exits_2(tmp_path):
-    """A cap no sub-cohort fits under: status 2, the last line names the sizes and what to lower."""
-    res = cli(f"--config={TINY}:fedavg", f"--workdir={tmp_path / 'run'}", "--config.memory_cap_gb=1e-6",
+@pytest.mark.parametrize("method,what", [("fedavg", "a round"), ("local", "local training")])
+def test_memory_cap_below_one_client_exits_2(tmp_path, method, what):
+    """A cap no sub-cohort fits under (a server round, or `local`'s personal models): status 2, the
+    last line names the sizes and what to lower."""
+    res = cli(f"--config={TINY}:{method}", f"--workdir={tmp_path / 'run'}", "--config.memory_cap_gb=1e-6",
               "--config.cohort_size=1")  # one candidate sub-cohort: one compilation
     assert res.returncode == 2, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: a round needs ") and "over the memory cap of 0.00 GB" in last
+    assert last.startswith(f"error: {what} needs ") and "over the memory cap of 0.00 GB" in last
     assert "lower batch_size" in last
     assert not os.path.exists(tmp_path / "run" / "summary.json")
 

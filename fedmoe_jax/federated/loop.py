@@ -121,6 +121,27 @@ def chunk_candidates(cohort: int, mesh: Mesh | None, start: int | None) -> list[
     return [None if d == cohort else d for d in sizes]
 
 
+def fit_under_cap(c: int, mesh: Mesh | None, memory_cap: int, compile_chunk: Callable[[int | None], Any],
+                  tried: dict[int | None, int], what: str, fix: str, detail: str = ""
+                  ) -> tuple[int | None, Any]:
+    """`(chunk, program)`: the first of `chunk_candidates(c, ...)` whose compiled program
+    (`compile_chunk(chunk)`) needs at most `memory_cap` bytes per device (`program_bytes`, recorded in
+    `tried`); `MemoryCapExceeded` (one line: `what`, the sizes, `detail`, `fix`) when not even
+    sub-cohorts of one client fit."""
+    for chunk in chunk_candidates(c, mesh, auto_chunk_size(c, mesh)):
+        program = compile_chunk(chunk)
+        need = tried[chunk] = program_bytes(program)
+        if need <= memory_cap:
+            if len(tried) > 1:  # a larger sub-cohort did not fit
+                log.info("%s of %d clients: sub-cohorts of %s to fit the memory cap of %.2f GB "
+                         "(%.2f GB each)", what, c, chunk or c, memory_cap / 1e9, need / 1e9)
+            return chunk, program
+    size, need = min(tried.items(), key=lambda item: item[1])
+    raise MemoryCapExceeded(
+        f"{what} needs {need / 1e9:.2f} GB per device even in sub-cohorts of {size or c} client(s){detail} "
+        f"over the memory cap of {memory_cap / 1e9:.2f} GB: {fix}")
+
+
 def make_round_step(
     config: SwitchConfig,
     optimizer: optax.GradientTransformation,
@@ -212,23 +233,14 @@ def make_round_step(
     def fit(width: int, c: int, args: tuple) -> Callable:
         """The round compiled for the largest sub-cohort that fits in `memory_cap` (shapes of `args`:
         kept per cohort size, unlike the jitted programs in `compiled`)."""
-        tried = memory_needs.setdefault((width, c), {})
-        for chunk in chunk_candidates(c, mesh, auto_chunk_size(c, mesh)):
-            program = build(width, args[0], chunk).lower(*args).compile()
-            need = tried[chunk] = program_bytes(program)
-            if need <= memory_cap:
-                if len(tried) > 1:  # a larger sub-cohort did not fit
-                    log.info("round of %d clients (S=%d): sub-cohorts of %s to fit the memory cap of "
-                             "%.2f GB (%.2f GB each)", c, width, chunk or c, memory_cap / 1e9, need / 1e9)
-                compiled[(width, chunk)] = program
-                return program
-        size, need = min(tried.items(), key=lambda item: item[1])
-        size = size or c
-        seeds = (f" ({int(args[1].shape[0])} runs at once: pass fewer --seeds together)," if runs else "")
-        raise MemoryCapExceeded(
-            f"a round needs {need / 1e9:.2f} GB per device even in sub-cohorts of {size} client(s){seeds} "
-            f"over the memory cap of {memory_cap / 1e9:.2f} GB: lower batch_size or data.max_input_len / "
-            "max_target_len, shard experts (mesh.experts), or raise memory_cap_gb")
+        seeds = f" ({int(args[1].shape[0])} runs at once: pass fewer --seeds together)," if runs else ""
+        chunk, program = fit_under_cap(
+            c, mesh, memory_cap, lambda chunk: build(width, args[0], chunk).lower(*args).compile(),
+            memory_needs.setdefault((width, c), {}), "a round",
+            "lower batch_size or data.max_input_len / max_target_len, shard experts (mesh.experts), "
+            "or raise memory_cap_gb", detail=seeds)
+        compiled[(width, chunk)] = program
+        return program
 
     def round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None) -> RoundOutput:
         width, c = int(indices.shape[-1]), int(indices.shape[-3])
@@ -254,24 +266,63 @@ def make_personal_step(
     loss_config: LossConfig = LossConfig(),
     hooks: LocalHooks = LocalHooks(),
     mesh: Mesh | None = None,
+    chunk_size: int | None | str = "auto",
+    memory_cap: int | None = None,
 ) -> Callable[..., tuple[PyTree, dict[str, Array], RoutingStats]]:
     """Local training without a server: `(params [C, ...] full trees, batches, step_mask, rngs, extra)
     -> (trained [C, ...], metrics [C], routing [C, L, E])`; every client holds every expert. A client
-    whose update is not finite keeps its previous model (`exclude_nonfinite`)."""
+    whose update is not finite keeps its previous model (`exclude_nonfinite`).
+
+    `chunk_size`: sub-cohorts of that many clients trained one after another (`lax.scan`), as in
+    `make_round_step`. `"auto"`: the whole cohort at once, or under `memory_cap` (bytes per device) the
+    largest sub-cohort whose compiled step fits (`fit_under_cap`, candidates from `auto_chunk_size`
+    down; `personal_step.memory_needs` keeps `{cohort: {chunk: bytes}}`). Unlike a round, "auto" makes
+    no CPU sub-cohorts: `results/cpu_reproduction`'s `local` runs trained the whole cohort at once."""
     local_train = make_local_train(config, optimizer, loss_config, hooks)
     all_experts = jnp.ones((config.num_moe_layers, config.num_experts), bool)
+    one = lambda p, b, m, k, e: local_train(p, b, m, all_experts, k, e)  # noqa: E731
+    train = jax.vmap(one, spmd_axis_name=CLIENTS if mesh is not None else None)
+    compiled: dict[int | None, Callable] = {}
+    fitted: dict[int, Callable] = {}  # cohort size -> program chosen under memory_cap
+    memory_needs: dict[int, dict] = {}  # cohort size -> {chunk: bytes} of those tried
 
-    def step(params, batches, step_mask, rngs, extra):
-        one = lambda p, b, m, k, e: local_train(p, b, m, all_experts, k, e)  # noqa: E731
-        trained, metrics, stats = jax.vmap(one, spmd_axis_name=CLIENTS if mesh is not None else None)(
-            params, batches, step_mask, rngs, extra)
-        trained, metrics = exclude_nonfinite(trained, params, metrics)
-        return trained, metrics, stats
+    def build(chunk: int | None) -> Callable:
+        def step(params, batches, step_mask, rngs, extra):
+            cohort = (params, batches, step_mask, rngs, extra)
+            c = step_mask.shape[0]
+            if chunk is None or chunk >= c:
+                trained, metrics, stats = train(*cohort)
+            else:
+                if c % chunk:
+                    raise ValueError(f"cohort of {c} is not a multiple of chunk_size={chunk}")
+                chunks = jax.tree.map(lambda a: a.reshape((c // chunk, chunk) + a.shape[1:]), cohort)
+                _, out = jax.lax.scan(lambda carry, xs: (carry, train(*xs)), None, chunks)
+                trained, metrics, stats = jax.tree.map(lambda a: a.reshape((c,) + a.shape[2:]), out)
+            trained, metrics = exclude_nonfinite(trained, params, metrics)
+            return trained, metrics, stats
 
-    if mesh is None:
-        return jax.jit(step)
-    per_client = client_sharding(mesh)
-    return jax.jit(step, in_shardings=per_client, out_shardings=per_client)
+        if mesh is None:
+            return jax.jit(step)
+        per_client = client_sharding(mesh)
+        return jax.jit(step, in_shardings=per_client, out_shardings=per_client)
+
+    def personal_step(params, batches, step_mask, rngs, extra=None):
+        c = int(step_mask.shape[0])
+        args = (params, batches, step_mask, rngs, extra)
+        if memory_cap is not None and chunk_size == "auto":
+            if c not in fitted:
+                _, fitted[c] = fit_under_cap(
+                    c, mesh, memory_cap, lambda chunk: build(chunk).lower(*args).compile(),
+                    memory_needs.setdefault(c, {}), "local training",
+                    "lower batch_size or data.max_input_len / max_target_len, or raise memory_cap_gb")
+            return fitted[c](*args)
+        chunk = None if chunk_size == "auto" else chunk_size
+        if chunk not in compiled:
+            compiled[chunk] = build(chunk)
+        return compiled[chunk](*args)
+
+    personal_step.compiled, personal_step.memory_needs = compiled, memory_needs  # for tests, diagnostics
+    return personal_step
 
 
 def make_server_update(config: SwitchConfig, server_optimizer: optax.GradientTransformation):

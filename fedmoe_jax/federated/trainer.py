@@ -166,7 +166,8 @@ class FederatedTrainer:
         self._round_step = make_round_step(config, optimizer, loss_config, algorithm.hooks, mesh,
                                            return_clients=True, memory_cap=settings.memory_cap_bytes)
         if not algorithm.aggregates:
-            self._personal_step = make_personal_step(config, optimizer, loss_config, algorithm.hooks, mesh)
+            self._personal_step = make_personal_step(config, optimizer, loss_config, algorithm.hooks, mesh,
+                                                     memory_cap=settings.memory_cap_bytes)
         self._evaluators: dict[int, Any] = {}
         self._fine_tuners: dict[int, Any] = {}
         self._optimizer, self._loss_config = optimizer, loss_config
