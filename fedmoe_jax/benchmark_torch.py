@@ -3,7 +3,9 @@
 Hugging Face `SwitchTransformersForConditionalGeneration` (transformers + torch, eager, CPU or CUDA)
 with S experts per MoE layer. Per client: its kept experts (and their router rows) and the dense
 weights are copied in (`to_hf_state` of the gathered sub-MoE), K AdamW steps run on its batches
-(label loss + HF's router z-loss and load-balancing loss, dropout on), and the trained tensors are
+(label loss + HF's router z-loss and load-balancing loss, dropout on; the forward pass under
+`torch.autocast` to bfloat16 when the preset's model computes in bfloat16, weights and AdamW in float32
+as in the JAX contenders), and the trained tensors are
 added to the round's sums: dense tensors weighted by examples, each expert and router row into its
 global expert's sum (modular aggregation). Needs the test extras (torch, transformers).
 
@@ -56,6 +58,7 @@ def torch_round(w: Workload, device: str = "cpu") -> Callable[[], dict[str, np.n
         states.append({k: torch.from_numpy(np.array(v)) for k, v in hf_state.items()})
     batches = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in w.batches.items()}
     p = w.preset
+    compute_bf16 = jax.numpy.dtype(cfg.dtype) == jax.numpy.bfloat16
 
     def expert_target(name: str, c: int) -> tuple[str, int] | None:
         """Global HF name of a slot tensor of client c (None for a padding slot)."""
@@ -76,10 +79,11 @@ def torch_round(w: Workload, device: str = "cpu") -> Callable[[], dict[str, np.n
             model.load_state_dict(states[c], strict=False)
             opt = torch.optim.AdamW(model.parameters(), lr=p.learning_rate, weight_decay=0.01)
             for k in range(p.local_steps):
-                out = model(input_ids=batches["inputs"][c, k].long(),
-                            attention_mask=batches["input_mask"][c, k].long(),
-                            labels=batches["targets"][c, k].long(),
-                            decoder_attention_mask=batches["target_mask"][c, k].long())
+                with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=compute_bf16):
+                    out = model(input_ids=batches["inputs"][c, k].long(),
+                                attention_mask=batches["input_mask"][c, k].long(),
+                                labels=batches["targets"][c, k].long(),
+                                decoder_attention_mask=batches["target_mask"][c, k].long())
                 out.loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -77,6 +77,29 @@ def test_torch_round_aggregates_into_the_global_experts():
     assert checked > 40
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_round_computes_in_the_model_dtype(dtype):
+    """`--model dtype=bfloat16` reaches pytorch_hf too: its linear layers compute in the preset's dtype
+    (torch.autocast) while the aggregated weights stay float32."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from fedmoe_jax.benchmark_torch import torch_round
+
+    preset = bm.PRESETS["tiny"].replace(local_steps=1)
+    preset = preset.replace(model=preset.model.replace(dtype=dtype))
+    round_fn = torch_round(bm.make_workload(preset))
+    seen = set()
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.add(out.dtype) if isinstance(module, torch.nn.Linear) else None)
+    try:
+        out = round_fn()
+    finally:
+        hook.remove()
+    want = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    assert want in seen and (dtype == "float32") == (seen == {torch.float32})
+    assert all(v.dtype == np.float32 for v in out.values())
+
+
 def test_client_training_memory_grows_with_kept_experts():
     preset = bm.PRESETS["tiny"]
     two, eight = bm.client_training_bytes(preset, 2), bm.client_training_bytes(preset, 8)
