@@ -3,7 +3,9 @@
 A run directory is what `python -m fedmoe_jax.main ... --workdir=DIR` writes: `summary.json` (run-level
 numbers), `metrics.jsonl` (one row per round) and `experts.npz` (client expert maps and activation
 probabilities). `build_report(root, out)` finds every `summary.json` under `root` (any depth), groups the
-runs by (setting, method) over seeds and writes to `out`:
+runs by (setting, method) over seeds and writes to `out`. Runs of one setting and method whose configs
+differ in more than the seed (a sweep's hyperparameter axis) are separate rows, named by the keys that
+differ: `fedmoe[stage2.patience=1]` (`assign_variants`); the paper comparisons use the plain rows.
 
 - `report.md`: Table 1 and Table 2 analogues, average improvement, CVI, time-to-target, the paper's
   directions, whether clients' experts follow their tasks (`task_separation`), figures, notes;
@@ -97,9 +99,15 @@ class Run:
     mtime: float
     rows: list[dict[str, Any]] = field(default_factory=list)
     experts: dict[str, np.ndarray] | None = None
+    variant: str = ""  # `assign_variants`: the config keys that set this run apart, "k=v,k2=v2"
 
     @property
     def method(self) -> str:
+        """The row this run belongs to: the method, with `[variant]` when it has one."""
+        return variant_method(self.summary["method"], self.variant)
+
+    @property
+    def base_method(self) -> str:
         return self.summary["method"]
 
     @property
@@ -138,8 +146,9 @@ def find_summaries(root: str) -> list[str]:
 
 
 def load_runs(root: str, notes: Notes) -> list[Run]:
-    """The runs under `root`, one per (setting, method, seed): the newest `summary.json` wins."""
+    """The runs under `root`, one per (setting, method with variant, seed): the newest `summary.json` wins."""
     kept: dict[tuple[str, str, int], Run] = {}
+    loaded: list[Run] = []
     for path in find_summaries(root):
         run_dir = os.path.dirname(path)
         rel = os.path.relpath(run_dir, root)
@@ -156,7 +165,9 @@ def load_runs(root: str, notes: Notes) -> list[Run]:
         if not isinstance(summary.get("seed"), int) or isinstance(summary.get("seed"), bool):
             notes.add(f"`{rel}`: {SUMMARY_FILE} has no integer 'seed'; counted as seed -1")
             summary["seed"] = -1
-        run = Run(run_dir, rel, summary, os.path.getmtime(path))
+        loaded.append(Run(run_dir, rel, summary, os.path.getmtime(path)))
+    assign_variants(loaded, notes)
+    for run in loaded:
         key = (run.setting, run.method, run.seed)
         if key in kept:
             old = kept[key]
@@ -171,6 +182,63 @@ def load_runs(root: str, notes: Notes) -> list[Run]:
         run.rows = _load_rows(run, notes)
         run.experts = _load_experts(run, notes)
     return runs
+
+
+def variant_method(method: str, variant: str) -> str:
+    """`fedmoe` + `stage2.patience=1` -> `fedmoe[stage2.patience=1]`; no variant: the method itself."""
+    return f"{method}[{variant}]" if variant else method
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """Inverse of `variant_method`: `fedmoe[stage2.patience=1]` -> (`fedmoe`, `stage2.patience=1`)."""
+    base, sep, rest = method.partition("[")
+    return (base, rest[:-1]) if sep and rest.endswith("]") else (method, "")
+
+
+def _flat_config(config: Any, prefix: str = "") -> dict[str, str]:
+    """{dotted key: JSON of the value} of a nested config dict (lists and scalars are leaves)."""
+    if not isinstance(config, Mapping):
+        return {}
+    out: dict[str, str] = {}
+    for k, v in config.items():
+        if isinstance(v, Mapping):
+            out.update(_flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
+    return out
+
+
+def assign_variants(runs: Sequence[Run], notes: Notes) -> None:
+    """Sets `run.variant` where runs of one (setting, method) differ in more than the seed.
+
+    A sweep with a hyperparameter axis (`configs/sweeps/cpu_ablation.json`: `stage2.patience` 1 and 2)
+    writes runs of the same setting, method and seed that are different experiments; pooling them as
+    seeds, or keeping one, would misreport both. Per (setting, method), the keys of `summary["config"]`
+    that every run has, other than `seed`, and whose values differ between runs name the variant:
+    `stage2.patience=1`. Keys only some runs have (a config written by an older version of the code)
+    are not compared, so a grid resumed across library versions stays one row."""
+    by_group: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        by_group.setdefault((run.setting, run.base_method), []).append(run)
+    for (setting, method), group in by_group.items():
+        flats = [_flat_config(r.summary.get("config")) for r in group]
+        if len(group) < 2 or not all(flats):
+            continue
+        common = set.intersection(*(set(f) for f in flats)) - {"seed"}
+        differ = sorted(k for k in common if len({f[k] for f in flats}) > 1)
+        if not differ:
+            continue
+        for run, flat in zip(group, flats):
+            run.variant = ",".join(f"{k}={_compact(flat[k])}" for k in differ)
+        notes.add(f"{setting}/{method}: runs differ in {', '.join(differ)}; each value is its own row "
+                  f"({', '.join(sorted({variant_method(method, r.variant) for r in group}))}); the "
+                  "paper comparisons use only rows without a variant")
+
+
+def _compact(value_json: str) -> str:
+    """A JSON value for a row name: strings unquoted."""
+    value = json.loads(value_json)
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _load_rows(run: Run, notes: Notes) -> list[dict[str, Any]]:
@@ -252,8 +320,9 @@ def _setting_rank(s: str) -> tuple[int, str]:
     return _rank(list(SETTING_NAMES), s)
 
 
-def _method_rank(m: str) -> tuple[int, str]:
-    return _rank(list(METHOD_NAMES), m)
+def _method_rank(m: str) -> tuple[int, str, str]:
+    base, variant = split_method(m)
+    return (*_rank(list(METHOD_NAMES), base), variant)
 
 
 def setting_name(s: str) -> str:
@@ -261,7 +330,8 @@ def setting_name(s: str) -> str:
 
 
 def method_name(m: str) -> str:
-    return METHOD_NAMES.get(m, m)
+    base, variant = split_method(m)
+    return METHOD_NAMES.get(base, base) + (f" [{variant}]" if variant else "")
 
 
 def check_initial_models(runs: Sequence[Run], notes: Notes) -> dict[str, list[str]]:
@@ -516,14 +586,18 @@ def time_to_target(groups: Mapping[str, Mapping[str, list[Run]]], baselines: Seq
     return out
 
 
+def _ablation_rows(methods: Iterable[str]) -> list[str]:
+    """The rows of `methods` whose method is in `ABLATION_METHODS`, in that order, variants after."""
+    rows = [m for m in methods if split_method(m)[0] in ABLATION_METHODS]
+    return sorted(rows, key=lambda m: (ABLATION_METHODS.index(split_method(m)[0]), split_method(m)[1]))
+
+
 def table2(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes) -> dict[str, dict[str, dict]]:
     """Table 2 analogue: ablation rows per setting with expert totals at the start and the end."""
     table: dict[str, dict[str, dict]] = {}
     for setting, methods in groups.items():
         rows = {}
-        for method in ABLATION_METHODS:
-            if method not in methods:
-                continue
+        for method in _ablation_rows(methods):
             runs = methods[method]
             row = _task_scores(runs, "test", None)
             for when in ("start", "end"):
@@ -591,7 +665,7 @@ def task_separation(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes
     initial sub-MoEs. Numbers are None where a run lacks the array."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for setting, methods in groups.items():
-        for method in (m for m in ABLATION_METHODS if m in methods):  # the sub-MoE methods
+        for method in _ablation_rows(methods):  # the sub-MoE methods
             cw, cb, jw, jb, hits, ents, clients = [], [], [], [], [], [], 0
             for run in methods[method]:
                 if run.experts is None:
@@ -676,54 +750,81 @@ def replay_stale_trials(rows: Sequence[Mapping[str, Any]], patience: int, loss_t
     return trials, improved
 
 
+def _judgement(runs: Sequence[Run]) -> tuple[int, bool] | None:
+    """(`stage2.patience`, `stage2.loss_tie_break`) of the first of `runs` whose config has them."""
+    for run in runs:
+        stage2 = _get(run.summary, "config", "stage2")
+        if isinstance(stage2, Mapping) and _num(stage2.get("patience")) is not None:
+            return int(stage2["patience"]), bool(stage2.get("loss_tie_break"))
+    return None
+
+
 def stage2_trials(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes) -> dict[str, dict[str, Any]]:
     """Do Stage 2's recommended adjustments beat leaving a stale client alone?
 
-    Per setting (and `all`, pooled): for FedMoE and w/o Stage 1, the trials judged (accept + rollback
-    of `summary.recommendation`, seeds summed) and the share accepted (the adjusted client beat its
-    best); `unadjusted`: the same judgement replayed on the w/o-Stage-2 runs' metrics
-    (`replay_stale_trials`, with their `stage2.patience` and `loss_tie_break`); `p_value`: Fisher's
-    exact test (two-sided, scipy) of each method's accept share against the unadjusted one."""
+    Per setting (and `all`, pooled) and FedMoE / w/o Stage 1 row (variants included): the trials
+    judged (accept + rollback of `summary.recommendation`, seeds summed) and the share accepted (the
+    adjusted client beat its best), with the row's `patience`; `unadjusted`: the same judgement,
+    with the row's `stage2.patience` and `loss_tie_break`, replayed on the w/o-Stage-2 runs' metrics
+    (`replay_stale_trials`; the w/o-Stage-2 row of the same variant, else the plain one; each run's own
+    settings where the row's config lacks them); `p_value`: Fisher's exact test (two-sided, scipy) of the
+    row's accept share against its unadjusted one. A sweep over `stage2.patience` thus compares each
+    patience with the base rate at that patience."""
     from scipy import stats  # a jax dependency
 
     out: dict[str, dict[str, Any]] = {}
-    pooled: dict[str, list[int]] = {}
+    pooled: dict[str, dict[str, list[int]]] = {}
     for setting, methods in groups.items():
         entry: dict[str, Any] = {}
-        for method in ("fedmoe", "fedmoe_no_stage1"):
-            recs = [r.summary["recommendation"] for r in methods.get(method, [])
-                    if isinstance(r.summary.get("recommendation"), Mapping)]
-            if recs:
-                acc = int(sum(_num(r.get("accept")) or 0 for r in recs))
-                rb = int(sum(_num(r.get("rollback")) or 0 for r in recs))
-                entry[method] = {"trials": acc + rb, "accepted": acc, "seeds": len(recs)}
-        base = [0, 0]
-        for run in methods.get("fedmoe_no_stage2", []):
-            stage2 = _get(run.summary, "config", "stage2") or {}
-            if not run.rows or not isinstance(stage2, Mapping) or _num(stage2.get("patience")) is None:
-                notes.add(f"{run.label()}: no metrics rows or stage2.patience; left out of the "
-                          "unadjusted base rate")
+        for method, runs in methods.items():
+            base_method, variant = split_method(method)
+            if base_method not in ("fedmoe", "fedmoe_no_stage1"):
                 continue
-            t, i = replay_stale_trials(run.rows, int(stage2["patience"]), bool(stage2.get("loss_tie_break")))
-            base[0] += t
-            base[1] += i
-        if base[0]:
-            entry["unadjusted"] = {"trials": base[0], "accepted": base[1],
-                                   "seeds": len(methods.get("fedmoe_no_stage2", []))}
+            recs = [r.summary["recommendation"] for r in runs
+                    if isinstance(r.summary.get("recommendation"), Mapping)]
+            if not recs:
+                continue
+            acc = int(sum(_num(r.get("accept")) or 0 for r in recs))
+            rb = int(sum(_num(r.get("rollback")) or 0 for r in recs))
+            judgement = _judgement(runs)
+            e: dict[str, Any] = {"trials": acc + rb, "accepted": acc, "seeds": len(recs),
+                                 "patience": judgement[0] if judgement else None}
+            ref = (methods.get(variant_method("fedmoe_no_stage2", variant))
+                   or methods.get("fedmoe_no_stage2", []))
+            base = [0, 0]
+            for run in ref:
+                rule = judgement or _judgement([run])
+                if not run.rows or rule is None:
+                    notes.add(f"{run.label()}: no metrics rows or stage2.patience; left out of the "
+                              "unadjusted base rate")
+                    continue
+                t, i = replay_stale_trials(run.rows, *rule)
+                base[0] += t
+                base[1] += i
+            if base[0]:
+                e["unadjusted"] = {"trials": base[0], "accepted": base[1], "seeds": len(ref)}
+            entry[method] = e
+            acc_all = pooled.setdefault(method, {"row": [0, 0, 0], "base": [0, 0, 0]})
+            for k, v in zip(("trials", "accepted", "seeds"), range(3)):
+                acc_all["row"][v] += e[k]
+                acc_all["base"][v] += e.get("unadjusted", {}).get(k, 0)
         if entry:
             out[setting] = entry
-            for m, e in entry.items():
-                acc = pooled.setdefault(m, [0, 0, 0])
-                acc[0] += e["trials"]
-                acc[1] += e["accepted"]
-                acc[2] += e["seeds"]
     if len(out) > 1:
-        out["all"] = {m: {"trials": t, "accepted": a, "seeds": n} for m, (t, a, n) in pooled.items()}
+        out["all"] = {}
+        for m, acc_all in pooled.items():
+            e = dict(zip(("trials", "accepted", "seeds"), acc_all["row"]))
+            patiences = {out[s][m]["patience"] for s in out if m in out[s]}
+            e["patience"] = patiences.pop() if len(patiences) == 1 else None
+            if acc_all["base"][0]:
+                e["unadjusted"] = dict(zip(("trials", "accepted", "seeds"), acc_all["base"]))
+            out["all"][m] = e
     for entry in out.values():
-        base = entry.get("unadjusted")
-        for m, e in entry.items():
-            e["rate"] = e["accepted"] / e["trials"] if e["trials"] else None
-            if m != "unadjusted" and base and e["trials"]:
+        for e in entry.values():
+            base = e.get("unadjusted")
+            for block in (e, base) if base else (e,):
+                block["rate"] = block["accepted"] / block["trials"] if block["trials"] else None
+            if base and e["trials"]:
                 table = [[e["accepted"], e["trials"] - e["accepted"]],
                          [base["accepted"], base["trials"] - base["accepted"]]]
                 e["p_value"] = float(stats.fisher_exact(table).pvalue)
@@ -733,24 +834,26 @@ def stage2_trials(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes) -
 def render_stage2_trials(trials: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Markdown lines for `stage2_trials`."""
     if not trials:
-        return ["No FedMoE or w/o-Stage-2 runs with recommendation counts or metrics."]
+        return ["No FedMoE or w/o-Stage-1 runs with recommendation counts."]
     lines = ["A Stage-2 adjustment is a trial: kept if the client's next validation score beats its best, "
              "else rolled back (PAPER.md §6). How often trials are kept, against how often a client that "
              "went as long without improving beats its best at its next evaluation with nothing changed "
-             "(replayed on the w/o-Stage-2 runs' metrics, same patience and tie-break). p: Fisher's exact "
-             "test against that base rate.", "",
-             "| Setting | FedMoE kept | w/o Stage 1 kept | Unadjusted recovered |", "|---|---|---|---|"]
+             "(replayed on the w/o-Stage-2 runs' metrics with the row's patience and tie-break). p: "
+             "Fisher's exact test against that base rate.", "",
+             "| Setting | Method | Patience | Kept | Unadjusted recovered | p |", "|---|---|---|---|---|---|"]
 
     def cell(e: Mapping[str, Any] | None) -> str:
         if not e or not e["trials"]:
             return MISSING
-        p = f", p {e['p_value']:.2g}" if e.get("p_value") is not None else ""
-        return f"{e['accepted']}/{e['trials']} ({100 * e['rate']:.0f} %{p})"
+        return f"{e['accepted']}/{e['trials']} ({100 * e['rate']:.0f} %)"
 
-    for setting, e in trials.items():
+    for setting, entry in trials.items():
         name = "All settings" if setting == "all" else setting_name(setting)
-        lines.append(f"| {name} | {cell(e.get('fedmoe'))} | {cell(e.get('fedmoe_no_stage1'))} | "
-                     f"{cell(e.get('unadjusted'))} |")
+        for method, e in entry.items():
+            p = MISSING if e.get("p_value") is None else f"{e['p_value']:.2g}"
+            patience = MISSING if e.get("patience") is None else str(e["patience"])
+            lines.append(f"| {name} | {method_name(method)} | {patience} | {cell(e)} | "
+                         f"{cell(e.get('unadjusted'))} | {p} |")
     return lines
 
 
@@ -1085,8 +1188,9 @@ def at_a_glance(against_paper: Mapping, against_table2: Mapping, claims: Sequenc
                    "different task "
                    + ", ".join(f"{e['cos_within']:.2f} / {e['cos_between']:.2f}" for e in fed) + ".")
     pooled = trials.get("all") or (next(iter(trials.values())) if len(trials) == 1 else None)
-    if pooled and pooled.get("fedmoe", {}).get("trials") and pooled.get("unadjusted", {}).get("trials"):
-        f, u = pooled["fedmoe"], pooled["unadjusted"]
+    f = (pooled or {}).get("fedmoe", {})
+    if f.get("trials") and f.get("unadjusted", {}).get("trials"):
+        u = f["unadjusted"]
         out.append(f"- Stage-2 trials kept: FedMoE {f['accepted']}/{f['trials']} ({100 * f['rate']:.0f} %) "
                    f"vs {u['accepted']}/{u['trials']} ({100 * u['rate']:.0f} %) of unadjusted stale "
                    f"clients recovering (Fisher p {f['p_value']:.2g}).")
@@ -1770,9 +1874,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["PAPER_TABLE1", "RUN_FILES", "Run", "at_a_glance", "build_report", "compare_tables", "curve",
-           "cvi",
+__all__ = ["PAPER_TABLE1", "RUN_FILES", "Run", "assign_variants", "at_a_glance", "build_report",
+           "compare_tables", "curve", "cvi",
            "export_runs", "find_summaries", "group_runs", "improvement", "load_runs", "load_table1", "main",
            "mean_std", "paired_difference", "paper_claims", "paper_comparison", "paper_table2_comparison",
-           "replay_stale_trials", "stage1_measured", "stage2_trials", "table1", "table2",
-           "task_separation", "time_to_target"]
+           "replay_stale_trials", "split_method", "stage1_measured", "stage2_trials", "table1", "table2",
+           "task_separation", "time_to_target", "variant_method"]

@@ -34,7 +34,7 @@ CURVES = {"fedmoe": [0.5, 0.8, 0.9, 0.95], "random_moe": [0.3, 0.5, 0.7, 0.85, 0
 
 
 def write_run(path, setting, method, seed, scores, *, comm=2.0, mem=(10.0, 12.0), start=(10.0, 8, 12),
-              end=(9.0, 5, 20), metrics=True, experts=True, curve=None):
+              end=(9.0, 5, 20), metrics=True, experts=True, curve=None, config=None):
     os.makedirs(path, exist_ok=True)
     pct = lambda v: None if v is None else 100.0 * v  # noqa: E731 - summaries and metrics are percent
     test = {k: pct(v) for k, v in zip(("tc_accuracy", "rc_f1", "ts_rouge2"), scores) if v is not None}
@@ -44,7 +44,7 @@ def write_run(path, setting, method, seed, scores, *, comm=2.0, mem=(10.0, 12.0)
         "test_clients": {"0": {"task": "tc", "score": pct(scores[0])}},
         "comm_gib_per_transfer": comm, "peak_memory_gb": {"mean": mem[0], "max": mem[1]},
         "experts_start": dict(zip(("mean", "min", "max"), start)),
-        "experts_end": dict(zip(("mean", "min", "max"), end)), "wall_seconds": 1.0, "config": {},
+        "experts_end": dict(zip(("mean", "min", "max"), end)), "wall_seconds": 1.0, "config": config or {},
     }
     if method.startswith("fedmoe"):
         summary["recommendation"] = {"adjust": 4 + seed, "accept": 2, "rollback": 2 + seed}
@@ -581,9 +581,13 @@ def test_replay_stale_trials_by_hand():
     """Patience 2. Client 7: stale after .5, .5 -> trial judged by 2 (improved); stale after 1, 1 ->
     judged by 1 (not): 2 trials, 1 improved. Client 8 with the loss tie-break: 0 @5 best, 0 @4 better,
     @4.5 and @4.6 stale -> judged by 0 @3 (better): 1 of 1. Without it: @4 and @4.5 stale -> judged by
-    @4.6 (not); @3 stale again -> a trial never judged: 1 trial, 0 improved."""
+    @4.6 (not); @3 stale again -> a trial never judged: 1 trial, 0 improved.
+    Patience 1 with the tie-break. Client 7: stale at .5 -> judged by .5 (not); best 2, stale at 1 ->
+    judged by 1 (not); stale at the last 1, never judged. Client 8: @4.5 stale -> judged by @4.6 (not);
+    @3 is better: 3 trials, 0 improved."""
     rows = _trial_rows()
     assert reports.replay_stale_trials(rows, 2, True) == (3, 2)
+    assert reports.replay_stale_trials(rows, 1, True) == (3, 0)
     assert reports.replay_stale_trials(rows[::-1], 2, False) == (3, 1)  # rows are sorted by round
     assert reports.replay_stale_trials(rows, 10, True) == (0, 0)
 
@@ -602,17 +606,18 @@ def test_stage2_trials_against_the_unadjusted_base_rate(tmp_path):
                                     "fedmoe_no_stage2": [run("fedmoe_no_stage2", 0, rows=_trial_rows())]}}
     notes = reports.Notes()
     out = reports.stage2_trials(groups, notes)["standard_hetero_t"]
-    assert out["fedmoe"] == {"trials": 8, "accepted": 3, "seeds": 2, "rate": 3 / 8,
-                             "p_value": pytest.approx(6 / 11)}
-    assert out["unadjusted"]["trials"] == 3 and out["unadjusted"]["rate"] == pytest.approx(2 / 3)
+    assert out["fedmoe"] == {"trials": 8, "accepted": 3, "seeds": 2, "rate": 3 / 8, "patience": 2,
+                             "p_value": pytest.approx(6 / 11),
+                             "unadjusted": {"trials": 3, "accepted": 2, "seeds": 1, "rate": 2 / 3}}
     assert "fedmoe_no_stage1" not in out and "all" not in reports.stage2_trials(groups, notes)
     lines = reports.render_stage2_trials({"standard_hetero_t": out})
-    assert "| Standard-Hetero-T | 3/8 (38 %, p 0.55) | — | 2/3 (67 %) |" in lines
+    assert "| Standard-Hetero-T | FedMoE | 2 | 3/8 (38 %) | 2/3 (67 %) | 0.55 |" in lines
     groups["enforced_hetero_t"] = {"fedmoe": [run("fedmoe", 0, (1, 1, 0))],
                                    "fedmoe_no_stage2": [run("fedmoe_no_stage2", 0)]}  # no rows: a note
     both = reports.stage2_trials(groups, notes)
     assert both["all"]["fedmoe"]["trials"] == 9 and both["all"]["fedmoe"]["seeds"] == 3
-    assert "unadjusted" not in both["enforced_hetero_t"] and any("base rate" in n for n in notes)
+    assert "unadjusted" not in both["enforced_hetero_t"]["fedmoe"] and any("base rate" in n for n in notes)
+    assert both["all"]["fedmoe"]["unadjusted"] == {"trials": 3, "accepted": 2, "seeds": 1, "rate": 2 / 3}
 
 
 def test_paper_claims_by_hand():
@@ -648,3 +653,62 @@ def test_paper_claims_by_hand():
     # decidable: the two averages (1 holds), speedup vs randomMoE, comm vs randomMoE, the two CVI claims
     assert "**3 of 6** decidable claims hold." in lines[0] and "†: the best baseline" in lines[0]
     assert "| Communication below randomMoE (%, mean over settings) | -19.11 | 12.5 | ✗ |" in lines
+
+
+def test_names_of_rows_with_a_variant():
+    assert reports.variant_method("fedmoe", "stage2.patience=1") == "fedmoe[stage2.patience=1]"
+    assert reports.variant_method("fedmoe", "") == "fedmoe"
+    assert reports.split_method("fedmoe[stage2.patience=1,lr=0.1]") == ("fedmoe", "stage2.patience=1,lr=0.1")
+    assert reports.split_method("random_moe") == ("random_moe", "")
+    assert reports.method_name("fedmoe_no_stage1[seed_offset=3]") == "FedMoE w/o stage1 [seed_offset=3]"
+    order = ["fedmoe[stage2.patience=2]", "random_moe", "fedmoe", "fedmoe[stage2.patience=1]"]
+    assert sorted(order, key=reports._method_rank) == ["random_moe", "fedmoe", "fedmoe[stage2.patience=1]",
+                                                       "fedmoe[stage2.patience=2]"]
+
+
+def test_a_hyperparameter_axis_gives_one_row_per_value(tmp_path):
+    """A sweep over `stage2.patience` (configs/sweeps/cpu_ablation.json): runs of one setting, method and
+    seed that differ in a config key are separate rows, not seeds of one row and not duplicates; Stage 2's
+    base rate is replayed at each row's patience (`test_replay_stale_trials_by_hand`: 2 of 3 at
+    patience 2, 0 of 3 at patience 1). FedMoE's trials: accept 2, rollback 2 + seed -> 4 of 9."""
+    root = tmp_path / "runs"
+
+    def config(seed, patience=2, **extra):
+        return {"seed": seed, "model": {"remat": False},
+                "stage2": {"patience": patience, "loss_tie_break": True}, **extra}
+
+    for patience in (1, 2):
+        for seed in (0, 1):
+            write_run(str(root / f"fedmoe_p{patience}_s{seed}"), "standard_hetero_t", "fedmoe", seed,
+                      (0.1 * patience, 0.5, 0.5), config=config(seed, patience))
+    ns2 = write_run(str(root / "ns2_s0"), "standard_hetero_t", "fedmoe_no_stage2", 0, (0.2, 0.2, 0.2),
+                    curve=[0.5], config=config(0))
+    with open(os.path.join(ns2, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in _trial_rows())
+    for seed in (0, 1):  # a key only one run has (written by a newer library): still one row
+        write_run(str(root / f"random_s{seed}"), "standard_hetero_t", "random_moe", seed, (0.3, 0.3, 0.3),
+                  config=config(seed, **({"new_key": 1} if seed else {})))
+    result = reports.build_report(str(root), str(tmp_path / "out"))
+    t1 = result["table1"]["standard_hetero_t"]
+    assert list(t1) == ["random_moe", "fedmoe[stage2.patience=1]", "fedmoe[stage2.patience=2]",
+                        "fedmoe_no_stage2"]
+    assert t1["fedmoe[stage2.patience=1]"]["TC"] == pytest.approx(10.0)
+    assert t1["fedmoe[stage2.patience=2]"]["TC"] == pytest.approx(20.0)
+    assert t1["fedmoe[stage2.patience=2]"]["seeds"] == 2 and t1["random_moe"]["seeds"] == 2
+    notes = result["notes"]
+    assert not any("two runs" in n for n in notes)
+    assert ("standard_hetero_t/fedmoe: runs differ in stage2.patience; each value is its own row "
+            "(fedmoe[stage2.patience=1], fedmoe[stage2.patience=2]); the paper comparisons use only rows "
+            "without a variant") in notes
+    trials = result["stage2_trials"]["standard_hetero_t"]
+    for patience, recovered in ((1, 0), (2, 2)):
+        e = trials[f"fedmoe[stage2.patience={patience}]"]
+        assert (e["trials"], e["accepted"], e["patience"]) == (9, 4, patience)
+        assert (e["unadjusted"]["trials"], e["unadjusted"]["accepted"]) == (3, recovered)
+    assert result["paper_comparison"] == {}  # no plain FedMoE row: nothing to compare with the paper
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| FedMoE [stage2.patience=1] |" in md
+    assert "| Standard-Hetero-T | FedMoE [stage2.patience=1] | 1 | 4/9 (44 %) | 0/3 (0 %) |" in md
+    assert list(result["table2"]["standard_hetero_t"]) == ["fedmoe[stage2.patience=1]",
+                                                           "fedmoe[stage2.patience=2]", "fedmoe_no_stage2",
+                                                           "random_moe"]
