@@ -146,10 +146,11 @@ def markdown(result: dict) -> str:
     changed = ", ".join(f"{k}={v}" for k, v in result.get("model_overrides", {}).items())
     on_device = any("device_peak_mb" in r for r in result["contenders"].values())  # accelerators
     lines = [f"### `{result['preset']}`{' with ' + changed if changed else ''} on {result['device']} "
-             f"({result['machine']})", "",
-             "| contender | client-steps/s | round s | first round s | MFU | peak RSS MB |"
-             + (" device peak MB |" if on_device else ""),
-             "|---|---:|---:|---:|---:|---:|" + ("---:|" if on_device else "")]
+             f"({result['machine']})", ""]
+    if result["contenders"]:  # a --scaling run alone times no contender: no empty table
+        lines += ["| contender | client-steps/s | round s | first round s | MFU | peak RSS MB |"
+                  + (" device peak MB |" if on_device else ""),
+                  "|---|---:|---:|---:|---:|---:|" + ("---:|" if on_device else "")]
     for name, r in result["contenders"].items():
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error']} | | | | |")

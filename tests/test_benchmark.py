@@ -177,3 +177,7 @@ def test_markdown_shows_device_memory_only_on_accelerators():
     assert "| pytorch_hf | 2.00 | 0.500 | 9.0 | — | 700 | — |" in md
     del result["contenders"]["vectorized"]["device_peak_mb"]
     assert "device peak" not in cli.markdown(result)
+    scaling_only = {**result, "contenders": {},
+                    "scaling": [{"axis": "cohort", "value": 64, "round_s": 36.0, "client_steps_per_s": 7.1}]}
+    md = cli.markdown(scaling_only)
+    assert "| contender |" not in md and "- scaling cohort=64: 36.000 s/round, 7.10 client-steps/s" in md
