@@ -161,7 +161,7 @@ def test_op_categories_and_breakdown_by_hand():
 
 def test_markdown_shows_device_memory_only_on_accelerators():
     """Accelerators report their allocator's peak (`device_peak_mb`, from `memory_stats`); CPU runs
-    keep the table without that column."""
+    keep the table without that column; a --scaling-only run (no contender timed) has no table."""
     import importlib.util
 
     path = os.path.join(REPO, "experiments", "benchmark.py")
