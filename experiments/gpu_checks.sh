@@ -10,6 +10,8 @@
 #   small64.{json,md}  cpu-small dims, cohort 64: vectorized vs sequential_jax (target >= 5x)
 #   gpu.{json,md}      switch-base-32 dims in bf16 (the `gpu` preset): vectorized MFU (target >= 35 %)
 #                      against a measured 8192^3 bf16 matmul peak, and the device's peak memory
+#   paper_dryrun.json  experiments/paper_dryrun.py: Stage 1 and Stage 2 round peak bytes at
+#                      switch-base-32 dims from the GPU compiler's memory analysis (80 GB sizing)
 # SMALL_PRESET / PAPER_PRESET / ROUNDS override the presets and timed rounds (a CPU smoke test:
 # SMALL_PRESET=tiny PAPER_PRESET=tiny ROUNDS=1).
 set -u
@@ -38,5 +40,9 @@ timeout 240 "$PY" experiments/benchmark.py --preset="$SMALL_PRESET" --cohort=64 
 echo "== paper-like dims in bf16: vectorized MFU"
 timeout 270 "$PY" experiments/benchmark.py --preset="$PAPER_PRESET" --contenders=vectorized \
   --rounds="$ROUNDS" --out="$OUT/gpu.json" --md="$OUT/gpu.md" || status=1
+echo "== paper scale dry run: compiled peak memory of Stage 1 and a Stage 2 round (the GPU compiler's)"
+# needs absl-py and ml_collections (configs/paper.py); compilation only, no weights
+timeout 420 "$PY" experiments/paper_dryrun.py --out="$OUT/paper_dryrun.json" --device_memory_gb=80 \
+  && cat "$OUT/paper_dryrun.json" || status=1
 cat "$OUT"/*.md 2>/dev/null
 exit $status

@@ -44,6 +44,7 @@ from fedmoe_jax.federated.submodel import (
     expert_slots,
     finalize_aggregate,
     gather_submodel,
+    narrow_config,
     zero_cohort_sums,
 )
 from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer
@@ -173,7 +174,7 @@ class Workload:
 
     @property
     def narrow_config(self) -> SwitchConfig:
-        return self.preset.model.replace(num_experts=self.width)
+        return narrow_config(self.preset.model, self.valid)
 
     def client_keys(self) -> jax.Array:
         root = jax.random.key(self.seed)
@@ -380,12 +381,13 @@ def figures(w: Workload, timing: dict[str, Any], peak_flops: float | None) -> di
 def client_training_bytes(preset: Preset, kept: int) -> dict[str, int]:
     """XLA's memory analysis of one client's compiled local training with `kept` experts per layer
     (the gathered sub-MoE): argument, output and temporary bytes."""
-    narrow = preset.model.replace(num_experts=kept)
+    all_kept = np.ones((preset.model.num_moe_layers, kept), bool)
+    narrow = narrow_config(preset.model, all_kept)
     w = make_workload(preset.replace(cohort_size=1, min_kept=kept, max_kept=kept))
     params = jax.eval_shape(lambda: gather_submodel(w.params, preset.model, w.indices[0]))
     local = jax.jit(make_local_train(narrow, optimizer(preset)))
     batches = {k: v[0] for k, v in w.batches.items()}
-    mem = local.lower(params, batches, w.step_mask[0], np.ones((preset.model.num_moe_layers, kept), bool),
+    mem = local.lower(params, batches, w.step_mask[0], all_kept,
                       w.client_keys()[0]).compile().memory_analysis()
     out = {"argument": int(mem.argument_size_in_bytes), "output": int(mem.output_size_in_bytes),
            "temp": int(mem.temp_size_in_bytes)}

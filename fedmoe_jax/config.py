@@ -74,7 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
     # switch-base-8 next to FedMoE's switch-base-32: same dims, this many experts per layer.
     c.model.baseline_num_experts = 4
     c.model.expert_capacity = 0  # tokens per expert per sequence (0: the named config's)
-    # capacity = capacity_factor * tokens / experts of the layer (a client's sub-MoE: its own width);
+    # capacity = capacity_factor * tokens / experts of the layer (a client's sub-MoE: the experts it keeps);
     # > 0 replaces expert_capacity. HF's absolute 64 slots per expert suit 512-token inputs; at 64
     # tokens they make the experts compute mostly padding (2.5x slower steps on CPU, measured).
     c.model.capacity_factor = 2.0
@@ -126,6 +126,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.global_model = True  # also score the full global model on every client's test split
     c.eval.unseen_local_steps = 4  # clients never sampled: fine-tune this many steps, then test (0: off)
     c.eval.predictions = 4  # per client and model: decoded test predictions kept in predictions.jsonl
+    # validate every client (not only the sampled cohort) every this many rounds and after the last:
+    # metrics.jsonl's full_val_score*, the curve of time-to-target (0: off)
+    c.eval.full_every = 5
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.enabled = True  # shard the cohort over all devices when there is more than one
@@ -267,6 +270,7 @@ def validate(config) -> None:
         ("eval.batch_size", c.eval.batch_size >= 1, "use >= 1"),
         ("eval.unseen_local_steps", c.eval.unseen_local_steps >= 0, "use >= 0 (0: off)"),
         ("eval.predictions", c.eval.predictions >= 0, "use >= 0 (0: none)"),
+        ("eval.full_every", c.eval.full_every >= 0, "use >= 0 (0: off)"),
         ("mesh.experts", c.mesh.experts >= 1, "use >= 1"),
     ]
     if experts is not None:

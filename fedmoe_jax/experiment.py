@@ -252,9 +252,10 @@ def client_budgets(config: ml_collections.ConfigDict, memory) -> np.ndarray:
     return budgets * scale
 
 
-def max_expert_totals(memory, budgets: np.ndarray, mem_fraction: float) -> np.ndarray:
-    """The most experts (all layers together) each client's budget holds `[N]` (growth cap of Stage 2)."""
-    free = mem_fraction * np.asarray(budgets, np.float64) - memory.dense_bytes
+def max_expert_totals(memory, budgets: np.ndarray) -> np.ndarray:
+    """The most experts (all layers together) each client's whole budget M holds `[N]`: Stage 2's
+    growth cap (Stage 1 searches under alpha * M, leaving (1 - alpha) * M to grow into)."""
+    free = np.asarray(budgets, np.float64) - memory.dense_bytes
     return np.maximum(np.floor(free / float(np.max(memory.expert_bytes))), 0).astype(np.int64)
 
 
@@ -276,7 +277,8 @@ def fedmoe_start(config, cfg, params, data, memory, budgets, workdir, progress):
                         batch_size=config.batch_size,
                         seed=config.seed, eval_batch_size=config.eval_batch_size,
                         max_eval_examples=config.max_eval_examples or None,
-                        loss_config=loss_config(config), progress=progress)
+                        loss_config=loss_config(config), progress=progress,
+                        memory_cap=memory_cap(config), mesh=make_mesh_for(config))  # as the rounds'
     maps, thetas = initial_maps(result.probs, memory, budgets, config.memory.mem_fraction,
                                 s.min_experts_per_layer)
     out = {"probs": result.probs, "measured": result.measured, "lora_loss": np.asarray(result.lora_loss),
@@ -306,7 +308,7 @@ def build_algorithm(config, cfg, params, data, memory, budgets, workdir, progres
     stage2 = dict(patience=config.stage2.patience, num_references=config.stage2.num_references,
                   loss_tie_break=config.stage2.loss_tie_break,
                   min_experts_per_layer=config.stage1.min_experts_per_layer,
-                  max_experts=max_expert_totals(memory, budgets, config.memory.mem_fraction))
+                  max_experts=max_expert_totals(memory, budgets))
     if method == "fedmoe_no_stage1":  # a random start of randomMoE's size; Stage 2 grows / prunes it
         maps = RandomMoE(config.random_moe.experts_per_layer).initial_expert_maps(cfg, data.num_clients,
                                                                                    config.seed)
@@ -314,7 +316,7 @@ def build_algorithm(config, cfg, params, data, memory, budgets, workdir, progres
         algo.name = method
         return algo, None
     stage1 = fedmoe_start(config, cfg, params, data, memory, budgets, workdir, progress)
-    algo = FedMoE(stage1["maps"], adjust=method == "fedmoe", **stage2)
+    algo = FedMoE(stage1["maps"], adjust=method == "fedmoe", initial_probs=stage1["probs"], **stage2)
     algo.name = method
     return algo, stage1
 
@@ -393,7 +395,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None, progress: bool
                                local_steps=config.local_steps, seed=config.seed, eval_every=config.eval_every,
                                eval_batch_size=config.eval_batch_size,
                                max_eval_examples=config.max_eval_examples or None,
-                               on_nonfinite=config.on_nonfinite, memory_cap_bytes=memory_cap(config))
+                               on_nonfinite=config.on_nonfinite, memory_cap_bytes=memory_cap(config),
+                               full_eval_every=config.eval.full_every)
         optimizer = make_optimizer(config.optimizer, config.learning_rate, config.weight_decay)
         mesh = make_mesh_for(config)
         defining = {k: v for k, v in flatten(config).items() if not is_resumable(k)}

@@ -19,9 +19,10 @@ Definitions where the paper is silent (PAPER.md §9), all written into the repor
 
 - Scores are percent, the mean over seeds of each run's per-task test score; `±` is the sample standard
   deviation over seeds (ddof 1; none with one seed).
-- Memory: `mem_gb` is `peak_memory_gb.mean`, each client's peak training memory averaged over clients
-  (the paper's FedMoE peaks of 13.4-14.0 GB match its *average* sub-MoE of 65-78 experts, not its
-  largest); `mem_gb_max` (the largest client's peak) sits next to it.
+- Memory: `mem_gb` is `peak_memory_gb.mean`, each client's peak training memory (its largest trained
+  sub-MoE plus the method's extra state, `MemoryModel`) averaged over clients (the paper's FedMoE
+  peaks of 13.4-14.0 GB match its *average* sub-MoE of 65-78 experts, not its largest); `mem_gb_max`
+  (the largest client's peak) sits next to it.
 - Average improvement: PAPER.md §8.3 via `metrics.average_improvement` (mean over tasks of |f - b| / b,
   the baseline with the smallest value); the signed value is shown next to it.
 - CVI: `metrics.composite_variation_index` over the settings' seed-mean scores (population c_v per
@@ -85,6 +86,7 @@ DEFAULT_BASELINES = ("random_moe", "fedprox", "scaffold")
 METHOD = "fedmoe"
 TARGET_FRACTIONS = (0.99, 0.9)
 CURVES = {"tc": "val_score_tc", "rc": "val_score_rc", "ts": "val_score_ts", "all": "val_score"}
+FULL_CURVE = "full_"  # prefix of the all-client validation curve (eval.full_every), preferred when present
 MISSING = "—"
 MARKS = {True: "✓", False: "✗", None: "?"}  # a paper direction or reading: holds / reversed / undecided
 
@@ -551,6 +553,16 @@ def curve(runs: Sequence[Run], key: str, reduce: Callable[[list[float]], float] 
     return out
 
 
+def curve_key(methods: Mapping[str, list[Run]], names: Sequence[str], cohort_key: str) -> str:
+    """The all-client curve `full_<cohort_key>` when every run of `names` has one, else `cohort_key`
+    (the clients sampled each round: runs made before `eval.full_every` existed)."""
+    full = FULL_CURVE + cohort_key
+    runs = [run for name in names for run in methods.get(name, [])]
+    if runs and all(np.isfinite(curve([run], full)).any() for run in runs):
+        return full
+    return cohort_key
+
+
 def time_to_target(groups: Mapping[str, Mapping[str, list[Run]]], baselines: Sequence[str], notes: Notes
                    ) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
     """{setting: {curve: {baseline: {"0.99": {...}, "0.9": {...}}}}}: FedMoE's speedups (see module doc)."""
@@ -558,12 +570,15 @@ def time_to_target(groups: Mapping[str, Mapping[str, list[Run]]], baselines: Seq
     for setting, methods in groups.items():
         if METHOD not in methods:
             continue
-        for name, key in CURVES.items():
-            mine = curve(methods[METHOD], key)
+        for name, cohort_key in CURVES.items():
             for b in baselines:
                 if b not in methods:
                     continue
-                theirs = curve(methods[b], key)
+                key = curve_key(methods, (METHOD, b), cohort_key)
+                mine, theirs = curve(methods[METHOD], key), curve(methods[b], key)
+                if key == cohort_key and name == "all":
+                    notes.add(f"{setting}: no all-client validation curve (eval.full_every) for {METHOD} "
+                              f"and {b}; time-to-target on the sampled cohorts' curve")
                 if not np.isfinite(mine).any() or not np.isfinite(theirs).any():
                     if name != "all":
                         notes.add(f"{setting}: no {key} curve for {METHOD} or {b}; no time-to-target on "
@@ -573,7 +588,7 @@ def time_to_target(groups: Mapping[str, Mapping[str, list[Run]]], baselines: Seq
                 if reference <= 0:
                     notes.add(f"{setting}: {METHOD} or {b} never scores above 0 on {key}; no time-to-target")
                     continue
-                entry = {}
+                entry: dict[str, Any] = {"curve": key}
                 for frac in TARGET_FRACTIONS:
                     target = frac * reference
                     entry[str(frac)] = {
@@ -976,7 +991,8 @@ def plot_convergence(methods: Mapping[str, list[Run]], ttt: Mapping[str, Any], t
                              layout="constrained")
     drawn = False
     for ax, task in zip(axes[0], TASKS):
-        curves = {m: curve(runs, CURVES[task]) for m, runs in methods.items()}
+        key = curve_key(methods, list(methods), CURVES[task])
+        curves = {m: curve(runs, key) for m, runs in methods.items()}
         for method, values in curves.items():
             rounds = np.flatnonzero(np.isfinite(values)) + 1
             if len(rounds):
@@ -988,7 +1004,8 @@ def plot_convergence(methods: Mapping[str, list[Run]], ttt: Mapping[str, Any], t
                 e = entry[str(frac)]
                 for method, r in ((METHOD, e["rounds_method"]), (baseline, e["rounds_baseline"])):
                     if r is not None:
-                        ax.plot([r], [curves[method][r - 1]], marker, ms=size, mfc=_color(baseline),
+                        y = curve(methods[method], entry["curve"])[r - 1]
+                        ax.plot([r], [y], marker, ms=size, mfc=_color(baseline),
                                 mec="black", mew=0.8, ls="none", zorder=3)
         ax.set(title=f"task-{COLUMNS[task]}", xlabel="round", ylabel="validation score (%)")
         ax.xaxis.set_major_locator(_integer_ticks())
@@ -1083,7 +1100,9 @@ DEFINITIONS = """\
   (ddof 1) over seeds; no ± with one seed.
 - **Comm (GiB)**: `comm_gib_per_transfer`, one per-client model transfer (PAPER.md §7.5: the paper's
   "GB" are fp32 GiB).
-- **Mem (GB)**: `peak_memory_gb.mean`, each client's peak training memory averaged over clients (the
+- **Mem (GB)**: `peak_memory_gb.mean`, each client's peak training memory (the largest sub-MoE it
+  trained with, plus FedProx's anchor and SCAFFOLD's two controls; runs whose `metrics.jsonl` rows lack
+  `layer_expert_counts` counted the sub-MoE alone at its start and end maps) averaged over clients (the
   paper's FedMoE peaks of 13.4-14.0 GB match its average sub-MoE of 65-78 experts, not its largest);
   `table1.json` also has `mem_gb_max`, the largest client's peak over seeds.
 - **Average improvement** (PAPER.md §8.3): for each baseline b the mean over tasks of |f − b| / b with
@@ -1247,12 +1266,14 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
     lines += ["", "### Time-to-target speedup of FedMoE", ""]
     if ttt:
         lines += ["Speedup (rounds FedMoE vs rounds baseline); \"never\": that curve does not reach "
-                  "the target.",
+                  "the target. Curves of every client's validation score (eval.full_every); \"(cohort)\": "
+                  "only the sampled clients' scores each round, for runs without that curve.",
                   "", "| Setting | Curve | Baseline | 99 % | 90 % |", "|---|---|---|---|---|"]
         for setting, per_curve in ttt.items():
             for name, per_base in per_curve.items():
                 for b, e in per_base.items():
-                    lines.append(f"| {setting_name(setting)} | {COLUMNS.get(name, 'All')} | "
+                    which = "" if e["curve"].startswith(FULL_CURVE) else " (cohort)"
+                    lines.append(f"| {setting_name(setting)} | {COLUMNS.get(name, 'All')}{which} | "
                                  f"{method_name(b)} | {_speed(e['0.99'])} | {_speed(e['0.9'])} |")
     else:
         lines.append("Not computed: no setting has usable validation curves of both FedMoE and a baseline "

@@ -50,6 +50,27 @@ def test_paper_config_needs_its_paths():
     validate(c)
 
 
+def test_paper_config_runs_as_the_paper_did():
+    """Stage 1 as long as a local round, no loss tie-break, whole test sets, and alpha placing
+    Stage 1's sub-MoEs of switch-base-32 near the paper's 78 experts (50-114) under the memory model."""
+    import numpy as np
+
+    from fedmoe_jax.algorithms.memory import MemoryModel
+    from fedmoe_jax.experiment import max_expert_totals
+    from fedmoe_jax.models import get_config
+
+    c = load_config("paper", "standard_hetero_t")
+    assert c.stage1.local_steps == c.local_steps and not c.stage2.loss_tie_break
+    assert c.data.eval_examples_per_task == 0 and c.eval.test_examples == 0
+    model = get_config(c.model.name)
+    memory = MemoryModel(model, c.batch_size, c.data.max_input_len, c.data.max_target_len)
+    budgets = np.arange(c.memory.budget_low, c.memory.budget_high + 0.5, c.memory.budget_step) * 1e9
+    # the largest sub-MoE under alpha * M (as in the search when the budget binds), per budget level
+    experts = np.clip(max_expert_totals(memory, c.memory.mem_fraction * budgets), model.num_moe_layers,
+                      model.num_moe_layers * model.num_experts)
+    assert 70 <= experts.mean() <= 86 and experts.min() >= 45 and experts.max() <= 120
+
+
 def test_parse_setting_arg():
     assert parse_setting_arg("enforced_hetero_t") == ("enforced_hetero_t", None)
     assert parse_setting_arg("standard_hetero_td, fedmoe_no_stage1") == ("standard_hetero_td",

@@ -44,9 +44,41 @@ class _Memory:
 
 
 def test_max_expert_totals_by_hand():
-    # 0.8 * 300 - 100 = 140 -> 14 experts; 0.8 * 120 - 100 < 0 -> 0; 0.8 * 1000 - 100 = 700 -> 70
-    np.testing.assert_array_equal(max_expert_totals(_Memory(), np.array([300.0, 120.0, 1000.0]), 0.8),
-                                  [14, 0, 70])
+    # the whole budget: 300 - 100 = 200 -> 20 experts; 105 - 100 = 5 -> 0; 1000 - 100 = 900 -> 90
+    np.testing.assert_array_equal(max_expert_totals(_Memory(), np.array([300.0, 105.0, 1000.0])),
+                                  [20, 0, 90])
+
+
+def test_stage2_grows_a_stage1_client_into_its_reserve_up_to_the_budget():
+    """Stage 1 fills alpha * M; Stage 2 may grow the client into the rest, up to M and no further."""
+    from fedmoe_jax.algorithms.fedmoe import FedMoE
+    from fedmoe_jax.algorithms.stage1 import initial_maps
+    from fedmoe_jax.federated.state import ClientStates
+
+    memory = _Memory()  # dense 100 B, 10 B per expert, 2 layers
+    budgets = np.array([200.0, 400.0, 400.0, 400.0])
+    probs = np.full((4, 2, 8), 1 / 8)  # uniform: the search keeps whatever the budget holds
+    maps, _ = initial_maps(probs, memory, budgets, mem_fraction=0.8)
+    # client 0: 0.8 * 200 - 100 = 60 B -> 6 experts; the others 0.8 * 400 - 100 = 220 B -> 16 (all)
+    assert maps.sum((1, 2)).tolist() == [6, 16, 16, 16]
+    caps = max_expert_totals(memory, budgets)
+    assert caps[0] == 10  # M = 200 B holds 10 experts beside the dense part
+    algo = FedMoE(maps, patience=1, num_references=3, max_experts=caps, initial_probs=probs)
+    states = ClientStates.create(maps, algo.init_extra(4, None), algo.initial_profiles(None, 4))
+    report = _report(0, [0], [50.0], probs[:1])
+    states = algo.update_clients(states, report)
+    states = algo.update_clients(states, _report(1, [0], [40.0], probs[:1]))  # stale: recommend
+    # references hold 16 experts each; client 0 grows to its budget's 10, not 16 and not 6
+    assert states.expert_maps[0].sum() == 10 and algo.events[-1]["event"] == "adjust"
+    assert memory.dense_bytes + 10 * 10.0 <= budgets[0]
+
+
+def _report(round_num, cohort, scores, probs):
+    from fedmoe_jax.algorithms import CohortReport
+
+    c = len(cohort)
+    return CohortReport(round_num, np.asarray(cohort), np.zeros(c), np.ones(c),
+                        np.asarray(scores, np.float32), np.asarray(probs, np.float32))
 
 
 def test_client_budgets_relative_and_absolute():

@@ -84,6 +84,35 @@ def test_cosine_reference_set_and_importance_by_hand():
     np.testing.assert_allclose(estimated_importance(sims[ref], p[ref]), [[0.85, 0.3]])
     with pytest.raises(ValueError, match="between 1 and N-1"):
         reference_set(sims, 0, 5)
+    # clients 1 and 4 have no profile: never references, even to fill K
+    has_profile = np.array([True, False, True, True, False])
+    assert reference_set(sims, 0, 3, candidates=has_profile).tolist() == [2, 3]
+    assert reference_set(sims, 0, 2, candidates=np.eye(5, dtype=bool)[0]).tolist() == []
+
+
+def test_stage1_profiles_seed_stage2_and_profileless_clients_are_never_references():
+    """A never-evaluated client with a zero profile does not move another client's map; with Stage 1's
+    p seeding the profiles, the same client is a reference from round 0."""
+    from fedmoe_jax.algorithms.fedmoe import FedMoE
+    from fedmoe_jax.federated.state import ClientStates
+
+    maps = np.zeros((4, 1, 4), bool)
+    maps[:3, 0, :2] = True  # clients 0-2 keep 2 experts
+    maps[3, 0, :] = True  # client 3 keeps 4 and is never sampled
+    probs = np.array([[[0.6, 0.4, 0.0, 0.0]], [[0.5, 0.5, 0.0, 0.0]], [[0.7, 0.3, 0.0, 0.0]],
+                      [[0.1, 0.1, 0.4, 0.4]]], np.float32)
+    events = {}
+    for seeded in (False, True):
+        algo = FedMoE(maps, patience=1, num_references=3, initial_probs=probs if seeded else None)
+        states = ClientStates.create(maps, algo.init_extra(4, None), algo.initial_profiles(None, 4))
+        np.testing.assert_array_equal(states.probs[3], probs[3] if seeded else 0.0)
+        states = algo.update_clients(states, _report(0, [0, 1, 2], [50, 50, 50], probs[:3]))
+        states = algo.update_clients(states, _report(1, [0], [40], probs[:1]))  # 0 is stale
+        events[seeded] = (list(algo.events), states.expert_maps[0].sum())
+    # unseeded: client 3 has no profile, the references are 1 and 2 (2 experts each): nothing moves
+    assert events[False] == ([], 2)
+    # seeded: client 3 (4 experts) is the third reference; target (2 + 2 + 4) / 3 = 2.67 -> 3
+    assert events[True][0][-1]["event"] == "adjust" and events[True][1] == 3
 
 
 def test_recommend_adds_and_removes():

@@ -102,8 +102,10 @@ def test_no_recompilation_across_rounds(setup):
         out = round_step(params, idx, valid, stacked, step_mask, weights,
                          jax.random.wrap_key_data(jnp.asarray(rngs)))
         params = out.params
-    assert list(round_step.compiled) == [(4, 3)]  # one width; on CPU sub-cohorts of 3 (auto chunk)
-    assert round_step.compiled[(4, 3)]._cache_size() == 1
+    # one width; on CPU sub-cohorts of 3 (auto chunk)
+    [(narrow, chunk)] = list(round_step.compiled)
+    assert (narrow.num_experts, chunk) == (4, 3)
+    assert round_step.compiled[(narrow, chunk)]._cache_size() == 1
 
 
 def test_auto_chunk_size():
@@ -186,12 +188,13 @@ def test_memory_cap_picks_the_largest_sub_cohort_that_fits(setup):
     too_small = make_round_step(config, tx, return_clients=True, memory_cap=1)
     with pytest.raises(MemoryCapExceeded, match=r"sub-cohorts of 1 client.*lower batch_size"):
         too_small(*args)
-    need = too_small.memory_needs[(4, 6)]  # every candidate was compiled and measured
+    [((narrow, c), need)] = too_small.memory_needs.items()  # every candidate was compiled and measured
+    assert (narrow.num_experts, c) == (4, 6)
     assert list(need) == [3, 2, 1]  # from the CPU default (auto_chunk_size) down
     assert need[3] > need[2] > need[1]  # fewer clients at once, fewer activation bytes
     capped = make_round_step(config, tx, return_clients=True, memory_cap=need[2])
     out = capped(*args)
-    assert list(capped.compiled) == [(4, 2)]
+    assert [(narrow.num_experts, chunk) for narrow, chunk in capped.compiled] == [(4, 2)]
     # the program it chose is the sub-cohorts-of-2 round (which test_chunked_cohort_equals_whole_cohort
     # checks against the whole cohort); the same program, so the compilation cache serves it
     halves = make_round_step(config, tx, chunk_size=2, return_clients=True)(*args)

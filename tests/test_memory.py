@@ -1,4 +1,5 @@
-"""Memory model: parameter counts (PAPER.md §7.3), the activation formula by hand, budgets."""
+"""Memory model: parameter counts (the paper §7.3), the activation formula by hand, the baselines'
+extra state, budgets."""
 
 import numpy as np
 import pytest
@@ -35,3 +36,29 @@ def test_budgets():
     assert np.array_equal(b, draw_budgets(30, 18 * GB, 24 * GB, seed=0))
     with pytest.raises(ValueError, match="budget range"):
         draw_budgets(3, 5, 4, seed=0)
+
+
+def test_extra_state_copies_of_fedprox_and_scaffold_by_hand():
+    from fedmoe_jax.algorithms import SCAFFOLD, Algorithm, FedMoE, FedProx, LocalOnly, RandomMoE
+
+    cfg = get_config("switch-tiny-4")  # d_model 32, d_ff 64, 4 experts in each of 2 MoE layers
+    m = MemoryModel(cfg, batch_size=2, input_len=8, target_len=4)
+    dense, _ = parameter_counts(cfg)
+    expert = 2 * 32 * 64 + 32  # wi + wo + its router column
+    mask = np.zeros((cfg.num_moe_layers, cfg.num_experts), bool)
+    mask[0, :3] = mask[1, :1] = True  # 4 experts in all
+    params = dense + 4 * expert
+    # training state: 16 B per parameter (weights, gradients, 2 Adam moments) plus activations
+    plain = params * 4 * 4 + m.activation_bytes
+    assert m.submodel_bytes(mask) == pytest.approx(plain)
+    # FedProx: + the anchor (the model as received), SCAFFOLD: + c and c_i; 4 B per parameter each
+    assert FedProx.state_copies == 1 and SCAFFOLD.state_copies == 2
+    assert m.submodel_bytes(mask, extra_copies=FedProx.state_copies) == pytest.approx(plain + params * 4)
+    assert m.submodel_bytes(mask, extra_copies=SCAFFOLD.state_copies) == pytest.approx(plain + 2 * params * 4)
+    for algo in (Algorithm, RandomMoE, FedMoE, LocalOnly):
+        assert algo.state_copies == 0, algo
+    full = params + (cfg.num_moe_layers * cfg.num_experts - 4) * expert
+    assert m.full_model_bytes(extra_copies=2) == pytest.approx(
+        full * 4 * 4 + m.activation_bytes + 2 * full * 4)
+    # from the experts per layer [L] alone (what the metrics rows keep)
+    assert m.counts_bytes([3, 1], extra_copies=1) == pytest.approx(m.submodel_bytes(mask, 1))

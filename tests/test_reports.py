@@ -712,3 +712,33 @@ def test_a_hyperparameter_axis_gives_one_row_per_value(tmp_path):
     assert list(result["table2"]["standard_hetero_t"]) == ["fedmoe[stage2.patience=1]",
                                                            "fedmoe[stage2.patience=2]", "fedmoe_no_stage2",
                                                            "random_moe"]
+
+
+def test_time_to_target_reads_the_all_client_curve_when_every_run_has_it(tmp_path):
+    """The sampled cohort's curve says FedMoE is 3x slower; every client's curve (eval.full_every) says
+    1.5x faster: the latter decides. Runs without it fall back to the cohort curve, with a note."""
+    root = tmp_path / "runs"
+    full = {"fedmoe": [0.2, 0.9, 0.9], "random_moe": [0.1, 0.5, 0.9]}
+    for method, cohort in (("fedmoe", [0.1, 0.5, 0.9]), ("random_moe", [0.9, 0.9, 0.9])):
+        path = root / method
+        write_run(str(path), "standard_hetero_t", method, 0, (0.5, 0.5, 0.5), curve=cohort, experts=False)
+        rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        for row, v in zip(rows, full[method]):
+            row.update({f"full_{k}": 100.0 * v for k in ("val_score", "val_score_tc", "val_score_rc",
+                                                         "val_score_ts")})
+        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = reports.build_report(str(root), str(tmp_path / "out"))
+    e = result["time_to_target"]["standard_hetero_t"]["tc"]["random_moe"]
+    # target min(90, 90) = 90: 89.1 and 81 first reached in round 2 (FedMoE) vs round 3 (randomMoE)
+    assert e["curve"] == "full_val_score_tc"
+    assert e["0.99"]["speedup"] == pytest.approx(1.5) and e["0.9"]["speedup"] == pytest.approx(1.5)
+    assert "TC (cohort)" not in (tmp_path / "out" / "report.md").read_text()
+
+    rows = [json.loads(line) for line in (root / "random_moe" / "metrics.jsonl").read_text().splitlines()]
+    (root / "random_moe" / "metrics.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in r.items() if not k.startswith("full_")}) + "\n" for r in rows))
+    result = reports.build_report(str(root), str(tmp_path / "out2"))
+    e = result["time_to_target"]["standard_hetero_t"]["tc"]["random_moe"]
+    assert e["curve"] == "val_score_tc" and e["0.99"]["speedup"] == pytest.approx(1 / 3)
+    assert any("no all-client validation curve" in n for n in result["notes"])
+    assert "TC (cohort)" in (tmp_path / "out2" / "report.md").read_text()

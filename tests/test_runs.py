@@ -61,7 +61,7 @@ def test_memory_cap_splits_the_group_into_sub_cohorts(small_run):
     too_small = group(1)
     with pytest.raises(MemoryCapExceeded, match=r"2 runs at once: pass fewer --seeds"):
         too_small.run(num_rounds=1, progress=False)
-    (key, need), = too_small._step.memory_needs.items()  # (width, cohort 3) -> {chunk: bytes}
+    (key, need), = too_small._step.memory_needs.items()  # (narrow config, cohort 3) -> {chunk: bytes}
     assert list(need) == [None, 1] and need[None] > need[1]  # whole cohort of 3, then one client a time
     capped = group(need[1])
     capped.run(num_rounds=1, progress=False)

@@ -129,3 +129,56 @@ def test_aggregate_cohort_matches_reference(setup):
     if unheld.any():
         np.testing.assert_array_equal(np.asarray(flatten_dict(got)[layer0])[unheld],
                                       np.asarray(flatten_dict(params)[layer0])[unheld])
+
+
+def test_capacity_table_by_hand():
+    from fedmoe_jax.models.moe import capacity_table
+    # T = 24 tokens, capacity factor 1, top-1: ceil(24 / a) for a = 1..8 allowed experts
+    assert capacity_table(24, 8, 1, None, 1.0)[1:].tolist() == [24, 12, 8, 6, 5, 4, 4, 3]
+    # factor 2, top-2, T = 10: ceil(40 / a) clipped to T
+    assert capacity_table(10, 4, 2, None, 2.0)[1:].tolist() == [10, 10, 10, 10]
+    assert capacity_table(24, 4, 1, 5, None)[1:].tolist() == [5, 5, 5, 5]  # absolute: as given
+
+
+def test_capacity_bound_and_narrow_config():
+    from fedmoe_jax.federated.submodel import capacity_bound, narrow_config
+    valid = np.zeros((3, 2, 8), bool)
+    valid[0, :, :3] = True  # 3 experts in every layer
+    valid[1, 0, :8], valid[1, 1, :5] = True, True
+    # client 2 is padding (no slot valid): it does not count
+    assert capacity_bound(valid) == 2  # 3 rounded down to a power of two
+    assert capacity_bound(valid[1:2]) == 4  # 5 -> 4
+    assert capacity_bound(np.ones((2, 2, 8), bool)) == 8  # every slot kept: the width itself
+    config = get_config("switch-tiny-8", expert_capacity=None, capacity_factor=1.0)
+    assert narrow_config(config, valid).num_experts == 8
+    assert narrow_config(config, valid).capacity_min_experts == 2
+    assert narrow_config(get_config("switch-tiny-8"), valid).capacity_min_experts == 0  # absolute cap
+
+
+def test_capacity_follows_the_clients_experts_in_every_layout():
+    """A 3-expert client computes the same function, and drops the same tokens, as the full layer with
+    a mask and gathered into 4, 8 or 16 slots next to wider clients (capacity ceil(cf*T*K / 3))."""
+    from fedmoe_jax.federated.submodel import narrow_config
+    config = get_config("switch-tiny-8", num_experts=16, expert_capacity=None, capacity_factor=1.0)
+    model = SwitchTransformer(config)
+    rng = np.random.default_rng(3)
+    ids = jnp.asarray(rng.integers(2, config.vocab_size, (2, 24)))
+    dec = jnp.asarray(rng.integers(2, config.vocab_size, (2, 24)))
+    params = model.init(jax.random.key(1), ids, dec)["params"]
+    layers = config.num_moe_layers
+    client = np.zeros((layers, 16), bool)
+    for layer in range(layers):
+        client[layer, rng.choice(16, 3, replace=False)] = True
+    full = model.apply({"params": params}, ids, dec, expert_mask=jnp.asarray(client))
+    dropped = np.asarray(full.routing.dropped_fraction)
+    assert (dropped > 0).any()  # capacity binds: the test can tell capacities apart
+    for width in (4, 8, 16):
+        wide = np.zeros((layers, 16), bool)
+        wide[:, :width] = True  # a cohort member holding `width` experts sets S
+        idx, valid = (np.asarray(a) for a in expert_slots(jnp.asarray(np.stack([client, wide])), width))
+        narrow = narrow_config(config, valid)
+        sub = gather_submodel(params, config, idx[0])
+        out = jax.jit(SwitchTransformer(narrow).apply)({"params": sub}, ids, dec, expert_mask=valid[0])
+        np.testing.assert_allclose(np.asarray(out.logits), np.asarray(full.logits), atol=1e-5,
+                                   err_msg=f"S={width}")
+        np.testing.assert_array_equal(np.asarray(out.routing.dropped_fraction), dropped, err_msg=f"S={width}")

@@ -196,3 +196,103 @@ def test_summary_reports_comm_experts_memory_and_scores(small_run):
     one = memory.submodel_bytes(trainer.states.expert_maps[0]) / 1e9
     assert summary["peak_memory_gb"]["max"] == pytest.approx(one)
     assert summary["test"] == {"tc_accuracy": 12.5} and summary["rounds"] == 1
+
+
+def grow(maps, keep=4):
+    """`maps <bool>[..., L, E]` plus the lowest experts not held, up to `keep` per layer."""
+    out = np.asarray(maps).copy()
+    for row in out.reshape(-1, out.shape[-1]):
+        row[np.flatnonzero(~row)[: keep - row.sum()]] = True
+    return out
+
+
+class GrowThenShrink(RandomMoE):
+    """Two experts per layer; after round 1 every cohort client trains with four (a trial), after
+    round 2 it is back to two (a rollback). Holds one extra copy of the parameters (like FedProx)."""
+
+    state_copies = 1
+
+    def update_clients(self, states, report):
+        states = super().update_clients(states, report)
+        maps = states.expert_maps.copy()
+        if report.round == 0:
+            maps[report.cohort] = grow(maps[report.cohort])
+        elif report.round == 1:
+            maps[report.cohort] = self.start[report.cohort]
+        return states.replace(expert_maps=maps)
+
+    def initial_expert_maps(self, config, num_clients, seed):
+        self.start = super().initial_expert_maps(config, num_clients, seed)
+        return self.start
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax, see test_checkpoint
+def test_peak_memory_is_the_largest_map_each_client_trained_with(small_run, tmp_path):
+    from fedmoe_jax.algorithms.memory import MemoryModel
+
+    config, params, fed, tok = small_run
+    run = RunSettings(num_rounds=3, cohort_size=6, batch_size=4, local_steps=1, eval_every=0)
+
+    def trainer():
+        return FederatedTrainer(config, params, fed, tok, GrowThenShrink(experts_per_layer=2),
+                                optax.adamw(3e-3, eps=1e-3), run, workdir=str(tmp_path))
+
+    t = trainer()
+    t.run(progress=False)
+    t.close()
+    assert [row["expert_counts"] for row in t.history] == [[4] * 6, [8] * 6, [4] * 6]
+    assert t.history[1]["layer_expert_counts"] == [[4, 4]] * 6
+    start = GrowThenShrink(experts_per_layer=2).initial_expert_maps(config, 6, 0)
+    assert np.array_equal(t.states.expert_maps, start)  # rolled back: start and end maps are small
+    memory = MemoryModel(config, batch_size=4, input_len=32, target_len=16)
+    expected = [memory.submodel_bytes(g, extra_copies=1) / 1e9 for g in grow(start)]
+    assert expected[0] > memory.submodel_bytes(start[0], extra_copies=1) / 1e9
+    peak = t.summary(memory)["peak_memory_gb"]
+    assert peak == {"mean": pytest.approx(np.mean(expected)), "max": pytest.approx(np.max(expected))}
+    resumed = trainer()  # the peak comes back from metrics.jsonl
+    assert resumed.server.round == 3 and resumed.summary(memory)["peak_memory_gb"] == peak
+    resumed.close()
+
+
+@pytest.mark.parametrize("capacity", [1, 10**6])
+def test_rows_log_the_dropped_token_fraction(small_run, capacity):
+    config, params, fed, tok = small_run
+    t = make_trainer((config.replace(expert_capacity=capacity), params, fed, tok),
+                     RandomMoE(experts_per_layer=4), eval_every=0, num_rounds=1)
+    prep = t.prepare_round()
+    c = len(prep.cohort)
+    routing = t._round_step(t.server.params, *prep.cohort_args).routing  # the same round's statistics
+    dropped = np.asarray(routing.dropped)[:c].sum(-1)  # [C] over the MoE layers
+    routed = np.asarray(routing.tokens_per_expert)[:c].sum((-2, -1))
+    row = t.finish_round(prep, t.train_round(prep))
+    np.testing.assert_allclose(row["client_dropped_fraction"], dropped / routed, rtol=1e-6)
+    assert row["dropped_fraction"] == pytest.approx(dropped.sum() / routed.sum(), rel=1e-6)
+    if capacity == 1:
+        # one slot per expert and sequence: at most 4 experts x L layers token-choices kept per example
+        kept_max = 4 * config.num_moe_layers * prep.weights
+        assert np.all(routed * (1 - np.asarray(row["client_dropped_fraction"])) <= kept_max + 1e-3)
+        assert row["dropped_fraction"] > 0.5
+    else:
+        assert row["dropped_fraction"] == 0 and row["client_dropped_fraction"] == [0.0] * c
+
+
+def test_full_validation_scores_every_client_and_changes_no_state(small_run):
+    """Every `full_eval_every` rounds and after the last, each client's own model is validated (not only
+    the cohort's); the row's means equal `evaluate("validation")` of the same state, and nothing the
+    algorithm keeps changes."""
+    trainer = make_trainer(small_run, RandomMoE(experts_per_layer=4), num_rounds=3, full_eval_every=2)
+    history = trainer.run(progress=False)
+    assert ["full_val_score" in row for row in history] == [False, True, True]  # round 2 and the last
+    states = jax.tree.map(np.copy, trainer.states)
+    again = trainer.validate_all()
+    assert again == {k: v for k, v in history[-1].items() if k.startswith("full_val_score")}
+    result = trainer.evaluate("validation", batch_size=trainer.settings.eval_batch_size)
+    scores = [r["score"] for r in result["clients"].values()]
+    assert len(scores) == trainer.data.num_clients  # every client, sampled or not
+    assert again["full_val_score"] == pytest.approx(np.mean(scores))
+    tasks = [trainer.data.partition.task_of(k) for k in result["clients"]]
+    for task in set(tasks):
+        mine = [s for s, t in zip(scores, tasks) if t == task]
+        assert again[f"full_val_score_{task}"] == pytest.approx(np.mean(mine))
+    for a, b in zip(jax.tree.leaves(states), jax.tree.leaves(trainer.states)):
+        np.testing.assert_array_equal(a, b)

@@ -45,12 +45,18 @@ class Algorithm:
     hooks: LocalHooks = LocalHooks()
     needs_client_params = False
     comm_multiplier = 1  # transfers per round relative to the sub-MoE (SCAFFOLD: 2, with controls)
+    # extra copies of the trained parameters a client holds in local training (`MemoryModel`)
+    state_copies = 0
     # False: no server; each client keeps its own model in `states.extra` (`[N, ...]` full trees)
     aggregates = True
 
     def initial_expert_maps(self, config: SwitchConfig, num_clients: int, seed: int) -> np.ndarray:
         """`<bool>[N, L, E]` the sub-MoE each client starts with."""
         return np.ones((num_clients, config.num_moe_layers, config.num_experts), bool)
+
+    def initial_profiles(self, config: SwitchConfig, num_clients: int) -> np.ndarray | None:
+        """`<f32>[N, L, E]` activation profiles the clients start with (None: none until evaluated)."""
+        return None
 
     def init_extra(self, num_clients: int, params: PyTree) -> PyTree:
         """Per-client algorithm state, leaves `[N, ...]` (None if none)."""

@@ -63,6 +63,7 @@ class FedProx(Algorithm):
 
     name = "fedprox"
     comm_multiplier = 1
+    state_copies = 1  # the anchor w_received of the proximal term
 
     def __init__(self, mu: float = 0.01):
         if mu < 0:
@@ -119,6 +120,9 @@ class SCAFFOLD(Algorithm):
 
     name = "scaffold"
     comm_multiplier = 2
+    # c and c_i (the step's correction c - c_i comes from them); the server, which keeps x, forms
+    # c_i+ from x and y_i, so the client holds no copy of x
+    state_copies = 2
     needs_client_params = True
 
     def __init__(self, lr_local: float, local_steps: int):

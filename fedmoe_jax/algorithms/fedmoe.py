@@ -128,12 +128,18 @@ def cosine_similarity(p_k: np.ndarray, p_others: np.ndarray) -> np.ndarray:
     return np.divide(b @ a, norms, out=np.zeros(len(b)), where=norms > 0)
 
 
-def reference_set(similarity: np.ndarray, client: int, k: int) -> np.ndarray:
-    """Eq. 5: the K most similar other clients (ties by lower id); `similarity [N]` to `client`."""
+def reference_set(similarity: np.ndarray, client: int, k: int,
+                  candidates: np.ndarray | None = None) -> np.ndarray:
+    """Eq. 5: the K most similar other clients (ties by lower id); `similarity [N]` to `client`.
+
+    `candidates <bool>[N]`: the clients that may be references (those with an activation profile);
+    fewer than K candidates give a shorter set, none an empty one.
+    """
     n = len(similarity)
     if not 1 <= k <= n - 1:
         raise ValueError(f"K={k} reference clients must be between 1 and N-1={n - 1}")
-    others = np.array([a for a in range(n) if a != client])
+    allowed = np.ones(n, bool) if candidates is None else np.asarray(candidates, bool)
+    others = np.array([a for a in range(n) if a != client and allowed[a]], np.int64)
     order = np.lexsort((others, -np.asarray(similarity)[others]))
     return others[order[:k]]
 
@@ -197,7 +203,12 @@ class FedMoE(Algorithm):
     its structure is adjusted towards its `num_references` most similar clients (Eq. 4-6,
     `recommend`). The adjustment is a trial: the next time the client is evaluated, it is kept if
     the score beats the best before the trial, else the previous map is restored and the client's
-    structure is frozen for good. Growth is capped per client by `max_experts` (its memory budget).
+    structure is frozen for good. Growth is capped per client by `max_experts`: what its whole
+    memory budget M holds (Stage 1 fills `alpha * M`, leaving the rest for Stage 2 to grow into).
+
+    Profiles: `initial_probs [N, L, E]` (Stage 1's p, measured or predicted) seed every client's
+    activation profile; later evaluations replace it. A client without a profile (all zero, e.g.
+    never evaluated in the "w/o Stage 1" ablation) is never a reference.
     With `loss_tie_break` (ours, see `base.improves`), an equal score at a lower validation loss also
     counts as an improvement, both for the patience counter and for accepting a trial.
     """
@@ -206,7 +217,8 @@ class FedMoE(Algorithm):
 
     def __init__(self, initial_maps: np.ndarray, patience: int = 2, num_references: int = 3,
                  min_experts_per_layer: int = 1, max_experts: np.ndarray | None = None,
-                 adjust: bool = True, loss_tie_break: bool = False):
+                 adjust: bool = True, loss_tie_break: bool = False,
+                 initial_probs: np.ndarray | None = None):
         maps = np.asarray(initial_maps, bool)
         if maps.ndim != 3:
             raise ValueError(f"initial_maps must be [N, L, E], got shape {maps.shape}")
@@ -214,7 +226,11 @@ class FedMoE(Algorithm):
             raise ValueError(f"patience={patience} must be >= 1")
         if not 1 <= num_references <= maps.shape[0] - 1:
             raise ValueError(f"num_references={num_references} must be between 1 and N-1={maps.shape[0] - 1}")
+        if initial_probs is not None and np.shape(initial_probs) != maps.shape:
+            raise ValueError(f"initial_probs has shape {np.shape(initial_probs)}; expected {maps.shape} "
+                             "like initial_maps (N, L, E)")
         self.initial_maps = maps
+        self.initial_probs = None if initial_probs is None else np.asarray(initial_probs, np.float32)
         self.patience, self.num_references = patience, num_references
         self.min_experts_per_layer = min_experts_per_layer
         self.max_experts = None if max_experts is None else np.asarray(max_experts, np.int64)
@@ -229,6 +245,9 @@ class FedMoE(Algorithm):
                 f"{(num_clients, config.num_moe_layers, config.num_experts)} (N, L, E)"
             )
         return self.initial_maps.copy()
+
+    def initial_profiles(self, config, num_clients):
+        return None if self.initial_probs is None else self.initial_probs.copy()
 
     def init_extra(self, num_clients, params):
         n = num_clients
@@ -276,7 +295,9 @@ class FedMoE(Algorithm):
 
     def _adjusted_map(self, k: int, maps: np.ndarray, probs: np.ndarray) -> np.ndarray:
         sims = cosine_similarity(probs[k], probs)
-        refs = reference_set(sims, k, self.num_references)
+        refs = reference_set(sims, k, self.num_references, candidates=probs.reshape(len(probs), -1).any(-1))
+        if len(refs) == 0:
+            return maps[k]
         p_hat = estimated_importance(sims[refs], probs[refs])
         target = maps[refs].sum((1, 2)).mean()
         cap = None if self.max_experts is None else int(self.max_experts[k])

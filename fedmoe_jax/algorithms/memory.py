@@ -10,6 +10,14 @@ recomputation"): per transformer block `s * b * h * (34 + 5 * a * s / h)` bytes 
 scaled by `bytes_per_activation / 2`; decoder blocks count their cross-attention as a second
 attention. Parameter counts come from `jax.eval_shape` (nothing is allocated).
 
+An algorithm's extra per-client state during local training adds `extra_copies` copies of the
+trained parameters at `bytes_per_param` (no gradients or moments for them):
+
+    mem = mem(sub-MoE) + extra_copies * params * bytes_per_param
+
+with `extra_copies = Algorithm.state_copies`: FedProx 1 (the anchor, the model as received),
+SCAFFOLD 2 (the controls c and c_i), FedAvg, randomMoE, FedMoE and local training 0.
+
 Shape letters: N clients, L MoE layers, E experts.
 """
 
@@ -76,13 +84,21 @@ class MemoryModel:
         dec = cfg.num_decoder_layers * block(self.target_len, 2)
         return float((enc + dec) * scale)
 
-    def submodel_bytes(self, expert_mask: np.ndarray) -> float:
-        """mem(.) of a sub-MoE given by its expert map `<bool>[L, E]`."""
-        counts = np.asarray(expert_mask, bool).sum(-1)
-        return float(self.dense_bytes + np.sum(counts * self.expert_bytes))
+    def submodel_bytes(self, expert_mask: np.ndarray, extra_copies: float = 0) -> float:
+        """mem(.) of a sub-MoE given by its expert map `<bool>[L, E]`, plus `extra_copies` copies
+        of its parameters (an algorithm's extra state, `Algorithm.state_copies`)."""
+        return self.counts_bytes(np.asarray(expert_mask, bool).sum(-1), extra_copies)
 
-    def full_model_bytes(self) -> float:
-        return self.submodel_bytes(np.ones((self.config.num_moe_layers, self.config.num_experts), bool))
+    def counts_bytes(self, counts: np.ndarray, extra_copies: float = 0) -> float:
+        """`submodel_bytes` of a sub-MoE with `counts [L]` experts per layer."""
+        counts = np.asarray(counts, np.int64)
+        params = self._dense_params + np.sum(counts * self._expert_params)
+        return float(self.dense_bytes + np.sum(counts * self.expert_bytes)
+                     + extra_copies * params * self.bytes_per_param)
+
+    def full_model_bytes(self, extra_copies: float = 0) -> float:
+        return self.submodel_bytes(np.ones((self.config.num_moe_layers, self.config.num_experts), bool),
+                                   extra_copies)
 
 
 def draw_budgets(num_clients: int, low: float, high: float, seed: int, step: float = GB) -> np.ndarray:

@@ -27,13 +27,9 @@ from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer, cross_entr
 Array = jax.Array
 
 
-def make_cohort_eval(config: SwitchConfig, max_length: int, decode: bool = True) -> Callable[..., tuple]:
-    """`(params [C,..], batches [C, K, B, ..], valid [C, L, E]) -> (loss [C], stats, tokens)`.
-
-    `config` is the narrow model's (E = slots). `tokens` are greedy predictions `[C, K, B, T']`
-    with `T' = max_length` (None with `decode=False`); `stats` sums routing statistics over real
-    examples `[C, L, ...]`.
-    """
+def client_eval_fn(config: SwitchConfig, max_length: int, decode: bool = True) -> Callable[..., tuple]:
+    """One client, unjitted: `(params, batches [K, B, ..], valid [L, E]) -> (loss, stats [L, ..],
+    tokens [K, B, T'] or None)`; see `make_cohort_eval`."""
     model = SwitchTransformer(config)
 
     def one_client(params, batches, valid):
@@ -54,7 +50,20 @@ def make_cohort_eval(config: SwitchConfig, max_length: int, decode: bool = True)
         loss = loss_sum.sum() / jnp.maximum(n_tokens.sum(), 1.0)
         return loss, stats.total(), tokens
 
-    cohort_eval = jax.jit(jax.vmap(one_client))
+    return one_client
+
+
+def make_cohort_eval(config: SwitchConfig, max_length: int, decode: bool = True,
+                     shared_params: bool = False) -> Callable[..., tuple]:
+    """`(params [C,..], batches [C, K, B, ..], valid [C, L, E]) -> (loss [C], stats, tokens)`.
+
+    `config` is the narrow model's (E = slots). `tokens` are greedy predictions `[C, K, B, T']`
+    with `T' = max_length` (None with `decode=False`); `stats` sums routing statistics over real
+    examples `[C, L, ...]`. `shared_params=True`: one unbatched tree that every client applies
+    (no per-client copy of the model).
+    """
+    one_client = client_eval_fn(config, max_length, decode)
+    cohort_eval = jax.jit(jax.vmap(one_client, in_axes=(None if shared_params else 0, 0, 0)))
 
     def evaluate(params, batches, valid):
         return cohort_eval(params, model_batch(batches), valid)
@@ -69,12 +78,16 @@ def score_predictions(
     tasks: Sequence[str],
     references: Sequence[Callable[[np.ndarray], list[list[str]]]],
     keep: int = 0,
+    clients: Sequence[int] | None = None,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Task metrics per client from predicted tokens `[C, K, B, T]` and `example_ids [C, K, B]`.
 
     `references[c](ids)` returns the reference lists of client c's examples `ids`. Each result holds
-    every metric of the task plus `score`, the task's primary metric (PAPER.md Algorithm 1's "acc"),
-    and with `keep > 0` `examples`: the first `keep` as `{"id", "prediction", "references"}`.
+    every metric of the task plus `score`, the task's primary metric (the paper's Algorithm 1 "acc"),
+    and with `keep > 0` `examples`: `keep` of the client's examples drawn at random by
+    `np.random.default_rng([seed, client])` (`clients [C]` the client ids, default 0..C-1; the same
+    examples whatever the method or model), in id order, as `{"id", "prediction", "references"}`.
     """
     results = []
     for c, task in enumerate(tasks):
@@ -89,7 +102,12 @@ def score_predictions(
         scores: dict[str, Any] = task_scores(task, predictions, refs)
         scores["score"] = scores[PRIMARY_METRIC[task]]
         if keep > 0:
-            scores["examples"] = [{"id": int(i), "prediction": p, "references": list(r)}
-                                  for i, p, r in zip(ids[real][:keep], predictions[:keep], refs[:keep])]
+            real_ids = ids[real]
+            client = c if clients is None else int(clients[c])
+            rng = np.random.default_rng([seed, client])
+            picked = rng.choice(len(real_ids), min(keep, len(real_ids)), replace=False)
+            picked = picked[np.argsort(real_ids[picked], kind="stable")]
+            scores["examples"] = [{"id": int(real_ids[j]), "prediction": predictions[j],
+                                   "references": list(refs[j])} for j in picked]
         results.append(scores)
     return results

@@ -30,6 +30,7 @@ from fedmoe_jax.federated.submodel import (
     cohort_sums,
     finalize_aggregate,
     gather_submodel,
+    narrow_config,
     zero_cohort_sums,
 )
 from fedmoe_jax.models.moe import RoutingStats
@@ -45,7 +46,8 @@ class RoundOutput:
     """Result of one round. Arrays have the padded cohort axis C first where per client."""
 
     params: PyTree  # new global parameters (the aggregate)
-    metrics: dict[str, Array]  # [C] each: loss, ce, lb_loss, z_loss, num_steps, finite (1: aggregated)
+    # [C] each: loss, ce, lb_loss, z_loss, num_steps, finite (1: aggregated), and `routing_counts`
+    metrics: dict[str, Array]
     routing: RoutingStats  # tokens_per_expert / prob_mass [C, L, E]; dropped, num_tokens [C, L]
     held: Array  # <bool>[L, E] experts held by a weighted cohort client (the ones aggregation moved)
     client_params: PyTree | None = None  # the cohort's trained sub-MoEs [C, ...] (return_clients=True)
@@ -58,6 +60,12 @@ def to_global_experts(stats: RoutingStats, indices: Array, valid: Array, num_exp
         tokens_per_expert=jnp.einsum("clse,cls->cle", onehot, stats.tokens_per_expert),
         prob_mass=jnp.einsum("clse,cls->cle", onehot, stats.prob_mass),
     )
+
+
+def routing_counts(stats: RoutingStats) -> dict[str, Array]:
+    """`routed` / `dropped`: real token-choices routed / dropped by capacity, summed over the MoE
+    layers `[C]` (sums: they add over steps and sub-cohorts)."""
+    return {"routed": stats.tokens_per_expert.sum((-2, -1)), "dropped": stats.dropped.sum(-1)}
 
 
 def exclude_nonfinite(trained: PyTree, received: PyTree, metrics: dict[str, Array]
@@ -175,16 +183,16 @@ def make_round_step(
     """
     if runs and mesh is not None:
         raise ValueError("runs=True vmaps whole rounds on one device; pass mesh=None")
-    compiled: dict[tuple[int, int | None], Callable] = {}
+    compiled: dict[tuple[SwitchConfig, int | None], Callable] = {}
 
-    def build(width: int, params: PyTree, chunk: int | None) -> Callable:
-        narrow_config = config.replace(num_experts=width)
+    def build(narrow_config: SwitchConfig, params: PyTree, chunk: int | None) -> Callable:
         local_train = make_local_train(narrow_config, optimizer, loss_config, hooks)
         train_cohort = jax.vmap(local_train, spmd_axis_name=CLIENTS if mesh is not None else None)
 
         def train_and_sum(params, indices, valid, batches, step_mask, weights, rngs, extra):
             narrow = jax.vmap(lambda idx: gather_submodel(params, config, idx))(indices)
             trained, metrics, stats = train_cohort(narrow, batches, step_mask, valid, rngs, extra)
+            metrics = {**metrics, **routing_counts(stats)}
             trained, metrics = exclude_nonfinite(trained, narrow, metrics)
             sums = cohort_sums(params, trained, config, indices, valid, weights * metrics["finite"])
             return sums, metrics, stats, (trained if return_clients else None)
@@ -227,36 +235,38 @@ def make_round_step(
             out_shardings=(global_params, per_client, per_client, rep, per_client),
         )
 
-    fitted: dict[tuple[int, int], Callable] = {}  # (width, cohort) -> program chosen under memory_cap
-    memory_needs: dict[tuple[int, int], dict] = {}  # (width, cohort) -> {chunk: bytes} of those tried
+    # (narrow config, cohort) -> program chosen under memory_cap, and {chunk: bytes} of those tried
+    fitted: dict[tuple[SwitchConfig, int], Callable] = {}
+    memory_needs: dict[tuple[SwitchConfig, int], dict] = {}
 
-    def fit(width: int, c: int, args: tuple) -> Callable:
+    def fit(narrow: SwitchConfig, c: int, args: tuple) -> Callable:
         """The round compiled for the largest sub-cohort that fits in `memory_cap` (shapes of `args`:
         kept per cohort size, unlike the jitted programs in `compiled`)."""
         seeds = f" ({int(args[1].shape[0])} runs at once: pass fewer --seeds together)," if runs else ""
         chunk, program = fit_under_cap(
-            c, mesh, memory_cap, lambda chunk: build(width, args[0], chunk).lower(*args).compile(),
-            memory_needs.setdefault((width, c), {}), "a round",
+            c, mesh, memory_cap, lambda chunk: build(narrow, args[0], chunk).lower(*args).compile(),
+            memory_needs.setdefault((narrow, c), {}), "a round",
             "lower batch_size or data.max_input_len / max_target_len, shard experts (mesh.experts), "
             "or raise memory_cap_gb", detail=seeds)
-        compiled[(width, chunk)] = program
+        compiled[(narrow, chunk)] = program
         return program
 
     def round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None) -> RoundOutput:
-        width, c = int(indices.shape[-1]), int(indices.shape[-3])
+        narrow, c = narrow_config(config, valid), int(indices.shape[-3])
         args = (params, indices, valid, batches, step_mask, weights, rngs, extra)
         if memory_cap is not None and chunk_size == "auto":
-            if (width, c) not in fitted:
-                fitted[(width, c)] = fit(width, c, args)
-            return RoundOutput(*fitted[(width, c)](*args))
+            if (narrow, c) not in fitted:
+                fitted[(narrow, c)] = fit(narrow, c, args)
+            return RoundOutput(*fitted[(narrow, c)](*args))
         chunk = auto_chunk_size(c, mesh) if chunk_size == "auto" else chunk_size
-        if (width, chunk) not in compiled:
-            compiled[(width, chunk)] = build(width, params, chunk)
-        program = compiled[(width, chunk)]
+        if (narrow, chunk) not in compiled:
+            compiled[(narrow, chunk)] = build(narrow, params, chunk)
+        program = compiled[(narrow, chunk)]
         return RoundOutput(*program(*args))
 
     round_step.compiled = compiled  # exposed for tests and diagnostics
     round_step.memory_needs = memory_needs
+    round_step.fit = fit  # (width, C, args) -> the program `memory_cap` picks; args may be abstract
     return round_step
 
 
@@ -278,8 +288,8 @@ def make_personal_step(
     largest sub-cohort whose compiled step fits (`fit_under_cap`, candidates from `auto_chunk_size`
     down; `personal_step.memory_needs` keeps `{cohort: {chunk: bytes}}`). Unlike a round, "auto" makes
     no CPU sub-cohorts: `results/cpu_reproduction`'s `local` runs trained the whole cohort at once."""
-    local_train = make_local_train(config, optimizer, loss_config, hooks)
     all_experts = jnp.ones((config.num_moe_layers, config.num_experts), bool)
+    local_train = make_local_train(narrow_config(config, all_experts), optimizer, loss_config, hooks)
     one = lambda p, b, m, k, e: local_train(p, b, m, all_experts, k, e)  # noqa: E731
     train = jax.vmap(one, spmd_axis_name=CLIENTS if mesh is not None else None)
     compiled: dict[int | None, Callable] = {}
@@ -298,7 +308,7 @@ def make_personal_step(
                 chunks = jax.tree.map(lambda a: a.reshape((c // chunk, chunk) + a.shape[1:]), cohort)
                 _, out = jax.lax.scan(lambda carry, xs: (carry, train(*xs)), None, chunks)
                 trained, metrics, stats = jax.tree.map(lambda a: a.reshape((c,) + a.shape[2:]), out)
-            trained, metrics = exclude_nonfinite(trained, params, metrics)
+            trained, metrics = exclude_nonfinite(trained, params, {**metrics, **routing_counts(stats)})
             return trained, metrics, stats
 
         if mesh is None:

@@ -24,7 +24,8 @@ class ClientStates:
     """Stacked state of all N clients (host numpy arrays, except `extra` which may live on device)."""
 
     expert_maps: np.ndarray  # <bool>[N, L, E] the sub-MoE of each client
-    probs: np.ndarray  # <f32>[N, L, E] latest activation probabilities (validation data)
+    probs: np.ndarray  # <f32>[N, L, E] latest activation probabilities (validation data; Stage 1's p
+    # until the first evaluation for FedMoE; all zero: no profile yet)
     score: np.ndarray  # <f32>[N] latest validation score (NaN before the first)
     best_score: np.ndarray  # <f32>[N] best validation score so far (-inf before the first)
     best_loss: np.ndarray  # <f32>[N] validation loss of that best evaluation (+inf before the first)
@@ -34,16 +35,22 @@ class ClientStates:
     extra: PyTree = None  # algorithm state, leaves [N, ...]
 
     @classmethod
-    def create(cls, expert_maps: np.ndarray, extra: PyTree = None) -> ClientStates:
+    def create(cls, expert_maps: np.ndarray, extra: PyTree = None, probs: np.ndarray | None = None
+               ) -> ClientStates:
+        """Round-0 state; `probs [N, L, E]` seeds the activation profiles (zeros: none yet)."""
         maps = np.asarray(expert_maps, bool)
         if maps.ndim != 3:
             raise ValueError(f"expert_maps must be [N, L, E], got shape {maps.shape}")
         if not maps.any(-1).all():
             raise ValueError("every client must keep at least one expert in every MoE layer")
         n = maps.shape[0]
+        if probs is None:
+            probs = np.zeros(maps.shape, np.float32)
+        elif np.shape(probs) != maps.shape:
+            raise ValueError(f"probs has shape {np.shape(probs)}; expected {maps.shape} like the expert maps")
         return cls(
             expert_maps=maps,
-            probs=np.zeros(maps.shape, np.float32),
+            probs=np.asarray(probs, np.float32).copy(),
             score=np.full(n, np.nan, np.float32),
             best_score=np.full(n, -np.inf, np.float32),
             best_loss=np.full(n, np.inf, np.float32),

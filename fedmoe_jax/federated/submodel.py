@@ -3,7 +3,7 @@
 A client's sub-MoE is its expert map (bool `[L, E]`). For training, the kept experts of each MoE
 layer are gathered into `S` slots (S = E_max of the cohort, bucketed) with a validity mask, so a
 client holds and trains only `S` experts per layer and `vmap` sees uniform shapes; the narrow model is
-`SwitchTransformer(config.replace(num_experts=S))` applied with `expert_mask=valid`.
+`SwitchTransformer(narrow_config(config, valid))` (S experts) applied with `expert_mask=valid`.
 
 Shape letters: N clients, C cohort, L MoE layers, E global experts, S gathered slots.
 """
@@ -59,6 +59,31 @@ def bucket_width(max_kept: int, num_experts: int) -> int:
     if not 1 <= max_kept <= num_experts:
         raise ValueError(f"max_kept={max_kept} must be between 1 and num_experts={num_experts}")
     return int(min(num_experts, 1 << (int(max_kept) - 1).bit_length()))
+
+
+def capacity_bound(valid: np.ndarray, top_k: int = 1) -> int:
+    """The fewest experts a real client keeps in any layer of `valid <bool>[..., L, S]`: S when every
+    slot is kept, else rounded down to a power of two (few distinct programs), at least `top_k`.
+    Clients with an empty layer are padding and do not count. Sizes the capacity-factor slot buffer
+    (`SwitchConfig.capacity_min_experts`).
+    """
+    width = int(np.shape(valid)[-1])
+    counts = np.asarray(valid, bool).sum(-1).reshape(-1, np.shape(valid)[-2])  # [clients, L]
+    real = counts.min(-1) > 0
+    fewest = int(counts[real].min()) if real.any() else width
+    if fewest >= width:
+        return width
+    return min(max(1 << (fewest.bit_length() - 1), top_k), fewest)
+
+
+def narrow_config(config: SwitchConfig, valid: np.ndarray) -> SwitchConfig:
+    """The model a cohort's gathered sub-MoEs `valid <bool>[..., L, S]` are applied with: S experts,
+    and with a capacity factor a slot buffer that holds the capacity of its smallest client."""
+    width = int(np.shape(valid)[-1])
+    bound = 0
+    if config.dispatch == "capacity" and config.expert_capacity is None:
+        bound = capacity_bound(valid, config.top_k)
+    return config.replace(num_experts=width, capacity_min_experts=bound)
 
 
 def expert_slots(expert_maps: Array, width: int) -> tuple[Array, Array]:

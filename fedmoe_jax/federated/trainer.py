@@ -44,7 +44,13 @@ from fedmoe_jax.federated.sharding import (
     to_host,
 )
 from fedmoe_jax.federated.state import ClientStates, ServerState
-from fedmoe_jax.federated.submodel import bucket_width, expert_slots, gather_submodel, param_bytes
+from fedmoe_jax.federated.submodel import (
+    bucket_width,
+    expert_slots,
+    gather_submodel,
+    narrow_config,
+    param_bytes,
+)
 from fedmoe_jax.models.switch import SwitchConfig
 
 PyTree = Any
@@ -73,6 +79,9 @@ class RunSettings:
     on_nonfinite: str = "exclude"
     # bytes per device a round may use: the cohort trains in sub-cohorts that fit (None: no cap)
     memory_cap_bytes: int | None = None
+    # validate every client's own model (not only the cohort) every this many rounds and after the
+    # last: the curve time-to-target is read from (0: never); monitoring only, it changes no state
+    full_eval_every: int = 0
 
     def validate(self, num_clients: int) -> None:
         checks = {
@@ -83,6 +92,7 @@ class RunSettings:
             "sampling": self.sampling in ("uniform", "enforced"),
             "on_nonfinite": self.on_nonfinite in ("exclude", "stop"),
             "memory_cap_bytes": self.memory_cap_bytes is None or self.memory_cap_bytes > 0,
+            "full_eval_every": self.full_eval_every >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -159,7 +169,8 @@ class FederatedTrainer:
         n = data.num_clients
         self.client_tasks = np.asarray([data.partition.task_of(c) for c in range(n)])
         self.initial_maps = algorithm.initial_expert_maps(config, n, settings.seed)
-        self.states = ClientStates.create(self.initial_maps, algorithm.init_extra(n, params))
+        self.states = ClientStates.create(self.initial_maps, algorithm.init_extra(n, params),
+                                          algorithm.initial_profiles(config, n))
         server_opt = server_optimizer or optax.sgd(1.0)
         self._server_init, self._server_update = make_server_update(config, server_opt)
         self.server = ServerState(params, self._server_init(params), 0, algorithm.init_server_extra(params))
@@ -168,8 +179,8 @@ class FederatedTrainer:
         if not algorithm.aggregates:
             self._personal_step = make_personal_step(config, optimizer, loss_config, algorithm.hooks, mesh,
                                                      memory_cap=settings.memory_cap_bytes)
-        self._evaluators: dict[int, Any] = {}
-        self._fine_tuners: dict[int, Any] = {}
+        self._evaluators: dict[SwitchConfig, Any] = {}
+        self._fine_tuners: dict[SwitchConfig, Any] = {}
         self._optimizer, self._loss_config = optimizer, loss_config
         self._root = jax.random.key(settings.seed)
         self.dense_bytes, self.expert_bytes = param_bytes(params, config)
@@ -181,7 +192,8 @@ class FederatedTrainer:
                 "seed": settings.seed, "method": algorithm.name, "model": config.identity(),
                 "data": data.fingerprint(), "partition": data.partition.fingerprint(),
                 "settings": {k: v for k, v in dataclasses.asdict(settings).items()
-                             if k not in ("num_rounds", "on_nonfinite", "memory_cap_bytes")},
+                             if k not in ("num_rounds", "on_nonfinite", "memory_cap_bytes",
+                                          "full_eval_every")},
                 **(run_meta or {}),
             }
             self.meta_defaults = {"model": _field_defaults(SwitchConfig),
@@ -224,11 +236,12 @@ class FederatedTrainer:
         """Bytes of each client's sub-MoE `[C]` (what goes down and comes back up in a round)."""
         return self.dense_bytes + np.einsum("cle,l->c", expert_maps.astype(np.int64), self.expert_bytes)
 
-    def _evaluator(self, width: int):
-        if width not in self._evaluators:
-            self._evaluators[width] = make_cohort_eval(self.config.replace(num_experts=width),
-                                                       self.data.target_len)
-        return self._evaluators[width]
+    def _evaluator(self, valid: np.ndarray):
+        """The cohort evaluation program for gathered sub-MoEs `valid [C, L, S]` (one per narrow model)."""
+        narrow = narrow_config(self.config, valid)
+        if narrow not in self._evaluators:
+            self._evaluators[narrow] = make_cohort_eval(narrow, self.data.target_len)
+        return self._evaluators[narrow]
 
     def _next_cohort(self) -> tuple[np.ndarray, np.ndarray, int]:
         """The next round's cohort `[C]`, its expert maps `[C, L, E]` and the slots S they need."""
@@ -245,7 +258,7 @@ class FederatedTrainer:
         """Host side of the next round: sample the cohort, its expert slots and batches.
 
         `width`: at least this many slots (a `RunGroup` trains runs of different widths together);
-        padding slots are masked, but the capacity of a layer follows its slot count.
+        padding slots are masked, and a layer's capacity follows the experts each client keeps.
         """
         s, r = self.settings, self.server.round
         start = time.time()
@@ -319,13 +332,15 @@ class FederatedTrainer:
         self.server = ServerState(trained.params, trained.opt_state, r + 1,
                                   self.algorithm.update_server(server_extra, report, trained.params))
         row = self._metrics_row(r, cohort, prep.maps, train_loss, prep.weights, val_scores, val_metrics,
-                                time.time() - prep.start)
+                                time.time() - prep.start, metrics)
         if not finite.all():
             row["nonfinite_clients"] = cohort[~finite].tolist()
         events = getattr(self.algorithm, "events", None)  # FedMoE: adjust / accept / rollback
         if events:
             row["events"] = list(events)
             events.clear()
+        if s.full_eval_every and ((r + 1) % s.full_eval_every == 0 or r + 1 == s.num_rounds):
+            row.update(self.validate_all())
         self.history.append(row)
         if self._writer is not None:
             self._writer.write(row)
@@ -343,17 +358,31 @@ class FederatedTrainer:
         max_examples = s.max_eval_examples if split == "validation" else max_examples
         batches = self.data.cohort_eval_batches(cohort, batch_size or s.eval_batch_size, split,
                                                 max_examples=max_examples)
-        loss, stats, tokens = self._evaluator(width)(client_params, batches, valid)
+        loss, stats, tokens = self._evaluator(valid)(client_params, batches, valid)
         stats = to_global_experts(stats, indices, valid, self.config.num_experts)
         probs = np.asarray(stats.activation_probs, np.float32)
         tasks = [self.data.partition.task_of(int(k)) for k in cohort]
         refs = [self._references(t, split) for t in tasks]
         results = score_predictions(self.tokenizer, np.asarray(tokens), batches["example_ids"], tasks,
-                                    refs, keep)
+                                    refs, keep, clients=cohort, seed=s.seed)
         for res, lv in zip(results, np.asarray(loss)):
             res["loss"] = float(lv)
         scores = np.asarray([res["score"] for res in results], np.float32)
         return scores, probs, results
+
+    def validate_all(self) -> dict[str, float]:
+        """Every client's own model on its validation data (as `evaluate`, the cohort's example cap):
+        `full_val_score` (mean over clients) and `full_val_score_<task>` (mean over the task's clients)."""
+        result = self.evaluate("validation", batch_size=self.settings.eval_batch_size)
+        scores = {k: r["score"] for k, r in result["clients"].items() if not np.isnan(r["score"])}
+        out = {}
+        if scores:
+            out["full_val_score"] = float(np.mean(list(scores.values())))
+        for task in TASKS:
+            mine = [v for k, v in scores.items() if self.data.partition.task_of(k) == task]
+            if mine:
+                out[f"full_val_score_{task}"] = float(np.mean(mine))
+        return out
 
     def _references(self, task: str, split: str = "validation"):
         data = self.data.data[task][split]
@@ -399,29 +428,31 @@ class FederatedTrainer:
                 out[f"{task}_{PRIMARY_METRIC[task]}"] = float(np.mean(scores))
         return out
 
-    def _fine_tune(self, clients, narrow, valid, width, steps):
+    def _fine_tune(self, clients, params, valid, width, steps):
         """A few local steps on each client's training data (round id -1 stream: seed-only order),
         with the algorithm's `local_extra` (SCAFFOLD: the clients' drift corrections c - c_i)."""
-        if width not in self._fine_tuners:
-            local = make_local_train(self.config.replace(num_experts=width), self._optimizer,
-                                     self._loss_config, self.algorithm.hooks)
-            self._fine_tuners[width] = jax.jit(jax.vmap(local))
+        narrow = narrow_config(self.config, valid)
+        if narrow not in self._fine_tuners:
+            local = make_local_train(narrow, self._optimizer, self._loss_config, self.algorithm.hooks)
+            self._fine_tuners[narrow] = jax.jit(jax.vmap(local))
         s = self.settings
         batches = self.data.cohort_batches(clients, 0, s.seed + 1, s.batch_size, num_steps=steps)
         keys = jax.random.wrap_key_data(np.stack([
             jax.random.key_data(jax.random.fold_in(jax.random.key(s.seed + 1), int(k))) for k in clients]))
         extra = self.algorithm.local_extra(self.states, clients, self.server.extra)
-        tuned, _, _ = self._fine_tuners[width](narrow, model_batch(batches), batches["step_mask"], valid,
-                                               keys, extra)
+        tuned, _, _ = self._fine_tuners[narrow](params, model_batch(batches), batches["step_mask"], valid,
+                                                keys, extra)
         return tuned
 
     def summary(self, memory: Any = None, test: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Run-level numbers as the paper reports them (PAPER.md §7.5, Table 1-2).
+        """Run-level numbers as the paper reports them (the paper §7.5, Table 1-2).
 
         Communication per client transfer in GiB (fp32 tensors actually sent), expert totals at the
         start and now (mean / min / max over clients), with a `MemoryModel` the peak training memory
-        per client (GB, the larger of its start and current sub-MoE), and the per-task scores of a
-        `test` result from `evaluate`.
+        per client (GB: the largest of its start map and every map it trained with, from the rows'
+        `layer_expert_counts`, so trial maps count and resume keeps it; a client never sampled: the
+        larger of its start and current map), with the algorithm's `state_copies` (FedProx's anchor,
+        SCAFFOLD's controls), and the per-task scores of a `test` result from `evaluate`.
         """
         sent = [b for row in self.history for b in row["bytes_down"]]
         start, now = self.initial_maps.sum((1, 2)), self.states.expert_counts()
@@ -433,8 +464,16 @@ class FederatedTrainer:
             "experts_end": {"mean": float(now.mean()), "min": int(now.min()), "max": int(now.max())},
         }
         if memory is not None:
-            peak = [max(memory.submodel_bytes(a), memory.submodel_bytes(b)) / 1e9
+            copies = getattr(self.algorithm, "state_copies", 0)
+            # fallback (never sampled, or rows written before `layer_expert_counts`): start and now
+            peak = [max(memory.submodel_bytes(a, copies), memory.submodel_bytes(b, copies)) / 1e9
                     for a, b in zip(self.initial_maps, self.states.expert_maps)]
+            trained: dict[int, float] = {}  # client -> bytes of the largest map it trained with
+            for row in self.history:
+                for k, counts in zip(row["cohort"], row.get("layer_expert_counts", ())):
+                    trained[k] = max(trained.get(k, 0.0), memory.counts_bytes(counts, copies))
+            for k, b in trained.items():
+                peak[k] = max(memory.submodel_bytes(self.initial_maps[k], copies), b) / 1e9
             out["peak_memory_gb"] = {"mean": float(np.mean(peak)), "max": float(np.max(peak))}
         if test is not None:
             out["test"] = {k: v for k, v in test.items() if k not in ("clients", "split")}
@@ -444,7 +483,12 @@ class FederatedTrainer:
         """Clients never sampled so far `[M]`."""
         return np.flatnonzero(self.states.participations == 0)
 
-    def _metrics_row(self, r, cohort, maps, train_loss, weights, val_scores, val_metrics, seconds):
+    def _metrics_row(self, r, cohort, maps, train_loss, weights, val_scores, val_metrics, seconds,
+                     metrics=None):
+        """The round's row of `metrics.jsonl`. Per cohort member: `layer_expert_counts [C][L]` (the
+        map it trained with; `summary`'s peak memory) and, from the round's `metrics` (`routing_counts`),
+        `client_dropped_fraction`: real token-choices dropped by capacity / routed, over its local
+        steps and all MoE layers; `dropped_fraction`: the same over the cohort (token-weighted)."""
         sent = self.sub_moe_bytes(maps) * getattr(self.algorithm, "comm_multiplier", 1)
         tasks = [self.data.partition.task_of(int(k)) for k in cohort]
         loss_means = weighted_means(train_loss, weights)
@@ -460,12 +504,19 @@ class FederatedTrainer:
             "bytes_down": [int(b) for b in sent],
             "bytes_up": [int(b) for b in sent],
             "expert_counts": [int(n) for n in maps.sum((1, 2))],
+            "layer_expert_counts": maps.sum(-1).astype(int).tolist(),
             # Table 2 of the paper: expert totals over all clients after this round
             "expert_count_mean": float(self.states.expert_counts().mean()),
             "expert_count_min": int(self.states.expert_counts().min()),
             "expert_count_max": int(self.states.expert_counts().max()),
             "seconds": round(seconds, 3),
         }
+        if metrics is not None and "routed" in metrics:
+            c = len(cohort)
+            routed = np.asarray(metrics["routed"], np.float64)[:c]
+            dropped = np.asarray(metrics["dropped"], np.float64)[:c]
+            row["dropped_fraction"] = float(dropped.sum() / max(routed.sum(), 1.0))
+            row["client_dropped_fraction"] = (dropped / np.maximum(routed, 1.0)).tolist()
         if not np.isnan(score_means["client_weighted"]):
             row["val_score"] = score_means["example_weighted"]
             row["val_score_client_mean"] = score_means["client_weighted"]

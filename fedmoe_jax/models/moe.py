@@ -165,6 +165,19 @@ def compute_capacity(
     return int(min(max(cap, min_capacity), tokens_per_group))
 
 
+def capacity_table(tokens_per_group: int, num_experts: int, top_k: int = 1,
+                   expert_capacity: int | None = None, capacity_factor: float | None = None) -> np.ndarray:
+    """`compute_capacity` for every allowed-expert count `a = 0..E`: `<int32>[E + 1]` (entry 0 unused).
+
+    With a capacity factor the capacity of a restricted layer follows the experts its mask allows,
+    `ceil(cf * T * K / a)`, so that a sub-MoE computes the same function whether it is applied as
+    the full layer with a mask or gathered into any number of slots. A lookup (not float division
+    under `jit`) keeps the traced value equal to the Python formula.
+    """
+    return np.asarray([compute_capacity(tokens_per_group, max(a, 1), top_k, expert_capacity,
+                                        capacity_factor) for a in range(num_experts + 1)], np.int32)
+
+
 def route(
     logits: Array, expert_mask: Array | None, top_k: int
 ) -> tuple[Array, Array, Array, Array]:
@@ -318,7 +331,8 @@ class MoELayer(nn.Module):
     how the router gets gradients); `renormalize_gates` divides by the top-k sum instead.
 
     Capacity path: each sequence is a group; token-choices claim slots by a cumsum in token order,
-    all top-1 choices before any top-2 choice; choices past the capacity are dropped. A dropped token's
+    all top-1 choices before any top-2 choice; choices past the capacity are dropped (with a
+    capacity factor, the capacity of the experts the mask allows: `MoELayer.capacity`). A dropped token's
     output is 0 (`dropped_token_mode="zero"`, HF >= #37123) or `gate * x`
     (`"hf_legacy"`, HF before 2025). Padding tokens (`token_mask == 0`) are not dispatched, take no
     capacity and output 0. Dropless path: every real token-choice is computed.
@@ -337,6 +351,9 @@ class MoELayer(nn.Module):
     dropout_rate: float = 0.0
     dropped_token_mode: str = "zero"
     renormalize_gates: bool = False
+    # With capacity_factor and an expert_mask: the fewest experts any mask of a call allows (0: top_k).
+    # It sizes the static slot buffer; the capacity itself follows the mask (see `capacity_table`).
+    capacity_min_experts: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -381,7 +398,7 @@ class MoELayer(nn.Module):
             self.dtype, self.param_dtype, name="experts",
         )
         if self.dispatch == "capacity":
-            y, kept = self._capacity(x, experts, gates, top_idx, real, deterministic)
+            y, kept = self._capacity(x, experts, gates, top_idx, real, expert_mask, deterministic)
         else:
             y, kept = self._dropless(x, experts, gates, top_idx, real, deterministic)
         if self.dropped_token_mode == "hf_legacy":
@@ -390,15 +407,39 @@ class MoELayer(nn.Module):
         stats = routing_stats(logits, probs, top_idx, kept, real, expert_mask)
         return y.astype(self.dtype), stats
 
-    def _capacity(self, x, experts, gates, top_idx, real, deterministic):
+    def capacity(self, tokens_per_group: int, expert_mask: Array | None) -> tuple[int, Array | int]:
+        """(static slots per expert C, capacity in force): equal unless a mask restricts the layer.
+
+        Absolute `expert_capacity`: both are it (clipped to T). Capacity factor: the capacity is
+        `ceil(cf * T * K / a)` for the `a` experts the mask allows (all E without a mask); the slot
+        buffer is sized for `capacity_min_experts` allowed experts (default K), the fewest any call
+        may allow. A mask allowing fewer has its capacity cut to the buffer (a concrete mask raises).
+        """
+        t, e, k = tokens_per_group, self.num_experts, self.top_k
+        if self.expert_capacity is not None or expert_mask is None:
+            cap = compute_capacity(t, e, k, self.expert_capacity, self.capacity_factor)
+            return cap, cap
+        fewest = self.capacity_min_experts or k
+        if not k <= fewest <= e:
+            raise ValueError(f"capacity_min_experts={self.capacity_min_experts} must be between top_k={k} "
+                             f"and num_experts={e} (0: top_k)")
+        allowed = expert_mask.astype(jnp.int32).sum()
+        if is_concrete(expert_mask) and int(allowed) < fewest:
+            raise ValueError(f"expert_mask allows {int(allowed)} experts but capacity_min_experts={fewest}; "
+                             "lower capacity_min_experts to the fewest experts a mask allows")
+        buffer = compute_capacity(t, fewest, k, None, self.capacity_factor)
+        table = jnp.asarray(capacity_table(t, e, k, None, self.capacity_factor))
+        return buffer, jnp.minimum(table[allowed], buffer)
+
+    def _capacity(self, x, experts, gates, top_idx, real, expert_mask, deterministic):
         b, t, _ = x.shape
         e, k = self.num_experts, self.top_k
-        cap = compute_capacity(t, e, k, self.expert_capacity, self.capacity_factor)
+        cap, in_force = self.capacity(t, expert_mask)
         choice = jax.nn.one_hot(top_idx, e, dtype=jnp.int32) * (real[..., None, None] > 0)
         # Priority: K-major so that every top-1 choice outranks any top-2 choice; token order within.
         by_k = jnp.swapaxes(choice, 1, 2).reshape(b, k * t, e)
         position = (jnp.cumsum(by_k, axis=1) - 1).reshape(b, k, t, e).swapaxes(1, 2)
-        fits = (position < cap) & (choice > 0)  # [B, T, K, E]
+        fits = (position < in_force) & (choice > 0)  # [B, T, K, E]
         kept = fits.any(-1)
         slot = jax.nn.one_hot(jnp.where(fits, position, cap), cap, dtype=jnp.float32)
         dispatch_k = slot * fits[..., None]  # [B, T, K, E, C]

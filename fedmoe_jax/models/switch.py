@@ -43,7 +43,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # Fields that change how a step is computed, not what it computes (up to float rounding): left out
 # of `SwitchConfig.identity`, so setting them, or adding such a field, never renames a pretrained
 # cache entry or a shipped model and never blocks resuming a run.
-COMPUTE_ONLY_FIELDS = ("remat",)
+COMPUTE_ONLY_FIELDS = ("remat", "capacity_min_experts")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -68,6 +68,9 @@ class SwitchConfig:
     top_k: int = 1
     expert_capacity: int | None = 64
     capacity_factor: float | None = None
+    # The fewest experts an expert_mask of a call allows (0: top_k): sizes the capacity-factor slot
+    # buffer of a restricted layer (MoELayer.capacity); the engine sets it from the cohort's maps.
+    capacity_min_experts: int = 0
     dispatch: str = "capacity"
     dropped_token_mode: str = "zero"
     renormalize_gates: bool = False
@@ -103,6 +106,10 @@ class SwitchConfig:
                      "decoder_sparse_step"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"SwitchConfig.{name} must be >= 0, got {getattr(self, name)}")
+        fewest = self.capacity_min_experts
+        if not (fewest == 0 or self.top_k <= fewest <= self.num_experts):
+            raise ValueError(f"SwitchConfig.capacity_min_experts={self.capacity_min_experts} must be 0 or "
+                             f"between top_k={self.top_k} and num_experts={self.num_experts}")
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"SwitchConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}"
@@ -388,7 +395,8 @@ class Block(nn.Module):
                 capacity_factor=cfg.capacity_factor, jitter_noise=cfg.router_jitter_noise,
                 router_bias=cfg.router_bias, activation=cfg.dense_act_fn, gated=cfg.gated_ffn,
                 dropout_rate=cfg.dropout_rate, dropped_token_mode=cfg.dropped_token_mode,
-                renormalize_gates=cfg.renormalize_gates, dtype=cfg.jnp_dtype,
+                renormalize_gates=cfg.renormalize_gates,
+                capacity_min_experts=cfg.capacity_min_experts, dtype=cfg.jnp_dtype,
                 param_dtype=cfg.jnp_param_dtype, name="mlp",
             )(normed, token_mask=token_mask, expert_mask=expert_mask, deterministic=deterministic)
         else:
