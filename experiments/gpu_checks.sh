@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Issue 7's GPU checks as one prepared run for a lent accelerator machine (BENCHMARKS.md, "GPU").
+# The GPU checks of BENCHMARKS.md ("GPU", "Paper scale: dry run") as prepared runs for a lent
+# accelerator machine. CHECKS picks them (default: all three, up to 930 s; one device call may take
+# less, so split them):
 #
-#   device tool:  run(command="bash experiments/gpu_checks.sh", timeout_s=570)
+#   device tool:  run(command="CHECKS=speed,mfu bash experiments/gpu_checks.sh", timeout_s=570)
+#                 run(command="CHECKS=dryrun bash experiments/gpu_checks.sh", timeout_s=450)
 #   anywhere:     OUT=runs/gpu bash experiments/gpu_checks.sh
 #
 # Uses the machine's own python3 and its JAX (the device image has jax/flax/optax/torch/transformers;
@@ -19,6 +22,8 @@ OUT=${OUT:-runs/gpu}
 SMALL_PRESET=${SMALL_PRESET:-cpu-small}
 PAPER_PRESET=${PAPER_PRESET:-gpu}
 ROUNDS=${ROUNDS:-3}
+CHECKS=${CHECKS:-speed,mfu,dryrun}
+wants() { case ",$CHECKS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -33,16 +38,22 @@ optax.__version__); print(jax.devices())"
 } | tee "$OUT/device.txt"
 
 status=0
-echo "== small clients, cohort 64: vectorized vs sequential_jax"
-timeout 240 "$PY" experiments/benchmark.py --preset="$SMALL_PRESET" --cohort=64 \
-  --contenders=vectorized,sequential_jax --rounds="$ROUNDS" \
-  --out="$OUT/small64.json" --md="$OUT/small64.md" || status=1
-echo "== paper-like dims in bf16: vectorized MFU"
-timeout 270 "$PY" experiments/benchmark.py --preset="$PAPER_PRESET" --contenders=vectorized \
-  --rounds="$ROUNDS" --out="$OUT/gpu.json" --md="$OUT/gpu.md" || status=1
-echo "== paper scale dry run: compiled peak memory of Stage 1 and a Stage 2 round (the GPU compiler's)"
-# needs absl-py and ml_collections (configs/paper.py); compilation only, no weights
-timeout 420 "$PY" experiments/paper_dryrun.py --out="$OUT/paper_dryrun.json" --device_memory_gb=80 \
-  && cat "$OUT/paper_dryrun.json" || status=1
+if wants speed; then
+  echo "== small clients, cohort 64: vectorized vs sequential_jax"
+  timeout 240 "$PY" experiments/benchmark.py --preset="$SMALL_PRESET" --cohort=64 \
+    --contenders=vectorized,sequential_jax --rounds="$ROUNDS" \
+    --out="$OUT/small64.json" --md="$OUT/small64.md" || status=1
+fi
+if wants mfu; then
+  echo "== paper-like dims in bf16: vectorized MFU"
+  timeout 270 "$PY" experiments/benchmark.py --preset="$PAPER_PRESET" --contenders=vectorized \
+    --rounds="$ROUNDS" --out="$OUT/gpu.json" --md="$OUT/gpu.md" || status=1
+fi
+if wants dryrun; then
+  echo "== paper scale dry run: compiled peak memory of Stage 1 and a Stage 2 round (the GPU compiler's)"
+  # needs absl-py and ml_collections (configs/paper.py); compilation only, no weights
+  timeout 420 "$PY" experiments/paper_dryrun.py --out="$OUT/paper_dryrun.json" --device_memory_gb=80 \
+    && cat "$OUT/paper_dryrun.json" || status=1
+fi
 cat "$OUT"/*.md 2>/dev/null
 exit $status

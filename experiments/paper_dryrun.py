@@ -132,6 +132,7 @@ def dry_run(config, cfg, dims, cap: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
+    from fedmoe_jax.algorithms import FedMoE
     from fedmoe_jax.algorithms.stage1 import (
         abstract_stage1_args,
         make_lora_measure,
@@ -154,7 +155,8 @@ def dry_run(config, cfg, dims, cap: int) -> dict:
 
     c1 = stage1_cohort(config, cfg, dims)
     train_args, measure_args = abstract_stage1_args(cfg, s.rank, c1, dims["stage1_steps"], dims["batch"],
-                                                    dims["input_len"], dims["target_len"], dims["eval_steps"])
+                                                    dims["input_len"], dims["target_len"], dims["eval_steps"],
+                                                    config.eval_batch_size)
     builds = {"stage1_train": (lambda chunk: make_lora_round(cfg, s.rank, s.alpha, s.learning_rate,
                                                               loss_config(config), None, chunk), train_args),
               "stage1_measure": (lambda chunk: make_lora_measure(cfg, s.rank, s.alpha, None, chunk),
@@ -165,21 +167,27 @@ def dry_run(config, cfg, dims, cap: int) -> dict:
         chunk, need, ok = fitted(fit, tried)
         record(name, c1, chunk, need, ok, tried, time.time() - start)
 
-    # one Stage 2 round as FederatedTrainer calls it (mesh None: one device), sub-MoEs S slots wide
+    # one validating Stage 2 round as FederatedTrainer calls it for FedMoE (mesh None: one device;
+    # sub-MoEs S slots wide; the cohort validated inside the round, no trained sub-MoE returned)
     c, width, k = dims["cohort"], dims["width"], dims["steps"]
     optimizer = make_optimizer(config.optimizer, config.learning_rate, config.weight_decay)
-    round_step = make_round_step(cfg, optimizer, loss_config(config), return_clients=True, memory_cap=cap)
+    round_step = make_round_step(cfg, optimizer, loss_config(config),
+                                 return_clients=FedMoE.needs_client_params, memory_cap=cap,
+                                 eval_max_length=dims["target_len"])
     params = train_args[0]
     indices = np.broadcast_to(np.arange(width, dtype=np.int32), (c, cfg.num_moe_layers, width)).copy()
     valid = np.ones(indices.shape, bool)
-    i = lambda *shape: jax.ShapeDtypeStruct((c, k, dims["batch"]) + shape, jnp.int32)  # noqa: E731
-    batches = {"inputs": i(dims["input_len"]), "input_mask": i(dims["input_len"]),
-               "targets": i(dims["target_len"]), "target_mask": i(dims["target_len"]), "example_mask": i()}
+    def batches(steps, batch):
+        i = lambda *shape: jax.ShapeDtypeStruct((c, steps, batch) + shape, jnp.int32)  # noqa: E731
+        return {"inputs": i(dims["input_len"]), "input_mask": i(dims["input_len"]),
+                "targets": i(dims["target_len"]), "target_mask": i(dims["target_len"]), "example_mask": i()}
+
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), c))
-    args = (params, indices, valid, batches, jax.ShapeDtypeStruct((c, k), bool),
-            jax.ShapeDtypeStruct((c,), jnp.float32), keys, None)
+    args = (params, indices, valid, batches(k, dims["batch"]), jax.ShapeDtypeStruct((c, k), bool),
+            jax.ShapeDtypeStruct((c,), jnp.float32), keys, None,
+            batches(dims["eval_steps"], config.eval_batch_size))
     key, start = narrow_config(cfg, valid), time.time()
-    tried = round_step.memory_needs.setdefault((key, c), {})
+    tried = round_step.memory_needs.setdefault((key, c, True), {})
     # fit_under_cap stops at the first size that fits: the last one tried
     chunk, need, ok = fitted(lambda: (round_step.fit(key, c, args), list(tried)[-1])[::-1], tried)
     record("round", c, chunk, need, ok, tried, time.time() - start)

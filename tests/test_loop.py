@@ -103,9 +103,9 @@ def test_no_recompilation_across_rounds(setup):
                          jax.random.wrap_key_data(jnp.asarray(rngs)))
         params = out.params
     # one width; on CPU sub-cohorts of 3 (auto chunk)
-    [(narrow, chunk)] = list(round_step.compiled)
-    assert (narrow.num_experts, chunk) == (4, 3)
-    assert round_step.compiled[(narrow, chunk)]._cache_size() == 1
+    [(narrow, chunk, validating)] = list(round_step.compiled)
+    assert (narrow.num_experts, chunk, validating) == (4, 3, False)
+    assert round_step.compiled[(narrow, chunk, validating)]._cache_size() == 1
 
 
 def test_auto_chunk_size():
@@ -188,13 +188,13 @@ def test_memory_cap_picks_the_largest_sub_cohort_that_fits(setup):
     too_small = make_round_step(config, tx, return_clients=True, memory_cap=1)
     with pytest.raises(MemoryCapExceeded, match=r"sub-cohorts of 1 client.*lower batch_size"):
         too_small(*args)
-    [((narrow, c), need)] = too_small.memory_needs.items()  # every candidate was compiled and measured
+    [((narrow, c, _), need)] = too_small.memory_needs.items()  # every candidate was compiled and measured
     assert (narrow.num_experts, c) == (4, 6)
     assert list(need) == [3, 2, 1]  # from the CPU default (auto_chunk_size) down
     assert need[3] > need[2] > need[1]  # fewer clients at once, fewer activation bytes
     capped = make_round_step(config, tx, return_clients=True, memory_cap=need[2])
     out = capped(*args)
-    assert [(narrow.num_experts, chunk) for narrow, chunk in capped.compiled] == [(4, 2)]
+    assert [(narrow.num_experts, chunk) for narrow, chunk, _ in capped.compiled] == [(4, 2)]
     # the program it chose is the sub-cohorts-of-2 round (which test_chunked_cohort_equals_whole_cohort
     # checks against the whole cohort); the same program, so the compilation cache serves it
     halves = make_round_step(config, tx, chunk_size=2, return_clients=True)(*args)
@@ -265,3 +265,33 @@ def test_expert_parallel_mesh_equals_unsharded(setup):
     for (key, a), (_, b) in zip(sorted(flatten_dict(out.params).items()),
                                 sorted(flatten_dict(plain.params).items())):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=str(key))
+
+
+def test_validation_inside_the_round_equals_validating_the_returned_clients(setup):
+    """The fast path (each sub-cohort's trained sub-MoEs validated inside the round, none returned)
+    against the slow one (the round returns every trained sub-MoE, `make_cohort_eval` validates them)."""
+    from fedmoe_jax.federated.evaluate import make_cohort_eval
+    from fedmoe_jax.federated.submodel import narrow_config
+
+    config, params, maps, batches = setup
+    tx = optax.sgd(0.1)
+    cohort = np.array([0, 1, 2, 3])
+    idx, valid, stacked, step_mask, weights, rngs = cohort_inputs(maps, batches, cohort, 4)
+    keys = jax.random.wrap_key_data(jnp.asarray(rngs))
+    rng = np.random.default_rng(5)
+    eval_batches = jax.tree.map(lambda *a: np.stack(a), *[make_batches(rng, k=2) for _ in cohort])
+    fast = make_round_step(config, tx, chunk_size=2, eval_max_length=4)(
+        params, idx, valid, stacked, step_mask, weights, keys, None, eval_batches)
+    assert fast.client_params is None
+    slow = make_round_step(config, tx, chunk_size=2, return_clients=True)(
+        params, idx, valid, stacked, step_mask, weights, keys)
+    loss, stats, tokens = make_cohort_eval(narrow_config(config, valid), 4)(slow.client_params, eval_batches,
+                                                                           valid)
+    np.testing.assert_allclose(np.asarray(fast.evaluation[0]), np.asarray(loss), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(fast.evaluation[1].tokens_per_expert),
+                                  np.asarray(stats.tokens_per_expert))
+    np.testing.assert_array_equal(np.asarray(fast.evaluation[2]), np.asarray(tokens))
+    assert np.asarray(tokens).shape == (4, 2, eval_batches["inputs"].shape[2], 4)
+    with pytest.raises(ValueError, match="eval_max_length"):
+        make_round_step(config, tx, chunk_size=2)(params, idx, valid, stacked, step_mask, weights, keys, None,
+                                                 eval_batches)

@@ -61,11 +61,12 @@ def test_memory_cap_splits_the_group_into_sub_cohorts(small_run):
     too_small = group(1)
     with pytest.raises(MemoryCapExceeded, match=r"2 runs at once: pass fewer --seeds"):
         too_small.run(num_rounds=1, progress=False)
-    (key, need), = too_small._step.memory_needs.items()  # (narrow config, cohort 3) -> {chunk: bytes}
+    # (narrow config, cohort 3, no validation in the round) -> {chunk: bytes}
+    (key, need), = too_small._step.memory_needs.items()
     assert list(need) == [None, 1] and need[None] > need[1]  # whole cohort of 3, then one client a time
     capped = group(need[1])
     capped.run(num_rounds=1, progress=False)
-    assert list(capped._step.compiled) == [(key[0], 1)]
+    assert list(capped._step.compiled) == [(key[0], 1, False)]
     alone = [make_trainer(small_run, FedProx(0.01), seed=s, eval_every=0) for s in (0, 1)]
     for t in alone:
         t.run(num_rounds=1, progress=False)

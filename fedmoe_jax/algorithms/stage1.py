@@ -45,6 +45,7 @@ from fedmoe_jax.federated.sharding import (
     shard_cohort,
     to_host,
 )
+from fedmoe_jax.federated.submodel import narrow_config
 from fedmoe_jax.models.lora import init_lora, merge_lora
 from fedmoe_jax.models.moe import RoutingStats
 from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer, shift_right, switch_loss
@@ -155,8 +156,9 @@ def make_lora_measure(config: SwitchConfig, rank: int, alpha: float, mesh: Mesh 
 
     The adapters are merged once and every client applies the same tree (no per-client copy);
     `chunk` / `mesh` as in `make_lora_round`."""
-    one = client_eval_fn(config, 1, decode=False)
     all_experts = jnp.ones((config.num_moe_layers, config.num_experts), bool)
+    # every expert allowed: the capacity buffer of the unrestricted layer (narrow_config)
+    one = client_eval_fn(narrow_config(config, all_experts), 1, decode=False)
     measure = jax.vmap(lambda p, b: one(p, b, all_experts)[1], in_axes=(None, 0),
                        spmd_axis_name=CLIENTS if mesh is not None else None)
 
@@ -184,24 +186,24 @@ def _base_sharding(config: SwitchConfig, mesh: Mesh) -> PyTree:
 
 
 def abstract_stage1_args(config: SwitchConfig, rank: int, cohort: int, steps: int, batch: int,
-                         input_len: int, target_len: int, eval_steps: int | None = None
-                         ) -> tuple[tuple, tuple]:
+                         input_len: int, target_len: int, eval_steps: int | None = None,
+                         eval_batch: int | None = None) -> tuple[tuple, tuple]:
     """`jax.ShapeDtypeStruct` arguments of `make_lora_round` and `make_lora_measure` for a cohort of C
-    clients (K `steps` of B examples; `eval_steps` validation batches, default K): no weights needed,
-    for `.lower(...)` and XLA's memory analysis."""
+    clients (K `steps` of B examples; `eval_steps` validation batches of `eval_batch`, default K of B):
+    no weights needed, for `.lower(...)` and XLA's memory analysis."""
     base = jax.eval_shape(lambda: SwitchTransformer(config).init(
         jax.random.key(0), jnp.ones((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))["params"])
     lora = jax.eval_shape(lambda p: init_lora(p, config, rank, jax.random.key(0)), base)
 
-    def batches(k):
-        i = lambda *shape: jax.ShapeDtypeStruct((cohort, k, batch) + shape, jnp.int32)  # noqa: E731
+    def batches(k, b=batch):
+        i = lambda *shape: jax.ShapeDtypeStruct((cohort, k, b) + shape, jnp.int32)  # noqa: E731
         return {"inputs": i(input_len), "input_mask": i(input_len), "targets": i(target_len),
                 "target_mask": i(target_len), "example_mask": i()}
 
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), cohort))
     train = (base, lora, batches(steps), jax.ShapeDtypeStruct((cohort, steps), bool),
              jax.ShapeDtypeStruct((cohort,), jnp.float32), keys)
-    return train, (base, lora, batches(eval_steps or steps))
+    return train, (base, lora, batches(eval_steps or steps, eval_batch or batch))
 
 
 def stage1_program(build: Callable[[int | None], Callable], args: tuple, mesh: Mesh | None,

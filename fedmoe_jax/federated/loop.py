@@ -24,7 +24,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from fedmoe_jax.federated.client import LocalHooks, LossConfig, expert_update_mask, make_local_train
+from fedmoe_jax.federated.client import (
+    LocalHooks,
+    LossConfig,
+    expert_update_mask,
+    make_local_train,
+    model_batch,
+)
+from fedmoe_jax.federated.evaluate import client_eval_fn
 from fedmoe_jax.federated.sharding import CLIENTS, client_sharding, param_sharding, replicated
 from fedmoe_jax.federated.submodel import (
     cohort_sums,
@@ -51,6 +58,8 @@ class RoundOutput:
     routing: RoutingStats  # tokens_per_expert / prob_mass [C, L, E]; dropped, num_tokens [C, L]
     held: Array  # <bool>[L, E] experts held by a weighted cohort client (the ones aggregation moved)
     client_params: PyTree | None = None  # the cohort's trained sub-MoEs [C, ...] (return_clients=True)
+    # with `eval_batches`: each trained sub-MoE on them, (loss [C], RoutingStats [C, L, S], tokens [C, ...])
+    evaluation: tuple | None = None
 
 
 def to_global_experts(stats: RoutingStats, indices: Array, valid: Array, num_experts: int) -> RoutingStats:
@@ -160,8 +169,10 @@ def make_round_step(
     chunk_size: int | None | str = "auto",
     runs: bool = False,
     memory_cap: int | None = None,
+    eval_max_length: int | None = None,
 ) -> Callable[..., RoundOutput]:
-    """Build `round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None)`.
+    """Build `round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None,
+    eval_batches=None)`.
 
     Args of `round_step`:
       params: global parameters (E experts per MoE layer), replicated.
@@ -169,6 +180,10 @@ def make_round_step(
       batches: dict of `[C, K, B, ...]` arrays (see `make_local_train`); step_mask `<bool>[C, K]`.
       weights: `[C]` aggregation weights (training examples; 0 for padding clients).
       rngs: `[C]` per-client keys. extra: per-client algorithm state `[C, ...]` or None.
+      eval_batches: None, or `[C, K', B, ...]` validation batches (`cohort_eval_batches`): each client's
+        trained sub-MoE is then validated inside the round, right after its sub-cohort trained
+        (`client_eval_fn`: loss, routing statistics, greedy tokens of `eval_max_length`), so the
+        trained models need not leave the program (`RoundOutput.evaluation`).
     With a mesh, C must be a multiple of the `clients` axis size (see `padded_cohort_size`).
     `return_clients=True` also returns the trained narrow sub-MoEs (for validating each client's own
     model, PAPER.md Algorithm 1). `chunk_size` trains the cohort in sub-cohorts of that many clients
@@ -183,25 +198,35 @@ def make_round_step(
     """
     if runs and mesh is not None:
         raise ValueError("runs=True vmaps whole rounds on one device; pass mesh=None")
-    compiled: dict[tuple[SwitchConfig, int | None], Callable] = {}
+    # (narrow config, chunk, validating in the round) -> compiled round
+    compiled: dict[tuple[SwitchConfig, int | None, bool], Callable] = {}
 
     def build(narrow_config: SwitchConfig, params: PyTree, chunk: int | None) -> Callable:
         local_train = make_local_train(narrow_config, optimizer, loss_config, hooks)
-        train_cohort = jax.vmap(local_train, spmd_axis_name=CLIENTS if mesh is not None else None)
+        axis = CLIENTS if mesh is not None else None
+        train_cohort = jax.vmap(local_train, spmd_axis_name=axis)
+        eval_cohort = None
+        if eval_max_length is not None:
+            eval_cohort = jax.vmap(client_eval_fn(narrow_config, eval_max_length), spmd_axis_name=axis)
 
-        def train_and_sum(params, indices, valid, batches, step_mask, weights, rngs, extra):
+        def train_and_sum(params, indices, valid, batches, step_mask, weights, rngs, extra, eval_batches):
             narrow = jax.vmap(lambda idx: gather_submodel(params, config, idx))(indices)
             trained, metrics, stats = train_cohort(narrow, batches, step_mask, valid, rngs, extra)
             metrics = {**metrics, **routing_counts(stats)}
             trained, metrics = exclude_nonfinite(trained, narrow, metrics)
             sums = cohort_sums(params, trained, config, indices, valid, weights * metrics["finite"])
-            return sums, metrics, stats, (trained if return_clients else None)
+            evaluation = None
+            if eval_batches is not None:
+                if eval_cohort is None:
+                    raise ValueError("eval_batches need make_round_step(eval_max_length=...)")
+                evaluation = eval_cohort(trained, model_batch(eval_batches), valid)
+            return sums, metrics, stats, (trained if return_clients else None), evaluation
 
-        def round_fn(params, indices, valid, batches, step_mask, weights, rngs, extra):
-            cohort = (indices, valid, batches, step_mask, weights, rngs, extra)
+        def round_fn(params, indices, valid, batches, step_mask, weights, rngs, extra, eval_batches):
+            cohort = (indices, valid, batches, step_mask, weights, rngs, extra, eval_batches)
             c = indices.shape[0]
             if chunk is None or chunk >= c:
-                sums, metrics, stats, trained = train_and_sum(params, *cohort)
+                sums, metrics, stats, trained, evaluation = train_and_sum(params, *cohort)
             else:
                 if c % chunk:
                     raise ValueError(f"cohort of {c} is not a multiple of chunk_size={chunk}")
@@ -210,17 +235,18 @@ def make_round_step(
                 zero = zero_cohort_sums(params, config, first[0], first[1], first[4])
 
                 def body(total, chunk):
-                    sums, metrics, stats, trained = train_and_sum(params, *chunk)
-                    return jax.tree.map(jnp.add, total, sums), (metrics, stats, trained)
+                    sums, *per_client = train_and_sum(params, *chunk)
+                    return jax.tree.map(jnp.add, total, sums), tuple(per_client)
 
                 sums, per_chunk = jax.lax.scan(body, zero, chunks)
-                metrics, stats, trained = jax.tree.map(lambda a: a.reshape((c,) + a.shape[2:]), per_chunk)
+                metrics, stats, trained, evaluation = jax.tree.map(
+                    lambda a: a.reshape((c,) + a.shape[2:]), per_chunk)
             new_params = finalize_aggregate(params, sums, config)
             used = (weights > 0) & (metrics["finite"] > 0)  # excluded (non-finite) clients move nothing
             held = jnp.einsum("clse,c->le", jax.nn.one_hot(indices, config.num_experts) * valid[..., None],
                               used.astype(jnp.float32)) > 0
             stats = to_global_experts(stats, indices, valid, config.num_experts)
-            return new_params, metrics, stats, held, (trained if return_clients else None)
+            return new_params, metrics, stats, held, (trained if return_clients else None), evaluation
 
         if runs:
             return jax.jit(jax.vmap(round_fn))
@@ -231,13 +257,14 @@ def make_round_step(
         return jax.jit(
             round_fn,
             in_shardings=(global_params, per_client, per_client, per_client, per_client, per_client,
-                          per_client, per_client),
-            out_shardings=(global_params, per_client, per_client, rep, per_client),
+                          per_client, per_client, per_client),
+            out_shardings=(global_params, per_client, per_client, rep, per_client, per_client),
         )
 
     # (narrow config, cohort) -> program chosen under memory_cap, and {chunk: bytes} of those tried
-    fitted: dict[tuple[SwitchConfig, int], Callable] = {}
-    memory_needs: dict[tuple[SwitchConfig, int], dict] = {}
+    # (narrow config, cohort, validating) -> program chosen under memory_cap, {chunk: bytes} of those tried
+    fitted: dict[tuple[SwitchConfig, int, bool], Callable] = {}
+    memory_needs: dict[tuple[SwitchConfig, int, bool], dict] = {}
 
     def fit(narrow: SwitchConfig, c: int, args: tuple) -> Callable:
         """The round compiled for the largest sub-cohort that fits in `memory_cap` (shapes of `args`:
@@ -245,23 +272,25 @@ def make_round_step(
         seeds = f" ({int(args[1].shape[0])} runs at once: pass fewer --seeds together)," if runs else ""
         chunk, program = fit_under_cap(
             c, mesh, memory_cap, lambda chunk: build(narrow, args[0], chunk).lower(*args).compile(),
-            memory_needs.setdefault((narrow, c), {}), "a round",
+            memory_needs.setdefault((narrow, c, args[-1] is not None), {}), "a round",
             "lower batch_size or data.max_input_len / max_target_len, shard experts (mesh.experts), "
             "or raise memory_cap_gb", detail=seeds)
-        compiled[(narrow, chunk)] = program
+        compiled[(narrow, chunk, args[-1] is not None)] = program
         return program
 
-    def round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None) -> RoundOutput:
+    def round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None,
+                   eval_batches=None) -> RoundOutput:
         narrow, c = narrow_config(config, valid), int(indices.shape[-3])
-        args = (params, indices, valid, batches, step_mask, weights, rngs, extra)
+        args = (params, indices, valid, batches, step_mask, weights, rngs, extra, eval_batches)
+        validating = eval_batches is not None
         if memory_cap is not None and chunk_size == "auto":
-            if (narrow, c) not in fitted:
-                fitted[(narrow, c)] = fit(narrow, c, args)
-            return RoundOutput(*fitted[(narrow, c)](*args))
+            if (narrow, c, validating) not in fitted:
+                fitted[(narrow, c, validating)] = fit(narrow, c, args)
+            return RoundOutput(*fitted[(narrow, c, validating)](*args))
         chunk = auto_chunk_size(c, mesh) if chunk_size == "auto" else chunk_size
-        if (narrow, chunk) not in compiled:
-            compiled[(narrow, chunk)] = build(narrow, params, chunk)
-        program = compiled[(narrow, chunk)]
+        if (narrow, chunk, validating) not in compiled:
+            compiled[(narrow, chunk, validating)] = build(narrow, params, chunk)
+        program = compiled[(narrow, chunk, validating)]
         return RoundOutput(*program(*args))
 
     round_step.compiled = compiled  # exposed for tests and diagnostics

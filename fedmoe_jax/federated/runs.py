@@ -75,7 +75,8 @@ class RunGroup:
         if any(t.server.round != level for t in self.trainers):
             raise ValueError("runs are at different rounds; call run() to bring them level first")
         width = max(t.round_width() for t in self.trainers)
-        preps = [t.prepare_round(width) for t in self.trainers]
+        # validation stays outside the vmapped round: the runs' validation batches differ in shape
+        preps = [t.prepare_round(width, validate_in_round=False) for t in self.trainers]
         params = stack_runs([t.server.params for t in self.trainers])
         out = self._step(params, *(stack_runs(args) if args[0] is not None else None
                                    for args in zip(*(p.cohort_args for p in preps))))

@@ -126,6 +126,8 @@ class PreparedRound:
     cohort_args: tuple  # round_step's cohort arguments, padded to `padded_size` clients
     padded_size: int
     start: float  # time.time() when the round began
+    # validation batches `[C, ...]` when the round validates its cohort inside the round program
+    eval_batches: dict[str, np.ndarray] | None = None
 
 
 @dataclasses.dataclass
@@ -135,7 +137,8 @@ class TrainedRound:
     params: PyTree
     opt_state: PyTree
     metrics: dict[str, Any]  # [C_padded] each
-    client_params: PyTree  # [C_padded, ...]
+    client_params: PyTree  # [C_padded, ...], or None when the round validated its cohort itself
+    evaluation: tuple | None = None  # (loss, stats, tokens) [C_padded, ...] of `RoundOutput.evaluation`
 
 
 class FederatedTrainer:
@@ -174,8 +177,12 @@ class FederatedTrainer:
         server_opt = server_optimizer or optax.sgd(1.0)
         self._server_init, self._server_update = make_server_update(config, server_opt)
         self.server = ServerState(params, self._server_init(params), 0, algorithm.init_server_extra(params))
+        # the cohort is validated inside the round program: its trained sub-MoEs leave the device only
+        # for an algorithm that needs them (at paper scale they would not fit beside the round)
         self._round_step = make_round_step(config, optimizer, loss_config, algorithm.hooks, mesh,
-                                           return_clients=True, memory_cap=settings.memory_cap_bytes)
+                                           return_clients=algorithm.needs_client_params,
+                                           memory_cap=settings.memory_cap_bytes,
+                                           eval_max_length=data.target_len)
         if not algorithm.aggregates:
             self._personal_step = make_personal_step(config, optimizer, loss_config, algorithm.hooks, mesh,
                                                      memory_cap=settings.memory_cap_bytes)
@@ -254,11 +261,18 @@ class FederatedTrainer:
         """Slots S the next round's cohort needs (its largest sub-MoE layer, bucketed)."""
         return self._next_cohort()[2]
 
-    def prepare_round(self, width: int | None = None) -> PreparedRound:
+    def validates(self, round_num: int) -> bool:
+        """Whether round `round_num` (0-based) validates its cohort (`eval_every`)."""
+        every = self.settings.eval_every
+        return bool(every) and (round_num + 1) % every == 0
+
+    def prepare_round(self, width: int | None = None, validate_in_round: bool = True) -> PreparedRound:
         """Host side of the next round: sample the cohort, its expert slots and batches.
 
         `width`: at least this many slots (a `RunGroup` trains runs of different widths together);
         padding slots are masked, and a layer's capacity follows the experts each client keeps.
+        `validate_in_round`: a validating round of an aggregating algorithm gets its validation
+        batches, so the round program validates the trained sub-MoEs (False: `finish_round` does).
         """
         s, r = self.settings, self.server.round
         start = time.time()
@@ -274,11 +288,16 @@ class FederatedTrainer:
 
         size = padded_cohort_size(c, self.mesh)
         pad = (lambda t: pad_clients(t, size)) if size != c else (lambda t: t)
+        eval_batches = None
+        if validate_in_round and self.algorithm.aggregates and self.validates(r):
+            eval_batches = self.data.cohort_eval_batches(cohort, s.eval_batch_size, "validation",
+                                                         max_examples=s.max_eval_examples)
         cohort_args = (pad(indices), pad(valid), pad(model_batch(batches)), pad(batches["step_mask"]),
                        pad(weights), jax.random.wrap_key_data(pad(keys)),
-                       None if extra is None else pad(extra))
+                       None if extra is None else pad(extra),
+                       None if eval_batches is None else pad(model_batch(eval_batches)))
         return PreparedRound(r, cohort, maps, width, indices, valid, weights,
-                             np.asarray(batches["num_steps"]), cohort_args, size, start)
+                             np.asarray(batches["num_steps"]), cohort_args, size, start, eval_batches)
 
     def train_round(self, prep: PreparedRound) -> TrainedRound:
         """Device side of a round: train the cohort and (if the algorithm aggregates) update the server."""
@@ -288,7 +307,8 @@ class FederatedTrainer:
             server_params = place_params(server_params, self.config, self.mesh)
         if self.algorithm.aggregates:
             out = self._round_step(server_params, *cohort_args)
-            return self.server_update(out.params, out.held, out.metrics, out.client_params, server_params)
+            return self.server_update(out.params, out.held, out.metrics, out.client_params, server_params,
+                                      out.evaluation)
         # personal models: train the clients' own full models, no server update
         own = jax.tree.map(lambda a: np.asarray(a)[prep.cohort], self.states.extra)
         if prep.padded_size != len(prep.cohort):
@@ -298,12 +318,13 @@ class FederatedTrainer:
         clients, metrics, _ = self._personal_step(own, *cohort_args[2:4], cohort_args[5], cohort_args[6])
         return TrainedRound(self.server.params, self.server.opt_state, metrics, clients)
 
-    def server_update(self, aggregate, held, metrics, client_params, server_params=None) -> TrainedRound:
+    def server_update(self, aggregate, held, metrics, client_params, server_params=None,
+                      evaluation=None) -> TrainedRound:
         """FedOpt step from a round's aggregate (`held`: the experts it moved)."""
         params, opt_state = self._server_update(
             self.server.params if server_params is None else server_params, aggregate, held,
             self.server.opt_state)
-        return TrainedRound(params, opt_state, metrics, client_params)
+        return TrainedRound(params, opt_state, metrics, client_params, evaluation)
 
     def finish_round(self, prep: PreparedRound, trained: TrainedRound) -> dict[str, Any]:
         """Validate the cohort's own models, update client and server state, log and checkpoint."""
@@ -321,7 +342,14 @@ class FederatedTrainer:
         val_scores = np.full(c, np.nan, np.float32)
         val_probs = np.zeros(prep.maps.shape, np.float32)
         val_metrics: list[dict[str, float]] = [{} for _ in range(c)]
-        if s.eval_every and (r + 1) % s.eval_every == 0:
+        if self.validates(r) and trained.evaluation is not None:  # validated inside the round
+            loss, stats, tokens = jax.tree.map(lambda a: a[:c], to_host(trained.evaluation))
+            val_scores, val_probs, val_metrics = self._score(cohort, prep.eval_batches, loss, stats, tokens,
+                                                             prep.indices, prep.valid)
+        elif self.validates(r):
+            if client_params is None:
+                raise ValueError("this round was prepared with validate_in_round=False, but the trainer's "
+                                 "round program does not return the trained sub-MoEs to validate")
             val_scores, val_probs, val_metrics = self._validate(cohort, client_params, prep.indices,
                                                                 prep.valid, prep.width)
         report = CohortReport(r, cohort, train_loss, prep.weights, val_scores, val_probs,
@@ -359,6 +387,12 @@ class FederatedTrainer:
         batches = self.data.cohort_eval_batches(cohort, batch_size or s.eval_batch_size, split,
                                                 max_examples=max_examples)
         loss, stats, tokens = self._evaluator(valid)(client_params, batches, valid)
+        return self._score(cohort, batches, loss, stats, tokens, indices, valid, keep, split)
+
+    def _score(self, cohort, batches, loss, stats, tokens, indices, valid, keep=0, split="validation"):
+        """Scores `[C]`, activation probabilities `[C, L, E]` and per-client metrics of an evaluation
+        `(loss [C], stats [C, L, S], tokens)` of the cohort on `batches`."""
+        s = self.settings
         stats = to_global_experts(stats, indices, valid, self.config.num_experts)
         probs = np.asarray(stats.activation_probs, np.float32)
         tasks = [self.data.partition.task_of(int(k)) for k in cohort]
