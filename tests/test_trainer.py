@@ -296,3 +296,29 @@ def test_full_validation_scores_every_client_and_changes_no_state(small_run):
         assert again[f"full_val_score_{task}"] == pytest.approx(np.mean(mine))
     for a, b in zip(jax.tree.leaves(states), jax.tree.leaves(trainer.states)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_evaluation_through_the_round_equals_gathering_and_evaluating(small_run):
+    """`evaluate` runs sub-MoEs through the round program (zero weights, validated inside); the slow
+    reference gathers every client's sub-MoE outside, fine-tunes it alone and validates it."""
+    from fedmoe_jax.federated.submodel import bucket_width, expert_slots, gather_submodel
+
+    trainer = make_trainer(small_run, RandomMoE(experts_per_layer=3))
+    trainer.run(progress=False)
+    ids = np.arange(trainer.data.num_clients)
+    maps = trainer.states.expert_maps
+    width = bucket_width(int(maps.sum(-1).max()), trainer.config.num_experts)
+    indices, valid = (np.asarray(a) for a in expert_slots(maps, width))
+    before = jax.tree.map(np.copy, trainer.server.params)
+    for steps in (0, 2):
+        fast = trainer.evaluate("test", max_examples=4, batch_size=4, local_steps=steps)
+        narrow = jax.vmap(lambda idx: gather_submodel(trainer.server.params, trainer.config, idx))(indices)
+        if steps:
+            narrow = trainer._fine_tune(ids, narrow, valid, width, steps)
+        _, _, slow = trainer._validate(ids, narrow, indices, valid, width, "test", 4, 4)
+        for k, ref in zip(ids, slow):
+            got = fast["clients"][int(k)]
+            assert got["score"] == pytest.approx(ref["score"], abs=1e-6), (steps, k)
+            assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), (steps, k)
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(trainer.server.params)):
+        np.testing.assert_array_equal(a, b)  # evaluation aggregates nothing

@@ -47,7 +47,6 @@ from fedmoe_jax.federated.state import ClientStates, ServerState
 from fedmoe_jax.federated.submodel import (
     bucket_width,
     expert_slots,
-    gather_submodel,
     narrow_config,
     param_bytes,
 )
@@ -431,8 +430,11 @@ class FederatedTrainer:
         (or its own model for `LocalOnly`); `model="global"`: the full global model for every client.
         `local_steps > 0` first fine-tunes each client's model that many steps on its training data
         (for clients never sampled during training: unseen-client evaluation). Clients are evaluated
-        `chunk` at a time (one compiled program per slot width). `predictions > 0` keeps that many
-        decoded examples per client (`clients[k]["examples"]`, see `score_predictions`).
+        `chunk` at a time. Sub-MoEs of the global model go through the round program with zero
+        aggregation weights (`_evaluate_submodels`): gathered, fine-tuned and validated inside it, in
+        the sub-cohorts the memory cap allows, so no chunk of gathered models is materialized.
+        `predictions > 0` keeps that many decoded examples per client (`clients[k]["examples"]`, see
+        `score_predictions`).
         """
         if model not in ("own", "global"):
             raise ValueError(f"model={model!r}; use 'own' or 'global'")
@@ -446,13 +448,14 @@ class FederatedTrainer:
             width = bucket_width(int(maps.sum(-1).max()), self.config.num_experts)
             indices, valid = (np.asarray(a) for a in expert_slots(maps, width))
             if self.algorithm.aggregates or model == "global":
-                narrow = jax.vmap(lambda idx: gather_submodel(self.server.params, self.config, idx))(indices)
+                results = self._evaluate_submodels(part, indices, valid, split, max_examples, batch_size,
+                                                   local_steps, predictions)
             else:  # personal full models (all experts held: the slot layout is the identity)
                 narrow = jax.tree.map(lambda a, part=part: np.asarray(a)[part], self.states.extra)
-            if local_steps > 0:
-                narrow = self._fine_tune(part, narrow, valid, width, local_steps)
-            _, _, results = self._validate(part, narrow, indices, valid, width, split, max_examples,
-                                           batch_size, predictions)
+                if local_steps > 0:
+                    narrow = self._fine_tune(part, narrow, valid, width, local_steps)
+                _, _, results = self._validate(part, narrow, indices, valid, width, split, max_examples,
+                                               batch_size, predictions)
             per_client.update({int(k): res for k, res in zip(part, results)})
         out: dict[str, Any] = {"split": split, "clients": per_client}
         for task in TASKS:
@@ -461,6 +464,34 @@ class FederatedTrainer:
             if scores:
                 out[f"{task}_{PRIMARY_METRIC[task]}"] = float(np.mean(scores))
         return out
+
+    def _evaluate_submodels(self, clients, indices, valid, split, max_examples, batch_size, local_steps,
+                            keep) -> list[dict[str, Any]]:
+        """`clients`' sub-MoEs `indices / valid [C, L, S]` of the global model, fine-tuned `local_steps`
+        (as `_fine_tune`) and validated on `split`, by the round program with zero weights: nothing is
+        aggregated, and without fine-tuning one masked step leaves every sub-MoE as gathered."""
+        s, c = self.settings, len(clients)
+        max_examples = s.max_eval_examples if split == "validation" else max_examples
+        eval_batches = self.data.cohort_eval_batches(clients, batch_size or s.eval_batch_size, split,
+                                                     max_examples=max_examples)
+        batches = self.data.cohort_batches(clients, 0, s.seed + 1, s.batch_size,
+                                           num_steps=max(local_steps, 1))
+        step_mask = batches["step_mask"] if local_steps > 0 else np.zeros_like(batches["step_mask"])
+        keys = np.stack([jax.random.key_data(jax.random.fold_in(jax.random.key(s.seed + 1), int(k)))
+                         for k in clients])
+        extra = self.algorithm.local_extra(self.states, clients, self.server.extra)
+        size = padded_cohort_size(c, self.mesh)
+        pad = (lambda t: pad_clients(t, size)) if size != c else (lambda t: t)
+        args = (pad(indices), pad(valid), pad(model_batch(batches)), pad(step_mask),
+                np.zeros(size, np.float32), jax.random.wrap_key_data(pad(keys)),
+                None if extra is None else pad(extra), pad(model_batch(eval_batches)))
+        params = self.server.params
+        if self.mesh is not None:
+            args = shard_cohort(args, self.mesh)
+            params = place_params(params, self.config, self.mesh)
+        out = self._round_step(params, *args)
+        loss, stats, tokens = jax.tree.map(lambda a: a[:c], to_host(out.evaluation))
+        return self._score(clients, eval_batches, loss, stats, tokens, indices, valid, keep, split)[2]
 
     def _fine_tune(self, clients, params, valid, width, steps):
         """A few local steps on each client's training data (round id -1 stream: seed-only order),
