@@ -295,3 +295,29 @@ def test_validation_inside_the_round_equals_validating_the_returned_clients(setu
     with pytest.raises(ValueError, match="eval_max_length"):
         make_round_step(config, tx, chunk_size=2)(params, idx, valid, stacked, step_mask, weights, keys, None,
                                                  eval_batches)
+
+
+def test_evaluation_program_equals_the_round_and_fits_the_memory_cap(setup):
+    """`round_step.evaluate` (gather + validate, no training) equals a round's validation of untrained
+    sub-MoEs (all steps masked); under a cap it picks the largest sub-cohort that fits, same outputs."""
+    config, params, maps, batches = setup
+    tx = optax.sgd(0.1)
+    cohort = np.array([0, 1, 2, 3])
+    idx, valid, stacked, step_mask, weights, rngs = cohort_inputs(maps, batches, cohort, 4)
+    rng = np.random.default_rng(6)
+    eval_batches = jax.tree.map(lambda *a: np.stack(a), *[make_batches(rng, k=2) for _ in cohort])
+    step = make_round_step(config, tx, chunk_size=2, eval_max_length=4)
+    untrained = step(params, idx, valid, stacked, np.zeros_like(step_mask), np.zeros_like(weights),
+                     jax.random.wrap_key_data(jnp.asarray(rngs)), None, eval_batches).evaluation
+    alone = step.evaluate(params, idx, valid, eval_batches)
+    for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(untrained)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
+    too_small = make_round_step(config, tx, eval_max_length=4, memory_cap=1)
+    with pytest.raises(MemoryCapExceeded, match="an evaluation"):
+        too_small.evaluate(params, idx, valid, eval_batches)
+    [need] = too_small.memory_needs.values()
+    assert list(need)[-1] == 1 and need[list(need)[0]] > need[1]  # more clients at once, more bytes
+    capped = make_round_step(config, tx, eval_max_length=4, memory_cap=need[1])
+    out = capped.evaluate(params, idx, valid, eval_batches)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(alone)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)

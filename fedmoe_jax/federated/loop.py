@@ -293,6 +293,52 @@ def make_round_step(
         program = compiled[(narrow, chunk, validating)]
         return RoundOutput(*program(*args))
 
+    def build_eval(narrow_config: SwitchConfig, params: PyTree, chunk: int | None) -> Callable:
+        if eval_max_length is None:
+            raise ValueError("evaluating sub-MoEs needs make_round_step(eval_max_length=...)")
+        eval_cohort = jax.vmap(client_eval_fn(narrow_config, eval_max_length),
+                               spmd_axis_name=CLIENTS if mesh is not None else None)
+
+        def one_chunk(params, indices, valid, eval_batches):
+            narrow = jax.vmap(lambda idx: gather_submodel(params, config, idx))(indices)
+            return eval_cohort(narrow, model_batch(eval_batches), valid)
+
+        def eval_fn(params, indices, valid, eval_batches):
+            cohort, c = (indices, valid, eval_batches), indices.shape[0]
+            if chunk is None or chunk >= c:
+                return one_chunk(params, *cohort)
+            if c % chunk:
+                raise ValueError(f"cohort of {c} is not a multiple of chunk_size={chunk}")
+            chunks = jax.tree.map(lambda a: a.reshape((c // chunk, chunk) + a.shape[1:]), cohort)
+            _, out = jax.lax.scan(lambda _, xs: (None, one_chunk(params, *xs)), None, chunks)
+            return jax.tree.map(lambda a: a.reshape((c,) + a.shape[2:]), out)
+
+        if mesh is None:
+            return jax.jit(eval_fn)
+        per_client = client_sharding(mesh)
+        return jax.jit(eval_fn, in_shardings=(param_sharding(params, config, mesh), per_client, per_client,
+                                              per_client), out_shardings=per_client)
+
+    def evaluate(params, indices, valid, eval_batches) -> tuple:
+        """Validate sub-MoEs of `params` without training them: `(loss [C], RoutingStats [C, L, S],
+        tokens [C, ...])`, gathered and evaluated inside one program in the sub-cohorts a round of this
+        width would use (under `memory_cap`: the largest that fits), as `RoundOutput.evaluation`."""
+        narrow, c = narrow_config(config, valid), int(indices.shape[-3])
+        args = (params, indices, valid, eval_batches)
+        if memory_cap is not None and chunk_size == "auto":
+            if (narrow, c, "eval") not in fitted:
+                compile_chunk = lambda chunk: build_eval(narrow, params, chunk).lower(*args).compile()  # noqa: E731
+                _, fitted[(narrow, c, "eval")] = fit_under_cap(
+                    c, mesh, memory_cap, compile_chunk,
+                    memory_needs.setdefault((narrow, c, "eval"), {}), "an evaluation",
+                    "lower eval_batch_size or data.max_input_len / max_target_len, or raise memory_cap_gb")
+            return fitted[(narrow, c, "eval")](*args)
+        chunk = auto_chunk_size(c, mesh) if chunk_size == "auto" else chunk_size
+        if (narrow, chunk, "eval") not in compiled:
+            compiled[(narrow, chunk, "eval")] = build_eval(narrow, params, chunk)
+        return compiled[(narrow, chunk, "eval")](*args)
+
+    round_step.evaluate = evaluate
     round_step.compiled = compiled  # exposed for tests and diagnostics
     round_step.memory_needs = memory_needs
     round_step.fit = fit  # (width, C, args) -> the program `memory_cap` picks; args may be abstract

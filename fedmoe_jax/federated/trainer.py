@@ -430,9 +430,9 @@ class FederatedTrainer:
         (or its own model for `LocalOnly`); `model="global"`: the full global model for every client.
         `local_steps > 0` first fine-tunes each client's model that many steps on its training data
         (for clients never sampled during training: unseen-client evaluation). Clients are evaluated
-        `chunk` at a time. Sub-MoEs of the global model go through the round program with zero
-        aggregation weights (`_evaluate_submodels`): gathered, fine-tuned and validated inside it, in
-        the sub-cohorts the memory cap allows, so no chunk of gathered models is materialized.
+        `chunk` at a time. Sub-MoEs of the global model are gathered and validated inside one program
+        (`round_step.evaluate`; fine-tuned first by the round program with zero aggregation weights),
+        in the sub-cohorts the memory cap allows, so no chunk of gathered models is materialized.
         `predictions > 0` keeps that many decoded examples per client (`clients[k]["examples"]`, see
         `score_predictions`).
         """
@@ -467,9 +467,9 @@ class FederatedTrainer:
 
     def _evaluate_submodels(self, clients, indices, valid, split, max_examples, batch_size, local_steps,
                             keep) -> list[dict[str, Any]]:
-        """`clients`' sub-MoEs `indices / valid [C, L, S]` of the global model, fine-tuned `local_steps`
-        (as `_fine_tune`) and validated on `split`, by the round program with zero weights: nothing is
-        aggregated, and without fine-tuning one masked step leaves every sub-MoE as gathered."""
+        """`clients`' sub-MoEs `indices / valid [C, L, S]` of the global model validated on `split` by the
+        round step's evaluation program; with `local_steps`, fine-tuned first (as `_fine_tune`) by the
+        round program itself with zero weights, so nothing is aggregated."""
         s, c = self.settings, len(clients)
         max_examples = s.max_eval_examples if split == "validation" else max_examples
         eval_batches = self.data.cohort_eval_batches(clients, batch_size or s.eval_batch_size, split,
@@ -486,11 +486,14 @@ class FederatedTrainer:
                 np.zeros(size, np.float32), jax.random.wrap_key_data(pad(keys)),
                 None if extra is None else pad(extra), pad(model_batch(eval_batches)))
         params = self.server.params
+        if local_steps == 0:  # nothing to train: the evaluation program alone
+            args = (args[0], args[1], args[-1])
         if self.mesh is not None:
             args = shard_cohort(args, self.mesh)
             params = place_params(params, self.config, self.mesh)
-        out = self._round_step(params, *args)
-        loss, stats, tokens = jax.tree.map(lambda a: a[:c], to_host(out.evaluation))
+        evaluation = (self._round_step.evaluate(params, *args) if local_steps == 0
+                      else self._round_step(params, *args).evaluation)
+        loss, stats, tokens = jax.tree.map(lambda a: a[:c], to_host(evaluation))
         return self._score(clients, eval_batches, loss, stats, tokens, indices, valid, keep, split)[2]
 
     def _fine_tune(self, clients, params, valid, width, steps):
