@@ -1,4 +1,4 @@
-"""Paper-scale experiments (PAPER.md §7): switch-base-32 (FedMoE, randomMoE) and switch-base-8
+"""Paper-scale experiments (the paper's setup): switch-base-32 (FedMoE, randomMoE) and switch-base-8
 (FedProx, SCAFFOLD, FedAvg, local) from local Hugging Face checkpoints, AG News / SQuAD v1.1 / XSum
 from prepared TFDS data, 30 clients with 18-24 GB budgets, cohorts sharded over a device mesh.
 
@@ -42,7 +42,7 @@ def get_config(arg: str = "standard_hetero_t"):
     c.model.baseline_num_experts = 8
     c.model.capacity_factor = 0.0  # HF's absolute expert_capacity (64 per expert per sequence)
     c.memory.relative = False
-    c.memory.budget_low = 18.0  # GB (PAPER.md §10.3)
+    c.memory.budget_low = 18.0  # GB (the paper's budgets)
     c.memory.budget_high = 24.0
     c.memory.budget_step = 1.0
     # alpha of Eq. 3: at 0.7 the memory model puts Stage 1's sub-MoEs of switch-base-32 at 79 experts on

@@ -80,7 +80,7 @@ def _small(**model: Any) -> SwitchConfig:
 
 
 PRESETS: dict[str, Preset] = {
-    # Fixed so that figures stay comparable across commits (issue 7).
+    # Fixed so that figures stay comparable across commits.
     "cpu-small": Preset(_small(), batch_size=16, input_len=64, target_len=16, cohort_size=8,
                         local_steps=4, min_kept=4, max_kept=8),
     "cpu-medium": Preset(_small(d_model=256, d_ff=1024, num_heads=8, num_layers=6, num_decoder_layers=6,

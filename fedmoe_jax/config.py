@@ -3,7 +3,7 @@
 Config files under `configs/` start from `default_config()` and change values; `validate` checks
 the result before any compute (unknown keys, wrong types, inconsistent values: `ConfigError`, which
 the CLI turns into exit status 2 and one line). Fields marked [ASSUMPTION] are ours where the paper
-is silent (PAPER.md §9-10, README "Deviations from the paper").
+is silent (README "Deviations from the paper").
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import ml_collections
 
 METHODS = ("fedmoe", "random_moe", "fedprox", "scaffold", "fedavg", "local", "fedmoe_no_stage1",
            "fedmoe_no_stage2")
-# setting name -> (sampling, partition): PAPER.md §7.2
+# setting name -> (sampling, partition): the paper's federated settings
 SETTINGS = {
     "standard_hetero_t": ("uniform", "T"),
     "standard_hetero_td": ("uniform", "TD"),

@@ -1,7 +1,7 @@
 """One experiment from a config: data, model, Stage 1, the method's rounds, evaluation, summary.
 
 `run_experiment(config, workdir)` is what `python -m fedmoe_jax.main` runs. Everything a run
-needs to be resumed or audited lands in `workdir` (PAPER.md §11):
+needs to be resumed or audited lands in `workdir` (the paper's run logging):
 
     config.json      the resolved config (a rerun with different defining keys is refused)
     partition.*      the client -> task map and example indices (with sha256)

@@ -1,7 +1,7 @@
 """The local optimizers of experiments and pretraining, by name.
 
 A thin choice between two optax optimizers (no optimizer code of ours): AdamW, the default of the
-federated experiments (PAPER.md's assumed local training), and Adafactor as T5 and Switch were
+federated experiments (ours: the paper names no optimizer), and Adafactor as T5 and Switch were
 trained with: factored second moments, each update scaled by its parameter's RMS and clipped at
 RMS 1. With AdamW, the CPU-scale Switch model did not learn to use its encoder in pretraining
 (`fedmoe_jax.pretrain`), which is why both are selectable.

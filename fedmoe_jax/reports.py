@@ -1,4 +1,4 @@
-"""Paper-style reports from run directories: Table 1 / Table 2 analogues and figures (PAPER.md §7.5, §8).
+"""Paper-style reports from run directories: Table 1 / Table 2 analogues and figures (the paper's metrics).
 
 A run directory is what `python -m fedmoe_jax.main ... --workdir=DIR` writes: `summary.json` (run-level
 numbers), `metrics.jsonl` (one row per round) and `experts.npz` (client expert maps and activation
@@ -15,7 +15,7 @@ differ: `fedmoe[stage2.patience=1]` (`assign_variants`); the paper comparisons u
   seed-paired differences and 95 % intervals) and the notes;
 - `figures/*.png`: expert activation heatmaps per task, convergence curves, expert counts over rounds.
 
-Definitions where the paper is silent (PAPER.md §9), all written into the report:
+Definitions where the paper is silent, all written into the report:
 
 - Scores are percent, the mean over seeds of each run's per-task test score; `±` is the sample standard
   deviation over seeds (ddof 1; none with one seed).
@@ -23,7 +23,7 @@ Definitions where the paper is silent (PAPER.md §9), all written into the repor
   sub-MoE plus the method's extra state, `MemoryModel`) averaged over clients (the paper's FedMoE
   peaks of 13.4-14.0 GB match its *average* sub-MoE of 65-78 experts, not its largest); `mem_gb_max`
   (the largest client's peak) sits next to it.
-- Average improvement: PAPER.md §8.3 via `metrics.average_improvement` (mean over tasks of |f - b| / b,
+- Average improvement: the paper's rule via `metrics.average_improvement` (mean over tasks of |f - b| / b,
   the baseline with the smallest value); the signed value is shown next to it.
 - CVI: `metrics.composite_variation_index` over the settings' seed-mean scores (population c_v per
   task across the settings the method ran in, mean over tasks).
@@ -455,14 +455,14 @@ def table1(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes) -> dict[
     return table
 
 
-# Task scores (percent points) under which a baseline's score, as the §8.3 ratio's denominator, is
-# flagged: the ratio then measures how close to zero that score is rather than FedMoE's gain.
+# Task scores (percent points) under which a baseline's score, as the average-improvement ratio's
+# denominator, is flagged: the ratio then measures how close to zero that score is rather than FedMoE's gain.
 SMALL_DENOMINATOR = 1.0
 
 
 def improvement(table: Mapping[str, Mapping[str, Mapping]], baselines: Sequence[str], notes: Notes
                 ) -> dict[str, dict[str, Any]]:
-    """FedMoE's average improvement over the best baseline per setting (PAPER.md §8.3);
+    """FedMoE's average improvement over the best baseline per setting (the paper's rule);
     `small_denominators`: the best baseline's task scores below `SMALL_DENOMINATOR` (also a note)."""
     out: dict[str, dict[str, Any]] = {}
     for setting, methods in table.items():
@@ -642,7 +642,7 @@ def table2(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes) -> dict[
 
 def stage1_measured(run: Run) -> np.ndarray | None:
     """`<bool>[N]`: the clients whose Stage-1 profile was measured rather than predicted from their
-    task's peers (PAPER.md §5.2), or None without Stage-1 data. A client is measured iff its budget
+    task's peers (the paper's Stage 1), or None without Stage-1 data. A client is measured iff its budget
     covers the full model plus LoRA (`stage1.stage1_eligible`: one threshold per run), so with the
     summary's count m they are the m largest `budgets_bytes`; without budgets or count, every client
     with a nonzero finite profile (predicted ones then count as measured)."""
@@ -667,7 +667,7 @@ def _within_between(sim: np.ndarray, tasks: np.ndarray) -> tuple[list[float], li
 
 def task_separation(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes
                     ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Do the clients' expert choices follow their tasks (FedMoE's premise, PAPER.md Fig. 1)?
+    """Do the clients' expert choices follow their tasks (FedMoE's premise, the paper's Fig. 1)?
 
     Per setting and sub-MoE method (`ABLATION_METHODS`) with expert maps, pairs of clients are compared
     within each run (seed) and pooled over seeds. From `stage1_probs [N, L, E]` (measured clients
@@ -851,7 +851,7 @@ def render_stage2_trials(trials: Mapping[str, Mapping[str, Any]]) -> list[str]:
     if not trials:
         return ["No FedMoE or w/o-Stage-1 runs with recommendation counts."]
     lines = ["A Stage-2 adjustment is a trial: kept if the client's next validation score beats its best, "
-             "else rolled back (PAPER.md §6). How often trials are kept, against how often a client that "
+             "else rolled back (Stage 2). How often trials are kept, against how often a client that "
              "went as long without improving beats its best at its next evaluation with nothing changed "
              "(replayed on the w/o-Stage-2 runs' metrics with the row's patience and tie-break). p: "
              "Fisher's exact test against that base rate.", "",
@@ -1098,19 +1098,19 @@ DEFINITIONS = """\
 - **Scores** (percent): each run's test score per task (each client's own model on its own test split,
   mean over the task's clients; TC accuracy, RC F1, TS ROUGE-2), then mean ± sample standard deviation
   (ddof 1) over seeds; no ± with one seed.
-- **Comm (GiB)**: `comm_gib_per_transfer`, one per-client model transfer (PAPER.md §7.5: the paper's
+- **Comm (GiB)**: `comm_gib_per_transfer`, one per-client model transfer (the paper's reported metrics: its
   "GB" are fp32 GiB).
 - **Mem (GB)**: `peak_memory_gb.mean`, each client's peak training memory (the largest sub-MoE it
   trained with, plus FedProx's anchor and SCAFFOLD's two controls; runs whose `metrics.jsonl` rows lack
   `layer_expert_counts` counted the sub-MoE alone at its start and end maps) averaged over clients (the
   paper's FedMoE peaks of 13.4-14.0 GB match its average sub-MoE of 65-78 experts, not its largest);
   `table1.json` also has `mem_gb_max`, the largest client's peak over seeds.
-- **Average improvement** (PAPER.md §8.3): for each baseline b the mean over tasks of |f − b| / b with
+- **Average improvement** (the paper's rule): for each baseline b the mean over tasks of |f − b| / b with
   FedMoE's seed-mean score f; the baseline with the smallest value is the "best baseline". A deficit
   counts as a positive difference (the paper's rule), so the signed value is shown too.
-- **CVI** (PAPER.md §7.5): per task the coefficient of variation σ/μ (population σ) of the method's
+- **CVI** (the paper's metric): per task the coefficient of variation σ/μ (population σ) of the method's
   seed-mean score across the settings it ran in, averaged over tasks.
-- **Time-to-target** (PAPER.md §7.5; the paper does not define its "relative target performance"):
+- **Time-to-target** (the paper's metric; it does not define its "relative target performance"):
   on the seed-mean validation curves (`val_score_<task>` of `metrics.jsonl`; rounds as numbered there,
   rounds without a value skipped), the target of FedMoE against a baseline is the best score both curves
   reach, min(max FedMoE, max baseline); the speedup to 99 % (90 %) is rounds(baseline) / rounds(FedMoE)
@@ -1329,7 +1329,7 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
 # Against the paper
 # ----------------------------------------------------------------------------------------------
 
-# PAPER.md §8.1 (Table 1): per setting and method, (low, high) of each cell, equal where the paper
+# the paper's Table 1: per setting and method, (low, high) of each cell, equal where the paper
 # is readable; cells reconstructed from fragments keep their range (85.7x: 85.70-85.79; TC 70.56
 # or 79.56; TS inferred from the "average improvement" claim, ~0.4 either side).
 PAPER_METRICS = ("TC", "RC", "TS", "comm_gb", "mem_gb")
@@ -1455,7 +1455,7 @@ def render_paper_comparison(cmp: Mapping[str, Mapping[str, Mapping[str, Mapping[
         return ["No FedMoE runs in the paper's settings: nothing to compare."]
     entries = [e for per in cmp.values() for m in per.values() for e in m.values()]
     held, judged = _tally(entries)
-    lines = [f"FedMoE minus each baseline, in the paper (PAPER.md §8.1) and here (means over seeds); ✓ the "
+    lines = [f"FedMoE minus each baseline, in the paper's Table 1 and here (means over seeds); ✓ the "
              f"paper's direction holds, ✗ it is reversed, ? not decidable (a lost paper cell, or missing / "
              f"tied runs here). Comm and memory: lower is better. **{held} of {judged}** decidable "
              f"directions hold."]
@@ -1502,7 +1502,7 @@ def render_paper_comparison(cmp: Mapping[str, Mapping[str, Mapping[str, Mapping[
     return lines
 
 
-# PAPER.md §8.2: the claims in the paper's text.
+# the claims in the paper's text.
 PAPER_AVG_IMPROVEMENT = {"standard_hetero_t": 7.63, "standard_hetero_td": 15.50, "enforced_hetero_t": 10.00,
                          "enforced_hetero_td": 12.74}
 PAPER_SPEEDUPS = {"0.99": {"random_moe": 1.65, "fedprox": 2.13, "scaffold": 1.64},  # Enforced-Hetero-T
@@ -1514,9 +1514,9 @@ PAPER_CVI = {"fedmoe": 0.0445, "fedprox": 0.0569, "scaffold": 0.1430, "random_mo
 
 def paper_claims(t1: Mapping[str, Mapping[str, Mapping]], gains: Mapping[str, Mapping[str, Any]],
                  cvis: Mapping[str, Mapping[str, Any]], ttt: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The claims of the paper's text (PAPER.md §8.2) checked here: a list of {"claim", "paper", "ours",
+    """The claims of the paper's text checked here: a list of {"claim", "paper", "ours",
     "holds"} (`holds` None where ours is missing or tied). Average improvement: FedMoE ahead of the best
-    baseline on the signed §8.3 value. Convergence: the Enforced-Hetero-T speedups on the "all" curve
+    baseline on the signed average improvement. Convergence: the Enforced-Hetero-T speedups on the "all" curve
     (the paper's Fig. 4 does not say which curve; its order of baselines is presumed). Comm and memory:
     FedMoE relative to each baseline, percent, averaged over the settings that have both. CVI: FedMoE
     lowest of the four, and the paper's full order."""
@@ -1528,7 +1528,8 @@ def paper_claims(t1: Mapping[str, Mapping[str, Mapping]], gains: Mapping[str, Ma
     for setting, value in PAPER_AVG_IMPROVEMENT.items():
         signed = _num(gains.get(setting, {}).get("signed_pct"))
         small = " †" if gains.get(setting, {}).get("small_denominators") else ""
-        add(f"{setting_name(setting)}: FedMoE ahead of the best baseline on average (signed §8.3 %){small}",
+        ahead = "FedMoE ahead of the best baseline (signed average improvement, %)"
+        add(f"{setting_name(setting)}: {ahead}{small}",
             value, signed, None if not signed else signed > 0)
     per = ttt.get("enforced_hetero_t", {}).get("all", {})
     for frac, bases in PAPER_SPEEDUPS.items():
@@ -1561,7 +1562,7 @@ def paper_claims(t1: Mapping[str, Mapping[str, Mapping]], gains: Mapping[str, Ma
 def render_paper_claims(claims: Sequence[Mapping[str, Any]]) -> list[str]:
     """Markdown lines for `paper_claims`."""
     held, judged = _tally(claims)
-    lines = [f"The claims of the paper's text (PAPER.md §8.2) checked here: **{held} of {judged}** decidable "
+    lines = [f"The claims of the paper's text checked here: **{held} of {judged}** decidable "
              "claims hold."
              + (" †: the best baseline has a task score below 1 point, so the percentage mostly measures "
                 "that near-zero score (see Table 1)." if any("†" in c["claim"] for c in claims) else ""),
@@ -1574,7 +1575,7 @@ def render_paper_claims(claims: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-# PAPER.md §8.4 (Table 2, Standard-Hetero-T, switch-base-32: 12 MoE layers x 32 experts = 384): TS and
+# the paper's Table 2 (Standard-Hetero-T, switch-base-32: 12 MoE layers x 32 experts = 384): TS and
 # the total experts per client at the start and the end of Stage 2, min / max at the end.
 PAPER_TABLE2 = {  # keyed like `table2` rows, so `_table2_claims` reads both the same way
     "fedmoe": {"TS": 16.92, "experts_start_mean": 78.0, "experts_end_mean": 65.0,
@@ -1621,7 +1622,7 @@ TABLE2_CLAIMS = {
 
 def paper_table2_comparison(t2: Mapping[str, Mapping[str, Mapping[str, Any]]]
                             ) -> dict[str, dict[str, dict[str, Any]]]:
-    """The paper's Table 2 readings (PAPER.md §8.4, Standard-Hetero-T only) checked in each setting here.
+    """The paper's Table 2 readings (Standard-Hetero-T only) checked in each setting here.
 
     Per setting and claim (`TABLE2_CLAIMS`): `paper` and `ours`, the signed quantity (TS points or
     experts; positive = the paper's reading), and `holds` (ours > 0; None where ours is missing or 0).
@@ -1643,7 +1644,7 @@ def render_paper_table2(cmp: Mapping[str, Mapping[str, Mapping[str, Any]]],
     if not cmp:
         return ["No FedMoE runs: nothing to compare with the paper's Table 2."]
     held, judged = _tally(e for per in cmp.values() for e in per.values())
-    lines = [f"The paper's Table 2 readings (PAPER.md §8.4: Standard-Hetero-T only; experts are totals over "
+    lines = [f"The paper's Table 2 readings (Standard-Hetero-T only; experts are totals over "
              f"the MoE layers, {PAPER_TABLE2_TOTAL} in all there) checked in every setting here; each cell "
              f"is the signed quantity, positive in the paper's direction (TS points or experts). "
              f"**{held} of {judged}** decidable readings hold.", ""]

@@ -1,4 +1,4 @@
-"""Memory model: parameter counts (the paper §7.3), the activation formula by hand, the baselines'
+"""Memory model: parameter counts (the paper's models), the activation formula by hand, the baselines'
 extra state, budgets."""
 
 import numpy as np
@@ -10,7 +10,7 @@ from fedmoe_jax.models import get_config
 
 def test_switch_base_32_counts_and_full_training_memory():
     dense, expert = parameter_counts(get_config("switch-base-32"))
-    assert abs(dense - 166.3e6) < 0.1e6  # PAPER.md: dense part ~166.3 M
+    assert abs(dense - 166.3e6) < 0.1e6  # the paper's switch-base-32: dense part ~166.3 M
     assert expert.tolist() == [2 * 768 * 3072 + 768] * 12  # wi + wo + its router column
     full = MemoryModel(get_config("switch-base-32"), batch_size=8, input_len=512, target_len=64)
     # the paper: training a 32-expert Switch model needs "at least 37GB"

@@ -31,7 +31,7 @@ def test_writer_appends_and_resume_drops_later_rounds(tmp_path):
 def test_average_improvement_reproduces_the_papers_numbers():
     from fedmoe_jax.federated.metrics import average_improvement
 
-    # PAPER.md §8.3, Table 1(a) Standard-Hetero-T: 7.63 % over randomMoE (FedProx would give 15.07)
+    # the paper's rule, Table 1(a) Standard-Hetero-T: 7.63 % over randomMoE (FedProx would give 15.07)
     fedmoe = {"tc": 94.76, "rc": 86.64, "ts": 16.92}
     baselines = {"randomMoE": {"tc": 91.63, "rc": 84.23, "ts": 14.51},
                  "FedProx": {"tc": 92.92, "rc": 87.99, "ts": 11.94},
@@ -43,7 +43,7 @@ def test_average_improvement_reproduces_the_papers_numbers():
                                       {"FedProx": {"tc": 85.09, "rc": 87.57, "ts": 11.76},
                                        "randomMoE": {"tc": 34.19, "rc": 82.93, "ts": 13.51}})
     assert best == "FedProx" and round(value, 2) == 15.50
-    # signed, the same comparison gives 14.73 (PAPER.md §8.3)
+    # signed, the same comparison gives 14.73
     best, value = average_improvement({"tc": 88.44, "rc": 86.55, "ts": 16.63},
                                       {"FedProx": {"tc": 85.09, "rc": 87.57, "ts": 11.76}}, signed=True)
     assert best == "FedProx" and round(value, 2) == 14.73

@@ -1,4 +1,4 @@
-"""The linen MoE layer used inside a Flax NNX model through `flax.nnx.bridge` (DESIGN.md: keep this)."""
+"""The linen MoE layer used inside a Flax NNX model through `flax.nnx.bridge` (how NNX users wrap ours)."""
 
 import jax
 import jax.numpy as jnp

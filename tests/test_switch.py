@@ -33,7 +33,7 @@ def _param_count(config):
 
 
 def test_switch_base_parameter_counts_match_the_paper():
-    # PAPER.md §7.3: dense part ~166.3 M; each expert 4,718,592; 12 MoE layers.
+    # the paper's models: dense part ~166.3 M; each expert 4,718,592; 12 MoE layers.
     n8, n32 = _param_count(get_config("switch-base-8")), _param_count(get_config("switch-base-32"))
     assert n32 - n8 == 12 * 24 * (EXPERT_PARAMS + 768)  # experts and their router columns
     dense = n8 - 12 * 8 * EXPERT_PARAMS - 12 * 8 * 768  # minus experts and router columns

@@ -1,4 +1,4 @@
-"""The paper's baselines as small algorithms on the engine (PAPER.md §7.4, §10.3).
+"""The paper's baselines as small algorithms on the engine (our defaults where it is silent).
 
 - `RandomMoE`: a fixed random subset of experts per layer per client, modular aggregation.
 - `FedProx` (Li et al. 2020): all experts, local loss + mu/2 ||w - w_received||^2.

@@ -1,4 +1,4 @@
-"""FedMoE's equations as pure functions (PAPER.md §5-§6).
+"""FedMoE's equations as pure functions (the paper's Stages 1 and 2).
 
 - Stage 1: `static_prediction` (probabilities for clients that cannot measure them) and
   `search_submodel` (Eq. 3: the largest uniform coverage threshold theta whose per-layer smallest
@@ -98,7 +98,7 @@ def search_submodel(
 
 def static_prediction(probs: np.ndarray, data_sizes: np.ndarray, tasks: np.ndarray,
                       measured: np.ndarray) -> np.ndarray:
-    """Stage 1 for memory-insufficient clients (PAPER.md §5.2).
+    """Stage 1 for memory-insufficient clients (the paper's Stage 1 probability collection).
 
     Each unmeasured client gets the data-size-weighted mean of the measured clients of its task:
     `p^(k) = sum_a |D_a| p^(a) / sum_a |D_a|` over measured a with T_a = T_k.
@@ -197,7 +197,7 @@ def recommend(mask: np.ndarray, p_hat: np.ndarray, target_count: float,
 
 
 class FedMoE(Algorithm):
-    """Stage 2 of FedMoE (PAPER.md §6, Algorithm 1) from given initial sub-MoEs (Stage 1's output).
+    """Stage 2 of FedMoE (the paper's Algorithm 1) from given initial sub-MoEs (Stage 1's output).
 
     After a client's validation score has not improved over its best for `patience` of its rounds,
     its structure is adjusted towards its `num_references` most similar clients (Eq. 4-6,

@@ -1,4 +1,4 @@
-"""Memory model of a client's training (PAPER.md §10.4) and client memory budgets.
+"""Memory model of a client's training (ours: the paper does not give its mem(.)) and client memory budgets.
 
 The paper gives budgets (18-24 GB) but not the model behind mem(.). Ours [ASSUMPTION]:
 

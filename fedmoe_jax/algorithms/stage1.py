@@ -1,4 +1,4 @@
-"""FedMoE Stage 1 (the paper §5): measure expert activation probabilities, then search sub-MoEs.
+"""FedMoE Stage 1 (the paper's Stage 1): measure expert activation probabilities, then search sub-MoEs.
 
 1. Clients with enough memory fine-tune LoRA adapters on every expert of the full MoE for a few
    federated rounds (default 5): each round every eligible client trains the shared adapters

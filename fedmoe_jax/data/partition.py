@@ -1,13 +1,15 @@
 """Client partitions of the task data: which task each client learns and which examples it holds.
 
-PAPER.md §7.2: N clients (30) split over the task types; **T** settings are IID within a task, **TD**
-settings add FedNLP-style label skew within a task: for every label, the shares of the task's clients
-are drawn from Dirichlet(alpha). Each client gets train / validation / test examples; one draw per
-task is applied to all three splits, so a client's validation and test data look like its train data.
+The paper's federated settings: N clients (30) split over the task types; **T** settings are IID
+within a task, **TD** settings add FedNLP-style label skew within a task: for every label, the shares
+of the task's clients are drawn from Dirichlet(alpha). Each client gets train / validation / test
+examples; one draw per task is applied to all three splits, so a client's validation and test data
+look like its train data.
 
 Randomness comes from `np.random.default_rng([seed, task id])`, never global state. Retries are
 bounded: an unmeetable `min_examples` raises a one-line ValueError instead of looping forever
-(ANCHORS.md c.1). Partitions are saved with the run (npz + json with a sha256) and reloaded verified.
+(as FedNLP's niid_label). Partitions are saved with the run (npz + json with a sha256) and reloaded
+verified.
 
 Shape letters: N clients.
 """

@@ -1,6 +1,6 @@
 """The three task types of the paper as text-to-text data, and their metrics.
 
-PAPER.md §7.1: topic classification (TC, AG News, accuracy), extractive reading comprehension
+the paper's tasks: topic classification (TC, AG News, accuracy), extractive reading comprehension
 (RC, SQuAD v1.1, F1) and summarisation (TS, XSum, ROUGE-2). Every source (the embedded WordNet
 benchmark, TFDS) yields `TaskData`: prompted input strings, target strings, all acceptable
 references, and an integer `label` per example that label-skewed (Hetero-TD) partitions use.

@@ -1,4 +1,4 @@
-"""Server aggregation as one jitted masked weighted mean (PAPER.md §6.3, DESIGN.md).
+"""Server aggregation as one jitted masked weighted mean (the paper's modular aggregation).
 
 `masked_weighted_mean(values [C, ...], weights [C], mask, fallback)` is
 `sum_c w_c m_c v_c / sum_c w_c m_c` where the denominator is positive, else `fallback`. Dense

@@ -37,7 +37,7 @@ def model_batch(batches: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Weights of PAPER.md Eq. (1): label smoothing, load balance (its alpha), router z-loss."""
+    """Weights of Eq. (1): label smoothing, load balance (its alpha), router z-loss."""
 
     label_smoothing: float = 0.1
     lb_loss_weight: float = 0.001

@@ -186,7 +186,7 @@ def make_round_step(
         trained models need not leave the program (`RoundOutput.evaluation`).
     With a mesh, C must be a multiple of the `clients` axis size (see `padded_cohort_size`).
     `return_clients=True` also returns the trained narrow sub-MoEs (for validating each client's own
-    model, PAPER.md Algorithm 1). `chunk_size` trains the cohort in sub-cohorts of that many clients
+    model, the paper's Algorithm 1). `chunk_size` trains the cohort in sub-cohorts of that many clients
     one after another (`lax.scan`), accumulating the aggregation sums, so memory holds one chunk's
     sub-MoEs at a time (unless `return_clients`); C must then be a multiple of it. `"auto"`
     (`auto_chunk_size`): on CPU without a mesh, sub-cohorts of up to `CPU_CHUNK` clients, else all at once.

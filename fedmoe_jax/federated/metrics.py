@@ -113,7 +113,7 @@ def _jsonable(x: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# Paper-level summaries (PAPER.md §7.5, §8.2-8.3)
+# Paper-level summaries (the paper's reported metrics, its claims and average improvement)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -130,7 +130,7 @@ def time_to_target_speedup(method: Sequence[float], baseline: Sequence[float], f
     """Speedup of `method` over `baseline` to reach `fraction` of the relative target performance.
 
     The target is `fraction * reference`, `reference` defaulting to the best score either curve
-    reaches (the paper's "relative target performance" is not defined further; PAPER.md §8.2).
+    reaches (the paper's "relative target performance" is not defined further).
     Returns rounds(baseline) / rounds(method), or None if either never reaches it.
     """
     if reference is None:
@@ -152,15 +152,15 @@ def coefficient_of_variation(values: Sequence[float], ddof: int = 0) -> float:
 
 
 def composite_variation_index(scores: Mapping[str, Sequence[float]], ddof: int = 0) -> float:
-    """CVI: the mean over tasks of each task's c_v across settings (PAPER.md §7.5; the paper's exact
-    definition is underspecified, see §8.2)."""
+    """CVI: the mean over tasks of each task's c_v across settings (the paper's reported metrics; its exact
+    definition is underspecified, see the paper's claims)."""
     return float(np.mean([coefficient_of_variation(v, ddof) for v in scores.values()]))
 
 
 def average_improvement(method: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]],
                         signed: bool = False) -> tuple[str, float]:
-    """PAPER.md §8.3: for each baseline b the mean over tasks of |f - b| / b (percent); the paper
-    reports the baseline with the smallest value, the "best-performing baseline".
+    """The paper's average improvement: for each baseline b the mean over tasks of |f - b| / b (percent);
+    the paper reports the baseline with the smallest value, the "best-performing baseline".
 
     `signed=True` keeps the sign of f - b (a deficit counts as negative; the paper's rule does not),
     the minimum being then over the signed values: give one baseline to get its signed value.

@@ -1,7 +1,7 @@
 """Cohort samplers: pure functions of (seed, round), so a resumed run samples the same cohorts.
 
-PAPER.md §7.2: Standard settings draw K of the N clients uniformly at random each round (5 of 30);
-Enforced settings draw one client of each task type (3 clients).
+The paper's federated settings: Standard settings draw K of the N clients uniformly at random each round
+(5 of 30); Enforced settings draw one client of each task type (3 clients).
 Shape letters: N clients, C cohort.
 """
 

@@ -65,7 +65,7 @@ class ClientStates:
         return self.expert_maps.shape[0]
 
     def expert_counts(self) -> np.ndarray:
-        """Total experts per client over all MoE layers `[N]` (PAPER.md Table 2)."""
+        """Total experts per client over all MoE layers `[N]` (the paper's Table 2)."""
         return self.expert_maps.sum((1, 2))
 
     def take(self, cohort: np.ndarray) -> ClientStates:

@@ -175,7 +175,7 @@ def finalize_aggregate(global_params: Mapping[str, Any], sums: Mapping[tuple[str
 
 def aggregate_cohort(global_params: Mapping[str, Any], client_params: Mapping[str, Any],
                      config: SwitchConfig, indices: Array, valid: Array, weights: Array) -> dict:
-    """Modular aggregation (PAPER.md §6.3) of a cohort's trained narrow sub-MoEs.
+    """The paper's modular aggregation of a cohort's trained narrow sub-MoEs.
 
     Args:
       global_params: the current global tree (E experts per MoE layer).

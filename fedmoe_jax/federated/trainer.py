@@ -1,7 +1,7 @@
 """The multi-round federated run: sample, train, aggregate, evaluate, update client states.
 
 `FederatedTrainer` drives rounds of `make_round_step` (one compiled program per slot width) for any
-`Algorithm`, validates each sampled client's own trained sub-MoE (PAPER.md Algorithm 1), keeps the
+`Algorithm`, validates each sampled client's own trained sub-MoE (the paper's Algorithm 1), keeps the
 stacked client states, and reports per-round metrics: training loss, validation scores per task,
 bytes sent down and up (the tensors actually transmitted: dense part + kept experts), and expert
 counts.
@@ -62,7 +62,7 @@ def _field_defaults(cls: type) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
-    """How rounds run (the paper leaves all of these open; PAPER.md §9)."""
+    """How rounds run (the paper leaves all of these open)."""
 
     num_rounds: int = 10
     cohort_size: int = 5
@@ -426,7 +426,7 @@ class FederatedTrainer:
                  model: str = "own", local_steps: int = 0, predictions: int = 0) -> dict[str, Any]:
         """Evaluation on each client's own `split`; per-client metrics and the mean score per task.
 
-        `model="own"` (PAPER.md §7.5, personalized): the client's sub-MoE of the current global model
+        `model="own"` (the paper's personalized metric): the client's sub-MoE of the current global model
         (or its own model for `LocalOnly`); `model="global"`: the full global model for every client.
         `local_steps > 0` first fine-tunes each client's model that many steps on its training data
         (for clients never sampled during training: unseen-client evaluation). Clients are evaluated
@@ -513,7 +513,7 @@ class FederatedTrainer:
         return tuned
 
     def summary(self, memory: Any = None, test: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Run-level numbers as the paper reports them (the paper §7.5, Table 1-2).
+        """Run-level numbers as the paper reports them (the paper's reported metrics, Table 1-2).
 
         Communication per client transfer in GiB (fp32 tensors actually sent), expert totals at the
         start and now (mean / min / max over clients), with a `MemoryModel` the peak training memory

@@ -1,6 +1,6 @@
 """LoRA adapters on the experts of a Switch Transformer, as pure functions over parameter trees.
 
-FedMoE's Stage 1 (PAPER.md §5.2) equips each expert with LoRA and fine-tunes only the adapters
+FedMoE's Stage 1 equips each expert with LoRA and fine-tunes only the adapters
 while the base weights stay frozen. For an expert weight `W [in, out]` the adapted weight is
 `W + (alpha / rank) * A @ B` with `A [in, r]` (random) and `B [r, out]` (zeros), so training starts
 from the base model exactly. Adapters are stacked like the experts: `a [E, in, r]`, `b [E, r, out]`.

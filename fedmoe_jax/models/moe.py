@@ -70,7 +70,7 @@ class RoutingStats:
 
     @property
     def activation_probs(self) -> Array:
-        """p_{i,j} of PAPER.md §5.1: share of routed token-choices per expert, `[..., E]`."""
+        """p_{i,j} (the importance criterion): share of routed token-choices per expert, `[..., E]`."""
         total = self.tokens_per_expert.sum(-1, keepdims=True)
         return self.tokens_per_expert / jnp.where(total > 0, total, 1.0)
 

@@ -605,7 +605,7 @@ def switch_loss(
     lb_loss_weight: float = 0.001,
     z_loss_weight: float = 0.001,
 ) -> tuple[Array, dict[str, Array]]:
-    """PAPER.md Eq. (1): label-smoothed CE + lb_loss_weight * L_LB (+ z_loss_weight * L_z).
+    """Eq. (1): label-smoothed CE + lb_loss_weight * L_LB (+ z_loss_weight * L_z).
 
     L_LB and L_z are computed per MoE layer over real tokens (allowed experts only), averaged
     over the layers of each stack and summed over the two stacks.
