@@ -163,7 +163,7 @@ def test_personalized_test_evaluation_uses_each_clients_sub_moe(small_run):
 
     idx, valid = (np.asarray(a) for a in expert_slots(maps, 4))
     narrow = jax.vmap(lambda i: gather_submodel(trainer.server.params, trainer.config, i))(idx)
-    scores, _, _ = trainer._validate(np.array([0]), narrow, idx, valid, 4, "test", 4, 4)
+    scores, _, _ = trainer._validate(np.array([0]), narrow, idx, valid, "test", 4, 4)
     assert scores[0] == result["clients"][0]["score"]
 
 
@@ -314,8 +314,8 @@ def test_evaluation_through_the_round_equals_gathering_and_evaluating(small_run)
         fast = trainer.evaluate("test", max_examples=4, batch_size=4, local_steps=steps)
         narrow = jax.vmap(lambda idx: gather_submodel(trainer.server.params, trainer.config, idx))(indices)
         if steps:
-            narrow = trainer._fine_tune(ids, narrow, valid, width, steps)
-        _, _, slow = trainer._validate(ids, narrow, indices, valid, width, "test", 4, 4)
+            narrow = trainer._fine_tune(ids, narrow, valid, steps)
+        _, _, slow = trainer._validate(ids, narrow, indices, valid, "test", 4, 4)
         for k, ref in zip(ids, slow):
             got = fast["clients"][int(k)]
             assert got["score"] == pytest.approx(ref["score"], abs=1e-6), (steps, k)

@@ -32,7 +32,7 @@ from fedmoe_jax.data.federated import FederatedData
 from fedmoe_jax.federated.aggregate import finalize_mean, weighted_sums
 from fedmoe_jax.federated.client import LossConfig, model_batch
 from fedmoe_jax.federated.evaluate import client_eval_fn
-from fedmoe_jax.federated.loop import auto_chunk_size, fit_under_cap
+from fedmoe_jax.federated.loop import auto_chunk_size, fit_under_cap, merge_sub_cohorts, sub_cohorts
 from fedmoe_jax.federated.sharding import (
     CLIENTS,
     client_sharding,
@@ -64,13 +64,6 @@ class Stage1Result:
 
 MEMORY_FIX = ("lower batch_size or data.max_input_len / max_target_len, set model.remat, "
               "or raise memory_cap_gb")
-
-
-def _sub_cohorts(tree: PyTree, c: int, chunk: int) -> PyTree:
-    """Leaves `[C, ...]` -> `[C / chunk, chunk, ...]` (a `lax.scan` over sub-cohorts)."""
-    if c % chunk:
-        raise ValueError(f"cohort of {c} is not a multiple of chunk_size={chunk}")
-    return jax.tree.map(lambda a: a.reshape((c // chunk, chunk) + a.shape[1:]), tree)
 
 
 def make_lora_round(config: SwitchConfig, rank: int, alpha: float, learning_rate: float,
@@ -133,7 +126,7 @@ def make_lora_round(config: SwitchConfig, rank: int, alpha: float, learning_rate
         if chunk is None or chunk >= c:
             adapters, loss_sum, weight = sums(base, lora, *cohort)
         else:
-            chunks = _sub_cohorts(cohort, c, chunk)
+            chunks = sub_cohorts(cohort, c, chunk)
             zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
                                 jax.eval_shape(sums, base, lora, *jax.tree.map(lambda a: a[0], chunks)))
             body = lambda total, xs: (jax.tree.map(jnp.add, total, sums(base, lora, *xs)), None)  # noqa: E731
@@ -168,8 +161,8 @@ def make_lora_measure(config: SwitchConfig, rank: int, alpha: float, mesh: Mesh 
         if chunk is None or chunk >= c:
             return measure(adapted, batches)
         _, stats = jax.lax.scan(lambda _, b: (None, measure(adapted, b)), None,
-                                _sub_cohorts(batches, c, chunk))
-        return jax.tree.map(lambda a: a.reshape((c,) + a.shape[2:]), stats)
+                                sub_cohorts(batches, c, chunk))
+        return merge_sub_cohorts(stats, c)
 
     if mesh is None:
         return jax.jit(measure_fn)

@@ -77,6 +77,18 @@ def routing_counts(stats: RoutingStats) -> dict[str, Array]:
     return {"routed": stats.tokens_per_expert.sum((-2, -1)), "dropped": stats.dropped.sum(-1)}
 
 
+def sub_cohorts(tree: PyTree, c: int, chunk: int) -> PyTree:
+    """Leaves `[C, ...]` -> `[C / chunk, chunk, ...]`, for a `lax.scan` over sub-cohorts."""
+    if c % chunk:
+        raise ValueError(f"cohort of {c} is not a multiple of chunk_size={chunk}")
+    return jax.tree.map(lambda a: a.reshape((c // chunk, chunk) + a.shape[1:]), tree)
+
+
+def merge_sub_cohorts(tree: PyTree, c: int) -> PyTree:
+    """Inverse of `sub_cohorts`: leaves `[C / chunk, chunk, ...]` -> `[C, ...]`."""
+    return jax.tree.map(lambda a: a.reshape((c,) + a.shape[2:]), tree)
+
+
 def exclude_nonfinite(trained: PyTree, received: PyTree, metrics: dict[str, Array]
                       ) -> tuple[PyTree, dict[str, Array]]:
     """Clients whose trained parameters or loss hold a NaN/inf (leaves `[C, ...]`) get their received
@@ -228,9 +240,7 @@ def make_round_step(
             if chunk is None or chunk >= c:
                 sums, metrics, stats, trained, evaluation = train_and_sum(params, *cohort)
             else:
-                if c % chunk:
-                    raise ValueError(f"cohort of {c} is not a multiple of chunk_size={chunk}")
-                chunks = jax.tree.map(lambda a: a.reshape((c // chunk, chunk) + a.shape[1:]), cohort)
+                chunks = sub_cohorts(cohort, c, chunk)
                 first = jax.tree.map(lambda a: a[0], chunks)
                 zero = zero_cohort_sums(params, config, first[0], first[1], first[4])
 
@@ -239,8 +249,7 @@ def make_round_step(
                     return jax.tree.map(jnp.add, total, sums), tuple(per_client)
 
                 sums, per_chunk = jax.lax.scan(body, zero, chunks)
-                metrics, stats, trained, evaluation = jax.tree.map(
-                    lambda a: a.reshape((c,) + a.shape[2:]), per_chunk)
+                metrics, stats, trained, evaluation = merge_sub_cohorts(per_chunk, c)
             new_params = finalize_aggregate(params, sums, config)
             used = (weights > 0) & (metrics["finite"] > 0)  # excluded (non-finite) clients move nothing
             held = jnp.einsum("clse,c->le", jax.nn.one_hot(indices, config.num_experts) * valid[..., None],
@@ -261,38 +270,6 @@ def make_round_step(
             out_shardings=(global_params, per_client, per_client, rep, per_client, per_client),
         )
 
-    # (narrow config, cohort) -> program chosen under memory_cap, and {chunk: bytes} of those tried
-    # (narrow config, cohort, validating) -> program chosen under memory_cap, {chunk: bytes} of those tried
-    fitted: dict[tuple[SwitchConfig, int, bool], Callable] = {}
-    memory_needs: dict[tuple[SwitchConfig, int, bool], dict] = {}
-
-    def fit(narrow: SwitchConfig, c: int, args: tuple) -> Callable:
-        """The round compiled for the largest sub-cohort that fits in `memory_cap` (shapes of `args`:
-        kept per cohort size, unlike the jitted programs in `compiled`)."""
-        seeds = f" ({int(args[1].shape[0])} runs at once: pass fewer --seeds together)," if runs else ""
-        chunk, program = fit_under_cap(
-            c, mesh, memory_cap, lambda chunk: build(narrow, args[0], chunk).lower(*args).compile(),
-            memory_needs.setdefault((narrow, c, args[-1] is not None), {}), "a round",
-            "lower batch_size or data.max_input_len / max_target_len, shard experts (mesh.experts), "
-            "or raise memory_cap_gb", detail=seeds)
-        compiled[(narrow, chunk, args[-1] is not None)] = program
-        return program
-
-    def round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None,
-                   eval_batches=None) -> RoundOutput:
-        narrow, c = narrow_config(config, valid), int(indices.shape[-3])
-        args = (params, indices, valid, batches, step_mask, weights, rngs, extra, eval_batches)
-        validating = eval_batches is not None
-        if memory_cap is not None and chunk_size == "auto":
-            if (narrow, c, validating) not in fitted:
-                fitted[(narrow, c, validating)] = fit(narrow, c, args)
-            return RoundOutput(*fitted[(narrow, c, validating)](*args))
-        chunk = auto_chunk_size(c, mesh) if chunk_size == "auto" else chunk_size
-        if (narrow, chunk, validating) not in compiled:
-            compiled[(narrow, chunk, validating)] = build(narrow, params, chunk)
-        program = compiled[(narrow, chunk, validating)]
-        return RoundOutput(*program(*args))
-
     def build_eval(narrow_config: SwitchConfig, params: PyTree, chunk: int | None) -> Callable:
         if eval_max_length is None:
             raise ValueError("evaluating sub-MoEs needs make_round_step(eval_max_length=...)")
@@ -307,11 +284,9 @@ def make_round_step(
             cohort, c = (indices, valid, eval_batches), indices.shape[0]
             if chunk is None or chunk >= c:
                 return one_chunk(params, *cohort)
-            if c % chunk:
-                raise ValueError(f"cohort of {c} is not a multiple of chunk_size={chunk}")
-            chunks = jax.tree.map(lambda a: a.reshape((c // chunk, chunk) + a.shape[1:]), cohort)
-            _, out = jax.lax.scan(lambda _, xs: (None, one_chunk(params, *xs)), None, chunks)
-            return jax.tree.map(lambda a: a.reshape((c,) + a.shape[2:]), out)
+            _, out = jax.lax.scan(lambda _, xs: (None, one_chunk(params, *xs)), None,
+                                  sub_cohorts(cohort, c, chunk))
+            return merge_sub_cohorts(out, c)
 
         if mesh is None:
             return jax.jit(eval_fn)
@@ -319,29 +294,59 @@ def make_round_step(
         return jax.jit(eval_fn, in_shardings=(param_sharding(params, config, mesh), per_client, per_client,
                                               per_client), out_shardings=per_client)
 
+    # Programs are keyed by kind: True / False, a round validating its cohort or not; "eval", `evaluate`.
+    # (narrow config, cohort, kind) -> program chosen under memory_cap, {chunk: bytes} of those tried
+    fitted: dict[tuple[SwitchConfig, int, bool | str], Callable] = {}
+    memory_needs: dict[tuple[SwitchConfig, int, bool | str], dict] = {}
+
+    def fit(narrow: SwitchConfig, c: int, args: tuple, kind: bool | str | None = None) -> Callable:
+        """The program compiled for the largest sub-cohort that fits in `memory_cap` (shapes of `args`:
+        kept per cohort size, unlike the jitted programs in `compiled`); a round unless kind="eval"."""
+        kind = args[-1] is not None if kind is None else kind
+        if kind == "eval":
+            builder, what = build_eval, "an evaluation"
+            fix = "lower eval_batch_size or data.max_input_len / max_target_len, or raise memory_cap_gb"
+        else:
+            builder, what = build, "a round"
+            fix = ("lower batch_size or data.max_input_len / max_target_len, shard experts (mesh.experts), "
+                   "or raise memory_cap_gb")
+        seeds = f" ({int(args[1].shape[0])} runs at once: pass fewer --seeds together)," if runs else ""
+        chunk, program = fit_under_cap(
+            c, mesh, memory_cap, lambda chunk: builder(narrow, args[0], chunk).lower(*args).compile(),
+            memory_needs.setdefault((narrow, c, kind), {}), what, fix, detail=seeds)
+        compiled[(narrow, chunk, kind)] = program
+        return program
+
+    def program_for(narrow: SwitchConfig, c: int, args: tuple, kind: bool | str) -> Callable:
+        """The compiled program of this kind for the cohort of `args` (fitted under `memory_cap`)."""
+        if memory_cap is not None and chunk_size == "auto":
+            if (narrow, c, kind) not in fitted:
+                fitted[(narrow, c, kind)] = fit(narrow, c, args, kind)
+            return fitted[(narrow, c, kind)]
+        chunk = auto_chunk_size(c, mesh) if chunk_size == "auto" else chunk_size
+        if (narrow, chunk, kind) not in compiled:
+            builder = build_eval if kind == "eval" else build
+            compiled[(narrow, chunk, kind)] = builder(narrow, args[0], chunk)
+        return compiled[(narrow, chunk, kind)]
+
+    def round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None,
+                   eval_batches=None) -> RoundOutput:
+        args = (params, indices, valid, batches, step_mask, weights, rngs, extra, eval_batches)
+        program = program_for(narrow_config(config, valid), int(indices.shape[-3]), args,
+                              eval_batches is not None)
+        return RoundOutput(*program(*args))
+
     def evaluate(params, indices, valid, eval_batches) -> tuple:
         """Validate sub-MoEs of `params` without training them: `(loss [C], RoutingStats [C, L, S],
         tokens [C, ...])`, gathered and evaluated inside one program in the sub-cohorts a round of this
         width would use (under `memory_cap`: the largest that fits), as `RoundOutput.evaluation`."""
-        narrow, c = narrow_config(config, valid), int(indices.shape[-3])
         args = (params, indices, valid, eval_batches)
-        if memory_cap is not None and chunk_size == "auto":
-            if (narrow, c, "eval") not in fitted:
-                compile_chunk = lambda chunk: build_eval(narrow, params, chunk).lower(*args).compile()  # noqa: E731
-                _, fitted[(narrow, c, "eval")] = fit_under_cap(
-                    c, mesh, memory_cap, compile_chunk,
-                    memory_needs.setdefault((narrow, c, "eval"), {}), "an evaluation",
-                    "lower eval_batch_size or data.max_input_len / max_target_len, or raise memory_cap_gb")
-            return fitted[(narrow, c, "eval")](*args)
-        chunk = auto_chunk_size(c, mesh) if chunk_size == "auto" else chunk_size
-        if (narrow, chunk, "eval") not in compiled:
-            compiled[(narrow, chunk, "eval")] = build_eval(narrow, params, chunk)
-        return compiled[(narrow, chunk, "eval")](*args)
+        return program_for(narrow_config(config, valid), int(indices.shape[-3]), args, "eval")(*args)
 
     round_step.evaluate = evaluate
     round_step.compiled = compiled  # exposed for tests and diagnostics
     round_step.memory_needs = memory_needs
-    round_step.fit = fit  # (width, C, args) -> the program `memory_cap` picks; args may be abstract
+    round_step.fit = fit  # (narrow config, C, args) -> the program `memory_cap` picks; args may be abstract
     return round_step
 
 
@@ -378,11 +383,9 @@ def make_personal_step(
             if chunk is None or chunk >= c:
                 trained, metrics, stats = train(*cohort)
             else:
-                if c % chunk:
-                    raise ValueError(f"cohort of {c} is not a multiple of chunk_size={chunk}")
-                chunks = jax.tree.map(lambda a: a.reshape((c // chunk, chunk) + a.shape[1:]), cohort)
-                _, out = jax.lax.scan(lambda carry, xs: (carry, train(*xs)), None, chunks)
-                trained, metrics, stats = jax.tree.map(lambda a: a.reshape((c,) + a.shape[2:]), out)
+                _, out = jax.lax.scan(lambda carry, xs: (carry, train(*xs)), None,
+                                      sub_cohorts(cohort, c, chunk))
+                trained, metrics, stats = merge_sub_cohorts(out, c)
             trained, metrics = exclude_nonfinite(trained, params, {**metrics, **routing_counts(stats)})
             return trained, metrics, stats
 

@@ -350,7 +350,7 @@ class FederatedTrainer:
                 raise ValueError("this round was prepared with validate_in_round=False, but the trainer's "
                                  "round program does not return the trained sub-MoEs to validate")
             val_scores, val_probs, val_metrics = self._validate(cohort, client_params, prep.indices,
-                                                                prep.valid, prep.width)
+                                                                prep.valid)
         report = CohortReport(r, cohort, train_loss, prep.weights, val_scores, val_probs,
                               client_params if self.algorithm.needs_client_params else None,
                               prep.num_steps,
@@ -379,7 +379,7 @@ class FederatedTrainer:
         prep = self.prepare_round()
         return self.finish_round(prep, self.train_round(prep))
 
-    def _validate(self, cohort, client_params, indices, valid, width, split="validation",
+    def _validate(self, cohort, client_params, indices, valid, split="validation",
                   max_examples=None, batch_size=None, keep=0):
         s = self.settings
         max_examples = s.max_eval_examples if split == "validation" else max_examples
@@ -453,8 +453,8 @@ class FederatedTrainer:
             else:  # personal full models (all experts held: the slot layout is the identity)
                 narrow = jax.tree.map(lambda a, part=part: np.asarray(a)[part], self.states.extra)
                 if local_steps > 0:
-                    narrow = self._fine_tune(part, narrow, valid, width, local_steps)
-                _, _, results = self._validate(part, narrow, indices, valid, width, split, max_examples,
+                    narrow = self._fine_tune(part, narrow, valid, local_steps)
+                _, _, results = self._validate(part, narrow, indices, valid, split, max_examples,
                                                batch_size, predictions)
             per_client.update({int(k): res for k, res in zip(part, results)})
         out: dict[str, Any] = {"split": split, "clients": per_client}
@@ -474,40 +474,40 @@ class FederatedTrainer:
         max_examples = s.max_eval_examples if split == "validation" else max_examples
         eval_batches = self.data.cohort_eval_batches(clients, batch_size or s.eval_batch_size, split,
                                                      max_examples=max_examples)
-        batches = self.data.cohort_batches(clients, 0, s.seed + 1, s.batch_size,
-                                           num_steps=max(local_steps, 1))
-        step_mask = batches["step_mask"] if local_steps > 0 else np.zeros_like(batches["step_mask"])
-        keys = np.stack([jax.random.key_data(jax.random.fold_in(jax.random.key(s.seed + 1), int(k)))
-                         for k in clients])
-        extra = self.algorithm.local_extra(self.states, clients, self.server.extra)
         size = padded_cohort_size(c, self.mesh)
         pad = (lambda t: pad_clients(t, size)) if size != c else (lambda t: t)
-        args = (pad(indices), pad(valid), pad(model_batch(batches)), pad(step_mask),
-                np.zeros(size, np.float32), jax.random.wrap_key_data(pad(keys)),
-                None if extra is None else pad(extra), pad(model_batch(eval_batches)))
+        args = (pad(indices), pad(valid))
+        if local_steps > 0:  # the round's training inputs, with zero aggregation weights
+            batches, keys, extra = self._fine_tune_inputs(clients, local_steps)
+            args += (pad(model_batch(batches)), pad(batches["step_mask"]), np.zeros(size, np.float32),
+                     jax.random.wrap_key_data(pad(jax.random.key_data(keys))),
+                     None if extra is None else pad(extra))
+        args += (pad(model_batch(eval_batches)),)
         params = self.server.params
-        if local_steps == 0:  # nothing to train: the evaluation program alone
-            args = (args[0], args[1], args[-1])
         if self.mesh is not None:
             args = shard_cohort(args, self.mesh)
             params = place_params(params, self.config, self.mesh)
-        evaluation = (self._round_step.evaluate(params, *args) if local_steps == 0
-                      else self._round_step(params, *args).evaluation)
+        evaluation = (self._round_step(params, *args).evaluation if local_steps > 0
+                      else self._round_step.evaluate(params, *args))
         loss, stats, tokens = jax.tree.map(lambda a: a[:c], to_host(evaluation))
         return self._score(clients, eval_batches, loss, stats, tokens, indices, valid, keep, split)[2]
 
-    def _fine_tune(self, clients, params, valid, width, steps):
-        """A few local steps on each client's training data (round id -1 stream: seed-only order),
-        with the algorithm's `local_extra` (SCAFFOLD: the clients' drift corrections c - c_i)."""
-        narrow = narrow_config(self.config, valid)
-        if narrow not in self._fine_tuners:
-            local = make_local_train(narrow, self._optimizer, self._loss_config, self.algorithm.hooks)
-            self._fine_tuners[narrow] = jax.jit(jax.vmap(local))
+    def _fine_tune_inputs(self, clients, steps):
+        """Fine-tuning's training batches (round 0 of the seed + 1 stream: seed-only order), per-client
+        keys `[C]` and the algorithm's `local_extra` (SCAFFOLD: the drift corrections c - c_i)."""
         s = self.settings
         batches = self.data.cohort_batches(clients, 0, s.seed + 1, s.batch_size, num_steps=steps)
         keys = jax.random.wrap_key_data(np.stack([
             jax.random.key_data(jax.random.fold_in(jax.random.key(s.seed + 1), int(k))) for k in clients]))
-        extra = self.algorithm.local_extra(self.states, clients, self.server.extra)
+        return batches, keys, self.algorithm.local_extra(self.states, clients, self.server.extra)
+
+    def _fine_tune(self, clients, params, valid, steps):
+        """A few local steps on each client's training data (`_fine_tune_inputs`), outside a round."""
+        narrow = narrow_config(self.config, valid)
+        if narrow not in self._fine_tuners:
+            local = make_local_train(narrow, self._optimizer, self._loss_config, self.algorithm.hooks)
+            self._fine_tuners[narrow] = jax.jit(jax.vmap(local))
+        batches, keys, extra = self._fine_tune_inputs(clients, steps)
         tuned, _, _ = self._fine_tuners[narrow](params, model_batch(batches), batches["step_mask"], valid,
                                                 keys, extra)
         return tuned
