@@ -53,17 +53,15 @@ def client_eval_fn(config: SwitchConfig, max_length: int, decode: bool = True) -
     return one_client
 
 
-def make_cohort_eval(config: SwitchConfig, max_length: int, decode: bool = True,
-                     shared_params: bool = False) -> Callable[..., tuple]:
+def make_cohort_eval(config: SwitchConfig, max_length: int, decode: bool = True) -> Callable[..., tuple]:
     """`(params [C,..], batches [C, K, B, ..], valid [C, L, E]) -> (loss [C], stats, tokens)`.
 
     `config` is the narrow model's (E = slots). `tokens` are greedy predictions `[C, K, B, T']`
     with `T' = max_length` (None with `decode=False`); `stats` sums routing statistics over real
-    examples `[C, L, ...]`. `shared_params=True`: one unbatched tree that every client applies
-    (no per-client copy of the model).
+    examples `[C, L, ...]`.
     """
     one_client = client_eval_fn(config, max_length, decode)
-    cohort_eval = jax.jit(jax.vmap(one_client, in_axes=(None if shared_params else 0, 0, 0)))
+    cohort_eval = jax.jit(jax.vmap(one_client))
 
     def evaluate(params, batches, valid):
         return cohort_eval(params, model_batch(batches), valid)
