@@ -9,7 +9,7 @@ the full-model baselines, as switch-base-32 vs switch-base-8); the numbers are s
     python -m fedmoe_jax.main --config=configs/cpu.py:standard_hetero_t,random_moe --workdir=runs/cpu/rm
 """
 
-from fedmoe_jax.config import default_config, parse_setting_arg
+from fedmoe_jax.experiment.config import default_config, parse_setting_arg
 
 
 def get_config(arg: str = "standard_hetero_t"):
@@ -18,5 +18,5 @@ def get_config(arg: str = "standard_hetero_t"):
     c.method = method or c.method
     # CPU scale (2 cores): switch-small-16 pretrained on the embedded corpus, 3000 training examples
     # per task (about 300 per client), 30 rounds of 24 local steps at 1e-3 (measured choice: see
-    # fedmoe_jax/config.py, which holds every default).
+    # fedmoe_jax/experiment/config.py, which holds every default).
     return c

@@ -7,7 +7,7 @@ evaluation examples. ARG: the method (fedmoe, random_moe, fedprox, ...).
     python -m fedmoe_jax.main --config=configs/demo.py:random_moe --workdir=runs/demo/random_moe
 """
 
-from fedmoe_jax.config import default_config
+from fedmoe_jax.experiment.config import default_config
 
 
 def get_config(method: str = "fedmoe"):

@@ -12,7 +12,7 @@ Prepare the data once with `python -m fedmoe_jax.data.tfds_sources prepare --dat
 Values the paper does not give are our assumptions (README "Deviations from the paper").
 """
 
-from fedmoe_jax.config import default_config, parse_setting_arg
+from fedmoe_jax.experiment.config import default_config, parse_setting_arg
 
 
 def get_config(arg: str = "standard_hetero_t"):

@@ -4,7 +4,7 @@ minute on a 2-core CPU: tests, checks and smoke runs. Same fields as `configs/ba
     python -m fedmoe_jax.main --config=configs/tiny.py --workdir=/tmp/tiny [--config.method=fedprox]
 """
 
-from fedmoe_jax.config import default_config
+from fedmoe_jax.experiment.config import default_config
 
 
 def get_config(method: str = "fedmoe"):

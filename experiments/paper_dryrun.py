@@ -141,8 +141,8 @@ def dry_run(config, cfg, dims, cap: int) -> dict:
     )
     from fedmoe_jax.experiment import loss_config
     from fedmoe_jax.federated.loop import make_round_step
+    from fedmoe_jax.federated.optimizers import make_optimizer
     from fedmoe_jax.federated.submodel import narrow_config
-    from fedmoe_jax.optimizers import make_optimizer
 
     s = config.stage1
     out: dict = {"chunk_size": {}, "cohort": {}, "peak_gb": {}, "fits": {}, "tried_gb": {}, "compile_s": {}}

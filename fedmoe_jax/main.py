@@ -56,7 +56,7 @@ def _unknown_key(e: BaseException, argv: list[str]) -> tuple[str, str | None]:
 
 def _config_problem(e: BaseException, argv: list[str] = ()) -> str:
     """One line for a config file that failed to load or an override that failed to apply."""
-    from fedmoe_jax.config import ConfigError
+    from fedmoe_jax.errors import ConfigError
 
     while e.__cause__ is not None and not isinstance(e, ConfigError):
         e = e.__cause__
@@ -69,7 +69,7 @@ def _config_problem(e: BaseException, argv: list[str] = ()) -> str:
             return f"unknown config key {key!r}: --{key} is an option of this command, not a config key"
         meant = f" (did you mean {suggestion!r}?)" if suggestion else ""
         return (f"unknown config key {key!r}{meant}: check the --config.KEY=VALUE overrides against "
-                "fedmoe_jax/config.py")
+                "fedmoe_jax/experiment/config.py")
     if isinstance(e, OSError):
         reason = next((ln.strip() for ln in text.splitlines() if "Errno" in ln), text.splitlines()[0])
         return f"the --config file could not be loaded ({reason}); pass e.g. --config=configs/tiny.py"
@@ -110,7 +110,7 @@ def main(argv: list[str]) -> None:
         import jax
 
         jax.config.update("jax_compilation_cache_dir", FLAGS.jax_cache)
-    from fedmoe_jax.config import ConfigError
+    from fedmoe_jax.errors import ConfigError
     from fedmoe_jax.federated.loop import MemoryCapExceeded
     from fedmoe_jax.federated.preemption import RunInterrupted
     from fedmoe_jax.federated.trainer import NonFiniteUpdate
@@ -144,7 +144,7 @@ def main(argv: list[str]) -> None:
 
 def seed_workdirs(seeds: list[str], template: str) -> tuple[list[int], list[str]]:
     """`--seeds=0,1,2 --workdir=runs/x/seed={seed}` -> the seeds and one workdir per seed."""
-    from fedmoe_jax.config import ConfigError
+    from fedmoe_jax.errors import ConfigError
 
     try:
         values = [int(s) for s in seeds]

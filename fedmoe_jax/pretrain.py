@@ -98,10 +98,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedmoe_jax.federated.checkpoint import RunCheckpointer, abstract_like
+from fedmoe_jax.federated.optimizers import OPTIMIZERS, make_optimizer
 from fedmoe_jax.federated.preemption import RunInterrupted, StopSignals, requested_stop
+from fedmoe_jax.federated.run_checkpoint import RunCheckpointer, abstract_like
 from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer, shift_right, switch_loss
-from fedmoe_jax.optimizers import OPTIMIZERS, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -951,10 +951,8 @@ def pretrained_params(
 
 
 def _config_error(message: str) -> Exception:
-    try:
-        from fedmoe_jax.config import ConfigError
-    except ImportError:  # pragma: no cover - the experiment schema is optional here
-        ConfigError = ValueError  # noqa: N806
+    from fedmoe_jax.errors import ConfigError
+
     return ConfigError(message)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedmoe_jax.federated.checkpoint import (
+from fedmoe_jax.federated.run_checkpoint import (
     CheckpointError,
     RunCheckpointer,
     abstract_like,
@@ -21,7 +21,7 @@ from fedmoe_jax.federated.checkpoint import (
 )
 from fedmoe_jax.federated.sharding import client_sharding, make_mesh, replicated
 
-LOGGER = "fedmoe_jax.federated.checkpoint"
+LOGGER = "fedmoe_jax.federated.run_checkpoint"
 
 
 @flax.struct.dataclass

@@ -8,7 +8,8 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from fedmoe_jax.federated import bucket_width, expert_slots, gather_submodel
-from fedmoe_jax.federated.client import LocalHooks, LossConfig, make_local_train
+from fedmoe_jax.federated.algorithm import LocalHooks
+from fedmoe_jax.federated.client import LossConfig, make_local_train
 from fedmoe_jax.models import SwitchTransformer, get_config, shift_right, switch_loss
 
 K, B, S, T = 3, 2, 6, 4

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmoe_jax.config import (
+from fedmoe_jax.experiment import prepare_workdir
+from fedmoe_jax.experiment.config import (
     METHODS,
     SETTINGS,
     ConfigError,
@@ -18,7 +19,6 @@ from fedmoe_jax.config import (
     parse_setting_arg,
     validate,
 )
-from fedmoe_jax.experiment import prepare_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,16 +5,16 @@ import collections
 import numpy as np
 import pytest
 
-from fedmoe_jax.config import ConfigError, default_config
-from fedmoe_jax.experiment import (
+from fedmoe_jax.experiment.build import (
     client_budgets,
-    finished_summary,
     load_task_data,
     max_expert_totals,
     params_fingerprint,
     runtime_overrides,
     subsample,
 )
+from fedmoe_jax.experiment.run import finished_summary
+from fedmoe_jax.experiment.config import ConfigError, default_config
 
 
 def test_subsample_is_a_seed_independent_random_sample():

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmoe_jax.data import Tokenizer, train_sentencepiece
-from fedmoe_jax.data.federated import PAD_CLIENT, FederatedData, length_buckets, pick_bucket
+from fedmoe_jax.data.client_arrays import PAD_CLIENT, FederatedData, length_buckets, pick_bucket
 from fedmoe_jax.data.partition import Partition, assign_tasks, make_partition
 from fedmoe_jax.data.tasks import SPLITS, TASKS, LazySequence, SequenceView, TaskData
 

@@ -136,7 +136,7 @@ def _report(round_num, cohort, scores, probs, losses=None):
 
 
 def test_improves_by_hand():
-    from fedmoe_jax.algorithms.base import improves
+    from fedmoe_jax.federated.algorithm import improves
 
     score = np.array([0.0, 0.0, 0.0, 5.0, 0.0, 0.0])
     loss = np.array([2.0, 3.0, 2.5, 9.0, np.nan, 1.0])

@@ -145,7 +145,7 @@ def test_unsatisfiable_partition_exits_2(tmp_path):
 
 
 def test_seed_workdirs():
-    from fedmoe_jax.config import ConfigError
+    from fedmoe_jax.errors import ConfigError
     from fedmoe_jax.main import seed_workdirs
 
     assert seed_workdirs(["0", "2"], "runs/x/s{seed}") == ([0, 2], ["runs/x/s0", "runs/x/s2"])

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from fedmoe_jax.algorithms import Algorithm
-from fedmoe_jax.federated.client import LocalHooks
+from fedmoe_jax.federated.algorithm import LocalHooks
 from fedmoe_jax.federated.loop import exclude_nonfinite
 from fedmoe_jax.federated.trainer import FederatedTrainer, NonFiniteUpdate, RunSettings
 

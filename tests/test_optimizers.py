@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedmoe_jax.optimizers import OPTIMIZERS, make_optimizer
+from fedmoe_jax.federated.optimizers import OPTIMIZERS, make_optimizer
 
 
 def one_update(tx, params, grads):

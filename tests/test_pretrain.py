@@ -16,10 +16,10 @@ import pytest
 from fedmoe_jax import pretrain as pt
 from fedmoe_jax.checkpoints.hf_switch import WEIGHTS_FILE
 from fedmoe_jax.data import embedded_tokenizer
-from fedmoe_jax.federated.checkpoint import CheckpointError
+from fedmoe_jax.federated.optimizers import make_optimizer
 from fedmoe_jax.federated.preemption import RunInterrupted
+from fedmoe_jax.federated.run_checkpoint import CheckpointError
 from fedmoe_jax.models import SwitchTransformer, get_config
-from fedmoe_jax.optimizers import make_optimizer
 
 EOS = 1
 S = 99  # sentinel_start in the hand-made cases
@@ -450,8 +450,8 @@ def test_build_false_refuses_to_pretrain_a_missing_model(tmp_path, tiny, tok, mo
     assert not [f for f in os.listdir(tmp_path) if not f.endswith(".lock")]  # nothing built or left
 
     # the CLI path: a one-line ConfigError naming the key that turns building back on
-    from fedmoe_jax.config import ConfigError, default_config
     from fedmoe_jax.experiment import initial_params
+    from fedmoe_jax.experiment.config import ConfigError, default_config
 
     config = default_config()
     config.model.path, config.model.build_pretrained = str(tmp_path), False

@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.data_sources import base as data_source_base
 
 from fedmoe_jax.data import assign_tasks, embedded_tokenizer, make_partition, tfds_sources
-from fedmoe_jax.data.federated import FederatedData
+from fedmoe_jax.data.client_arrays import FederatedData
 from fedmoe_jax.data.tasks import SPLITS, LazySequence, rc_prompt, tc_prompt, ts_prompt
 from fedmoe_jax.data.tfds_sources import TextClusters, cluster_texts, load_tfds_task
 

@@ -128,7 +128,7 @@ def test_resume_is_bit_identical_and_wrong_resume_is_refused(small_run, tmp_path
     # A damaged latest checkpoint: the run falls back to round 3 with a warning naming step 4,
     # trains round 4 again and ends bit-identical, the damaged step replaced.
     tamper_data(os.path.join(workdir, "checkpoints"), 4)
-    with caplog.at_level(logging.WARNING, logger="fedmoe_jax.federated.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="fedmoe_jax.federated.run_checkpoint"):
         again = make_trainer_in(small_run, workdir, num_rounds=4)
     assert again.server.round == 3
     assert any("skipping corrupt checkpoint step 4" in r.getMessage() for r in caplog.records)

@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedmoe_jax.algorithms.base import Algorithm, CohortReport, record_report
-from fedmoe_jax.federated.client import LocalHooks
+from fedmoe_jax.federated.algorithm import Algorithm, CohortReport, LocalHooks, record_report
 from fedmoe_jax.federated.state import ClientStates
 from fedmoe_jax.federated.submodel import bucket_width, expert_slots
 from fedmoe_jax.models.switch import SwitchConfig

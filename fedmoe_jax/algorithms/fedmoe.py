@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedmoe_jax.algorithms.base import Algorithm, CohortReport, improves, record_report
+from fedmoe_jax.federated.algorithm import Algorithm, CohortReport, improves, record_report
 from fedmoe_jax.federated.state import ClientStates
 
 TOLERANCE = 1e-9  # float sums of probabilities may end at 0.99999...

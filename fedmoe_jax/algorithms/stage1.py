@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from fedmoe_jax.algorithms.fedmoe import search_submodel, static_prediction
 from fedmoe_jax.algorithms.memory import MemoryModel
-from fedmoe_jax.data.federated import FederatedData
+from fedmoe_jax.data.client_arrays import FederatedData
 from fedmoe_jax.federated.aggregate import finalize_mean, weighted_sums
 from fedmoe_jax.federated.client import LossConfig, model_batch
 from fedmoe_jax.federated.evaluate import client_eval_fn

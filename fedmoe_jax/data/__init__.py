@@ -1,8 +1,8 @@
 """Federated text data: tasks and metrics, the embedded WordNet benchmark, TFDS loaders,
 heterogeneous partitions, per-client token arrays, and the SentencePiece tokenizer."""
 
+from fedmoe_jax.data.client_arrays import FederatedData
 from fedmoe_jax.data.embedded import embedded_tokenizer, load_embedded, load_embedded_benchmark
-from fedmoe_jax.data.federated import FederatedData
 from fedmoe_jax.data.partition import Partition, assign_tasks, make_partition
 from fedmoe_jax.data.tasks import (
     PRIMARY_METRIC,

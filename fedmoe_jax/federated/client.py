@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from fedmoe_jax.federated.algorithm import LocalHooks
 from fedmoe_jax.federated.submodel import moe_layer_paths
 from fedmoe_jax.models.moe import RoutingStats
 from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer, shift_right, switch_loss
@@ -42,22 +43,6 @@ class LossConfig:
     label_smoothing: float = 0.1
     lb_loss_weight: float = 0.001
     z_loss_weight: float = 0.001
-
-
-@dataclasses.dataclass(frozen=True)
-class LocalHooks:
-    """Algorithm-specific pieces of local training (all optional).
-
-    loss_term(params, anchor, extra) -> scalar added to the loss (FedProx: mu/2 ||w - w_global||^2).
-    grad_correction(grads, extra) -> grads, applied before the optimizer.
-    update_correction(updates, extra) -> updates, applied to the optimizer's output (the step added
-      to the params; SCAFFOLD: u - lr (c - c_i), which under SGD is the gradient g - c_i + c).
-    `anchor` is the sub-MoE as received; `extra` is the client's algorithm state (any pytree).
-    """
-
-    loss_term: Callable[[PyTree, PyTree, PyTree], Array] | None = None
-    grad_correction: Callable[[PyTree, PyTree], PyTree] | None = None
-    update_correction: Callable[[PyTree, PyTree], PyTree] | None = None
 
 
 def expert_update_mask(params: Mapping[str, Any], config: SwitchConfig, valid: Array) -> dict:

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from fedmoe_jax.federated.algorithm import LocalHooks
 from fedmoe_jax.federated.client import (
-    LocalHooks,
     LossConfig,
     expert_update_mask,
     make_local_train,

@@ -20,11 +20,10 @@ import jax
 import numpy as np
 import optax
 
-from fedmoe_jax.algorithms.base import Algorithm, CohortReport
-from fedmoe_jax.data.federated import FederatedData
+from fedmoe_jax.data.client_arrays import FederatedData
 from fedmoe_jax.data.tasks import PRIMARY_METRIC, TASKS
 from fedmoe_jax.data.tokenizer import Tokenizer
-from fedmoe_jax.federated.checkpoint import RunCheckpointer, abstract_like
+from fedmoe_jax.federated.algorithm import Algorithm, CohortReport
 from fedmoe_jax.federated.client import LossConfig, make_local_train, model_batch
 from fedmoe_jax.federated.evaluate import make_cohort_eval, score_predictions
 from fedmoe_jax.federated.loop import (
@@ -35,6 +34,7 @@ from fedmoe_jax.federated.loop import (
 )
 from fedmoe_jax.federated.metrics import MetricsWriter, read_metrics, weighted_means
 from fedmoe_jax.federated.preemption import RunInterrupted, StopSignals
+from fedmoe_jax.federated.run_checkpoint import RunCheckpointer, abstract_like
 from fedmoe_jax.federated.sampling import sample_cohort
 from fedmoe_jax.federated.sharding import (
     pad_clients,

@@ -12,15 +12,33 @@ Shape letters: N clients, C cohort, L MoE layers, E experts.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 
-from fedmoe_jax.federated.client import LocalHooks
 from fedmoe_jax.federated.state import ClientStates
 from fedmoe_jax.models.switch import SwitchConfig
 
 PyTree = Any
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalHooks:
+    """Algorithm-specific pieces of local training (all optional).
+
+    loss_term(params, anchor, extra) -> scalar added to the loss (FedProx: mu/2 ||w - w_global||^2).
+    grad_correction(grads, extra) -> grads, applied before the optimizer.
+    update_correction(updates, extra) -> updates, applied to the optimizer's output (the step added
+      to the params; SCAFFOLD: u - lr (c - c_i), which under SGD is the gradient g - c_i + c).
+    `anchor` is the sub-MoE as received; `extra` is the client's algorithm state (any pytree).
+    """
+
+    loss_term: Callable[[PyTree, PyTree, PyTree], Array] | None = None
+    grad_correction: Callable[[PyTree, PyTree], PyTree] | None = None
+    update_correction: Callable[[PyTree, PyTree], PyTree] | None = None
 
 
 @dataclasses.dataclass

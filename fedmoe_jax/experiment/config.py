@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from fedmoe_jax.errors import ConfigError
+
 METHODS = ("fedmoe", "random_moe", "fedprox", "scaffold", "fedavg", "local", "fedmoe_no_stage1",
            "fedmoe_no_stage2")
 # setting name -> (sampling, partition): the paper's federated settings
@@ -35,7 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
     # 8.7 / 0.0 / 0.80; 24 at 1e-3: 14.7 / 4.7 / 0.82 (13 minutes per run on one core).
     c.local_steps = 24  # optimizer steps per round (capped by the client's data: one epoch at most)
     c.learning_rate = 1e-3  # constant [ASSUMPTION: paper gives none]
-    c.optimizer = "adamw"  # local optimizer: "adamw" or "adafactor" (T5's; fedmoe_jax/optimizers.py)
+    c.optimizer = "adamw"  # local optimizer: "adamw" or "adafactor" (T5's; federated/optimizers.py)
     c.weight_decay = 0.01  # decoupled (Adafactor: weight_decay_rate; 0 = none)
     c.eval_every = 1  # validate the cohort every this many rounds (drives recommendation)
     c.eval_batch_size = 32
@@ -136,10 +138,6 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-class ConfigError(ValueError):
-    """Invalid experiment input; the message is one line naming the problem and the fix."""
-
-
 # Keys that may change when a run is resumed (everything else defines the run).
 RESUMABLE_KEYS = ("num_rounds", "checkpoint_every", "on_nonfinite", "memory_cap_gb", "eval", "mesh",
                   "model.remat", "model.build_pretrained")
@@ -184,20 +182,20 @@ def _type_ok(value, default) -> bool:
 
 def validate(config) -> None:
     """Check a config against the schema before any compute; raise `ConfigError` (one line)."""
+    from fedmoe_jax.federated.optimizers import OPTIMIZERS
     from fedmoe_jax.models.switch import NAMED_CONFIGS
-    from fedmoe_jax.optimizers import OPTIMIZERS
 
     if config.get("method") == "pretrain":
         return  # validated by fedmoe_jax.pretrain
     schema, given = flatten(default_config()), flatten(config)
     unknown = sorted(set(given) - set(schema))
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; see fedmoe_jax/config.py for the "
-                          "fields (misspelled?)")
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; see fedmoe_jax/experiment/config.py "
+                          "for the fields (misspelled?)")
     missing = sorted(set(schema) - set(given))
     if missing:
         raise ConfigError(f"config lacks key(s) {', '.join(missing)}; start config files from "
-                          "fedmoe_jax.config.default_config()")
+                          "fedmoe_jax.experiment.config.default_config()")
     for key, default in schema.items():
         if not _type_ok(given[key], default):
             raise ConfigError(f"config.{key}={given[key]!r} has type {type(given[key]).__name__}; "
