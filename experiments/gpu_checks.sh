@@ -8,7 +8,7 @@
 #   anywhere:     OUT=runs/gpu bash experiments/gpu_checks.sh
 #
 # Uses the machine's own python3 and its JAX (the device image has jax/flax/optax/torch/transformers;
-# fedmoe_jax.benchmark needs nothing else), so no install step. Each check has its own time limit, so
+# fedmoe_jax.tools.benchmarks needs nothing else), so no install step. Each check has its own time limit, so
 # one hang leaves the others' results. Writes to $OUT (default runs/gpu): log.txt, device.txt and
 #   small64.{json,md}  cpu-small dims, cohort 64: vectorized vs sequential_jax (target >= 5x)
 #   gpu.{json,md}      switch-base-32 dims in bf16 (the `gpu` preset): vectorized MFU (target >= 35 %)

@@ -7,7 +7,7 @@ r"""Run a grid of experiments with the CLI and collect their results into one ta
 
 The same command again skips finished runs and resumes the others. Exit status: 0 all finished,
 1 some run failed (see ROOT/sweep.json and each run's log.txt), 2 invalid spec or flags (one line,
-nothing launched), 130 interrupted (Ctrl-C stops the running children). See fedmoe_jax/sweep.py.
+nothing launched), 130 interrupted (Ctrl-C stops the running children). See fedmoe_jax/tools/sweeps/.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 
 from absl import app, flags
 
-from fedmoe_jax import sweep
+from fedmoe_jax.tools import sweeps as sweep
 
 flags.DEFINE_string("spec", None, "JSON spec file: {config, args, grid, set, exclude, root, runner}.")
 flags.DEFINE_string("config", None, "Config file (instead of --spec): configs/cpu.py or configs/cpu.py:ARG.")

@@ -1,14 +1,18 @@
-"""Atomic file writes: a reader (or a resumed run) never sees a half-written file.
+"""Atomic file writes: a reader (or a resumed run) never sees a half-written file; JSON helpers.
 
 Written here because the standard library has no atomic write: the data goes to a temporary file
-in the same directory, which `os.replace` then renames over the target (atomic on POSIX).
+in the same directory, which `os.replace` then renames over the target (atomic on POSIX). The JSON
+helpers (NumPy values as JSON, strict JSON, reading nested keys) are shared by the engine and the
+offline tools.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -30,17 +34,50 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
-def _json_default(x: Any) -> Any:
+def json_default(x: Any, strict: bool = False) -> Any:
+    """`json.dumps`'s `default`: NumPy scalars and arrays as numbers and lists; anything else as its
+    `str()`, or a TypeError with `strict` (`functools.partial(json_default, strict=True)`)."""
     if isinstance(x, np.generic):
         return x.item()
     if isinstance(x, np.ndarray):
         return x.tolist()
+    if strict:
+        raise TypeError(f"cannot write {type(x).__name__} as JSON")
     return str(x)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """JSON (indent 1, NumPy scalars and arrays as numbers and lists), written atomically."""
-    atomic_write(path, json.dumps(obj, indent=1, default=_json_default) + "\n")
+def finite_json(x: Any) -> Any:
+    """`x` with mappings as dicts (keys as strings), tuples as lists, NumPy scalars as numbers and
+    non-finite floats as None: what strict JSON (`allow_nan=False`) can hold."""
+    if isinstance(x, Mapping):
+        return {str(k): finite_json(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [finite_json(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json(path: str | os.PathLike, obj: Any, finite: bool = False) -> None:
+    """JSON (indent 1, NumPy scalars and arrays as numbers and lists), written atomically.
+    `finite`: strict JSON instead, non-finite numbers as null (`finite_json`)."""
+    if finite:
+        text = json.dumps(finite_json(obj), indent=1, allow_nan=False)
+    else:
+        text = json.dumps(obj, indent=1, default=json_default)
+    atomic_write(path, text + "\n")
+
+
+def json_get(doc: Any, *keys: str) -> Any:
+    """`doc[k1][k2]...` of a parsed JSON document (a run's summary, say), None where a key is missing
+    or a level is not a mapping."""
+    for k in keys:
+        if not isinstance(doc, Mapping):
+            return None
+        doc = doc.get(k)
+    return doc
 
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:

@@ -4,8 +4,9 @@ import json
 import os
 
 import numpy as np
+import pytest
 
-from fedmoe_jax.files import atomic_write, save_npz, write_json
+from fedmoe_jax.files import atomic_write, json_default, json_get, save_npz, write_json
 
 
 def test_atomic_write_text_and_bytes_replace_whole_files(tmp_path):
@@ -23,6 +24,18 @@ def test_write_json_converts_numpy(tmp_path):
     write_json(path, {"a": np.float32(0.5), "b": np.arange(3), "c": np.int64(7), "d": "x"})
     assert json.loads(path.read_text()) == {"a": 0.5, "b": [0, 1, 2], "c": 7, "d": "x"}
     assert path.read_text().endswith("}\n")
+
+
+def test_finite_json_and_json_get(tmp_path):
+    path = tmp_path / "r.json"
+    write_json(path, {1: (np.float64("nan"), np.int64(2)), "x": float("inf")}, finite=True)
+    assert path.read_text() == '{\n "1": [\n  null,\n  2\n ],\n "x": null\n}\n'
+    assert json_default(np.arange(2)) == [0, 1] and json_default(path) == str(path)
+    with pytest.raises(TypeError, match="PosixPath"):
+        json_default(path, strict=True)
+    doc = {"a": {"b": 1, "c": None}}
+    assert json_get(doc, "a", "b") == 1 and json_get(doc, "a", "c", "d") is None
+    assert json_get(doc, "z", "b") is None and json_get(None, "a") is None and json_get(doc) == doc
 
 
 def test_save_npz_round_trip(tmp_path):

@@ -1,4 +1,4 @@
-"""The `pytorch_hf` contender of `fedmoe_jax.benchmark`: the paper's own stack, client after client.
+"""The `pytorch_hf` contender of the round benchmark: the paper's own stack, client after client.
 
 Hugging Face `SwitchTransformersForConditionalGeneration` (transformers + torch, eager, CPU or CUDA)
 with S experts per MoE layer. Per client: its kept experts (and their router rows) and the dense
@@ -9,7 +9,7 @@ as in the JAX contenders), and the trained tensors are
 added to the round's sums: dense tensors weighted by examples, each expert and router row into its
 global expert's sum (modular aggregation). Needs the test extras (torch, transformers).
 
-Shape letters as in `fedmoe_jax.benchmark`.
+Shape letters as in `fedmoe_jax.tools.benchmarks.workload`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from fedmoe_jax.benchmark import Workload
 from fedmoe_jax.checkpoints.hf_switch import config_to_hf, to_hf_state
 from fedmoe_jax.federated.submodel import gather_submodel
+from fedmoe_jax.tools.benchmarks.workload import Workload
 
 _EXPERT = re.compile(
     r"^(?P<stack>encoder|decoder)\.block\.(?P<block>\d+)\..*\.experts\.expert_(?P<slot>\d+)\.")
@@ -109,5 +109,3 @@ def torch_round(w: Workload, device: str = "cpu") -> Callable[[], dict[str, np.n
 
     return round_fn
 
-
-__all__ = ["hf_capacity", "torch_round"]

@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from fedmoe_jax import benchmark as bm
 from fedmoe_jax.models.switch import SwitchConfig
+from fedmoe_jax.tools import benchmarks as bm
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_forward_flops_by_hand():
@@ -49,8 +49,8 @@ def test_torch_round_aggregates_into_the_global_experts():
     every dense tensor, every held expert (slot -> global index) and its router row."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from fedmoe_jax.benchmark_torch import torch_round
     from fedmoe_jax.checkpoints.hf_switch import to_hf_state
+    from fedmoe_jax.tools.benchmarks.torch_reference import torch_round
 
     preset = bm.PRESETS["tiny"].replace(learning_rate=0.0)
     w = bm.make_workload(preset)
@@ -83,7 +83,7 @@ def test_torch_round_computes_in_the_model_dtype(dtype):
     (torch.autocast) while the aggregated weights stay float32."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from fedmoe_jax.benchmark_torch import torch_round
+    from fedmoe_jax.tools.benchmarks.torch_reference import torch_round
 
     preset = bm.PRESETS["tiny"].replace(local_steps=1)
     preset = preset.replace(model=preset.model.replace(dtype=dtype))
@@ -162,12 +162,8 @@ def test_op_categories_and_breakdown_by_hand():
 def test_markdown_shows_device_memory_only_on_accelerators():
     """Accelerators report their allocator's peak (`device_peak_mb`, from `memory_stats`); CPU runs
     keep the table without that column; a --scaling-only run (no contender timed) has no table."""
-    import importlib.util
+    from fedmoe_jax.tools.benchmarks import cli
 
-    path = os.path.join(REPO, "experiments", "benchmark.py")
-    spec = importlib.util.spec_from_file_location("bench_cli", path)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     row = {"client_steps_per_s": 2.0, "round_s": 0.5, "first_round_s": 9.0, "peak_rss_mb": 700.0}
     result = {"preset": "gpu", "device": "1 x H200", "machine": "x86_64, 16 cores",
               "contenders": {"vectorized": {**row, "mfu": 0.4, "device_peak_mb": 2048.0}, "pytorch_hf": row}}

@@ -1,11 +1,11 @@
-"""`fedmoe_jax.predictions`: loading, alignment across runs, diagnostics by hand, the CLI's exit 2."""
+"""`fedmoe_jax.tools.predictions`: loading, alignment across runs, diagnostics by hand, the CLI's exit 2."""
 
 import json
 import os
 
 import pytest
 
-from fedmoe_jax import predictions
+from fedmoe_jax.tools import predictions
 
 
 def write(run_dir, method, records, seed=0):

@@ -1,36 +1,18 @@
-"""Round metrics: weighted means by hand, jsonl append and resume truncation, TensorBoard events."""
+"""The paper's analysis metrics by hand: average improvement (the paper's own numbers), time-to-target,
+coefficient of variation and CVI."""
 
 import math
-import os
 
-from fedmoe_jax.federated.metrics import MetricsWriter, read_metrics, weighted_means
-
-
-def test_weighted_means_by_hand():
-    # (1 * 2 + 3 * 6) / 4 = 5 example-weighted; (2 + 6) / 2 = 4 client-weighted; NaN ignored
-    got = weighted_means([2.0, 6.0, math.nan], [1, 3, 10])
-    assert got == {"example_weighted": 5.0, "client_weighted": 4.0}
-    assert math.isnan(weighted_means([math.nan], [1])["client_weighted"])
-
-
-def test_writer_appends_and_resume_drops_later_rounds(tmp_path):
-    with MetricsWriter(str(tmp_path)) as w:
-        for r in (1, 2, 3):
-            w.write({"round": r, "train_loss": 1.0 / r, "cohort": [0, r]})
-    assert [row["round"] for row in read_metrics(str(tmp_path))] == [1, 2, 3]
-    # resuming from the checkpoint of round 2 drops row 3, then the run writes it again
-    with MetricsWriter(str(tmp_path), resume_round=2) as w:
-        assert [row["round"] for row in read_metrics(str(tmp_path))] == [1, 2]
-        w.write({"round": 3, "train_loss": 0.5})
-    rows = read_metrics(str(tmp_path))
-    assert [row["round"] for row in rows] == [1, 2, 3] and rows[-1]["train_loss"] == 0.5
-    events = os.listdir(tmp_path / "tensorboard")
-    assert any(name.startswith("events.out.tfevents") for name in events)
+from fedmoe_jax.tools.reports.analysis import (
+    average_improvement,
+    coefficient_of_variation,
+    composite_variation_index,
+    rounds_to_target,
+    time_to_target_speedup,
+)
 
 
 def test_average_improvement_reproduces_the_papers_numbers():
-    from fedmoe_jax.federated.metrics import average_improvement
-
     # the paper's rule, Table 1(a) Standard-Hetero-T: 7.63 % over randomMoE (FedProx would give 15.07)
     fedmoe = {"tc": 94.76, "rc": 86.64, "ts": 16.92}
     baselines = {"randomMoE": {"tc": 91.63, "rc": 84.23, "ts": 14.51},
@@ -50,13 +32,6 @@ def test_average_improvement_reproduces_the_papers_numbers():
 
 
 def test_time_to_target_and_variation_by_hand():
-    from fedmoe_jax.federated.metrics import (
-        coefficient_of_variation,
-        composite_variation_index,
-        rounds_to_target,
-        time_to_target_speedup,
-    )
-
     assert rounds_to_target([10, float("nan"), 50, 90, 95], 90) == 4
     assert rounds_to_target([10, 20], 90) is None
     # best score 100 -> target 90: method reaches it at round 2, baseline at round 5 -> 2.5x

@@ -13,10 +13,10 @@ import time
 import pytest
 from conftest import xla_flags
 
-from fedmoe_jax import sweep
-from fedmoe_jax.sweep import SpecError
+from fedmoe_jax.tools import sweeps as sweep
+from fedmoe_jax.tools.sweeps import SpecError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SWEEP_CLI = os.path.join(REPO, "experiments", "sweep.py")
 
 CONFIG = '''
@@ -578,7 +578,7 @@ def test_vectorize_seeds_needs_a_seed_axis(fake):
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "configs", "sweeps"))))
 def test_shipped_specs_expand_to_valid_configs(name, monkeypatch):
     """Every spec in configs/sweeps/ loads, expands and gives configs the experiment validator accepts."""
-    from fedmoe_jax.config import validate
+    from fedmoe_jax.experiment import validate
 
     monkeypatch.chdir(REPO)  # specs name their config relative to the repository
     spec = sweep.load_spec(os.path.join("configs", "sweeps", name))

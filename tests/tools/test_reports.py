@@ -10,9 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from fedmoe_jax import reports
+from fedmoe_jax.tools import reports
+from fedmoe_jax.tools.reports.names import _method_rank
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PNG = b"\x89PNG\r\n\x1a\n"
 
 # (setting, method, seed) -> (tc, rc, ts) test scores as fractions (written to the files x 100, percent)
@@ -661,7 +662,7 @@ def test_names_of_rows_with_a_variant():
     assert reports.split_method("random_moe") == ("random_moe", "")
     assert reports.method_name("fedmoe_no_stage1[seed_offset=3]") == "FedMoE w/o stage1 [seed_offset=3]"
     order = ["fedmoe[stage2.patience=2]", "random_moe", "fedmoe", "fedmoe[stage2.patience=1]"]
-    assert sorted(order, key=reports._method_rank) == ["random_moe", "fedmoe", "fedmoe[stage2.patience=1]",
+    assert sorted(order, key=_method_rank) == ["random_moe", "fedmoe", "fedmoe[stage2.patience=1]",
                                                        "fedmoe[stage2.patience=2]"]
 
 

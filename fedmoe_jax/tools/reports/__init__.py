@@ -1,0 +1,96 @@
+"""Paper-style reports from run directories: Table 1 / Table 2 analogues and figures (the paper's metrics).
+
+A run directory is what `python -m fedmoe_jax.main ... --workdir=DIR` writes: `summary.json` (run-level
+numbers), `metrics.jsonl` (one row per round) and `experts.npz` (client expert maps and activation
+probabilities). `build_report(root, out)` finds every `summary.json` under `root` (any depth), groups the
+runs by (setting, method) over seeds and writes to `out`. Runs of one setting and method whose configs
+differ in more than the seed (a sweep's hyperparameter axis) are separate rows, named by the keys that
+differ: `fedmoe[stage2.patience=1]` (`assign_variants`); the paper comparisons use the plain rows.
+
+- `report.md`: Table 1 and Table 2 analogues, average improvement, CVI, time-to-target, the paper's
+  directions, whether clients' experts follow their tasks (`task_separation`), figures, notes;
+- `table1.json`: `{setting: {method: {"TC", "RC", "TS", "comm_gb", "mem_gb", "seeds", ...extras}}}`;
+- `table2.json`: `{setting: {method: {"TC", "RC", "TS", "experts_start_mean", ..., "seeds"}}}`;
+- `report.json`: average improvement, CVI, time-to-target speedups, the paper's Table-1 directions (with
+  seed-paired differences and 95 % intervals) and the notes;
+- `figures/*.png`: expert activation heatmaps per task, convergence curves, expert counts over rounds.
+
+Definitions where the paper is silent, all written into the report:
+
+- Scores are percent, the mean over seeds of each run's per-task test score; `±` is the sample standard
+  deviation over seeds (ddof 1; none with one seed).
+- Memory: `mem_gb` is `peak_memory_gb.mean`, each client's peak training memory (its largest trained
+  sub-MoE plus the method's extra state, `MemoryModel`) averaged over clients (the paper's FedMoE
+  peaks of 13.4-14.0 GB match its *average* sub-MoE of 65-78 experts, not its largest); `mem_gb_max`
+  (the largest client's peak) sits next to it.
+- Average improvement: the paper's rule via `analysis.average_improvement` (mean over tasks of |f - b| / b,
+  the baseline with the smallest value); the signed value is shown next to it.
+- CVI: `analysis.composite_variation_index` over the settings' seed-mean scores (population c_v per
+  task across the settings the method ran in, mean over tasks).
+- Time-to-target: on the seed-mean validation curve (`val_score_<task>` of `metrics.jsonl`, rounds as
+  numbered there), the "relative target performance" of FedMoE against a baseline is the best score
+  *both* curves reach, min(max FedMoE, max baseline); the speedup to a fraction f of it is
+  rounds(baseline) / rounds(FedMoE) to first reach f x target (`analysis.time_to_target_speedup`).
+
+Modules: `names` (tasks, settings, methods and their row order), `cells` (numbers in and out of table
+cells), `loading` (run directories), `analysis` (the paper's metrics), `tables` (Table 1 / Table 2
+analogues, average improvement, CVI, time-to-target), `separation` (Stage 1), `replay` (Stage 2),
+`paper` (the paper's numbers and the comparison with them), `compare` (an earlier report), `outputs`
+(kept predictions), `figures`, `markdown`, `build` (`build_report`) and `cli` (`main`).
+"""
+
+from fedmoe_jax.tools.reports.analysis import (
+    average_improvement,
+    coefficient_of_variation,
+    composite_variation_index,
+    rounds_to_target,
+    time_to_target_speedup,
+)
+from fedmoe_jax.tools.reports.build import build_report
+from fedmoe_jax.tools.reports.cells import mean_std
+from fedmoe_jax.tools.reports.cli import main
+from fedmoe_jax.tools.reports.compare import compare_tables, load_table1, render_comparison
+from fedmoe_jax.tools.reports.figures import task_activation
+from fedmoe_jax.tools.reports.loading import (
+    RUN_FILES,
+    NoRunsError,
+    Notes,
+    Run,
+    assign_variants,
+    export_runs,
+    find_summaries,
+    group_runs,
+    load_runs,
+)
+from fedmoe_jax.tools.reports.markdown import at_a_glance
+from fedmoe_jax.tools.reports.names import (
+    method_name,
+    setting_name,
+    split_method,
+    variant_method,
+)
+from fedmoe_jax.tools.reports.paper import (
+    PAPER_TABLE1,
+    paired_difference,
+    paper_claims,
+    paper_comparison,
+    paper_table2_comparison,
+    render_paper_claims,
+    render_paper_comparison,
+    render_paper_table2,
+)
+from fedmoe_jax.tools.reports.replay import render_stage2_trials, replay_stale_trials, stage2_trials
+from fedmoe_jax.tools.reports.separation import render_task_separation, stage1_measured, task_separation
+from fedmoe_jax.tools.reports.tables import curve, cvi, improvement, table1, table2, time_to_target
+
+__all__ = [
+    "PAPER_TABLE1", "RUN_FILES", "NoRunsError", "Notes", "Run", "assign_variants",
+    "at_a_glance", "average_improvement", "build_report", "coefficient_of_variation", "compare_tables",
+    "composite_variation_index", "curve", "cvi", "export_runs", "find_summaries", "group_runs", "improvement",
+    "load_runs", "load_table1", "main", "mean_std", "method_name", "paired_difference", "paper_claims",
+    "paper_comparison", "paper_table2_comparison", "render_comparison", "render_paper_claims",
+    "render_paper_comparison", "render_paper_table2", "render_stage2_trials", "render_task_separation",
+    "replay_stale_trials", "rounds_to_target", "setting_name", "split_method", "stage1_measured",
+    "stage2_trials", "table1", "table2", "task_activation", "task_separation", "time_to_target",
+    "time_to_target_speedup", "variant_method",
+]

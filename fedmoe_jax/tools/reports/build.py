@@ -1,0 +1,83 @@
+"""`build_report`: every run under a root -> `report.md`, `table1.json`, `table2.json`, `report.json`
+and `figures/*.png` (the package doc says what each holds)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from fedmoe_jax.files import write_json
+from fedmoe_jax.tools.reports.compare import compare_tables, load_table1
+from fedmoe_jax.tools.reports.figures import figures
+from fedmoe_jax.tools.reports.loading import (
+    NoRunsError,
+    Notes,
+    check_initial_models,
+    find_summaries,
+    group_runs,
+    load_runs,
+)
+from fedmoe_jax.tools.reports.markdown import render_markdown
+from fedmoe_jax.tools.reports.names import DEFAULT_BASELINES, METHOD, MISSING, _method_rank
+from fedmoe_jax.tools.reports.outputs import output_diagnostics
+from fedmoe_jax.tools.reports.paper import paper_claims, paper_comparison, paper_table2_comparison
+from fedmoe_jax.tools.reports.replay import stage2_trials
+from fedmoe_jax.tools.reports.separation import task_separation
+from fedmoe_jax.tools.reports.tables import cvi, improvement, table1, table2, time_to_target
+
+
+def build_report(root: str, out: str | None = None, baselines: Sequence[str] = DEFAULT_BASELINES,
+                 compare: str | None = None) -> dict[str, Any]:
+    """Reads every run under `root`, writes the report to `out` (default `root/report`), returns its data.
+    `compare`: an earlier report directory (or its table1.json) to show how each cell moved from it."""
+    earlier = load_table1(compare) if compare else None
+    if not os.path.isdir(root) or not find_summaries(root):
+        raise NoRunsError(root)
+    out = out or os.path.join(root, "report")
+    notes = Notes()
+    runs = load_runs(root, notes)
+    if not runs:
+        raise NoRunsError(root)
+    groups = group_runs(runs)
+    initial_models = check_initial_models(runs, notes)
+    baselines = [b for b in baselines if b != METHOD]
+    seen = {r.method for r in runs}
+    for b in baselines:
+        if b not in seen:
+            notes.add(f"baseline {b}: no runs at all")
+    methods_seen = sorted(seen, key=_method_rank)
+    for setting, methods in groups.items():
+        for m in methods_seen:
+            if m not in methods:
+                notes.add(f"{setting}: no runs of {m} (shown as {MISSING})")
+    t1 = table1(groups, notes)
+    gains = improvement(t1, baselines, notes)
+    cvis = cvi(t1, notes)
+    ttt = time_to_target(groups, baselines, notes)
+    t2 = table2(groups, notes)
+    separation = task_separation(groups, notes)
+    trials = stage2_trials(groups, notes)
+    against_paper = paper_comparison(t1, baselines)
+    against_table2 = paper_table2_comparison(t2)
+    claims = paper_claims(t1, gains, cvis, ttt)
+    outputs = output_diagnostics(groups)
+    moved = compare_tables(t1, earlier, baselines) if earlier is not None else None
+    os.makedirs(out, exist_ok=True)
+    figs = figures(groups, ttt, out, notes)
+    write_json(os.path.join(out, "table1.json"), t1, finite=True)
+    write_json(os.path.join(out, "table2.json"), t2, finite=True)
+    result = {"root": os.path.abspath(root), "runs": [r.rel for r in runs], "average_improvement": gains,
+              "cvi": cvis, "time_to_target": ttt, "paper_comparison": against_paper,
+              "task_separation": separation, "paper_table2_comparison": against_table2,
+              "stage2_trials": trials, "paper_claims": claims,
+              "initial_models": initial_models, "outputs": outputs, "figures": [rel for _, rel in figs],
+              "notes": list(notes)}
+    if moved is not None:
+        result["compared_with"] = {"path": compare, **moved}
+    write_json(os.path.join(out, "report.json"), result, finite=True)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(render_markdown(root, runs, t1, t2, gains, cvis, ttt, figs, baselines, notes,
+                                against_paper, outputs, (compare, moved) if moved is not None else None,
+                                separation, against_table2, trials, claims))
+    return {**result, "out": out, "table1": t1, "table2": t2}

@@ -1,0 +1,28 @@
+"""Round metrics: weighted means by hand, jsonl append and resume truncation, TensorBoard events."""
+
+import math
+import os
+
+from fedmoe_jax.federated.metrics import MetricsWriter, read_metrics, weighted_means
+
+
+def test_weighted_means_by_hand():
+    # (1 * 2 + 3 * 6) / 4 = 5 example-weighted; (2 + 6) / 2 = 4 client-weighted; NaN ignored
+    got = weighted_means([2.0, 6.0, math.nan], [1, 3, 10])
+    assert got == {"example_weighted": 5.0, "client_weighted": 4.0}
+    assert math.isnan(weighted_means([math.nan], [1])["client_weighted"])
+
+
+def test_writer_appends_and_resume_drops_later_rounds(tmp_path):
+    with MetricsWriter(str(tmp_path)) as w:
+        for r in (1, 2, 3):
+            w.write({"round": r, "train_loss": 1.0 / r, "cohort": [0, r]})
+    assert [row["round"] for row in read_metrics(str(tmp_path))] == [1, 2, 3]
+    # resuming from the checkpoint of round 2 drops row 3, then the run writes it again
+    with MetricsWriter(str(tmp_path), resume_round=2) as w:
+        assert [row["round"] for row in read_metrics(str(tmp_path))] == [1, 2]
+        w.write({"round": 3, "train_loss": 0.5})
+    rows = read_metrics(str(tmp_path))
+    assert [row["round"] for row in rows] == [1, 2, 3] and rows[-1]["train_loss"] == 0.5
+    events = os.listdir(tmp_path / "tensorboard")
+    assert any(name.startswith("events.out.tfevents") for name in events)
