@@ -1,13 +1,13 @@
 """Pretraining of the CPU-scale Switch model on the embedded corpus (T5 span corruption), cached.
 
-    python -m fedmoe_jax.main --config=configs/pretrain.py --workdir=runs/pretrain
-    python -m fedmoe_jax.main --config=configs/pretrain.py --workdir=runs/pretrain_e4 \
+    python -m fedmoe_jax.pretrain --config=configs/pretrain.py --workdir=runs/pretrain
+    python -m fedmoe_jax.pretrain --config=configs/pretrain.py --workdir=runs/pretrain_e4 \
         --config.model.num_experts=4          # the full-model baselines' MoE (switch-base-8 analogue)
 
 Writes `workdir/pretrain.json` and `workdir/pretrain_loss.png`; the model itself lives in the
 cache (`cache_dir/<name>-<key>/`, a Hugging Face checkpoint) where the experiments find it. The
 defaults are `fedmoe_jax.pretrain.DEFAULTS`, so this trains exactly the entry that
-`pretrained_params(config, DEFAULT_STEPS)` looks up.
+`pretrained_params(config, DEFAULT_STEPS)` looks up. Not an experiment config: it has no method.
 """
 
 import ml_collections
@@ -17,9 +17,7 @@ from fedmoe_jax.pretrain import DEFAULT_CACHE_DIR, DEFAULT_STEPS, DEFAULTS
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.method = "pretrain"
     c.seed = 0
-    c.num_rounds = 0  # unused: every experiment config has it
     c.progress = True
 
     c.model = ml_collections.ConfigDict()

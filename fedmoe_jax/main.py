@@ -1,4 +1,4 @@
-"""The command line: run one experiment (or the pretraining) from an ml_collections config.
+"""The command line: run one experiment from an ml_collections config.
 
     python -m fedmoe_jax.main --config=configs/cpu.py:standard_hetero_t --workdir=runs/fedmoe \
         --config.method=fedmoe --config.seed=1
@@ -7,17 +7,19 @@ The same command again resumes an unfinished run (raising `num_rounds` extends a
 a changed seed, model, data or method is refused. Bad input (config, data, checkpoints) exits
 with status 2 and one line on stderr; earlier results in the workdir are left as they were.
 SIGTERM / SIGINT finish the current round, save a checkpoint and exit with 143 / 130 (128 + signal).
+Pretraining has its own command: `python -m fedmoe_jax.pretrain --config=configs/pretrain.py ...`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from fedmoe_jax.cli_common import config_problem, fail, flags_parser
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -29,65 +31,9 @@ flags.DEFINE_bool("progress", True, "Show tqdm progress bars.")
 flags.DEFINE_string("jax_cache", os.environ.get("FEDMOE_JAX_CACHE", ""),
                     "Persistent JAX compilation cache directory ('' = off).")
 
-USAGE_EXIT = 2
 NONFINITE_EXIT = 3  # a client update held NaN/inf and on_nonfinite='stop'
-
-
-def fail(message: str) -> None:
-    """One line on stderr, exit status 2."""
-    message = re.sub(r"^[\w.]*ConfigError: ", "", message.strip())
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(USAGE_EXIT)
-
-
-def _unknown_key(e: BaseException, argv: list[str]) -> tuple[str, str | None]:
-    """The dotted key of the --config.KEY=V override that named a missing key (`e`: its KeyError),
-    and ml_collections' suggestion for it (dotted the same way) when it made one."""
-    while isinstance(e, AttributeError | KeyError) and e.args and isinstance(e.args[0], BaseException):
-        e = e.args[0]  # ml_collections wraps the KeyError in an AttributeError
-    text = str(e.args[0] if e.args else e)
-    quoted = re.search(r"'([^']+)'", text)
-    name = quoted.group(1) if quoted else text.strip()
-    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    key = next((k for k in overrides if k.rsplit(".", 1)[-1] == name), name)
-    hint = re.search(r'Did you mean "([^"]+)"', text)
-    return key, (key[:len(key) - len(name)] + hint.group(1)) if hint else None
-
-
-def _config_problem(e: BaseException, argv: list[str] = ()) -> str:
-    """One line for a config file that failed to load or an override that failed to apply."""
-    from fedmoe_jax.errors import ConfigError
-
-    while e.__cause__ is not None and not isinstance(e, ConfigError):
-        e = e.__cause__
-    text = str(e).strip()
-    if isinstance(e, ConfigError):
-        return text
-    if isinstance(e, AttributeError | KeyError):
-        key, suggestion = _unknown_key(e, list(argv))
-        if key in FLAGS and key != "config":
-            return f"unknown config key {key!r}: --{key} is an option of this command, not a config key"
-        meant = f" (did you mean {suggestion!r}?)" if suggestion else ""
-        return (f"unknown config key {key!r}{meant}: check the --config.KEY=VALUE overrides against "
-                "fedmoe_jax/experiment/config.py")
-    if isinstance(e, OSError):
-        reason = next((ln.strip() for ln in text.splitlines() if "Errno" in ln), text.splitlines()[0])
-        return f"the --config file could not be loaded ({reason}); pass e.g. --config=configs/tiny.py"
-    return f"the --config could not be loaded: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with a one-line exit-2 error instead of a usage dump."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        cause = e.__cause__ or e.__context__
-        if isinstance(cause, AttributeError | KeyError | OSError | ValueError) and "flag --" not in str(e):
-            fail(_config_problem(cause, argv))
-        fail(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
-    except Exception as e:  # noqa: BLE001 - a config file that fails to load is bad input
-        fail(_config_problem(e, argv))
-    return argv
+SCHEMA, EXAMPLE = "fedmoe_jax/experiment/config.py", "configs/tiny.py"
+parse_flags = flags_parser(SCHEMA, EXAMPLE)
 
 
 def main(argv: list[str]) -> None:
@@ -98,7 +44,7 @@ def main(argv: list[str]) -> None:
         if config is not None:
             config.get("method")  # a config file that failed to load raises here
     except Exception as e:  # noqa: BLE001
-        fail(_config_problem(e, sys.argv))
+        fail(config_problem(e, sys.argv, schema=SCHEMA, example=EXAMPLE))
     if config is None:
         fail("--config is required, e.g. --config=configs/tiny.py")
     if not FLAGS.workdir:
@@ -116,13 +62,6 @@ def main(argv: list[str]) -> None:
     from fedmoe_jax.federated.trainer import NonFiniteUpdate
 
     try:
-        if config.get("method") == "pretrain":
-            from fedmoe_jax.pretrain import run_pretrain
-
-            if "progress" in config:
-                config.progress = config.progress and FLAGS.progress
-            run_pretrain(config, FLAGS.workdir)  # prints its own summary line
-            return
         from fedmoe_jax.experiment import run_experiment, run_experiments
 
         if FLAGS.seeds:

@@ -1,0 +1,81 @@
+"""What the command lines (`fedmoe_jax.main`, `fedmoe_jax.pretrain`) share: bad input (a flag, a config
+file, a --config.KEY=VALUE override) becomes one line on stderr and exit status 2, never a usage dump."""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import flags
+
+USAGE_EXIT = 2
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit status 2."""
+    message = re.sub(r"^[\w.]*ConfigError: ", "", message.strip())
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(USAGE_EXIT)
+
+
+def _unknown_key(e: BaseException, argv: list[str]) -> tuple[str, str | None]:
+    """The dotted key of the --config.KEY=V override that named a missing key (`e`: its KeyError),
+    and ml_collections' suggestion for it (dotted the same way) when it made one."""
+    while isinstance(e, AttributeError | KeyError) and e.args and isinstance(e.args[0], BaseException):
+        e = e.args[0]  # ml_collections wraps the KeyError in an AttributeError
+    text = str(e.args[0] if e.args else e)
+    quoted = re.search(r"'([^']+)'", text)
+    name = quoted.group(1) if quoted else text.strip()
+    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    key = next((k for k in overrides if k.rsplit(".", 1)[-1] == name), name)
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    return key, (key[:len(key) - len(name)] + hint.group(1)) if hint else None
+
+
+def config_problem(e: BaseException, argv: Sequence[str] = (), *, schema: str, example: str) -> str:
+    """One line for a config file that failed to load or an override that failed to apply.
+
+    `schema`: where the config's fields are listed (named for an unknown key); `example`: a config
+    file to suggest when the --config file could not be loaded."""
+    from fedmoe_jax.errors import ConfigError
+
+    while e.__cause__ is not None and not isinstance(e, ConfigError):
+        e = e.__cause__
+    text = str(e).strip()
+    if isinstance(e, ConfigError):
+        return text
+    if isinstance(e, AttributeError | KeyError):
+        key, suggestion = _unknown_key(e, list(argv))
+        if key in flags.FLAGS and key != "config":
+            return f"unknown config key {key!r}: --{key} is an option of this command, not a config key"
+        meant = f" (did you mean {suggestion!r}?)" if suggestion else ""
+        return f"unknown config key {key!r}{meant}: check the --config.KEY=VALUE overrides against {schema}"
+    if isinstance(e, OSError):
+        reason = next((ln.strip() for ln in text.splitlines() if "Errno" in ln), text.splitlines()[0])
+        return f"the --config file could not be loaded ({reason}); pass e.g. --config={example}"
+    return f"the --config could not be loaded: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def flags_parser(schema: str, example: str) -> Callable[[list[str]], list[str]]:
+    """An absl `flags_parser` (for `app.run`) that answers bad flags and configs with `fail`."""
+    problem = functools.partial(config_problem, schema=schema, example=example)
+
+    def parse_flags(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            cause = e.__cause__ or e.__context__
+            config_failed = isinstance(cause, AttributeError | KeyError | OSError | ValueError)
+            if config_failed and "flag --" not in str(e):
+                fail(problem(cause, argv))
+            fail(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+        except Exception as e:  # noqa: BLE001 - a config file that fails to load is bad input
+            fail(problem(e, argv))
+        return argv
+
+    return parse_flags
+
+
+__all__ = ["USAGE_EXIT", "config_problem", "fail", "flags_parser"]

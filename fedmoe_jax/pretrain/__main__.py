@@ -1,0 +1,66 @@
+"""The pretraining command line:
+
+    python -m fedmoe_jax.pretrain --config=configs/pretrain.py --workdir=runs/pretrain \
+        [--config.model.num_experts=4] [--config.steps=3000] [--progress=false]
+
+Prints one summary line; the workdir gets `pretrain.json` and `pretrain_loss.png`, the model lives in
+the cache (`config.cache_dir`). Bad input exits with status 2 and one line on stderr; SIGTERM / SIGINT
+checkpoint the pretraining and exit with 143 / 130, and the same command resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from fedmoe_jax.cli_common import config_problem, fail, flags_parser
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Pretraining config file, e.g. configs/pretrain.py (ml_collections).")
+flags.DEFINE_string("workdir", None, "Report directory: pretrain.json, pretrain_loss.png.")
+flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+
+SCHEMA, EXAMPLE = "configs/pretrain.py", "configs/pretrain.py"
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value")
+    try:
+        config = _CONFIG.value
+        if config is not None:
+            config.get("steps")  # a config file that failed to load raises here
+    except Exception as e:  # noqa: BLE001
+        fail(config_problem(e, sys.argv, schema=SCHEMA, example=EXAMPLE))
+    if config is None:
+        fail(f"--config is required, e.g. --config={EXAMPLE}")
+    if not FLAGS.workdir:
+        fail("--workdir is required (where pretrain.json and the loss plot go)")
+    logging.getLogger("fedmoe_jax").setLevel(logging.INFO)
+    for noisy in ("absl", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from fedmoe_jax.errors import ConfigError
+    from fedmoe_jax.federated.preemption import RunInterrupted
+    from fedmoe_jax.pretrain.cli import run_pretrain
+
+    if "progress" in config:
+        config.progress = config.progress and FLAGS.progress
+    try:
+        run_pretrain(config, FLAGS.workdir)  # prints its own summary line
+    except ConfigError as e:
+        fail(str(e))
+    except RunInterrupted as e:  # SIGTERM / SIGINT: checkpointed at the next step
+        print(f"interrupted: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_status)
+
+
+def run(argv: list[str] | None = None) -> None:
+    app.run(main, argv=argv, flags_parser=flags_parser(SCHEMA, EXAMPLE))
+
+
+if __name__ == "__main__":
+    run()
