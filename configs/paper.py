@@ -8,8 +8,9 @@ ARG is a setting, optionally with a method (see configs/cpu.py). Paths are flags
         --config.model.path=/ckpt/switch-base-32 --config.model.baseline_path=/ckpt/switch-base-8 \
         --config.data.dir=/data/tfds
 
-Prepare the data once with `python -m fedmoe_jax.data.tfds_sources prepare --data_dir=/data/tfds`.
-Values the paper does not give are our assumptions (README "Deviations from the paper").
+Prepare the data once per dataset with
+`python -m fedmoe_jax.data.tfds_sources prepare --dataset NAME --data-dir /data/tfds`.
+Values the paper does not give are our assumptions (docs/reproducing.md, "Deviations from the paper").
 """
 
 from fedmoe_jax.experiment.config import default_config, parse_setting_arg

@@ -1,10 +1,11 @@
 """Demo of the model stack: train a small Switch Transformer on a sequence-reversal task.
 
-Runs on a 2-core CPU in under two minutes: trains with AdamW under `jit`, shows progress with tqdm,
+Runs on a 2-core CPU in under two minutes: trains with AdamW under `jit` through the engine's one
+training step (`fedmoe_jax.federated.client.make_train_step`), shows progress with tqdm,
 decodes held-out inputs greedily with the KV cache, and writes to `--workdir`:
 `metrics.json` (loss curve, exact-match accuracy, per-layer expert usage), `loss.png` and
 `expert_usage.png` (the activation probabilities p[L, E] that FedMoE's Stage 1 is built on).
-The federated pipeline replaces this as the main job once it exists (see README).
+The main job is the federated pipeline (`make demo`); this is the model stack alone (`make model-demo`).
 
     python experiments/model_demo.py --config=configs/model_demo.py --config.steps=2000 \
         --workdir=runs/model_demo
@@ -18,14 +19,17 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from fedmoe_jax.models import SwitchTransformer, get_config, shift_right, switch_loss
+from fedmoe_jax.federated.client import make_train_step
+from fedmoe_jax.models import SwitchTransformer, get_config, shift_right
 from fedmoe_jax.models.decoding import greedy_decode
+from fedmoe_jax.models.objective import LossConfig, SwitchMoE
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -99,15 +103,16 @@ def main(argv) -> None:
     print(f"devices: {jax.devices()}  model: {config.num_moe_layers} MoE layers x "
           f"{config.num_experts} experts, {sum(x.size for x in jax.tree.leaves(params)):,} params")
 
+    # the engine's one training step (every expert trainable, no dropout: rng None)
+    objective = SwitchMoE(config, LossConfig(label_smoothing=0.0, lb_loss_weight=cfg.lb_loss_weight))
+    every_expert = jnp.ones((config.num_moe_layers, config.num_experts), bool)
+    step_fn = make_train_step(objective, tx)
+
     @jax.jit
     def train_step(params, opt_state, src, src_mask, tgt, tgt_mask):
-        def loss_fn(p):
-            out = model.apply({"params": p}, src, shift_right(tgt), src_mask, tgt_mask)
-            return switch_loss(out, tgt, tgt_mask, label_smoothing=0.0, lb_loss_weight=cfg.lb_loss_weight)
-
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics
+        batch = {"inputs": src, "input_mask": src_mask, "targets": tgt, "target_mask": tgt_mask}
+        params, opt_state, metrics, _ = step_fn(params, opt_state, batch, None, every_expert)
+        return params, opt_state, metrics
 
     losses = []
     start = time.time()

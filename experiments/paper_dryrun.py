@@ -103,8 +103,8 @@ def settings():
 
 def stage1_cohort(config, cfg, dims) -> int:
     """Clients whose budgets admit Stage 1 (`stage1_eligible`), or `--stage1_clients`."""
+    from fedmoe_jax.algorithms.fedmoe.stage1 import stage1_eligible
     from fedmoe_jax.algorithms.memory import MemoryModel
-    from fedmoe_jax.algorithms.stage1 import stage1_eligible
     from fedmoe_jax.experiment import client_budgets
 
     if FLAGS.stage1_clients:
@@ -133,7 +133,7 @@ def dry_run(config, cfg, dims, cap: int) -> dict:
     import numpy as np
 
     from fedmoe_jax.algorithms import FedMoE
-    from fedmoe_jax.algorithms.stage1 import (
+    from fedmoe_jax.algorithms.fedmoe.stage1 import (
         abstract_stage1_args,
         make_lora_measure,
         make_lora_round,

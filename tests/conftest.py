@@ -3,7 +3,7 @@
 import os
 
 # XLA's newer CPU fusion emitters (the 0.10 default) take about twice as long to compile this suite's
-# programs as the classic elemental emitters (a tiny FedMoE round: 15 s -> 8 s; README, Tests), and the
+# programs as the classic elemental emitters (a tiny FedMoE round: 15 s -> 8 s; docs/testing.md), and the
 # suite is compile-bound. Appended to XLA_FLAGS here and in every subprocess the tests start.
 COMPILE_FAST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 

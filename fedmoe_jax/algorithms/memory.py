@@ -107,3 +107,10 @@ def draw_budgets(num_clients: int, low: float, high: float, seed: int, step: flo
         raise ValueError(f"budget range must satisfy 0 < low <= high, got {low}, {high}")
     levels = np.arange(low, high + step / 2, step)
     return np.random.default_rng([seed, 7]).choice(levels, num_clients)
+
+
+def max_expert_totals(memory, budgets: np.ndarray) -> np.ndarray:
+    """The most experts (all layers together) each client's whole budget M holds `[N]`: Stage 2's
+    growth cap (Stage 1 searches under alpha * M, leaving (1 - alpha) * M to grow into)."""
+    free = np.asarray(budgets, np.float64) - memory.dense_bytes
+    return np.maximum(np.floor(free / float(np.max(memory.expert_bytes))), 0).astype(np.int64)

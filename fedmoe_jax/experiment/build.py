@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fedmoe_jax.algorithms.registry import get_method
 from fedmoe_jax.experiment.config import (
-    FULL_MODEL_METHODS,
     SETTINGS,
     ConfigError,
     default_config,
@@ -233,16 +233,9 @@ def client_budgets(config: ml_collections.ConfigDict, memory) -> np.ndarray:
     return budgets * scale
 
 
-def max_expert_totals(memory, budgets: np.ndarray) -> np.ndarray:
-    """The most experts (all layers together) each client's whole budget M holds `[N]`: Stage 2's
-    growth cap (Stage 1 searches under alpha * M, leaving (1 - alpha) * M to grow into)."""
-    free = np.asarray(budgets, np.float64) - memory.dense_bytes
-    return np.maximum(np.floor(free / float(np.max(memory.expert_bytes))), 0).astype(np.int64)
-
-
 def fedmoe_start(config, cfg, params, data, memory, budgets, workdir, progress):
     """Stage 1 (LoRA rounds, p on validation, Eq. 3 search), cached in `workdir/stage1.npz`."""
-    from fedmoe_jax.algorithms.stage1 import initial_maps, run_stage1, stage1_eligible
+    from fedmoe_jax.algorithms.fedmoe.stage1 import initial_maps, run_stage1, stage1_eligible
 
     path = None if workdir is None else os.path.join(workdir, "stage1.npz")
     if path is not None and os.path.exists(path):
@@ -272,34 +265,19 @@ def fedmoe_start(config, cfg, params, data, memory, budgets, workdir, progress):
 
 
 def build_algorithm(config, cfg, params, data, memory, budgets, workdir, progress):
-    """The method's `Algorithm` (and the Stage 1 result for FedMoE variants, else None)."""
-    from fedmoe_jax.algorithms import SCAFFOLD, Algorithm, FedMoE, FedProx, LocalOnly, RandomMoE
+    """The method's `Algorithm` from the registry (and the Stage 1 result if it ran, else None)."""
+    from fedmoe_jax.algorithms.registry import MethodContext
+    from fedmoe_jax.algorithms.registry import build_algorithm as build_method
 
-    method = config.method
-    if method == "random_moe":
-        return RandomMoE(config.random_moe.experts_per_layer), None
-    if method == "fedprox":
-        return FedProx(config.fedprox.mu), None
-    if method == "scaffold":
-        return SCAFFOLD(config.learning_rate, config.local_steps), None
-    if method == "fedavg":
-        return Algorithm(), None
-    if method == "local":
-        return LocalOnly(), None
-    stage2 = dict(patience=config.stage2.patience, num_references=config.stage2.num_references,
-                  loss_tie_break=config.stage2.loss_tie_break,
-                  min_experts_per_layer=config.stage1.min_experts_per_layer,
-                  max_experts=max_expert_totals(memory, budgets))
-    if method == "fedmoe_no_stage1":  # a random start of randomMoE's size; Stage 2 grows / prunes it
-        maps = RandomMoE(config.random_moe.experts_per_layer).initial_expert_maps(cfg, data.num_clients,
-                                                                                   config.seed)
-        algo = FedMoE(maps, **stage2)
-        algo.name = method
-        return algo, None
-    stage1 = fedmoe_start(config, cfg, params, data, memory, budgets, workdir, progress)
-    algo = FedMoE(stage1["maps"], adjust=method == "fedmoe", initial_probs=stage1["probs"], **stage2)
-    algo.name = method
-    return algo, stage1
+    stage1: dict = {}
+
+    def run_stage1() -> dict:
+        if "result" not in stage1:
+            stage1["result"] = fedmoe_start(config, cfg, params, data, memory, budgets, workdir, progress)
+        return stage1["result"]
+
+    ctx = MethodContext(config, cfg, params, data, memory, budgets, run_stage1)
+    return build_method(config.method, ctx), stage1.get("result")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +339,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None, progress: bool
     try:
         tokenizer = load_tokenizer(config)
         data = build_federated_data(config, tokenizer, workdir)
-        full = config.method in FULL_MODEL_METHODS
+        full = get_method(config.method).full_model
         cfg = model_config(config, tokenizer, full)
         cfg, params = initial_params(config, cfg, full, progress)
         memory = MemoryModel(cfg, config.batch_size, data.input_len, data.target_len)

@@ -3,7 +3,7 @@
 Config files under `configs/` start from `default_config()` and change values; `validate` checks
 the result before any compute (unknown keys, wrong types, inconsistent values: `ConfigError`, which
 the CLI turns into exit status 2 and one line). Fields marked [ASSUMPTION] are ours where the paper
-is silent (README "Deviations from the paper").
+is silent (docs/reproducing.md, "Deviations from the paper").
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import ml_collections
 
 from fedmoe_jax.errors import ConfigError
 
-METHODS = ("fedmoe", "random_moe", "fedprox", "scaffold", "fedavg", "local", "fedmoe_no_stage1",
-           "fedmoe_no_stage2")
 # setting name -> (sampling, partition): the paper's federated settings
 SETTINGS = {
     "standard_hetero_t": ("uniform", "T"),
@@ -25,7 +23,7 @@ SETTINGS = {
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.method = "fedmoe"  # one of METHODS
+    c.method = "fedmoe"  # a registered method (fedmoe_jax.algorithms.registry)
     c.setting = "standard_hetero_t"  # one of SETTINGS: sets the sampling and the data partition
     c.seed = 0
     c.num_rounds = 30
@@ -141,8 +139,6 @@ def default_config() -> ml_collections.ConfigDict:
 # Keys that may change when a run is resumed (everything else defines the run).
 RESUMABLE_KEYS = ("num_rounds", "checkpoint_every", "on_nonfinite", "memory_cap_gb", "eval", "mesh",
                   "model.remat", "model.build_pretrained")
-FULL_MODEL_METHODS = ("fedprox", "scaffold", "fedavg", "local")
-FEDMOE_METHODS = ("fedmoe", "fedmoe_no_stage1", "fedmoe_no_stage2")
 
 
 def is_resumable(key: str) -> bool:
@@ -185,8 +181,10 @@ def validate(config) -> None:
     from fedmoe_jax.federated.optimizers import OPTIMIZERS
     from fedmoe_jax.models.switch import NAMED_CONFIGS
 
-    if config.get("method") == "pretrain":
-        return  # validated by fedmoe_jax.pretrain
+    if "method" not in config:
+        raise ConfigError("the config has no method, so it is not an experiment config; a pretraining config "
+                          "(configs/pretrain.py) runs with python -m fedmoe_jax.pretrain --config=FILE "
+                          "--workdir=DIR")
     schema, given = flatten(default_config()), flatten(config)
     unknown = sorted(set(given) - set(schema))
     if unknown:
@@ -200,12 +198,16 @@ def validate(config) -> None:
         if not _type_ok(given[key], default):
             raise ConfigError(f"config.{key}={given[key]!r} has type {type(given[key]).__name__}; "
                               f"expected {type(default).__name__} like the default {default!r}")
+    from fedmoe_jax.algorithms.registry import get_method, method_names
+
     c = config
     n = c.data.num_clients
+    methods = method_names()
+    method = get_method(c.method) if c.method in methods else None
     model = NAMED_CONFIGS.get(c.model.name)
     experts = model.num_experts if model is not None else None
     rules = [
-        ("method", c.method in METHODS, f"use one of {', '.join(METHODS)}"),
+        ("method", method is not None, f"use one of {', '.join(methods)}"),
         ("setting", c.setting in SETTINGS, f"use one of {', '.join(SETTINGS)}"),
         ("seed", c.seed >= 0, "use a non-negative integer"),
         ("num_rounds", c.num_rounds >= 0, "use >= 0"),
@@ -237,7 +239,7 @@ def validate(config) -> None:
         ("model.init", c.model.init in ("pretrained", "hf", "random"), "use 'pretrained', 'hf' or 'random'"),
         ("model.path", c.model.init != "hf" or bool(c.model.path),
          "model.init='hf' needs a local Hugging Face checkpoint dir"),
-        ("model.baseline_path", c.model.init != "hf" or c.method not in FULL_MODEL_METHODS
+        ("model.baseline_path", c.model.init != "hf" or method is None or not method.full_model
          or bool(c.model.baseline_path), "full-model baselines with model.init='hf' need their checkpoint"),
         ("model.pretrain_steps", c.model.pretrain_steps >= 0, "use >= 0 (0: the default)"),
         ("model.expert_capacity", c.model.expert_capacity >= 0, "use >= 0 (0: the named config's)"),
@@ -260,9 +262,7 @@ def validate(config) -> None:
         ("stage1.learning_rate", c.stage1.learning_rate > 0, "use > 0"),
         ("stage1.local_steps", c.stage1.local_steps >= 1, "use >= 1"),
         ("stage2.patience", c.stage2.patience >= 1, "use >= 1"),
-        ("stage2.num_references", 1 <= c.stage2.num_references
-         and (c.method not in FEDMOE_METHODS or c.stage2.num_references <= n - 1),
-         f"use 1..data.num_clients-1 ({n - 1})"),
+        ("stage2.num_references", 1 <= c.stage2.num_references, "use >= 1"),
         ("fedprox.mu", c.fedprox.mu >= 0, "use >= 0"),
         ("eval.test_examples", c.eval.test_examples >= 0, "use >= 0 (0: all)"),
         ("eval.batch_size", c.eval.batch_size >= 1, "use >= 1"),
@@ -280,6 +280,8 @@ def validate(config) -> None:
             ("stage1.min_experts_per_layer", 1 <= c.stage1.min_experts_per_layer <= experts,
              f"use 1..{experts} (the experts of {c.model.name})"),
         ]
+    if method is not None and method.checks is not None:
+        rules += method.checks(c)
     for key, ok, fix in rules:
         if not ok:
             value = flatten(c)[key]
@@ -289,7 +291,9 @@ def validate(config) -> None:
 def parse_setting_arg(arg: str) -> tuple[str, str | None]:
     """`"setting"` or `"setting,method"` (the `:ARG` of configs/cpu.py and configs/paper.py)."""
     parts = [p.strip() for p in (arg or "standard_hetero_t").split(",")]
-    if len(parts) > 2 or parts[0] not in SETTINGS or (len(parts) == 2 and parts[1] not in METHODS):
+    from fedmoe_jax.algorithms.registry import method_names
+
+    if len(parts) > 2 or parts[0] not in SETTINGS or (len(parts) == 2 and parts[1] not in method_names()):
         raise ConfigError(f"config argument {arg!r} must be SETTING or SETTING,METHOD with SETTING in "
-                          f"{', '.join(SETTINGS)} and METHOD in {', '.join(METHODS)}")
+                          f"{', '.join(SETTINGS)} and METHOD in {', '.join(method_names())}")
     return parts[0], parts[1] if len(parts) == 2 else None

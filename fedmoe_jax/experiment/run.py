@@ -29,9 +29,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from fedmoe_jax.data.tasks import TASKS
 from fedmoe_jax.errors import ConfigError
 from fedmoe_jax.experiment.build import Experiment, build, check
-from fedmoe_jax.experiment.config import FEDMOE_METHODS
 from fedmoe_jax.federated.preemption import StopSignals
 from fedmoe_jax.files import EXPERTS_FILE, PREDICTIONS_FILE, SUMMARY_FILE, atomic_write, save_npz, write_json
 
@@ -81,10 +81,7 @@ def write_results(exp: Experiment, evaluation: dict[str, Any], seconds: float) -
     for key in ("global_test", "unseen_test"):
         if key in evaluation:
             summary[key] = _scores(evaluation[key])
-    if config.method in FEDMOE_METHODS:
-        events = [ev for row in t.history for ev in row.get("events", [])]
-        summary["recommendation"] = {k: sum(ev["event"] == k for ev in events)
-                                     for k in ("adjust", "accept", "rollback")}
+    summary.update(t.algorithm.summary_fields(t.history))
     if exp.stage1 is not None:
         counts = exp.stage1["maps"].sum((1, 2))
         summary["stage1"] = {"experts_mean": float(counts.mean()),
@@ -92,7 +89,7 @@ def write_results(exp: Experiment, evaluation: dict[str, Any], seconds: float) -
                              "lora_loss": exp.stage1["lora_loss"].tolist(),
                              "seconds": float(exp.stage1["seconds"])}
     if exp.workdir is not None:
-        arrays = {"client_tasks": np.asarray([("tc", "rc", "ts").index(t.data.partition.task_of(k))
+        arrays = {"client_tasks": np.asarray([TASKS.index(t.data.partition.task_of(k))
                                               for k in range(t.data.num_clients)], np.int32),
                   "initial_maps": t.initial_maps, "final_maps": t.states.expert_maps,
                   "probs": t.states.probs, "budgets_bytes": exp.budgets}

@@ -1,6 +1,8 @@
-"""The federated engine: sub-MoE slots, modular aggregation (more in later modules)."""
+"""The federated engine, generic over MoE models (`FederatedModel`): sub-MoE slots, local training,
+modular aggregation, rounds, sharding, the trainer."""
 
 from fedmoe_jax.federated.aggregate import masked_weighted_mean, scatter_weighted_mean
+from fedmoe_jax.federated.model import FederatedModel, MoELayout, as_federated_model
 from fedmoe_jax.federated.submodel import (
     aggregate_cohort,
     bucket_width,
@@ -11,6 +13,9 @@ from fedmoe_jax.federated.submodel import (
 )
 
 __all__ = [
+    "FederatedModel",
+    "MoELayout",
+    "as_federated_model",
     "aggregate_cohort",
     "bucket_width",
     "expert_slots",

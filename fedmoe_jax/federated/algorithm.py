@@ -101,6 +101,15 @@ class Algorithm:
         """New client states after a round (default: record scores and probabilities)."""
         return record_report(states, report)
 
+    def round_log(self) -> dict[str, Any]:
+        """Fields the round just finished adds to its `metrics.jsonl` row (FedMoE: its `events`); called
+        once per round after `update_clients`, so an algorithm may hand over and forget what it logged."""
+        return {}
+
+    def summary_fields(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """Fields the algorithm adds to `summary.json`, from the run's metrics rows `history`."""
+        return {}
+
 
 def improves(score: np.ndarray, loss: np.ndarray, best_score: np.ndarray, best_loss: np.ndarray,
              loss_tie_break: bool = False) -> np.ndarray:

@@ -1,9 +1,10 @@
 """Local training of one client's sub-MoE, written for `vmap` over a cohort.
 
-`make_local_train` returns a pure function that runs `lax.scan` over the client's local steps with a
-fresh optax optimizer state. Updates are masked so that absent or padded expert slots, padded steps
-and padded examples change nothing (weight decay and momentum included). Algorithm hooks add a
-loss term (FedProx) or correct gradients (SCAFFOLD) without forking the loop.
+`make_train_step` is the one optimizer step of every training loop (rounds, Stage 1's LoRA rounds,
+pretraining). `make_local_train` returns a pure function that runs it in a `lax.scan` over the
+client's local steps with a fresh optax optimizer state. Updates are masked so that absent or padded
+expert slots, padded steps and padded examples change nothing (weight decay and momentum included).
+Algorithm hooks add a loss term (FedProx) or correct gradients (SCAFFOLD) without forking the loop.
 
 Shape letters: B batch, S input tokens, T target tokens, L MoE layers, E slots per MoE layer
 (the narrow model's experts), K local steps.
@@ -11,7 +12,6 @@ Shape letters: B batch, S input tokens, T target tokens, L MoE layers, E slots p
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,9 +21,11 @@ import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from fedmoe_jax.federated.algorithm import LocalHooks
+from fedmoe_jax.federated.model import FederatedModel, MoELayout, as_federated_model
 from fedmoe_jax.federated.submodel import moe_layer_paths
 from fedmoe_jax.models.moe import RoutingStats
-from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer, shift_right, switch_loss
+from fedmoe_jax.models.objective import LossConfig
+from fedmoe_jax.models.switch import SwitchConfig
 
 Array = jax.Array
 PyTree = Any
@@ -36,22 +38,13 @@ def model_batch(batches: Mapping[str, Any]) -> dict[str, Any]:
     return {k: batches[k] for k in BATCH_KEYS}
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Weights of Eq. (1): label smoothing, load balance (its alpha), router z-loss."""
-
-    label_smoothing: float = 0.1
-    lb_loss_weight: float = 0.001
-    z_loss_weight: float = 0.001
-
-
-def expert_update_mask(params: Mapping[str, Any], config: SwitchConfig, valid: Array) -> dict:
+def expert_update_mask(params: Mapping[str, Any], layout: MoELayout, valid: Array) -> dict:
     """1.0/0.0 per parameter entry: 0 for expert slots (and their router columns) not held.
 
     Args: params: a narrow tree; valid: `<bool>[L, E]` slots holding a real expert.
     """
     flat = flatten_dict(dict(params))
-    paths = moe_layer_paths(config)
+    paths = moe_layer_paths(layout)
     out = {}
     for key, leaf in flat.items():
         mask = jnp.ones((), leaf.dtype)
@@ -68,69 +61,92 @@ def expert_update_mask(params: Mapping[str, Any], config: SwitchConfig, valid: A
     return unflatten_dict(out)
 
 
-def make_local_train(
-    config: SwitchConfig,
+def make_train_step(
+    model: FederatedModel | SwitchConfig,
     optimizer: optax.GradientTransformation,
-    loss_config: LossConfig = LossConfig(),
+    loss_config: LossConfig | None = None,
     hooks: LocalHooks = LocalHooks(),
-) -> Callable[..., tuple[PyTree, dict[str, Array], RoutingStats]]:
-    """Local training `(params, batches, step_mask, valid, rng, extra) -> (params, metrics, stats)`.
+    merge: Callable[[PyTree, PyTree], PyTree] | None = None,
+) -> Callable[..., tuple[PyTree, PyTree, dict[str, Array], RoutingStats]]:
+    """The one optimizer step of every training loop: `(trainable, opt_state, batch, rng, valid,
+    frozen=None, anchor=None, extra=None, update_mask=None, real=True) -> (trainable, opt_state,
+    metrics, routing)`.
 
-    Args of the returned function (one client; `vmap` it for a cohort):
-      params: the client's sub-MoE (narrow tree for `config`, whose `num_experts` is the slot count).
-      batches: dict of `[K, B, S]` / `[K, B, T]` int arrays `inputs`, `input_mask`, `targets`,
-        `target_mask`, and `example_mask [K, B]`.
-      step_mask: `<bool>[K]` real steps (padded steps leave params and optimizer state unchanged).
-      valid: `<bool>[L, E]` slots holding a real expert (also the router restriction).
-      rng: the client's key (`fold_in(fold_in(root, round), client_id)`).
-      extra: the client's algorithm state for the hooks (None if unused).
-    Returns: trained params, metrics (means over real steps: loss, ce, lb_loss, z_loss, and
-      num_steps), and routing statistics summed over the real steps.
+    What is trainable is a parameter: the sub-MoE itself (`merge=None`), or e.g. LoRA adapters over
+    frozen weights (`merge(trainable, frozen)` -> the parameters `model.loss` applies; Stage 1).
+    valid: `<bool>[L, S]` the router restriction. anchor / extra: the hooks' received model and
+    algorithm state. update_mask: per-entry multipliers of the update (`expert_update_mask`: absent
+    slots never move). real: False makes the step a no-op (padded steps), weight decay and optimizer
+    state included. metrics: loss, ce, lb_loss, z_loss (+ hook_loss); routing `RoutingStats [L, S]`.
     """
-    model = SwitchTransformer(config)
+    model = as_federated_model(model, loss_config)
 
-    def loss_fn(params, anchor, batch, valid, rng, extra):
-        ex = batch["example_mask"].astype(jnp.float32)
-        enc_mask = batch["input_mask"] * ex[:, None]
-        dec_mask = batch["target_mask"] * ex[:, None]
-        dropout_rng, jitter_rng = jax.random.split(rng)
-        out = model.apply(
-            {"params": params}, batch["inputs"], shift_right(batch["targets"],
-                                                             config.decoder_start_token_id,
-                                                             config.pad_token_id),
-            enc_mask, dec_mask, expert_mask=valid, deterministic=False,
-            rngs={"dropout": dropout_rng, "jitter": jitter_rng},
-        )
-        loss, metrics = switch_loss(out, batch["targets"], dec_mask, loss_config.label_smoothing,
-                                    loss_config.lb_loss_weight, loss_config.z_loss_weight)
+    def loss_fn(trainable, frozen, anchor, batch, valid, rng, extra):
+        params = trainable if merge is None else merge(trainable, frozen)
+        loss, (metrics, routing) = model.loss(params, batch, valid, rng)
         if hooks.loss_term is not None:
-            term = hooks.loss_term(params, anchor, extra)
+            term = hooks.loss_term(trainable, anchor, extra)
             loss = loss + term
             metrics = {**metrics, "loss": loss, "hook_loss": term}
-        return loss, (metrics, out.routing)
+        return loss, (metrics, routing)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def local_train(params, batches, step_mask, valid, rng, extra=None):
-        update_mask = expert_update_mask(params, config, valid)
+    def step(trainable, opt_state, batch, rng, valid, frozen=None, anchor=None, extra=None,
+             update_mask=None, real=True):
+        (_, (metrics, routing)), grads = grad_fn(trainable, frozen, anchor, batch, valid, rng, extra)
+        if hooks.grad_correction is not None:
+            grads = hooks.grad_correction(grads, extra)
+        updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+        if hooks.update_correction is not None:
+            updates = hooks.update_correction(updates, extra)
+        if update_mask is not None:
+            updates = jax.tree.map(lambda u, m: u * m, updates, update_mask)
+        new = optax.apply_updates(trainable, updates)
+        keep = lambda new, old: jnp.where(real, new, old)  # noqa: E731
+        return (jax.tree.map(keep, new, trainable), jax.tree.map(keep, new_opt_state, opt_state),
+                metrics, routing)
+
+    return step
+
+
+def make_local_train(
+    model: FederatedModel | SwitchConfig,
+    optimizer: optax.GradientTransformation,
+    loss_config: LossConfig | None = None,
+    hooks: LocalHooks = LocalHooks(),
+    merge: Callable[[PyTree, PyTree], PyTree] | None = None,
+) -> Callable[..., tuple[PyTree, dict[str, Array], RoutingStats]]:
+    """Local training `(params, batches, step_mask, valid, rng, extra=None, frozen=None) -> (params,
+    metrics, stats)`: `make_train_step` scanned over the client's K steps from a fresh optimizer state.
+
+    Args of the returned function (one client; `vmap` it for a cohort):
+      params: what is trainable: the client's sub-MoE (narrow tree of `model.narrow(valid)`, S slots),
+        or with `merge` the adapters over `frozen` (then every entry trains).
+      batches: dict of `[K, B, S_in]` / `[K, B, T]` int arrays `inputs`, `input_mask`, `targets`,
+        `target_mask`, and `example_mask [K, B]` (what `model.loss` reads).
+      step_mask: `<bool>[K]` real steps (padded steps leave params and optimizer state unchanged).
+      valid: `<bool>[L, S]` slots holding a real expert (also the router restriction).
+      rng: the client's key (`fold_in(fold_in(root, round), client_id)`); step k uses `fold_in(rng, k)`.
+      extra: the client's algorithm state for the hooks (None if unused).
+    `model`: a `FederatedModel` (or a `SwitchConfig` with `loss_config`). Returns: trained params,
+    metrics (means over real steps: loss, ce, lb_loss, z_loss, and num_steps), and routing statistics
+    summed over the real steps.
+    """
+    model = as_federated_model(model, loss_config)
+    train_step = make_train_step(model, optimizer, hooks=hooks, merge=merge)
+
+    def local_train(params, batches, step_mask, valid, rng, extra=None, frozen=None):
+        update_mask = expert_update_mask(params, model, valid) if merge is None else None
         opt_state = optimizer.init(params)
         anchor = params
 
         def step(carry, inputs):
             params, opt_state = carry
             batch, real, index = inputs
-            (_, (metrics, stats)), grads = grad_fn(params, anchor, batch, valid,
-                                                   jax.random.fold_in(rng, index), extra)
-            if hooks.grad_correction is not None:
-                grads = hooks.grad_correction(grads, extra)
-            updates, new_opt_state = optimizer.update(grads, opt_state, params)
-            if hooks.update_correction is not None:
-                updates = hooks.update_correction(updates, extra)
-            updates = jax.tree.map(lambda u, m: u * m, updates, update_mask)
-            new_params = optax.apply_updates(params, updates)
-            keep = lambda new, old: jnp.where(real, new, old)  # noqa: E731
-            params = jax.tree.map(keep, new_params, params)
-            opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+            params, opt_state, metrics, stats = train_step(
+                params, opt_state, batch, jax.random.fold_in(rng, index), valid, frozen=frozen,
+                anchor=anchor, extra=extra, update_mask=update_mask, real=real)
             real_f = real.astype(jnp.float32)
             metrics = jax.tree.map(lambda m: m * real_f, metrics)
             stats = jax.tree.map(lambda s: s * real_f, stats)

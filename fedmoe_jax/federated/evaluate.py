@@ -21,30 +21,23 @@ import numpy as np
 from fedmoe_jax.data.tasks import PRIMARY_METRIC, task_scores
 from fedmoe_jax.data.tokenizer import Tokenizer
 from fedmoe_jax.federated.client import model_batch
-from fedmoe_jax.models.decoding import greedy_decode
-from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer, cross_entropy, shift_right
+from fedmoe_jax.federated.model import FederatedModel, as_federated_model
+from fedmoe_jax.models.switch import SwitchConfig
 
 Array = jax.Array
 
 
-def client_eval_fn(config: SwitchConfig, max_length: int, decode: bool = True) -> Callable[..., tuple]:
+def client_eval_fn(model: FederatedModel | SwitchConfig, max_length: int, decode: bool = True
+                   ) -> Callable[..., tuple]:
     """One client, unjitted: `(params, batches [K, B, ..], valid [L, E]) -> (loss, stats [L, ..],
-    tokens [K, B, T'] or None)`; see `make_cohort_eval`."""
-    model = SwitchTransformer(config)
+    tokens [K, B, T'] or None)` from `model.evaluate` on each batch; see `make_cohort_eval`."""
+    model = as_federated_model(model)
 
     def one_client(params, batches, valid):
         def step(_, batch):
-            ex = batch["example_mask"].astype(jnp.float32)
-            enc_mask = batch["input_mask"] * ex[:, None]
-            dec_mask = batch["target_mask"] * ex[:, None]
-            dec_in = shift_right(batch["targets"], config.decoder_start_token_id, config.pad_token_id)
-            out = model.apply({"params": params}, batch["inputs"], dec_in, enc_mask, dec_mask,
-                              expert_mask=valid)
-            n_tokens = dec_mask.sum()
-            loss_sum = cross_entropy(out.logits, batch["targets"], dec_mask) * n_tokens
-            tokens = (greedy_decode(model, params, batch["inputs"], enc_mask, max_length, valid).tokens
-                      if decode else None)
-            return None, (loss_sum, n_tokens, out.routing, tokens)
+            loss_sum, n_tokens, routing, tokens = model.evaluate(params, batch, valid,
+                                                                 max_length if decode else 0)
+            return None, (loss_sum, n_tokens, routing, tokens)
 
         _, (loss_sum, n_tokens, stats, tokens) = jax.lax.scan(step, None, batches)
         loss = loss_sum.sum() / jnp.maximum(n_tokens.sum(), 1.0)
@@ -53,14 +46,15 @@ def client_eval_fn(config: SwitchConfig, max_length: int, decode: bool = True) -
     return one_client
 
 
-def make_cohort_eval(config: SwitchConfig, max_length: int, decode: bool = True) -> Callable[..., tuple]:
+def make_cohort_eval(model: FederatedModel | SwitchConfig, max_length: int, decode: bool = True
+                     ) -> Callable[..., tuple]:
     """`(params [C,..], batches [C, K, B, ..], valid [C, L, E]) -> (loss [C], stats, tokens)`.
 
-    `config` is the narrow model's (E = slots). `tokens` are greedy predictions `[C, K, B, T']`
+    `model` is the narrow model (E = slots). `tokens` are greedy predictions `[C, K, B, T']`
     with `T' = max_length` (None with `decode=False`); `stats` sums routing statistics over real
     examples `[C, L, ...]`.
     """
-    one_client = client_eval_fn(config, max_length, decode)
+    one_client = client_eval_fn(model, max_length, decode)
     cohort_eval = jax.jit(jax.vmap(one_client))
 
     def evaluate(params, batches, valid):

@@ -32,12 +32,12 @@ from fedmoe_jax.federated.client import (
     model_batch,
 )
 from fedmoe_jax.federated.evaluate import client_eval_fn
+from fedmoe_jax.federated.model import FederatedModel, MoELayout, as_federated_model
 from fedmoe_jax.federated.sharding import CLIENTS, client_sharding, param_sharding, replicated
 from fedmoe_jax.federated.submodel import (
     cohort_sums,
     finalize_aggregate,
     gather_submodel,
-    narrow_config,
     zero_cohort_sums,
 )
 from fedmoe_jax.models.moe import RoutingStats
@@ -172,9 +172,9 @@ def fit_under_cap(c: int, mesh: Mesh | None, memory_cap: int, compile_chunk: Cal
 
 
 def make_round_step(
-    config: SwitchConfig,
+    model: FederatedModel | SwitchConfig,
     optimizer: optax.GradientTransformation,
-    loss_config: LossConfig = LossConfig(),
+    loss_config: LossConfig | None = None,
     hooks: LocalHooks = LocalHooks(),
     mesh: Mesh | None = None,
     return_clients: bool = False,
@@ -184,7 +184,8 @@ def make_round_step(
     eval_max_length: int | None = None,
 ) -> Callable[..., RoundOutput]:
     """Build `round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None,
-    eval_batches=None)`.
+    eval_batches=None)` for `model`: any `FederatedModel` (a `SwitchConfig` is trained as
+    `SwitchMoE(config, loss_config)`); one program per narrowed model `model.narrow(valid)`.
 
     Args of `round_step`:
       params: global parameters (E experts per MoE layer), replicated.
@@ -210,23 +211,24 @@ def make_round_step(
     """
     if runs and mesh is not None:
         raise ValueError("runs=True vmaps whole rounds on one device; pass mesh=None")
-    # (narrow config, chunk, validating in the round) -> compiled round
-    compiled: dict[tuple[SwitchConfig, int | None, bool], Callable] = {}
+    model = as_federated_model(model, loss_config)
+    # (narrow model, chunk, validating in the round) -> compiled round
+    compiled: dict[tuple[FederatedModel, int | None, bool], Callable] = {}
 
-    def build(narrow_config: SwitchConfig, params: PyTree, chunk: int | None) -> Callable:
-        local_train = make_local_train(narrow_config, optimizer, loss_config, hooks)
+    def build(narrow: FederatedModel, params: PyTree, chunk: int | None) -> Callable:
+        local_train = make_local_train(narrow, optimizer, hooks=hooks)
         axis = CLIENTS if mesh is not None else None
         train_cohort = jax.vmap(local_train, spmd_axis_name=axis)
         eval_cohort = None
         if eval_max_length is not None:
-            eval_cohort = jax.vmap(client_eval_fn(narrow_config, eval_max_length), spmd_axis_name=axis)
+            eval_cohort = jax.vmap(client_eval_fn(narrow, eval_max_length), spmd_axis_name=axis)
 
         def train_and_sum(params, indices, valid, batches, step_mask, weights, rngs, extra, eval_batches):
-            narrow = jax.vmap(lambda idx: gather_submodel(params, config, idx))(indices)
+            narrow = jax.vmap(lambda idx: gather_submodel(params, model, idx))(indices)
             trained, metrics, stats = train_cohort(narrow, batches, step_mask, valid, rngs, extra)
             metrics = {**metrics, **routing_counts(stats)}
             trained, metrics = exclude_nonfinite(trained, narrow, metrics)
-            sums = cohort_sums(params, trained, config, indices, valid, weights * metrics["finite"])
+            sums = cohort_sums(params, trained, model, indices, valid, weights * metrics["finite"])
             evaluation = None
             if eval_batches is not None:
                 if eval_cohort is None:
@@ -242,7 +244,7 @@ def make_round_step(
             else:
                 chunks = sub_cohorts(cohort, c, chunk)
                 first = jax.tree.map(lambda a: a[0], chunks)
-                zero = zero_cohort_sums(params, config, first[0], first[1], first[4])
+                zero = zero_cohort_sums(params, model, first[0], first[1], first[4])
 
                 def body(total, chunk):
                     sums, *per_client = train_and_sum(params, *chunk)
@@ -250,11 +252,11 @@ def make_round_step(
 
                 sums, per_chunk = jax.lax.scan(body, zero, chunks)
                 metrics, stats, trained, evaluation = merge_sub_cohorts(per_chunk, c)
-            new_params = finalize_aggregate(params, sums, config)
+            new_params = finalize_aggregate(params, sums, model)
             used = (weights > 0) & (metrics["finite"] > 0)  # excluded (non-finite) clients move nothing
-            held = jnp.einsum("clse,c->le", jax.nn.one_hot(indices, config.num_experts) * valid[..., None],
+            held = jnp.einsum("clse,c->le", jax.nn.one_hot(indices, model.num_experts) * valid[..., None],
                               used.astype(jnp.float32)) > 0
-            stats = to_global_experts(stats, indices, valid, config.num_experts)
+            stats = to_global_experts(stats, indices, valid, model.num_experts)
             return new_params, metrics, stats, held, (trained if return_clients else None), evaluation
 
         if runs:
@@ -262,7 +264,7 @@ def make_round_step(
         if mesh is None:
             return jax.jit(round_fn)
         rep, per_client = replicated(mesh), client_sharding(mesh)
-        global_params = param_sharding(params, config, mesh)
+        global_params = param_sharding(params, model, mesh)
         return jax.jit(
             round_fn,
             in_shardings=(global_params, per_client, per_client, per_client, per_client, per_client,
@@ -270,14 +272,14 @@ def make_round_step(
             out_shardings=(global_params, per_client, per_client, rep, per_client, per_client),
         )
 
-    def build_eval(narrow_config: SwitchConfig, params: PyTree, chunk: int | None) -> Callable:
+    def build_eval(narrow: FederatedModel, params: PyTree, chunk: int | None) -> Callable:
         if eval_max_length is None:
             raise ValueError("evaluating sub-MoEs needs make_round_step(eval_max_length=...)")
-        eval_cohort = jax.vmap(client_eval_fn(narrow_config, eval_max_length),
+        eval_cohort = jax.vmap(client_eval_fn(narrow, eval_max_length),
                                spmd_axis_name=CLIENTS if mesh is not None else None)
 
         def one_chunk(params, indices, valid, eval_batches):
-            narrow = jax.vmap(lambda idx: gather_submodel(params, config, idx))(indices)
+            narrow = jax.vmap(lambda idx: gather_submodel(params, model, idx))(indices)
             return eval_cohort(narrow, model_batch(eval_batches), valid)
 
         def eval_fn(params, indices, valid, eval_batches):
@@ -291,15 +293,15 @@ def make_round_step(
         if mesh is None:
             return jax.jit(eval_fn)
         per_client = client_sharding(mesh)
-        return jax.jit(eval_fn, in_shardings=(param_sharding(params, config, mesh), per_client, per_client,
+        return jax.jit(eval_fn, in_shardings=(param_sharding(params, model, mesh), per_client, per_client,
                                               per_client), out_shardings=per_client)
 
     # Programs are keyed by kind: True / False, a round validating its cohort or not; "eval", `evaluate`.
-    # (narrow config, cohort, kind) -> program chosen under memory_cap, {chunk: bytes} of those tried
-    fitted: dict[tuple[SwitchConfig, int, bool | str], Callable] = {}
-    memory_needs: dict[tuple[SwitchConfig, int, bool | str], dict] = {}
+    # (narrow model, cohort, kind) -> program chosen under memory_cap, {chunk: bytes} of those tried
+    fitted: dict[tuple[FederatedModel, int, bool | str], Callable] = {}
+    memory_needs: dict[tuple[FederatedModel, int, bool | str], dict] = {}
 
-    def fit(narrow: SwitchConfig, c: int, args: tuple, kind: bool | str | None = None) -> Callable:
+    def fit(narrow: FederatedModel, c: int, args: tuple, kind: bool | str | None = None) -> Callable:
         """The program compiled for the largest sub-cohort that fits in `memory_cap` (shapes of `args`:
         kept per cohort size, unlike the jitted programs in `compiled`); a round unless kind="eval"."""
         kind = args[-1] is not None if kind is None else kind
@@ -317,7 +319,7 @@ def make_round_step(
         compiled[(narrow, chunk, kind)] = program
         return program
 
-    def program_for(narrow: SwitchConfig, c: int, args: tuple, kind: bool | str) -> Callable:
+    def program_for(narrow: FederatedModel, c: int, args: tuple, kind: bool | str) -> Callable:
         """The compiled program of this kind for the cohort of `args` (fitted under `memory_cap`)."""
         if memory_cap is not None and chunk_size == "auto":
             if (narrow, c, kind) not in fitted:
@@ -332,7 +334,7 @@ def make_round_step(
     def round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None,
                    eval_batches=None) -> RoundOutput:
         args = (params, indices, valid, batches, step_mask, weights, rngs, extra, eval_batches)
-        program = program_for(narrow_config(config, valid), int(indices.shape[-3]), args,
+        program = program_for(model.narrow(valid), int(indices.shape[-3]), args,
                               eval_batches is not None)
         return RoundOutput(*program(*args))
 
@@ -341,19 +343,19 @@ def make_round_step(
         tokens [C, ...])`, gathered and evaluated inside one program in the sub-cohorts a round of this
         width would use (under `memory_cap`: the largest that fits), as `RoundOutput.evaluation`."""
         args = (params, indices, valid, eval_batches)
-        return program_for(narrow_config(config, valid), int(indices.shape[-3]), args, "eval")(*args)
+        return program_for(model.narrow(valid), int(indices.shape[-3]), args, "eval")(*args)
 
     round_step.evaluate = evaluate
     round_step.compiled = compiled  # exposed for tests and diagnostics
     round_step.memory_needs = memory_needs
-    round_step.fit = fit  # (narrow config, C, args) -> the program `memory_cap` picks; args may be abstract
+    round_step.fit = fit  # (narrow model, C, args) -> the program `memory_cap` picks; args may be abstract
     return round_step
 
 
 def make_personal_step(
-    config: SwitchConfig,
+    model: FederatedModel | SwitchConfig,
     optimizer: optax.GradientTransformation,
-    loss_config: LossConfig = LossConfig(),
+    loss_config: LossConfig | None = None,
     hooks: LocalHooks = LocalHooks(),
     mesh: Mesh | None = None,
     chunk_size: int | None | str = "auto",
@@ -368,8 +370,9 @@ def make_personal_step(
     largest sub-cohort whose compiled step fits (`fit_under_cap`, candidates from `auto_chunk_size`
     down; `personal_step.memory_needs` keeps `{cohort: {chunk: bytes}}`). Unlike a round, "auto" makes
     no CPU sub-cohorts: `results/cpu_reproduction`'s `local` runs trained the whole cohort at once."""
-    all_experts = jnp.ones((config.num_moe_layers, config.num_experts), bool)
-    local_train = make_local_train(narrow_config(config, all_experts), optimizer, loss_config, hooks)
+    model = as_federated_model(model, loss_config)
+    all_experts = jnp.ones((model.num_moe_layers, model.num_experts), bool)
+    local_train = make_local_train(model.narrow(all_experts), optimizer, hooks=hooks)
     one = lambda p, b, m, k, e: local_train(p, b, m, all_experts, k, e)  # noqa: E731
     train = jax.vmap(one, spmd_axis_name=CLIENTS if mesh is not None else None)
     compiled: dict[int | None, Callable] = {}
@@ -413,7 +416,7 @@ def make_personal_step(
     return personal_step
 
 
-def make_server_update(config: SwitchConfig, server_optimizer: optax.GradientTransformation):
+def make_server_update(layout: MoELayout | SwitchConfig, server_optimizer: optax.GradientTransformation):
     """FedOpt server step: the pseudo-gradient `params - aggregate` fed to an optax optimizer.
 
     `optax.sgd(1.0)` reproduces plain FedAvg; momentum, Adam or Yogi give FedAvgM / FedAdam /
@@ -425,7 +428,7 @@ def make_server_update(config: SwitchConfig, server_optimizer: optax.GradientTra
     def update(params, aggregate, held, opt_state):
         pseudo_grad = jax.tree.map(lambda p, a: p - a, params, aggregate)
         updates, opt_state = server_optimizer.update(pseudo_grad, opt_state, params)
-        updates = jax.tree.map(lambda u, m: u * m, updates, expert_update_mask(params, config, held))
+        updates = jax.tree.map(lambda u, m: u * m, updates, expert_update_mask(params, layout, held))
         return optax.apply_updates(params, updates), opt_state
 
     # The aggregate is a fresh round output nobody else holds: its buffers are reused (donated).

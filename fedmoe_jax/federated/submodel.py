@@ -24,18 +24,20 @@ from fedmoe_jax.federated.aggregate import (
     scatter_weighted_sums,
     weighted_sums,
 )
+from fedmoe_jax.federated.model import MoELayout
 from fedmoe_jax.models.moe import is_concrete, put_experts, take_experts
-from fedmoe_jax.models.switch import SwitchConfig
+from fedmoe_jax.models.objective import capacity_bound, narrow_config  # noqa: F401  (engine names)
 
 Array = jax.Array
 
 
-def moe_layer_paths(config: SwitchConfig) -> tuple[tuple[str, ...], ...]:
-    """Parameter path of each MoE layer, in the order of the L axis (encoder first)."""
-    return tuple((stack, f"block_{i}", "mlp") for stack, i in config.moe_layer_names)
+def moe_layer_paths(model: Any) -> tuple[tuple[str, ...], ...]:
+    """Parameter path of each MoE layer, in the order of the L axis: `model.moe_layer_paths` of a
+    `FederatedModel` or a `SwitchConfig` (encoder first)."""
+    return tuple(tuple(path) for path in model.moe_layer_paths)
 
 
-def param_bytes(params: Mapping[str, Any], config: SwitchConfig) -> tuple[int, np.ndarray]:
+def param_bytes(params: Mapping[str, Any], config: MoELayout) -> tuple[int, np.ndarray]:
     """Bytes of the dense part, and of one expert (its `wi`/`wo` and router column) per layer `[L]`."""
     flat = flatten_dict(dict(params))
     paths = moe_layer_paths(config)
@@ -61,31 +63,6 @@ def bucket_width(max_kept: int, num_experts: int) -> int:
     return int(min(num_experts, 1 << (int(max_kept) - 1).bit_length()))
 
 
-def capacity_bound(valid: np.ndarray, top_k: int = 1) -> int:
-    """The fewest experts a real client keeps in any layer of `valid <bool>[..., L, S]`: S when every
-    slot is kept, else rounded down to a power of two (few distinct programs), at least `top_k`.
-    Clients with an empty layer are padding and do not count. Sizes the capacity-factor slot buffer
-    (`SwitchConfig.capacity_min_experts`).
-    """
-    width = int(np.shape(valid)[-1])
-    counts = np.asarray(valid, bool).sum(-1).reshape(-1, np.shape(valid)[-2])  # [clients, L]
-    real = counts.min(-1) > 0
-    fewest = int(counts[real].min()) if real.any() else width
-    if fewest >= width:
-        return width
-    return min(max(1 << (fewest.bit_length() - 1), top_k), fewest)
-
-
-def narrow_config(config: SwitchConfig, valid: np.ndarray) -> SwitchConfig:
-    """The model a cohort's gathered sub-MoEs `valid <bool>[..., L, S]` are applied with: S experts,
-    and with a capacity factor a slot buffer that holds the capacity of its smallest client."""
-    width = int(np.shape(valid)[-1])
-    bound = 0
-    if config.dispatch == "capacity" and config.expert_capacity is None:
-        bound = capacity_bound(valid, config.top_k)
-    return config.replace(num_experts=width, capacity_min_experts=bound)
-
-
 def expert_slots(expert_maps: Array, width: int) -> tuple[Array, Array]:
     """Kept experts of each layer, ascending, then padding.
 
@@ -105,7 +82,7 @@ def expert_slots(expert_maps: Array, width: int) -> tuple[Array, Array]:
     return order, valid
 
 
-def gather_submodel(params: Mapping[str, Any], config: SwitchConfig, indices: Array) -> dict:
+def gather_submodel(params: Mapping[str, Any], config: MoELayout, indices: Array) -> dict:
     """One client's narrow parameters: each MoE layer's experts `indices [L, S]`; dense as is."""
     flat = dict(flatten_dict(dict(params)))
     for layer, path in enumerate(moe_layer_paths(config)):
@@ -114,7 +91,7 @@ def gather_submodel(params: Mapping[str, Any], config: SwitchConfig, indices: Ar
     return unflatten_dict(flat)
 
 
-def scatter_submodel(params: Mapping[str, Any], sub_params: Mapping[str, Any], config: SwitchConfig,
+def scatter_submodel(params: Mapping[str, Any], sub_params: Mapping[str, Any], config: MoELayout,
                      indices: Array, valid: Array) -> dict:
     """Write one client's narrow parameters back into the global tree (valid slots only)."""
     flat = dict(flatten_dict(dict(params)))
@@ -129,7 +106,7 @@ def scatter_submodel(params: Mapping[str, Any], sub_params: Mapping[str, Any], c
     return unflatten_dict(flat)
 
 
-def cohort_sums(global_params: Mapping[str, Any], client_params: Mapping[str, Any], config: SwitchConfig,
+def cohort_sums(global_params: Mapping[str, Any], client_params: Mapping[str, Any], config: MoELayout,
                 indices: Array, valid: Array, weights: Array) -> dict:
     """Numerators and denominators of `aggregate_cohort`, per flat key; they add over sub-cohorts."""
     flat_g = flatten_dict(dict(global_params))
@@ -146,7 +123,7 @@ def cohort_sums(global_params: Mapping[str, Any], client_params: Mapping[str, An
     return sums
 
 
-def zero_cohort_sums(global_params: Mapping[str, Any], config: SwitchConfig, indices: Array,
+def zero_cohort_sums(global_params: Mapping[str, Any], config: MoELayout, indices: Array,
                      valid: Array, weights: Array) -> dict:
     """Zeros shaped like `cohort_sums` of the cohort `indices / valid [C, L, S]`, `weights [C]`: the
     start of a sum over sub-cohorts. Shapes come from the gathered sub-MoEs alone, so nothing of the
@@ -159,7 +136,7 @@ def zero_cohort_sums(global_params: Mapping[str, Any], config: SwitchConfig, ind
 
 
 def finalize_aggregate(global_params: Mapping[str, Any], sums: Mapping[tuple[str, ...], tuple],
-                       config: SwitchConfig) -> dict:
+                       config: MoELayout) -> dict:
     """The new global tree from `cohort_sums` (summed over sub-cohorts if chunked)."""
     flat_g = flatten_dict(dict(global_params))
     moe_keys = _moe_keys(flat_g, config)
@@ -174,7 +151,7 @@ def finalize_aggregate(global_params: Mapping[str, Any], sums: Mapping[tuple[str
 
 
 def aggregate_cohort(global_params: Mapping[str, Any], client_params: Mapping[str, Any],
-                     config: SwitchConfig, indices: Array, valid: Array, weights: Array) -> dict:
+                     config: MoELayout, indices: Array, valid: Array, weights: Array) -> dict:
     """The paper's modular aggregation of a cohort's trained narrow sub-MoEs.
 
     Args:
@@ -189,7 +166,7 @@ def aggregate_cohort(global_params: Mapping[str, Any], client_params: Mapping[st
     return finalize_aggregate(global_params, sums, config)
 
 
-def _moe_keys(flat: Mapping[tuple[str, ...], Any], config: SwitchConfig) -> dict[tuple[str, ...], tuple]:
+def _moe_keys(flat: Mapping[tuple[str, ...], Any], config: MoELayout) -> dict[tuple[str, ...], tuple]:
     """Flat keys of expert-indexed leaves -> (MoE layer, expert axis within the leaf)."""
     keys = {}
     for layer, path in enumerate(moe_layer_paths(config)):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import xla_flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 
 
@@ -127,6 +127,8 @@ def test_different_run_is_refused_and_nothing_changes(tiny_run):
     (["--config.seed=abc"], "--config.seed=abc"),
     (["--config=configs/none.py"], "--config file could not be loaded"),
     (["--config=configs/cpu.py:standard"], "SETTING or SETTING,METHOD"),
+    (["--config=configs/pretrain.py"], "not an experiment config; a pretraining config (configs/pretrain.py) "
+                                       "runs with python -m fedmoe_jax.pretrain"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     config = [a for a in args if a.startswith("--config=")] or [f"--config={TINY}"]
@@ -273,7 +275,7 @@ def test_killed_anywhere_and_sigterm_resume_bit_identical(tiny_run, tmp_path):
 def test_eight_devices_give_the_same_run(tiny_run, tmp_path):
     """The same run on 8 host devices (cohort sharded over a mesh) as on 1 (no mesh): the same
     cohorts, expert counts, FedMoE events and test scores, losses equal to float rounding (not bit
-    for bit: README, Reliability)."""
+    for bit: docs/reliability.md)."""
     _, _, reference, _ = tiny_run
     out = cli(f"--config={TINY}", f"--workdir={tmp_path / 'eight'}", devices=8)
     assert out.returncode == 0, out.stderr[-3000:]

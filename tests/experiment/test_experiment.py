@@ -5,16 +5,16 @@ import collections
 import numpy as np
 import pytest
 
+from fedmoe_jax.algorithms.memory import max_expert_totals
 from fedmoe_jax.experiment.build import (
     client_budgets,
     load_task_data,
-    max_expert_totals,
     params_fingerprint,
     runtime_overrides,
     subsample,
 )
-from fedmoe_jax.experiment.run import finished_summary
 from fedmoe_jax.experiment.config import ConfigError, default_config
+from fedmoe_jax.experiment.run import finished_summary
 
 
 def test_subsample_is_a_seed_independent_random_sample():
@@ -52,7 +52,7 @@ def test_max_expert_totals_by_hand():
 def test_stage2_grows_a_stage1_client_into_its_reserve_up_to_the_budget():
     """Stage 1 fills alpha * M; Stage 2 may grow the client into the rest, up to M and no further."""
     from fedmoe_jax.algorithms.fedmoe import FedMoE
-    from fedmoe_jax.algorithms.stage1 import initial_maps
+    from fedmoe_jax.algorithms.fedmoe.stage1 import initial_maps
     from fedmoe_jax.federated.state import ClientStates
 
     memory = _Memory()  # dense 100 B, 10 B per expert, 2 layers

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedmoe_jax.algorithms.registry import method_names
 from fedmoe_jax.experiment import prepare_workdir
 from fedmoe_jax.experiment.config import (
-    METHODS,
     SETTINGS,
     ConfigError,
     default_config,
@@ -20,7 +20,7 @@ from fedmoe_jax.experiment.config import (
     validate,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_config(name: str, *args):
@@ -35,6 +35,12 @@ def load_config(name: str, *args):
                                        ("cpu", ("standard_hetero_t",))])
 def test_shipped_configs_validate(name, args):
     validate(load_config(name, *args))
+
+
+def test_pretraining_config_is_not_an_experiment():
+    """configs/pretrain.py has no method: validate points at the pretraining command instead."""
+    with pytest.raises(ConfigError, match="no method.*python -m fedmoe_jax.pretrain"):
+        validate(load_config("pretrain"))
 
 
 def test_paper_config_needs_its_paths():
@@ -55,8 +61,7 @@ def test_paper_config_runs_as_the_paper_did():
     Stage 1's sub-MoEs of switch-base-32 near the paper's 78 experts (50-114) under the memory model."""
     import numpy as np
 
-    from fedmoe_jax.algorithms.memory import MemoryModel
-    from fedmoe_jax.experiment import max_expert_totals
+    from fedmoe_jax.algorithms.memory import MemoryModel, max_expert_totals
     from fedmoe_jax.models import get_config
 
     c = load_config("paper", "standard_hetero_t")
@@ -172,7 +177,7 @@ def test_random_values_never_crash_the_validator(key, value):
 
 
 def test_methods_and_settings_listed():
-    assert set(METHODS) >= {"fedmoe", "random_moe", "fedprox", "scaffold", "fedavg", "local",
+    assert set(method_names()) >= {"fedmoe", "random_moe", "fedprox", "scaffold", "fedavg", "local",
                             "fedmoe_no_stage1", "fedmoe_no_stage2"}
     assert set(SETTINGS) == {"standard_hetero_t", "standard_hetero_td", "enforced_hetero_t",
                              "enforced_hetero_td"}

@@ -33,7 +33,7 @@ from fedmoe_jax.models import SwitchTransformer, get_config
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2
 N_CLIENTS, COHORT = 6, np.array([0, 2, 3, 5])
 TIMEOUT_S = 150
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def round_inputs():

@@ -5,8 +5,8 @@ import optax
 import pytest
 
 from fedmoe_jax.algorithms.fedmoe import FedMoE
+from fedmoe_jax.algorithms.fedmoe.stage1 import initial_maps, run_stage1, stage1_eligible
 from fedmoe_jax.algorithms.memory import MemoryModel
-from fedmoe_jax.algorithms.stage1 import initial_maps, run_stage1, stage1_eligible
 from fedmoe_jax.federated.trainer import FederatedTrainer, RunSettings
 
 
@@ -87,7 +87,7 @@ def _fixed_bytes(build, args, per_client_out: bool) -> int:
 def test_stage1_peak_memory_does_not_grow_with_clients():
     """XLA's memory analysis of the Stage 1 programs at 4 and 16 clients in sub-cohorts of 2: the peak
     less the cohort's batches stays put; all clients at once (the old vmap) grows ~4x."""
-    from fedmoe_jax.algorithms.stage1 import (
+    from fedmoe_jax.algorithms.fedmoe.stage1 import (
         abstract_stage1_args,
         make_lora_measure,
         make_lora_round,

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--model=switch-tiny-8", "--vocab_size=128", "--input_len=16", "--target_len=8", "--batch_size=2",
         "--local_steps=2", "--stage1_local_steps=2", "--stage1_clients=8", "--eval_steps=2", "--cohort=4"]
 

@@ -5,12 +5,12 @@ import signal
 import jax
 import numpy as np
 import pytest
+from test_trainer import make_trainer
 
 from fedmoe_jax.algorithms import Algorithm, FedProx, LocalOnly, RandomMoE
 from fedmoe_jax.federated.preemption import RunInterrupted
 from fedmoe_jax.federated.runs import RunGroup, run_slice, stack_runs
 from fedmoe_jax.federated.sharding import make_mesh
-from tests.test_trainer import make_trainer
 
 
 def assert_same_run(a, b):
@@ -95,7 +95,7 @@ def test_runs_of_different_widths_train_at_the_widest(small_run):
 
 
 def test_resumed_runs_are_brought_level_first(small_run, tmp_path):
-    from tests.test_trainer import make_trainer_in
+    from test_trainer import make_trainer_in
 
     ahead = make_trainer_in(small_run, str(tmp_path / "a"), num_rounds=2, eval_every=0)
     ahead.run(num_rounds=1, progress=False)

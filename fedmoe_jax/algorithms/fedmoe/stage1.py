@@ -26,11 +26,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from fedmoe_jax.algorithms.fedmoe import search_submodel, static_prediction
+from fedmoe_jax.algorithms.fedmoe.search import search_submodel, static_prediction
 from fedmoe_jax.algorithms.memory import MemoryModel
 from fedmoe_jax.data.client_arrays import FederatedData
 from fedmoe_jax.federated.aggregate import finalize_mean, weighted_sums
-from fedmoe_jax.federated.client import LossConfig, model_batch
+from fedmoe_jax.federated.client import LossConfig, make_local_train, model_batch
 from fedmoe_jax.federated.evaluate import client_eval_fn
 from fedmoe_jax.federated.loop import auto_chunk_size, fit_under_cap, merge_sub_cohorts, sub_cohorts
 from fedmoe_jax.federated.sharding import (
@@ -48,7 +48,8 @@ from fedmoe_jax.federated.sharding import (
 from fedmoe_jax.federated.submodel import narrow_config
 from fedmoe_jax.models.lora import init_lora, merge_lora
 from fedmoe_jax.models.moe import RoutingStats
-from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer, shift_right, switch_loss
+from fedmoe_jax.models.objective import SwitchMoE
+from fedmoe_jax.models.switch import SwitchConfig, SwitchTransformer
 
 PyTree = Any
 STAGE1_SEED_OFFSET = 1_000_003  # Stage 1 batches use their own (seed, round) stream
@@ -79,37 +80,14 @@ def make_lora_round(config: SwitchConfig, rank: int, alpha: float, learning_rate
     adapters, merged weights and activations at a time; None: all C at once. With a mesh, the
     client axis is sharded over `clients` and `base` follows `param_sharding`.
     """
-    model = SwitchTransformer(config)
-    tx = optax.adamw(learning_rate)
+    all_experts = jnp.ones((config.num_moe_layers, config.num_experts), bool)
+    model = SwitchMoE(config, loss_config).narrow(all_experts)  # capacity buffer of the whole layer
+    local_train = make_local_train(model, optax.adamw(learning_rate),
+                                   merge=lambda lora, base: merge_lora(base, lora, alpha, rank))
 
     def local(base, lora, batches, step_mask, rng):
-        opt_state = tx.init(lora)
-
-        def step(carry, inputs):
-            lora, opt_state = carry
-            batch, real, index = inputs
-            ex = batch["example_mask"].astype(jnp.float32)
-            enc, dec = batch["input_mask"] * ex[:, None], batch["target_mask"] * ex[:, None]
-            d_rng, j_rng = jax.random.split(jax.random.fold_in(rng, index))
-
-            def loss_fn(lora):
-                out = model.apply({"params": merge_lora(base, lora, alpha, rank)}, batch["inputs"],
-                                  shift_right(batch["targets"], config.decoder_start_token_id,
-                                              config.pad_token_id),
-                                  enc, dec, deterministic=False, rngs={"dropout": d_rng, "jitter": j_rng})
-                return switch_loss(out, batch["targets"], dec, loss_config.label_smoothing,
-                                   loss_config.lb_loss_weight, loss_config.z_loss_weight)[0]
-
-            loss, grads = jax.value_and_grad(loss_fn)(lora)
-            updates, new_state = tx.update(grads, opt_state, lora)
-            keep = lambda new, old: jnp.where(real, new, old)  # noqa: E731
-            lora = jax.tree.map(keep, optax.apply_updates(lora, updates), lora)
-            opt_state = jax.tree.map(keep, new_state, opt_state)
-            return (lora, opt_state), loss * real
-
-        (lora, _), losses = jax.lax.scan(step, (lora, opt_state),
-                                         (batches, step_mask, jnp.arange(step_mask.shape[0])))
-        return lora, losses.sum() / jnp.maximum(step_mask.sum(), 1)
+        lora, metrics, _ = local_train(lora, batches, step_mask, all_experts, rng, frozen=base)
+        return lora, metrics["loss"]
 
     train = jax.vmap(local, in_axes=(None, None, 0, 0, 0),
                      spmd_axis_name=CLIENTS if mesh is not None else None)
