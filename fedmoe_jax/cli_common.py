@@ -4,9 +4,11 @@ file, a --config.KEY=VALUE override) becomes one line on stderr and exit status 
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import flags
 
@@ -58,6 +60,30 @@ def config_problem(e: BaseException, argv: Sequence[str] = (), *, schema: str, e
     return f"the --config could not be loaded: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+def loaded_config(holder: Any, argv: list[str], key: str, schema: str, example: str, workdir: str | None,
+                  workdir_help: str) -> Any:
+    """The `--config` of a command (`holder`: its `DEFINE_config_file` result) after the checks every
+    command makes: no stray positional arguments, a config file that loads (`key`: a field to read
+    from it), `--config` and `--workdir` given. Each failure is `fail` with one line. Also quiets
+    the INFO chatter of absl and jax."""
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value")
+    try:
+        config = holder.value
+        if config is not None:
+            config.get(key)  # a config file that failed to load raises here
+    except Exception as e:  # noqa: BLE001
+        fail(config_problem(e, sys.argv, schema=schema, example=example))
+    if config is None:
+        fail(f"--config is required, e.g. --config={example}")
+    if not workdir:
+        fail(f"--workdir is required ({workdir_help})")
+    logging.getLogger("fedmoe_jax").setLevel(logging.INFO)
+    for noisy in ("absl", "jax"):  # orbax / rouge-score / backend-probing INFO chatter
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return config
+
+
 def flags_parser(schema: str, example: str) -> Callable[[list[str]], list[str]]:
     """An absl `flags_parser` (for `app.run`) that answers bad flags and configs with `fail`."""
     problem = functools.partial(config_problem, schema=schema, example=example)
@@ -78,4 +104,4 @@ def flags_parser(schema: str, example: str) -> Callable[[list[str]], list[str]]:
     return parse_flags
 
 
-__all__ = ["USAGE_EXIT", "config_problem", "fail", "flags_parser"]
+__all__ = ["USAGE_EXIT", "config_problem", "fail", "flags_parser", "loaded_config"]

@@ -12,14 +12,13 @@ Pretraining has its own command: `python -m fedmoe_jax.pretrain --config=configs
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from fedmoe_jax.cli_common import config_problem, fail, flags_parser
+from fedmoe_jax.cli_common import fail, flags_parser, loaded_config
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -37,21 +36,8 @@ parse_flags = flags_parser(SCHEMA, EXAMPLE)
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value")
-    try:
-        config = _CONFIG.value
-        if config is not None:
-            config.get("method")  # a config file that failed to load raises here
-    except Exception as e:  # noqa: BLE001
-        fail(config_problem(e, sys.argv, schema=SCHEMA, example=EXAMPLE))
-    if config is None:
-        fail("--config is required, e.g. --config=configs/tiny.py")
-    if not FLAGS.workdir:
-        fail("--workdir is required (the run directory; the same one again resumes)")
-    logging.getLogger("fedmoe_jax").setLevel(logging.INFO)
-    for noisy in ("absl", "jax"):  # orbax / rouge-score / backend-probing INFO chatter
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    config = loaded_config(_CONFIG, argv, "method", SCHEMA, EXAMPLE, FLAGS.workdir,
+                           "the run directory; the same one again resumes")
     if FLAGS.jax_cache:
         import jax
 

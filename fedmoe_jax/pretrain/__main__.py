@@ -10,13 +10,12 @@ checkpoint the pretraining and exit with 143 / 130, and the same command resumes
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from fedmoe_jax.cli_common import config_problem, fail, flags_parser
+from fedmoe_jax.cli_common import fail, flags_parser, loaded_config
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -28,21 +27,8 @@ SCHEMA, EXAMPLE = "configs/pretrain.py", "configs/pretrain.py"
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value")
-    try:
-        config = _CONFIG.value
-        if config is not None:
-            config.get("steps")  # a config file that failed to load raises here
-    except Exception as e:  # noqa: BLE001
-        fail(config_problem(e, sys.argv, schema=SCHEMA, example=EXAMPLE))
-    if config is None:
-        fail(f"--config is required, e.g. --config={EXAMPLE}")
-    if not FLAGS.workdir:
-        fail("--workdir is required (where pretrain.json and the loss plot go)")
-    logging.getLogger("fedmoe_jax").setLevel(logging.INFO)
-    for noisy in ("absl", "jax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    config = loaded_config(_CONFIG, argv, "steps", SCHEMA, EXAMPLE, FLAGS.workdir,
+                           "where pretrain.json and the loss plot go")
     from fedmoe_jax.errors import ConfigError
     from fedmoe_jax.federated.preemption import RunInterrupted
     from fedmoe_jax.pretrain.cli import run_pretrain
