@@ -43,12 +43,15 @@ class MethodContext:
 class Method:
     """name: the `config.method` value; label: the display name in tables and figures; build: the
     factory; full_model: trains every expert of the full-model baseline model (`model.baseline_*`),
-    not sub-MoEs; checks: extra config rules `config -> [(key, ok, fix)]` (`experiment.config.validate`)."""
+    not sub-MoEs; aggregates: False when clients train personal models without a server (its
+    `Algorithm.aggregates`; such runs of several seeds go one after another); checks: extra config
+    rules `config -> [(key, ok, fix)]` (`experiment.config.validate`)."""
 
     name: str
     label: str
     build: Callable[[MethodContext], Algorithm]
     full_model: bool = False
+    aggregates: bool = True
     checks: Callable[[Any], list[tuple[str, bool, str]]] | None = None
 
 
@@ -125,7 +128,7 @@ for _method in (
     Method("scaffold", "SCAFFOLD", lambda ctx: SCAFFOLD(ctx.config.learning_rate, ctx.config.local_steps),
            full_model=True),
     Method("fedavg", "FedAvg", lambda ctx: Algorithm(), full_model=True),
-    Method("local", "Local only", lambda ctx: LocalOnly(), full_model=True),
+    Method("local", "Local only", lambda ctx: LocalOnly(), full_model=True, aggregates=False),
     Method("fedmoe", "FedMoE", _fedmoe(adjust=True), checks=_references_checks),
     Method("fedmoe_no_stage1", "FedMoE w/o stage1", _fedmoe_no_stage1, checks=_references_checks),
     Method("fedmoe_no_stage2", "FedMoE w/o stage2", _fedmoe(adjust=False), checks=_references_checks),
@@ -135,7 +138,11 @@ for _method in (
 
 def build_algorithm(name: str, ctx: MethodContext) -> Algorithm:
     """The `Algorithm` of method `name`, named after it."""
-    algorithm = get_method(name).build(ctx)
+    method = get_method(name)
+    algorithm = method.build(ctx)
+    if algorithm.aggregates != method.aggregates:
+        raise ValueError(f"method {name!r} is registered with aggregates={method.aggregates} but builds "
+                         f"an algorithm with aggregates={algorithm.aggregates}; register it with the same")
     algorithm.name = name
     return algorithm
 

@@ -29,6 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from fedmoe_jax.algorithms.registry import get_method
 from fedmoe_jax.data.tasks import TASKS
 from fedmoe_jax.errors import ConfigError
 from fedmoe_jax.experiment.build import Experiment, build, check
@@ -140,7 +141,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | None, progr
 
 def vectorizable(config: ml_collections.ConfigDict) -> str | None:
     """Why the seeds of `config` cannot share one round program (None if they can)."""
-    if config.method == "local":
+    if not get_method(config.method).aggregates:
         return f"method {config.method!r} trains personal models without a server"
     if config.mesh.enabled and jax.device_count() > 1:
         return "the cohort is sharded over several devices (set --config.mesh.enabled=False)"

@@ -33,6 +33,7 @@ def test_the_papers_methods_are_registered_with_their_kind():
     full = {name for name in method_names() if get_method(name).full_model}
     assert full >= {"fedprox", "scaffold", "fedavg", "local"} and not full & {"fedmoe", "random_moe"}
     assert method_labels()["random_moe"] == "randomMoE"
+    assert [name for name in method_names() if not get_method(name).aggregates] == ["local"]
     with pytest.raises(ValueError, match="unknown method 'fedmo'.*fedmoe"):
         get_method("fedmo")
 
@@ -52,6 +53,12 @@ def test_register_refuses_a_taken_name_and_validation_follows_the_registry():
         unregister("toy_registry")
     with pytest.raises(ConfigError, match="config.method='toy_registry' is invalid"):
         validate(config)
+    register(Method("toy_registry", "Toy", lambda ctx: Algorithm(), aggregates=False))
+    try:  # the registry's word on a server must be the algorithm's (vectorized seeds rely on it)
+        with pytest.raises(ValueError, match="aggregates=False but builds an algorithm with aggregates=True"):
+            build_algorithm("toy_registry", MethodContext(config, None, None, None, None, None, dict))
+    finally:
+        unregister("toy_registry")
 
 
 def test_method_checks_reach_validation():
