@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from test_checkpoint import tamper_data
+from test_run_checkpoint import tamper_data
 
 from fedmoe_jax.algorithms import Algorithm, RandomMoE
 from fedmoe_jax.federated.sharding import make_mesh

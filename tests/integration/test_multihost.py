@@ -38,6 +38,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def round_inputs():
     """Tiny model, random parameters and data, a cohort of 4: the same NumPy arrays in every process."""
+    engine_tests = os.path.join(ROOT, "tests", "federated")  # the helpers' folder, also in the workers
+    if engine_tests not in sys.path:
+        sys.path.insert(0, engine_tests)
     from test_client import make_batches
     from test_loop import cohort_inputs
 
