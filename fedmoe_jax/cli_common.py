@@ -1,5 +1,6 @@
-"""What the command lines (`fedmoe_jax.main`, `fedmoe_jax.pretrain`) share: bad input (a flag, a config
-file, a --config.KEY=VALUE override) becomes one line on stderr and exit status 2, never a usage dump."""
+"""What the command lines (`fedmoe_jax.main`, `fedmoe_jax.pretrain`, `experiments/*.py`) share: bad input
+(a flag, a config file, a --config.KEY=VALUE override) becomes one line on stderr and exit status 2,
+never a usage dump."""
 
 from __future__ import annotations
 
@@ -78,15 +79,25 @@ def loaded_config(holder: Any, argv: list[str], key: str, schema: str, example: 
         fail(f"--config is required, e.g. --config={example}")
     if not workdir:
         fail(f"--workdir is required ({workdir_help})")
-    logging.getLogger("fedmoe_jax").setLevel(logging.INFO)
-    for noisy in ("absl", "jax"):  # orbax / rouge-score / backend-probing INFO chatter
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_logs()
     return config
 
 
-def flags_parser(schema: str, example: str) -> Callable[[list[str]], list[str]]:
-    """An absl `flags_parser` (for `app.run`) that answers bad flags and configs with `fail`."""
-    problem = functools.partial(config_problem, schema=schema, example=example)
+def quiet_logs() -> None:
+    """Keep fedmoe_jax's INFO lines, drop the INFO chatter of absl and jax (orbax, rouge-score, backend
+    probing) that absl's default verbosity shows."""
+    logging.getLogger("fedmoe_jax").setLevel(logging.INFO)
+    for noisy in ("absl", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def flags_parser(schema: str | None = None, example: str | None = None) -> Callable[[list[str]], list[str]]:
+    """An absl `flags_parser` (for `app.run`) that answers bad flags and configs with `fail`; `schema` and
+    `example` as in `config_problem`, for a command line with a --config (without: the error's own line)."""
+    if schema is None:  # no --config: a failure is the exception's own first line
+        problem = lambda e, argv: f"{type(e).__name__}: {(str(e).strip() or '?').splitlines()[0]}"
+    else:
+        problem = functools.partial(config_problem, schema=schema, example=example)
 
     def parse_flags(argv: list[str]) -> list[str]:
         try:
@@ -94,7 +105,7 @@ def flags_parser(schema: str, example: str) -> Callable[[list[str]], list[str]]:
         except flags.Error as e:
             cause = e.__cause__ or e.__context__
             config_failed = isinstance(cause, AttributeError | KeyError | OSError | ValueError)
-            if config_failed and "flag --" not in str(e):
+            if schema is not None and config_failed and "flag --" not in str(e):
                 fail(problem(cause, argv))
             fail(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
         except Exception as e:  # noqa: BLE001 - a config file that fails to load is bad input
@@ -104,4 +115,4 @@ def flags_parser(schema: str, example: str) -> Callable[[list[str]], list[str]]:
     return parse_flags
 
 
-__all__ = ["USAGE_EXIT", "config_problem", "fail", "flags_parser", "loaded_config"]
+__all__ = ["USAGE_EXIT", "config_problem", "fail", "flags_parser", "loaded_config", "quiet_logs"]

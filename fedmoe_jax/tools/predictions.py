@@ -9,12 +9,12 @@ reads them and prints Markdown: per run and task, how degenerate the outputs are
 predictions, of distinct ones, the most common one), then per example (client, test id) its
 references and every run's prediction. Runs of one setting and seed partition the data the same
 way whatever the method, so an example lines up across methods: the way to see *what* a near-zero
-score is (empty outputs, one label repeated, a copied input span, ...).
+score is (empty outputs, one label repeated, a copied input span, ...). `print_predictions` is what
+`experiments/predictions.py` runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -130,36 +130,29 @@ def render(runs: Mapping[str, Sequence[Mapping[str, Any]]], n: int = 5) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run directories (each holding predictions.jsonl)")
-    parser.add_argument("--task", choices=("tc", "rc", "ts"), help="only this task")
-    parser.add_argument("--model", choices=MODELS, default="own",
-                        help="own: each client's sub-MoE (the reported scores); global: the full global "
-                             "model; unseen: never-sampled clients after their fine-tuning")
-    parser.add_argument("-n", type=int, default=5, help="examples per task (default 5)")
-    parser.add_argument("--client", type=int, help="only this client")
-    args = parser.parse_args(argv)
-    if args.n < 1:
+def print_predictions(run_dirs: Sequence[str], task: str | None = None, model: str = "own", n: int = 5,
+                      client: int | None = None) -> int:
+    """Print `render` of the runs' `model` predictions (optionally one `task` / `client`) on stdout; the exit
+    status: 0, or 2 (one line on stderr) when `n` < 1, a run has no predictions or none match."""
+    if n < 1:
         print("predictions: -n must be >= 1", file=sys.stderr)
         return 2
     runs: dict[str, list] = {}
     try:
-        for run_dir in args.runs:
+        for run_dir in run_dirs:
             label = run_label(run_dir)
             label = label if label not in runs else f"{label} ({run_dir})"
-            runs[label] = select(load(run_dir), args.task, args.model, args.client)
+            runs[label] = select(load(run_dir), task, model, client)
     except PredictionsError as e:
         print(f"predictions: {e}", file=sys.stderr)
         return 2
     if not any(runs.values()):
-        print(f"predictions: no {args.model!r} predictions match (task {args.task}, client {args.client}); "
+        print(f"predictions: no {model!r} predictions match (task {task}, client {client}); "
               "try --model=own or drop --task / --client", file=sys.stderr)
         return 2
-    sys.stdout.write(render(runs, args.n))
+    sys.stdout.write(render(runs, n))
     return 0
 
 
-__all__ = ["PredictionsError", "diagnostics", "diagnostics_cells", "load", "main", "quote", "render",
-           "run_label", "select", "side_by_side"]
+__all__ = ["MODELS", "PredictionsError", "diagnostics", "diagnostics_cells", "load", "print_predictions",
+           "quote", "render", "run_label", "select", "side_by_side"]

@@ -92,9 +92,10 @@ def test_a_method_of_ones_own_runs_through_the_cli_and_the_report(tmp_path):
     (tmp_path / "toy_method.py").write_text(textwrap.dedent(TOY_METHOD))
     (tmp_path / "run_toy.py").write_text("import toy_method  # noqa: F401\nfrom fedmoe_jax import main\n"
                                          "main.run()\n")
-    (tmp_path / "report_toy.py").write_text("import sys\nimport toy_method  # noqa: F401\n"
-                                            "from fedmoe_jax.tools.reports.cli import main\n"
-                                            "sys.exit(main(sys.argv[1:]))\n")
+    report = os.path.join(ROOT, "experiments", "report.py")  # the real command line, in this process
+    (tmp_path / "report_toy.py").write_text(f"import runpy\nimport sys\nimport toy_method  # noqa: F401\n"
+                                            f"sys.argv[0] = {report!r}\n"
+                                            f"runpy.run_path({report!r}, run_name='__main__')\n")
     env = {**os.environ, "XLA_FLAGS": xla_flags(1), "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
            "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache"), "TF_CPP_MIN_LOG_LEVEL": "3"}
     workdir = tmp_path / "runs" / "standard_hetero_t" / "toy"

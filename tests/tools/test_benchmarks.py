@@ -139,6 +139,26 @@ def test_cli_writes_json_and_markdown(tmp_path):
         assert len(bad.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("cmd, says", [
+    (["experiments/benchmark.py", "--bogus=1"], "bogus"),
+    (["experiments/benchmark.py", "--preset=huge"], "--preset"),
+    (["experiments/benchmark.py", "--rounds=many"], "--rounds"),
+    (["experiments/benchmark.py", "--scaling=cohort:a,b"], "--scaling"),
+    (["experiments/benchmark.py", "stray"], "unexpected arguments"),
+    (["experiments/benchmark_runs.py", "--bogus=1"], "bogus"),
+    (["experiments/benchmark_runs.py", "--seeds=0"], "--seeds"),
+    (["experiments/benchmark_runs.py", "--config=configs/nowhere.py"], "not found"),
+    (["experiments/benchmark_runs.py", "--set=not_a_key=1"], "not_a_key"),
+    (["-m", "fedmoe_jax.tools.benchmarks.cli", "--child=numpy", "--preset=tiny"], "unknown contender"),
+    (["-m", "fedmoe_jax.tools.benchmarks.cli", "--preset=tiny"], "--child"),
+])
+def test_bad_flags_exit_2_with_one_line(cmd, says):
+    """Nothing is measured: every command line rejects bad input before any compute."""
+    bad = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and says in bad.stderr, bad.stderr[-500:]
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_op_categories_and_breakdown_by_hand():
     cases = {"dot.1": "matmul", "ynn_fusion.3": "matmul", "copy.2": "copy/layout",
              "copy_bitcast_fusion": "copy/layout", "broadcast_add_fusion.1": "elementwise/reduce",

@@ -1,11 +1,15 @@
-"""`fedmoe_jax.tools.predictions`: loading, alignment across runs, diagnostics by hand, the CLI's exit 2."""
+"""`fedmoe_jax.tools.predictions`: loading, alignment across runs, diagnostics by hand, the CLI (exit 2)."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from fedmoe_jax.tools import predictions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def write(run_dir, method, records, seed=0):
@@ -43,18 +47,36 @@ def test_side_by_side_aligns_examples_and_marks_missing_ones():
     assert predictions.select(A, client=1, task="ts") == []
 
 
+def cli(*args):
+    script = os.path.join(ROOT, "experiments", "predictions.py")
+    return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+
+
 def test_cli_prints_markdown_and_exits_2_without_predictions(tmp_path, capsys):
     write(tmp_path / "fedmoe", "fedmoe", A)
     write(tmp_path / "fedavg", "fedavg", B)
-    assert predictions.main([str(tmp_path / "fedmoe"), str(tmp_path / "fedavg"), "--task=ts"]) == 0
-    out = capsys.readouterr().out
+    proc = cli(tmp_path / "fedmoe", tmp_path / "fedavg", "--task=ts", "-n", "5", "--model", "own")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
     assert "| fedmoe s0 | ts | 2 | 50% | 100% | 0% |" in out
     assert "- fedmoe s0: (empty)" in out and "- fedavg s0: `a dog`" in out
     os.makedirs(tmp_path / "old")
-    assert predictions.main([str(tmp_path / "fedmoe"), str(tmp_path / "old")]) == 2
+    assert predictions.print_predictions([str(tmp_path / "fedmoe"), str(tmp_path / "old")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "predictions.jsonl does not exist" in err
-    assert predictions.main([str(tmp_path / "fedavg"), "--model=unseen"]) == 2
+    assert predictions.print_predictions([str(tmp_path / "fedavg")], model="unseen") == 2
+    assert predictions.print_predictions([str(tmp_path / "fedavg")], n=0) == 2
+
+
+def test_cli_bad_flags_exit_2_with_one_line(tmp_path):
+    write(tmp_path / "fedavg", "fedavg", B)
+    run = tmp_path / "fedavg"
+    for args, says in (((), "RUN_DIR"), ((run, "--task=xx"), "--task"), ((run, "-n", "many"), "--n"),
+                       ((run, "--bogus"), "bogus"), ((run, "--model=unseen"), "no 'unseen' predictions")):
+        proc = cli(*args)
+        assert proc.returncode == 2 and says in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_quote_flattens_escapes_and_cuts():

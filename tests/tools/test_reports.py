@@ -247,29 +247,43 @@ def test_a_run_without_metrics_or_experts_and_an_unreadable_summary(tmp_path):
     assert "| FedMoE | 50.00 | 50.00 | 50.00 | 2.00 | 10.00 | 1 |" in md
 
 
-def test_cli_writes_report_and_exits_2_without_runs(tmp_path, capsys):
+def report_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_cli_writes_report_and_exits_2_without_runs(tmp_path):
     root = tmp_path / "runs"  # no metrics.jsonl / experts.npz: no figures, fast
     for setting, method, seed in [k for k in SCORES if k[1] != "random_moe"]:
         write_run(str(root / f"{setting}_{method}_{seed}"), setting, method, seed,
                   SCORES[setting, method, seed], metrics=False, experts=False)
-    assert reports.main([str(root), "--baseline-methods", "fedprox,scaffold"]) == 0
+    proc = report_cli(root, "--baseline-methods", "fedprox,scaffold")
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert (root / "report" / "report.md").exists()  # default --out
     report = json.loads((root / "report" / "report.json").read_text())
     gain = report["average_improvement"]
     assert gain["standard_hetero_t"]["best_baseline"] == "fedprox" and "enforced_hetero_t" not in gain
     assert gain["standard_hetero_t"]["value_pct"] == pytest.approx(100 * (1 / 90 + 3 / 84 + 8 / 11) / 3)
     assert "baseline scaffold: no runs at all" in report["notes"]
-    assert "wrote" in capsys.readouterr().out
+    assert "wrote" in proc.stdout
 
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     for target in (empty, tmp_path / "does_not_exist"):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"), str(target)],
-                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+        proc = report_cli(target)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "no summary.json" in lines[0] and "pass the directory" in lines[0]
     assert not (empty / "report").exists()
+
+
+def test_cli_bad_flags_exit_2_with_one_line(tmp_path):
+    for args, says in (((tmp_path, "--bogus=1"), "bogus"), ((), "RUNS_ROOT"),
+                       ((tmp_path, tmp_path), "RUNS_ROOT"), ((tmp_path, "--out"), "--out")):
+        proc = report_cli(*args)
+        assert proc.returncode == 2 and says in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "report").exists()
 
 
 def test_time_to_target_needs_a_positive_target(tmp_path):
@@ -387,8 +401,8 @@ def test_exported_runs_rebuild_the_same_tables(runs_root, built, tmp_path):
     assert rebuilt["table1"] == built[1]["table1"] and rebuilt["table2"] == built[1]["table2"]
     with pytest.raises(ValueError, match="inside"):
         reports.export_runs(str(runs_root), str(runs_root / "sub"))
-    assert reports.main([str(runs_root), "--out", str(tmp_path / "r2"), "--export-runs",
-                         str(runs_root / "x")]) == 2
+    assert reports.run_report(str(runs_root), out=str(tmp_path / "r2"),
+                              export_runs=str(runs_root / "x")) == 2
     assert not (runs_root / "x").exists() and not (tmp_path / "r2").exists()
 
 
@@ -424,8 +438,8 @@ def test_cli_compare_adds_the_section_and_a_bad_path_exits_2_before_writing(tmp_
     for setting, method, seed in SCORES:
         write_run(str(root / f"{setting}_{method}_{seed}"), setting, method, seed,
                   SCORES[setting, method, seed], metrics=False, experts=False)
-    assert reports.main([str(root), "--out", str(tmp_path / "a")]) == 0
-    assert reports.main([str(root), "--out", str(tmp_path / "b"), "--compare", str(tmp_path / "a")]) == 0
+    assert reports.run_report(str(root), out=str(tmp_path / "a")) == 0
+    assert reports.run_report(str(root), out=str(tmp_path / "b"), compare=str(tmp_path / "a")) == 0
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     cell = report["compared_with"]["cells"]["standard_hetero_t"]["fedmoe"]["TC"]
     assert cell["now"] == cell["then"] == pytest.approx(91.0) and cell["delta"] == 0
@@ -434,9 +448,7 @@ def test_cli_compare_adds_the_section_and_a_bad_path_exits_2_before_writing(tmp_
     assert "## Against an earlier report" not in (tmp_path / "a" / "report.md").read_text()
     (tmp_path / "junk.json").write_text("[1, 2]")
     for bad, says in ((tmp_path / "nowhere", "does not exist"), (tmp_path / "junk.json", "not a Table 1")):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"), str(root),
-                               "--out", str(tmp_path / "c"), "--compare", str(bad)],
-                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+        proc = report_cli(root, "--out", tmp_path / "c", "--compare", bad)
         assert proc.returncode == 2 and says in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "c").exists()

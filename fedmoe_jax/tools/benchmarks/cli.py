@@ -1,48 +1,53 @@
-"""Side-by-side round benchmark: vectorized engine vs sequential JAX vs PyTorch + Hugging Face.
-
-    python experiments/benchmark.py --preset=cpu-small --out=runs/bench/cpu.json --md=runs/bench/cpu.md
-    python experiments/benchmark.py --preset=cpu-small --scaling=cohort:4,8,16,32 --contenders=vectorized
-    python experiments/benchmark.py --preset=cpu-small --scaling=experts:8,16,32,64,128
+"""What `python experiments/benchmark.py` does once its flags are parsed (`run_benchmark`), and the
+child process that takes each measurement (`python -m fedmoe_jax.tools.benchmarks.cli --child=...`).
 
 Each contender runs in its own child process (so its peak RSS is its own) on the same workload
 (`fedmoe_jax.tools.benchmarks`: same model, expert maps, batches, local steps and cohort); the machine's
-matmul peak is measured in another. Prints and writes JSON (`client_steps_per_s` per contender,
-`ratios`, `mfu`, `device`, per-contender details) and a Markdown table. With `--scaling`, the
+matmul peak is measured in another. `run_benchmark` prints and writes JSON (`client_steps_per_s` per
+contender, `ratios`, `mfu`, `device`, per-contender details) and a Markdown table. With `scaling`, the
 vectorized round is timed over cohort sizes or global expert counts (kept experts per client fixed).
-The children run this module (`python -m fedmoe_jax.tools.benchmarks.cli --child=...`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import resource
 import subprocess
 import sys
+from collections.abc import Sequence
+
+from fedmoe_jax.tools.benchmarks.contenders import CONTENDERS
 
 # The directory holding the `fedmoe_jax` package (the repository): the children run there.
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+SCALING_AXES = ("cohort", "experts")
 
 
-def _preset(args):
+class BenchmarkError(ValueError):
+    """Bad benchmark input (a preset, contender, --model item or --scaling), in one line."""
+
+
+def _preset(preset: str, cohort: int = 0, experts: int = 0, model: Sequence[str] = ()):
     from fedmoe_jax.tools.benchmarks.workload import PRESETS
 
-    p = PRESETS[args.preset]
-    if args.cohort:
-        p = p.replace(cohort_size=args.cohort)
-    if args.experts:
-        p = p.replace(model=p.model.replace(num_experts=args.experts))
-    if args.model:
-        p = p.replace(model=p.model.replace(**model_overrides(args.model, p.model)))
+    if preset not in PRESETS:
+        raise BenchmarkError(f"unknown preset {preset!r}; use one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    if cohort:
+        p = p.replace(cohort_size=cohort)
+    if experts:
+        p = p.replace(model=p.model.replace(num_experts=experts))
+    if model:
+        p = p.replace(model=p.model.replace(**model_overrides(model, p.model)))
     return p
 
 
-def model_overrides(items: list[str], base=None) -> dict:
+def model_overrides(items: Sequence[str], base=None) -> dict:
     """`["dtype=bfloat16", "capacity_factor=1.25"]` -> SwitchConfig changes, typed like the field.
 
-    Raises SystemExit(2) with one line naming a bad item.
+    Raises `BenchmarkError` naming a bad item.
     """
     import dataclasses
 
@@ -54,9 +59,8 @@ def model_overrides(items: list[str], base=None) -> dict:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or key not in fields:
-            print(f"benchmark: error: --model={item!r}: expected KEY=VALUE with KEY a SwitchConfig "
-                  f"field ({', '.join(sorted(fields))})", file=sys.stderr)
-            sys.exit(2)
+            raise BenchmarkError(f"--model={item!r}: expected KEY=VALUE with KEY a SwitchConfig field "
+                                 f"({', '.join(sorted(fields))})")
         current = getattr(defaults, key)
         try:
             if raw.lower() == "none":
@@ -70,57 +74,54 @@ def model_overrides(items: list[str], base=None) -> dict:
             else:
                 value = raw
         except ValueError:
-            print(f"benchmark: error: --model={item!r}: {raw!r} is not a valid {key}", file=sys.stderr)
-            sys.exit(2)
+            raise BenchmarkError(f"--model={item!r}: {raw!r} is not a valid {key}") from None
         out[key] = value
     try:
         defaults.replace(**out)  # validate against the preset's model before any compute
     except (TypeError, ValueError) as e:
-        print(f"benchmark: error: --model: {e}", file=sys.stderr)
-        sys.exit(2)
+        raise BenchmarkError(f"--model: {e}") from None
     return out
 
 
-def child(args) -> dict:
+def child(what: str, preset: str, rounds: int = 5, warmup: int = 1, seed: int = 0, peak_n: int = 0,
+          model: Sequence[str] = (), profile: str = "", cohort: int = 0, experts: int = 0) -> dict:
     """One measurement in this process: 'peak', 'memory' or a contender."""
     import jax
 
     from fedmoe_jax.tools import benchmarks as bm
 
+    p = _preset(preset, cohort, experts, model)
     out: dict = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
-    if args.child == "peak":
-        dtype = _preset(args).model.dtype  # the compute dtype: bf16 on the gpu preset, f32 on CPU
-        n = args.peak_n or (1024 if jax.default_backend() == "cpu" else 8192)
+    if what == "peak":
+        dtype = p.model.dtype  # the compute dtype: bf16 on the gpu preset, f32 on CPU
+        n = peak_n or (1024 if jax.default_backend() == "cpu" else 8192)
         out.update(matmul_peak_flops=bm.matmul_peak(n, dtype=dtype), peak_n=n, peak_dtype=str(dtype))
-    elif args.child == "memory":
-        p = _preset(args)
+    elif what == "memory":
         e = p.model.num_experts
         quarter, full = bm.client_training_bytes(p, e // 4), bm.client_training_bytes(p, e)
         out.update(kept_quarter=quarter, kept_all=full, ratio=quarter["total"] / full["total"],
                    experts=e)
     else:
-        p = _preset(args)
-        w = bm.make_workload(p, seed=args.seed)
-        if args.child == "vectorized":
+        if what not in CONTENDERS:
+            raise BenchmarkError(f"unknown contender {what!r}; use one of {list(CONTENDERS)}")
+        w = bm.make_workload(p, seed=seed)
+        if what == "vectorized":
             fn = bm.vectorized_round(w)
-        elif args.child == "sequential_jax":
+        elif what == "sequential_jax":
             fn = bm.sequential_round(w)
-        elif args.child == "pytorch_hf":
+        else:
             import torch
 
             from fedmoe_jax.tools.benchmarks.torch_reference import torch_round
 
             fn = torch_round(w)
             out["torch_threads"] = torch.get_num_threads()
-        else:
-            raise SystemExit(f"unknown contender {args.child}")
-        out.update(bm.figures(w, bm.time_rounds(fn, args.rounds, args.warmup), None))
-        if args.profile and args.child != "pytorch_hf":
-            trace_dir = os.path.join(os.path.abspath(args.profile), args.child)
-            out["op_breakdown"] = bm.profile_round(fn, trace_dir)
+        out.update(bm.figures(w, bm.time_rounds(fn, rounds, warmup), None))
+        if profile and what != "pytorch_hf":
+            out["op_breakdown"] = bm.profile_round(fn, os.path.join(os.path.abspath(profile), what))
         out.update(width=w.width, cohort=p.cohort_size, experts=p.model.num_experts)
         # What the child actually ran with, for every overridden field.
-        out["model"] = {k: getattr(p.model, k) for k in model_overrides(args.model, p.model)}
+        out["model"] = {k: getattr(p.model, k) for k in model_overrides(model, p.model)}
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     stats = jax.devices()[0].memory_stats()  # None on CPU; accelerators report their allocator's peak
     if stats and "peak_bytes_in_use" in stats:
@@ -128,13 +129,12 @@ def child(args) -> dict:
     return out
 
 
-def run_child(args, what: str, **extra) -> dict:
-    cmd = [sys.executable, "-m", "fedmoe_jax.tools.benchmarks.cli", f"--child={what}",
-           f"--preset={args.preset}", f"--rounds={args.rounds}", f"--warmup={args.warmup}",
-           f"--seed={args.seed}", f"--peak_n={args.peak_n}"]
-    cmd += [f"--model={m}" for m in args.model]
-    cmd += [f"--profile={args.profile}"] if args.profile else []
-    cmd += [f"--{k}={v}" for k, v in extra.items()]
+def run_child(what: str, settings: dict, **extra) -> dict:
+    """`child(what, **settings, **extra)` in a child process; {"error": its last stderr line} if it fails."""
+    settings = {**settings, **extra}
+    cmd = [sys.executable, "-m", "fedmoe_jax.tools.benchmarks.cli", f"--child={what}"]
+    cmd += [f"--{k}={v}" for k, v in settings.items() if k != "model"]
+    cmd += [f"--model={m}" for m in settings.get("model", ())]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -143,8 +143,20 @@ def run_child(args, what: str, **extra) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _scaling(scaling: str) -> tuple[str, list[int]]:
+    axis, _, values = scaling.partition(":")
+    try:
+        sizes = [int(x) for x in values.split(",")]
+    except ValueError:
+        sizes = []
+    if axis not in SCALING_AXES or not sizes or min(sizes) < 1:
+        raise BenchmarkError(f"--scaling={scaling!r}: expected cohort:N,... or experts:N,... (N >= 1)")
+    return axis, sizes
+
+
 def markdown(result: dict) -> str:
-    changed = ", ".join(f"{k}={v}" for k, v in result.get("model_overrides", {}).items())
+    changed = ", ".join(f"{k}={v}" for k, v in {**result.get("preset_overrides", {}),
+                                                   **result.get("model_overrides", {})}.items())
     on_device = any("device_peak_mb" in r for r in result["contenders"].values())  # accelerators
     lines = [f"### `{result['preset']}`{' with ' + changed if changed else ''} on {result['device']} "
              f"({result['machine']})", ""]
@@ -189,64 +201,47 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> dict:
-    from fedmoe_jax.tools.benchmarks.contenders import CONTENDERS
-    from fedmoe_jax.tools.benchmarks.workload import PRESETS
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS))
-    ap.add_argument("--contenders", default=",".join(CONTENDERS))
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per contender (median)")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--peak_n", type=int, default=0,
-                    help="matmul size of the peak measurement, in the model's compute dtype "
-                         "(default: 1024 on CPU, 8192 on accelerators, whose peak small products miss)")
-    ap.add_argument("--scaling", default="", help="cohort:4,8,16 or experts:8,16,32 (vectorized only)")
-    ap.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a SwitchConfig field of the preset, e.g. dtype=bfloat16, "
-                         "dispatch=dropless, capacity_factor=1.25 (repeatable)")
-    ap.add_argument("--profile", default="", metavar="DIR",
-                    help="also trace one round of each JAX contender with jax.profiler into DIR/<contender> "
-                         "(TensorBoard / Perfetto) and report its XLA op time per category")
-    ap.add_argument("--out", default="", help="JSON file")
-    ap.add_argument("--md", default="", help="Markdown file")
-    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--cohort", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--experts", type=int, default=0, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(args)))
-        return {}
-    overrides = model_overrides(args.model, PRESETS[args.preset].model)
-    contenders = [c for c in args.contenders.split(",") if c]
+def run_benchmark(preset: str = "cpu-small", contenders: Sequence[str] = CONTENDERS, rounds: int = 5,
+                  warmup: int = 1, seed: int = 0, peak_n: int = 0, scaling: str = "",
+                  model: Sequence[str] = (), profile: str = "", out: str = "", md: str = "", cohort: int = 0,
+                  experts: int = 0) -> dict:
+    """Measure the matmul peak, then each of `contenders` (or, with `scaling` = "cohort:4,8" or
+    "experts:8,16", the vectorized round over those sizes), each in a child process; print the result
+    as JSON and write it to `out` (JSON) and `md` (Markdown) when given. `model`: SwitchConfig
+    overrides of the preset ("dtype=bfloat16"); `cohort` / `experts`: the preset's cohort size / global
+    experts instead (0: the preset's); `peak_n`: the peak's matmul size (0: 1024 on CPU, 8192 on
+    accelerators); `profile`: trace one round of each JAX contender into PROFILE/<contender>. Bad input
+    raises `BenchmarkError` before any measurement."""
+    overrides = model_overrides(model, _preset(preset, cohort, experts).model)
+    contenders = [c for c in contenders if c]
     bad = sorted(set(contenders) - set(CONTENDERS))
     if bad:
-        print(f"benchmark: error: unknown contender(s) {bad}; use {list(CONTENDERS)}", file=sys.stderr)
-        sys.exit(2)
-    peak = run_child(args, "peak")
-    result = {"preset": args.preset, "model_overrides": overrides, "device": peak.get("device", "?"),
+        raise BenchmarkError(f"unknown contender(s) {bad}; use {list(CONTENDERS)}")
+    axis, sizes = _scaling(scaling) if scaling else (None, [])
+    settings = {"preset": preset, "rounds": rounds, "warmup": warmup, "seed": seed, "peak_n": peak_n,
+                "model": list(model), "profile": profile, "cohort": cohort, "experts": experts}
+    peak = run_child("peak", settings)
+    result = {"preset": preset, "model_overrides": overrides, "device": peak.get("device", "?"),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "matmul_peak_flops": peak.get("matmul_peak_flops"), "peak_n": peak.get("peak_n"),
               "peak_dtype": peak.get("peak_dtype"), "contenders": {}}
-    if args.scaling:
-        axis, _, values = args.scaling.partition(":")
-        if axis not in ("cohort", "experts"):
-            print("benchmark: error: --scaling must be cohort:N,... or experts:N,...", file=sys.stderr)
-            sys.exit(2)
+    changed = {k: v for k, v in (("cohort_size", cohort), ("num_experts", experts)) if v}
+    if changed:  # shown with the model overrides in the Markdown heading
+        result["preset_overrides"] = changed
+    if axis:
         result["scaling"] = []
-        for v in (int(x) for x in values.split(",")):
-            r = run_child(args, "vectorized", **{axis: v})
+        for v in sizes:
+            r = run_child("vectorized", settings, **{axis: v})
             result["scaling"].append({"axis": axis, "value": v, **r})
             print(f"{axis}={v}: {r}", file=sys.stderr)
     else:
         for name in contenders:
-            r = run_child(args, name)
+            r = run_child(name, settings)
             if "model_flops_per_s" in r and result["matmul_peak_flops"]:
                 r["mfu"] = r["model_flops_per_s"] / result["matmul_peak_flops"]
             result["contenders"][name] = r
             print(f"{name}: {r.get('client_steps_per_s', r.get('error'))}", file=sys.stderr)
-        result["client_memory"] = run_child(args, "memory")
+        result["client_memory"] = run_child("memory", settings)
         rate = {k: v["client_steps_per_s"] for k, v in result["contenders"].items()
                 if "client_steps_per_s" in v}
         result["client_steps_per_s"] = rate
@@ -255,7 +250,7 @@ def main(argv=None) -> dict:
         result["mfu"] = {k: v["mfu"] for k, v in result["contenders"].items() if "mfu" in v}
     text = json.dumps(result, indent=2)
     print(text)
-    for path, content in ((args.out, text + "\n"), (args.md, markdown(result))):
+    for path, content in ((out, text + "\n"), (md, markdown(result))):
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(path, "w") as f:
@@ -263,5 +258,37 @@ def main(argv=None) -> dict:
     return result
 
 
+def _child_main() -> None:
+    """`python -m fedmoe_jax.tools.benchmarks.cli --child=WHAT --preset=...`: one `child` measurement,
+    printed as one JSON line (the flags are defined here, only when this module runs as a program)."""
+    from absl import app, flags
+
+    from fedmoe_jax.cli_common import fail, flags_parser, quiet_logs
+
+    flags.DEFINE_string("child", None, "What to measure: peak, memory or a contender.", required=True)
+    flags.DEFINE_string("preset", "cpu-small", "Benchmark preset.")
+    flags.DEFINE_integer("rounds", 5, "Timed rounds.")
+    flags.DEFINE_integer("warmup", 1, "Warm-up rounds.")
+    flags.DEFINE_integer("seed", 0, "Workload seed.")
+    flags.DEFINE_integer("peak_n", 0, "Matmul size of the peak measurement (0: by backend).")
+    flags.DEFINE_multi_string("model", [], "KEY=VALUE SwitchConfig override of the preset.")
+    flags.DEFINE_string("profile", "", "Trace one round into PROFILE/<contender>.")
+    flags.DEFINE_integer("cohort", 0, "Cohort size instead of the preset's (0: the preset's).")
+    flags.DEFINE_integer("experts", 0, "Global experts instead of the preset's (0: the preset's).")
+    FLAGS = flags.FLAGS
+
+    def main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value")
+        quiet_logs()
+        names = ("preset", "rounds", "warmup", "seed", "peak_n", "model", "profile", "cohort", "experts")
+        try:
+            print(json.dumps(child(FLAGS.child, **{k: FLAGS[k].value for k in names})))
+        except BenchmarkError as e:
+            fail(str(e))
+
+    app.run(main, flags_parser=flags_parser())
+
+
 if __name__ == "__main__":
-    main()
+    _child_main()

@@ -36,7 +36,8 @@ Modules: `names` (tasks, settings, methods and their row order), `cells` (number
 cells), `loading` (run directories), `analysis` (the paper's metrics), `tables` (Table 1 / Table 2
 analogues, average improvement, CVI, time-to-target), `separation` (Stage 1), `replay` (Stage 2),
 `paper` (the paper's numbers and the comparison with them), `compare` (an earlier report), `outputs`
-(kept predictions), `figures`, `markdown`, `build` (`build_report`) and `cli` (`main`).
+(kept predictions), `figures`, `markdown`, `build` (`build_report`) and `cli` (`run_report`, what
+`experiments/report.py` runs).
 """
 
 from fedmoe_jax.tools.reports.analysis import (
@@ -48,7 +49,7 @@ from fedmoe_jax.tools.reports.analysis import (
 )
 from fedmoe_jax.tools.reports.build import build_report
 from fedmoe_jax.tools.reports.cells import mean_std
-from fedmoe_jax.tools.reports.cli import main
+from fedmoe_jax.tools.reports.cli import run_report
 from fedmoe_jax.tools.reports.compare import compare_tables, load_table1, render_comparison
 from fedmoe_jax.tools.reports.figures import task_activation
 from fedmoe_jax.tools.reports.loading import (
@@ -87,10 +88,10 @@ __all__ = [
     "PAPER_TABLE1", "RUN_FILES", "NoRunsError", "Notes", "Run", "assign_variants",
     "at_a_glance", "average_improvement", "build_report", "coefficient_of_variation", "compare_tables",
     "composite_variation_index", "curve", "cvi", "export_runs", "find_summaries", "group_runs", "improvement",
-    "load_runs", "load_table1", "main", "mean_std", "method_name", "paired_difference", "paper_claims",
+    "load_runs", "load_table1", "mean_std", "method_name", "paired_difference", "paper_claims",
     "paper_comparison", "paper_table2_comparison", "render_comparison", "render_paper_claims",
     "render_paper_comparison", "render_paper_table2", "render_stage2_trials", "render_task_separation",
-    "replay_stale_trials", "rounds_to_target", "setting_name", "split_method", "stage1_measured",
-    "stage2_trials", "table1", "table2", "task_activation", "task_separation", "time_to_target",
-    "time_to_target_speedup", "variant_method",
+    "replay_stale_trials", "rounds_to_target", "run_report", "setting_name", "split_method",
+    "stage1_measured", "stage2_trials", "table1", "table2", "task_activation", "task_separation",
+    "time_to_target", "time_to_target_speedup", "variant_method",
 ]
