@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedmoe_jax.models.dispatch import auto_block_rows, block_layout, resolve_impl, sort_choices
 from fedmoe_jax.models.random import Dropout, hash_uniform
 
 Array = jax.Array
@@ -272,7 +273,8 @@ class Experts(nn.Module):
     """E stacked feed-forward experts: `wi [E, D, F]` (or `wi_0`, `wi_1` when gated), `wo [E, F, D]`.
 
     `grouped` applies expert e to slot group e of a `[..., E, C, D]` tensor (capacity path);
-    `ragged` applies them to expert-sorted rows with `jax.lax.ragged_dot` (dropless path).
+    `ragged` applies them to expert-sorted rows with `jax.lax.ragged_dot` and `blocked` to blocks of
+    expert-sorted rows with batched matmuls (dropless paths, `fedmoe_jax.models.dispatch`).
     """
 
     num_experts: int
@@ -323,6 +325,14 @@ class Experts(nn.Module):
         valid = jnp.arange(x.shape[0]) < group_sizes.sum()
         return jnp.where(valid[:, None], y, 0.0)
 
+    def blocked(self, x: Array, block_expert: Array, deterministic: bool = True) -> Array:
+        """`x [NB, G, D]` blocks of rows of one expert each, `block_expert [NB]` -> `[NB, G, D]`:
+        batched matmuls, each block with its expert's weights (gathered `[NB, D, F]`)."""
+        x = x.astype(self.dtype)
+        take = lambda w: jnp.take(w, block_expert, axis=0).astype(self.dtype)  # noqa: E731
+        h = self._hidden(lambda w: jnp.einsum("ngd,ndf->ngf", x, take(w)), deterministic)
+        return jnp.einsum("ngf,nfd->ngd", h, take(self.wo))
+
 
 class MoELayer(nn.Module):
     """Sparse MoE feed-forward layer: `x [B, T, D] -> (y [B, T, D], RoutingStats)`.
@@ -335,7 +345,7 @@ class MoELayer(nn.Module):
     capacity factor, the capacity of the experts the mask allows: `MoELayer.capacity`). A dropped token's
     output is 0 (`dropped_token_mode="zero"`, HF >= #37123) or `gate * x`
     (`"hf_legacy"`, HF before 2025). Padding tokens (`token_mask == 0`) are not dispatched, take no
-    capacity and output 0. Dropless path: every real token-choice is computed.
+    capacity and output 0. Dropless path: every real token-choice is computed (`dropless_impl`).
     """
 
     num_experts: int
@@ -354,6 +364,10 @@ class MoELayer(nn.Module):
     # With capacity_factor and an expert_mask: the fewest experts any mask of a call allows (0: top_k).
     # It sizes the static slot buffer; the capacity itself follows the mask (see `capacity_table`).
     capacity_min_experts: int = 0
+    # Dropless path: "blocks" (batched matmuls over blocks of `block_rows` expert-sorted rows; 0:
+    # `auto_block_rows`), "ragged" (`jax.lax.ragged_dot`) or "auto" (blocks on CPU): the same function.
+    dropless_impl: str = "auto"
+    block_rows: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -454,15 +468,20 @@ class MoELayer(nn.Module):
         b, t, d = x.shape
         e, k = self.num_experts, self.top_k
         n = b * t * k
-        flat_expert = top_idx.reshape(n)
         flat_real = jnp.repeat(real.reshape(b * t), k) > 0
-        # Padding choices go to a virtual group E past the real ones and are never computed.
-        sort_key = jnp.where(flat_real, flat_expert, e)
-        order = jnp.argsort(sort_key, stable=True)
-        group_sizes = jnp.bincount(sort_key, length=e + 1)[:e]
-        token_of_choice = order // k
-        xs = x.reshape(b * t, d)[token_of_choice]
-        ys = experts.ragged(xs, group_sizes, deterministic)
+        # Padding choices sort after the real ones (key E) and are never computed.
+        order, sort_key, group_sizes = sort_choices(top_idx.reshape(n), flat_real, e)
+        xs = x.reshape(b * t, d)[order // k]
+        impl = resolve_impl(self.dropless_impl)
+        if impl == "ragged":
+            ys = experts.ragged(xs, group_sizes, deterministic)
+        else:
+            g = self.block_rows or auto_block_rows(n, e)
+            row, block_expert = block_layout(sort_key[order], group_sizes, g)
+            nb = block_expert.shape[0]
+            rows = jnp.zeros((nb * g, d), xs.dtype).at[row].set(xs, mode="drop")
+            out = experts.blocked(rows.reshape(nb, g, d), block_expert, deterministic).reshape(nb * g, d)
+            ys = out.at[row].get(mode="fill", fill_value=0)
         per_choice = jnp.zeros_like(ys).at[order].set(ys).reshape(b, t, k, d)
         y = jnp.einsum("btkd,btk->btd", per_choice, gates.astype(per_choice.dtype))
         kept = jnp.ones((b, t, k), bool)

@@ -221,7 +221,8 @@ class Block(nn.Module):
                 router_bias=cfg.router_bias, activation=cfg.dense_act_fn, gated=cfg.gated_ffn,
                 dropout_rate=cfg.dropout_rate, dropped_token_mode=cfg.dropped_token_mode,
                 renormalize_gates=cfg.renormalize_gates,
-                capacity_min_experts=cfg.capacity_min_experts, dtype=cfg.jnp_dtype,
+                capacity_min_experts=cfg.capacity_min_experts, dropless_impl=cfg.dropless_impl,
+                block_rows=cfg.block_rows, dtype=cfg.jnp_dtype,
                 param_dtype=cfg.jnp_param_dtype, name="mlp",
             )(normed, token_mask=token_mask, expert_mask=expert_mask, deterministic=deterministic)
         else:

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fedmoe_jax.models.dispatch import DROPLESS_IMPLS
 from fedmoe_jax.models.moe import DISPATCH_MODES, DROPPED_TOKEN_MODES, get_activation
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -22,7 +23,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # Fields that change how a step is computed, not what it computes (up to float rounding): left out
 # of `SwitchConfig.identity`, so setting them, or adding such a field, never renames a pretrained
 # cache entry or a shipped model and never blocks resuming a run.
-COMPUTE_ONLY_FIELDS = ("remat", "capacity_min_experts")
+COMPUTE_ONLY_FIELDS = ("remat", "capacity_min_experts", "dropless_impl", "block_rows")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -51,6 +52,10 @@ class SwitchConfig:
     # buffer of a restricted layer (MoELayer.capacity); the engine sets it from the cohort's maps.
     capacity_min_experts: int = 0
     dispatch: str = "capacity"
+    # How the dropless dispatch runs the experts (the same function either way; MoELayer):
+    # "auto" (blocks on CPU, ragged_dot on accelerators), "blocks", "ragged"; block_rows 0: automatic.
+    dropless_impl: str = "auto"
+    block_rows: int = 0
     dropped_token_mode: str = "zero"
     renormalize_gates: bool = False
     router_jitter_noise: float = 0.01
@@ -95,6 +100,11 @@ class SwitchConfig:
             )
         if self.dispatch not in DISPATCH_MODES:
             raise ValueError(f"SwitchConfig.dispatch={self.dispatch!r}; use one of {DISPATCH_MODES}")
+        if self.dropless_impl not in DROPLESS_IMPLS:
+            raise ValueError(f"SwitchConfig.dropless_impl={self.dropless_impl!r}; "
+                             f"use one of {DROPLESS_IMPLS}")
+        if self.block_rows < 0:
+            raise ValueError(f"SwitchConfig.block_rows={self.block_rows}; use >= 1 (0: automatic)")
         if self.dropped_token_mode not in DROPPED_TOKEN_MODES:
             raise ValueError(
                 f"SwitchConfig.dropped_token_mode={self.dropped_token_mode!r}; "

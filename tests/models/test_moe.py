@@ -61,9 +61,16 @@ def loop_reference(params, x, token_mask, expert_mask, top_k, capacity, activati
     return y, tokens_per_expert, dropped
 
 
+# Dispatch paths under test: the capacity path and the two dropless implementations.
+PATHS = {"capacity": {}, "ragged": {"dispatch": "dropless", "dropless_impl": "ragged"},
+         "blocks": {"dispatch": "dropless", "dropless_impl": "blocks", "block_rows": 4}}
+
+
 def _setup(top_k=1, dispatch="capacity", capacity=3, seed=0, b=3, t=7, **kw):
-    layer = MoELayer(num_experts=E, d_ff=F, top_k=top_k, dispatch=dispatch,
-                     expert_capacity=capacity, **kw)
+    """`dispatch`: "capacity", "dropless" (the default implementation) or a key of `PATHS`."""
+    kw = {**PATHS.get(dispatch, {"dispatch": dispatch}), **kw}
+    kw.setdefault("dispatch", "capacity")
+    layer = MoELayer(num_experts=E, d_ff=F, top_k=top_k, expert_capacity=capacity, **kw)
     kx, kp = jax.random.split(jax.random.key(seed))
     x = jax.random.normal(kx, (b, t, D))
     params = layer.init(kp, x)
@@ -93,8 +100,9 @@ def test_capacity_path_matches_loop_reference(top_k, capacity, use_mask, mode):
 
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("gated", [False, True])
-def test_dropless_path_matches_loop_reference(top_k, gated):
-    layer, params, x, tmask = _setup(top_k, "dropless", None, gated=gated, activation="silu")
+@pytest.mark.parametrize("impl", ["ragged", "blocks"])
+def test_dropless_path_matches_loop_reference(top_k, gated, impl):
+    layer, params, x, tmask = _setup(top_k, impl, None, gated=gated, activation="silu")
     emask = np.array([True, True, False, True])
     y, stats = layer.apply(params, x, jnp.asarray(tmask), jnp.asarray(emask))
     ref, ref_tpe, _ = loop_reference(params, x, tmask, emask, top_k, None, "silu", gated)
@@ -103,9 +111,10 @@ def test_dropless_path_matches_loop_reference(top_k, gated):
     assert float(stats.dropped) == 0.0
 
 
-def test_paths_agree_when_nothing_is_dropped():
+@pytest.mark.parametrize("impl", ["ragged", "blocks"])
+def test_paths_agree_when_nothing_is_dropped(impl):
     layer, params, x, tmask = _setup(2, "capacity", 64)
-    dropless = layer.clone(dispatch="dropless")
+    dropless = layer.clone(**PATHS[impl])
     (y1, s1), (y2, s2) = (m.apply(params, x, jnp.asarray(tmask)) for m in (layer, dropless))
     np.testing.assert_allclose(np.asarray(y1), np.asarray(y2), atol=1e-6)
     np.testing.assert_allclose(np.asarray(s1.lb_loss), np.asarray(s2.lb_loss), rtol=1e-6)
@@ -113,7 +122,7 @@ def test_paths_agree_when_nothing_is_dropped():
     assert np.all(np.asarray(y1)[~tmask] == 0.0)
 
 
-@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+@pytest.mark.parametrize("dispatch", ["capacity", "ragged", "blocks"])
 def test_absent_experts_get_exactly_zero_gradient(dispatch):
     layer, params, x, tmask = _setup(1, dispatch, 64 if dispatch == "capacity" else None)
     emask = jnp.array([True, False, True, False])
@@ -210,7 +219,7 @@ def test_compute_capacity():
         compute_capacity(10, 4, expert_capacity=0)
 
 
-@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+@pytest.mark.parametrize("dispatch", ["capacity", "ragged", "blocks"])
 def test_gathered_subset_equals_masked_full_layer(dispatch):
     layer, params, x, tmask = _setup(1, dispatch, 64 if dispatch == "capacity" else None)
     keep = jnp.array([3, 1, 0, 0])  # two kept experts + padding slots (index 0 reused)
@@ -235,7 +244,7 @@ def test_gathered_subset_equals_masked_full_layer(dispatch):
     np.testing.assert_array_equal(new_r[:, [0, 2]], old_r[:, [0, 2]])
 
 
-@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+@pytest.mark.parametrize("dispatch", ["capacity", "ragged", "blocks"])
 def test_vmap_over_clients_matches_per_client_loop(dispatch):
     layer, params, x, tmask = _setup(1, dispatch, 2 if dispatch == "capacity" else None)
     clients = 3
@@ -290,7 +299,7 @@ def test_bad_input_raises_clear_errors():
         MoELayer(num_experts=2, d_ff=4, dispatch="magic").init(jax.random.key(0), x)
 
 
-@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+@pytest.mark.parametrize("dispatch", ["capacity", "ragged", "blocks"])
 def test_clients_sharded_over_devices_match_per_client_loop(dispatch):
     from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
@@ -315,3 +324,49 @@ def test_clients_sharded_over_devices_match_per_client_loop(dispatch):
         np.testing.assert_allclose(np.asarray(ys[c]), np.asarray(y_c), atol=1e-5)
         np.testing.assert_array_equal(np.asarray(stats.tokens_per_expert[c]),
                                       np.asarray(s_c.tokens_per_expert))
+
+
+@pytest.mark.parametrize("block_rows", [0, 1, 3, 32])  # 0: auto_block_rows
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_blocks_equal_ragged_in_outputs_and_gradients(block_rows, top_k):
+    """Any block size computes the ragged path's function (padding rows never reach an output) and
+    the same gradients, with a mask and padding tokens."""
+    layer, params, x, tmask = _setup(top_k, "ragged", None, gated=True, activation="silu")
+    blocks = layer.clone(dropless_impl="blocks", block_rows=block_rows)
+    emask = jnp.array([True, True, False, True])
+
+    def loss(m):
+        def f(p, xi):
+            y, stats = m.apply(p, xi, jnp.asarray(tmask), emask)
+            return jnp.sum(jnp.sin(y)) + stats.lb_loss + stats.z_loss, y
+        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, x)
+
+    (l1, y1), (g1, gx1) = loss(layer)
+    (l2, y2), (g2, gx2) = loss(blocks)
+    np.testing.assert_allclose(np.asarray(y2), np.asarray(y1), atol=1e-6)
+    np.testing.assert_allclose(float(l2), float(l1), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(gx2), np.asarray(gx1), atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_block_layout_by_hand():
+    from fedmoe_jax.models.dispatch import block_layout, num_blocks, sort_choices
+
+    # 6 choices over E = 3 experts, the fifth is padding: experts 2, 0, 2, 2, (pad), 0
+    order, key, sizes = sort_choices(jnp.array([2, 0, 2, 2, 1, 0]), jnp.array([1, 1, 1, 1, 0, 1], bool), 3)
+    np.testing.assert_array_equal(np.asarray(order), [1, 5, 0, 2, 3, 4])
+    np.testing.assert_array_equal(np.asarray(sizes), [2, 0, 3])
+    # blocks of G = 2 rows: expert 0 rows 0-1, expert 1 none, expert 2 rows 2-4 (+ row 5 padding)
+    assert num_blocks(6, 3, 2) == 5  # ceil((6 + 3 * 1) / 2)
+    row, block_expert = block_layout(key[order], sizes, 2)
+    np.testing.assert_array_equal(np.asarray(row), [0, 1, 2, 3, 4, 10])  # padding -> R = 10 (dropped)
+    np.testing.assert_array_equal(np.asarray(block_expert), [0, 2, 2, 2, 2])  # blocks 3, 4 unused
+
+
+def test_auto_block_rows():
+    from fedmoe_jax.models.dispatch import auto_block_rows
+
+    assert auto_block_rows(1024, 16) == 64  # 64 choices per expert on average
+    assert auto_block_rows(1023, 16) == 32
+    assert auto_block_rows(21, 4) == 32
