@@ -151,6 +151,9 @@ def test_cli_writes_json_and_markdown(tmp_path):
     (["experiments/benchmark_runs.py", "--set=not_a_key=1"], "not_a_key"),
     (["-m", "fedmoe_jax.tools.benchmarks.cli", "--child=numpy", "--preset=tiny"], "unknown contender"),
     (["-m", "fedmoe_jax.tools.benchmarks.cli", "--preset=tiny"], "--child"),
+    (["experiments/benchmark_experts.py", "--block_rows=big"], "--block_rows"),
+    (["experiments/benchmark_experts.py", "--experts=0"], ">= 1"),
+    (["experiments/benchmark_experts.py", "--bogus=1"], "bogus"),
 ])
 def test_bad_flags_exit_2_with_one_line(cmd, says):
     """Nothing is measured: every command line rejects bad input before any compute."""
@@ -197,3 +200,37 @@ def test_markdown_shows_device_memory_only_on_accelerators():
                     "scaling": [{"axis": "cohort", "value": 64, "round_s": 36.0, "client_steps_per_s": 7.1}]}
     md = cli.markdown(scaling_only)
     assert "| contender |" not in md and "- scaling cohort=64: 36.000 s/round, 7.10 client-steps/s" in md
+
+
+def test_compile_events_count_what_a_call_compiles():
+    from fedmoe_jax.tools.benchmarks.profiling import compile_events
+
+    f = jax.jit(lambda x: x * 3.0 + 1.0)
+    x = np.ones(7, np.float32)  # a shape no other test compiles this function with
+    with compile_events() as first:
+        f(x).block_until_ready()
+    with compile_events() as again:
+        f(x).block_until_ready()  # cached: nothing traced or compiled
+    assert first["traces"] >= 1 and first["compiles"] >= 1 and first["compile_s"] > 0
+    assert again["traces"] == 0 and again["compiles"] == 0
+
+
+def test_hf_capacity_drops_nothing_under_dropless_dispatch():
+    from fedmoe_jax.tools.benchmarks.torch_reference import hf_capacity
+
+    p = bm.PRESETS["tiny"]  # dropless, as the CPU-scale experiments
+    capacity = bm.make_workload(p.replace(model=p.model.replace(dispatch="capacity")))
+    # capacity factor 2 of S = 4 slots over 8 input tokens: ceil(2 * 8 / 4) = 4 per expert and sequence
+    assert hf_capacity(capacity) == 4
+    assert hf_capacity(bm.make_workload(p)) == max(p.input_len, p.target_len) == 8
+
+
+def test_expert_paths_time_every_contender():
+    from fedmoe_jax.tools.benchmarks.expert_paths import markdown, time_paths
+
+    results = time_paths(2, 8, 8, 16, 4, block_rows=(0, 4), repeats=1)
+    assert [r.name for r in results] == ["capacity(cf=2)", "ragged", "blocks(G=auto)", "blocks(G=4)"]
+    assert all(r.ms > 0 and r.flops > 0 for r in results)
+    # the routed tokens' expert FLOPs, forward + backward: 3 x 2 matmuls x 2 FLOPs x N x D x F
+    assert results[0].model_flops == 3 * 2 * 2 * (2 * 8) * 8 * 16
+    assert "| blocks(G=4) |" in markdown(results, "tiny")

@@ -173,6 +173,14 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {r['client_steps_per_s']:.2f} | {r['round_s']:.3f} | "
                      f"{r['first_round_s']:.1f} | {mfu} | {r['peak_rss_mb']:.0f} |{device}")
     lines.append("")
+    for name, r in result["contenders"].items():
+        programs = r.get("first_round_programs")
+        if programs and programs["traces"]:  # JAX contenders: what the first round traced, compiled
+            lines.append(f"- {name}, first round: {programs['traces']} traces ({programs['trace_s']:.1f} s), "
+                         f"{programs['lowers']} lowerings ({programs['lower_s']:.1f} s), "
+                         f"{programs['compiles']} XLA compiles ({programs['compile_s']:.1f} s)")
+    if any((r.get("first_round_programs") or {}).get("traces") for r in result["contenders"].values()):
+        lines.append("")
     profiled = {n: r["op_breakdown"] for n, r in result["contenders"].items() if "op_breakdown" in r}
     if profiled:
         from fedmoe_jax.tools.benchmarks.profiling import OP_CATEGORIES

@@ -26,6 +26,7 @@ from fedmoe_jax.federated.submodel import (
     narrow_config,
     zero_cohort_sums,
 )
+from fedmoe_jax.tools.benchmarks.profiling import compile_events
 from fedmoe_jax.tools.benchmarks.workload import Preset, PyTree, Workload, make_workload, optimizer
 
 CONTENDERS = ("vectorized", "sequential_jax", "pytorch_hf")
@@ -85,17 +86,21 @@ def sequential_round(w: Workload) -> Callable[[], PyTree]:
 # Timing
 # ---------------------------------------------------------------------------------------------
 def time_rounds(round_fn: Callable[[], Any], rounds: int = 3, warmup: int = 1) -> dict[str, Any]:
-    """Seconds of the first call (compilation included), then the median of `rounds` timed calls."""
+    """Seconds of the first call (compilation included; `first_round_programs`: what it traced, lowered
+    and compiled, `compile_events`), then the median of `rounds` timed calls."""
     t0 = time.perf_counter()
-    for _ in range(max(warmup, 1)):
+    with compile_events() as programs:
         round_fn()
     first = time.perf_counter() - t0
+    for _ in range(max(warmup, 1) - 1):
+        round_fn()
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         round_fn()
         times.append(time.perf_counter() - t0)
-    return {"first_round_s": first, "round_s": float(np.median(times)), "round_times_s": times}
+    return {"first_round_s": first, "round_s": float(np.median(times)), "round_times_s": times,
+            "first_round_programs": programs}
 
 
 def client_training_bytes(preset: Preset, kept: int) -> dict[str, int]:

@@ -1,8 +1,10 @@
 """Where a round's time goes: one round traced with `jax.profiler`, XLA:CPU op time summed per
-category (matmul, gather/scatter, copy/layout, elementwise/reduce, other)."""
+category (matmul, gather/scatter, copy/layout, elementwise/reduce, other); and what a call traces,
+lowers and compiles (`compile_events`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -87,3 +89,40 @@ def profile_round(round_fn: Callable[[], Any], directory: str) -> dict[str, Any]
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     return {**op_breakdown(events), "trace": files[-1]}
+
+
+# JAX's compile-time events (jax.monitoring): tracing to a jaxpr, lowering it to MLIR, XLA's compile.
+COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+                  "/jax/core/compile/backend_compile_duration": "compile"}
+_recording: list[dict[str, float]] = []
+
+
+def _on_event(event: str, seconds: float, **_: Any) -> None:
+    stage = COMPILE_EVENTS.get(event)
+    if stage is not None:
+        for totals in _recording:
+            totals[f"{stage}s"] += 1
+            totals[f"{stage}_s"] += seconds
+
+
+_listening = False
+
+
+@contextlib.contextmanager
+def compile_events():
+    """Count what JAX traces, lowers and compiles inside the block: yields a dict filled on the way,
+    `{"traces", "trace_s", "lowers", "lower_s", "compiles", "compile_s"}` (persistent-cache hits
+    still trace and lower, but skip `compile`)."""
+    global _listening
+    if not _listening:  # jax.monitoring has no public way to remove a listener: add ours once
+        jax.monitoring.register_event_duration_secs_listener(_on_event)
+        _listening = True
+    totals = {f"{stage}{suffix}": 0.0 for stage in COMPILE_EVENTS.values() for suffix in ("s", "_s")}
+    _recording.append(totals)
+    try:
+        yield totals
+    finally:
+        _recording.remove(totals)
+        for stage in COMPILE_EVENTS.values():
+            totals[f"{stage}s"] = int(totals[f"{stage}s"])

@@ -32,11 +32,14 @@ _ROUTER = re.compile(r"^(?P<stack>encoder|decoder)\.block\.(?P<block>\d+)\..*\.r
 
 def hf_capacity(w: Workload) -> int:
     """One absolute capacity for HF (it has no capacity factor): the encoder layers' capacity of our
-    capacity-factor routing at S slots (the larger of encoder and decoder)."""
+    capacity-factor routing at S slots (the larger of encoder and decoder); with the dropless dispatch
+    the sequence length, so that HF drops nothing either (it computes each expert's routed tokens)."""
     p, cfg = w.preset, w.preset.model
+    tokens = max(p.input_len, p.target_len)
+    if cfg.dispatch == "dropless":
+        return int(tokens)
     if cfg.expert_capacity is not None:
         return int(cfg.expert_capacity)
-    tokens = max(p.input_len, p.target_len)
     return int(min(tokens, math.ceil(cfg.capacity_factor * tokens * cfg.top_k / w.width)))
 
 

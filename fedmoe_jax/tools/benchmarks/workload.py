@@ -39,10 +39,12 @@ class Preset:
 
 
 def _small(**model: Any) -> SwitchConfig:
-    # capacity_factor 2 of the sub-MoE's slots (the CPU-scale experiments' setting); HF's absolute
-    # expert_capacity is kept equal to it by the torch contender.
+    # The CPU-scale experiments' routing: dropless (every routed token computed; the torch contender
+    # gives HF a capacity of the whole sequence, so it drops nothing either). `--model=dispatch=capacity`
+    # routes with capacity factor 2 of the sub-MoE's slots instead (HF: the same absolute capacity).
     base = dict(vocab_size=4096, d_model=128, d_kv=32, d_ff=512, num_heads=4, num_layers=4,
-                num_decoder_layers=4, num_experts=16, expert_capacity=None, capacity_factor=2.0)
+                num_decoder_layers=4, num_experts=16, expert_capacity=None, capacity_factor=2.0,
+                dispatch="dropless")
     return SwitchConfig(**{**base, **model})
 
 
