@@ -42,6 +42,7 @@ def get_config(arg: str = "standard_hetero_t"):
     c.model.baseline_path = ""  # required for full-model baselines: google/switch-base-8
     c.model.baseline_num_experts = 8
     c.model.capacity_factor = 0.0  # HF's absolute expert_capacity (64 per expert per sequence)
+    c.model.dispatch = "capacity"  # Switch / HF routing: tokens past an expert's capacity are dropped
     c.memory.relative = False
     c.memory.budget_low = 18.0  # GB (the paper's budgets)
     c.memory.budget_high = 24.0

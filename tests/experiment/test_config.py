@@ -199,7 +199,7 @@ def test_prepare_workdir_refuses_a_different_run_and_keeps_its_files(tmp_path):
     assert prepare_workdir(c, str(tmp_path)) is False
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["num_rounds"] == 99 and saved["model"]["remat"] == "full"
-    c.model.dispatch = "dropless"
+    c.model.dispatch = "capacity"  # the default is "dropless": the run's function changes
     with pytest.raises(ConfigError, match="model.dispatch"):
         prepare_workdir(c, str(tmp_path))
 

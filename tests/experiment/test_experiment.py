@@ -95,10 +95,10 @@ def test_client_budgets_relative_and_absolute():
 
 def test_runtime_overrides():
     c = default_config()
-    assert runtime_overrides(c) == {"capacity_factor": 2.0, "expert_capacity": None}
+    assert runtime_overrides(c) == {"capacity_factor": 2.0, "expert_capacity": None, "dispatch": "dropless"}
     c.model.capacity_factor, c.model.expert_capacity = 0.0, 32
-    c.model.dispatch, c.model.dropout_rate = "dropless", 0.0
-    assert runtime_overrides(c) == {"expert_capacity": 32, "dispatch": "dropless", "dropout_rate": 0.0}
+    c.model.dispatch, c.model.dropout_rate = "capacity", 0.0
+    assert runtime_overrides(c) == {"expert_capacity": 32, "dispatch": "capacity", "dropout_rate": 0.0}
 
 
 def test_params_fingerprint_sees_one_bit_and_not_dict_order():
