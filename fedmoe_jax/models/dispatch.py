@@ -21,10 +21,12 @@ import jax.numpy as jnp
 Array = jax.Array
 
 DROPLESS_IMPLS = ("auto", "blocks", "ragged")
-# Rows per block by measurement (experiments/benchmark_experts.py, 2-core CPU, 2026-12-06): 64 where an
-# expert gets 64 or more choices on average, else 32; smaller blocks ran slower at every measured shape
-# (more, smaller matmuls and more gathered weight copies), larger ones computed more padding.
-LARGE_BLOCK_ROWS, SMALL_BLOCK_ROWS = 64, 32
+# Rows per block by measurement (experiments/benchmark_experts.py, 2-core CPU, 2026-12-06): about the
+# average choices per expert, as a power of two, at most 64. At 1024-2048 choices over 8-16 experts, 64
+# beat 32 and 32 beat 8-16 (fewer, larger matmuls, fewer gathered weight copies); at 32 choices per
+# expert 32 was best; when experts average a few choices or fewer (greedy decoding: one token per
+# sequence) small blocks keep the padding E*(G-1) from dwarfing the work.
+MAX_BLOCK_ROWS = 64
 
 
 def sort_choices(expert_of_choice: Array, real: Array, num_experts: int) -> tuple[Array, Array, Array]:
@@ -43,8 +45,9 @@ def num_blocks(num_choices: int, num_experts: int, block_rows: int) -> int:
 
 
 def auto_block_rows(num_choices: int, num_experts: int) -> int:
-    """G for N choices over E experts: `LARGE_BLOCK_ROWS` when N / E >= it, else `SMALL_BLOCK_ROWS`."""
-    return LARGE_BLOCK_ROWS if num_choices >= LARGE_BLOCK_ROWS * num_experts else SMALL_BLOCK_ROWS
+    """G for N choices over E experts: the largest power of two <= N / E, within [1, `MAX_BLOCK_ROWS`]."""
+    per_expert = max(num_choices // num_experts, 1)
+    return min(1 << (per_expert.bit_length() - 1), MAX_BLOCK_ROWS)
 
 
 def block_layout(sorted_key: Array, group_sizes: Array, block_rows: int) -> tuple[Array, Array]:
@@ -82,5 +85,5 @@ def resolve_impl(impl: str) -> str:
     return "blocks" if jax.default_backend() == "cpu" else "ragged"
 
 
-__all__ = ["DROPLESS_IMPLS", "LARGE_BLOCK_ROWS", "SMALL_BLOCK_ROWS", "auto_block_rows", "block_layout",
-           "num_blocks", "resolve_impl", "sort_choices"]
+__all__ = ["DROPLESS_IMPLS", "MAX_BLOCK_ROWS", "auto_block_rows", "block_layout", "num_blocks",
+           "resolve_impl", "sort_choices"]

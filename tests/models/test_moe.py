@@ -367,6 +367,8 @@ def test_block_layout_by_hand():
 def test_auto_block_rows():
     from fedmoe_jax.models.dispatch import auto_block_rows
 
-    assert auto_block_rows(1024, 16) == 64  # 64 choices per expert on average
-    assert auto_block_rows(1023, 16) == 32
-    assert auto_block_rows(21, 4) == 32
+    # the largest power of two <= N / E, within [1, 64]
+    assert auto_block_rows(1024, 8) == 64  # 128 per expert: capped
+    assert auto_block_rows(256, 8) == 32
+    assert auto_block_rows(255, 8) == 16  # 31 per expert
+    assert auto_block_rows(8, 16) == 1  # a decoding step: one token per sequence
