@@ -472,17 +472,19 @@ class MoELayer(nn.Module):
         # Padding choices sort after the real ones (key E) and are never computed.
         order, sort_key, group_sizes = sort_choices(top_idx.reshape(n), flat_real, e)
         xs = x.reshape(b * t, d)[order // k]
-        impl = resolve_impl(self.dropless_impl)
-        if impl == "ragged":
+        if resolve_impl(self.dropless_impl) == "ragged":
             ys = experts.ragged(xs, group_sizes, deterministic)
+            per_choice = jnp.zeros_like(ys).at[order].set(ys)
         else:
             g = self.block_rows or auto_block_rows(n, e)
             row, block_expert = block_layout(sort_key[order], group_sizes, g)
             nb = block_expert.shape[0]
             rows = jnp.zeros((nb * g, d), xs.dtype).at[row].set(xs, mode="drop")
             out = experts.blocked(rows.reshape(nb, g, d), block_expert, deterministic).reshape(nb * g, d)
-            ys = out.at[row].get(mode="fill", fill_value=0)
-        per_choice = jnp.zeros_like(ys).at[order].set(ys).reshape(b, t, k, d)
+            # each choice reads its own row (an [N] index permutation, not a second [N, D] scatter)
+            row_of_choice = jnp.zeros_like(row).at[order].set(row)
+            per_choice = out.at[row_of_choice].get(mode="fill", fill_value=0)
+        per_choice = per_choice.reshape(b, t, k, d)
         y = jnp.einsum("btkd,btk->btd", per_choice, gates.astype(per_choice.dtype))
         kept = jnp.ones((b, t, k), bool)
         return y, kept

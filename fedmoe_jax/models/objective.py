@@ -55,19 +55,20 @@ def batch_masks(batch: Mapping[str, Array]) -> tuple[Array, Array]:
 
 
 def seq2seq_apply(model: SwitchTransformer, params: PyTree, batch: Mapping[str, Array],
-                  expert_mask: Array | None = None, rng: Array | None = None) -> tuple[SwitchOutput, Array]:
-    """Teacher-forced forward pass on one batch: `(output, decoder mask [B, T])`; dropout and router
-    jitter from `rng` (None: deterministic)."""
+                  expert_mask: Array | None = None, rng: Array | None = None
+                  ) -> tuple[SwitchOutput, Array, Array]:
+    """Teacher-forced forward pass on one batch: `(output, encoder mask [B, S_in], decoder mask [B, T])`
+    (`batch_masks`); dropout and router jitter from `rng` (None: deterministic)."""
     config = model.config
     enc, dec = batch_masks(batch)
     decoder_inputs = shift_right(batch["targets"], config.decoder_start_token_id, config.pad_token_id)
     if rng is None:
         return model.apply({"params": params}, batch["inputs"], decoder_inputs, enc, dec,
-                           expert_mask=expert_mask), dec
+                           expert_mask=expert_mask), enc, dec
     dropout_rng, jitter_rng = jax.random.split(rng)
     return model.apply({"params": params}, batch["inputs"], decoder_inputs, enc, dec,
                        expert_mask=expert_mask, deterministic=False,
-                       rngs={"dropout": dropout_rng, "jitter": jitter_rng}), dec
+                       rngs={"dropout": dropout_rng, "jitter": jitter_rng}), enc, dec
 
 
 def seq2seq_loss(model: SwitchTransformer, params: PyTree, batch: Mapping[str, Array],
@@ -80,7 +81,7 @@ def seq2seq_loss(model: SwitchTransformer, params: PyTree, batch: Mapping[str, A
     router jitter (training mode); None applies the model deterministically. metrics: loss, ce,
     lb_loss, z_loss; routing: `RoutingStats [L, E]` of the batch.
     """
-    out, dec = seq2seq_apply(model, params, batch, expert_mask, rng)
+    out, _, dec = seq2seq_apply(model, params, batch, expert_mask, rng)
     loss, metrics = switch_loss(out, batch["targets"], dec, loss_config.label_smoothing,
                                 loss_config.lb_loss_weight, loss_config.z_loss_weight)
     return loss, (metrics, out.routing)
@@ -147,10 +148,9 @@ class SwitchMoE:
         unsmoothed cross-entropy summed over real target tokens, and with `max_length > 0` greedy
         predictions `tokens [B, max_length]` (else None)."""
         model = SwitchTransformer(self.config)
-        out, dec = seq2seq_apply(model, params, batch, expert_mask)
+        out, enc, dec = seq2seq_apply(model, params, batch, expert_mask)
         n_tokens = dec.sum()
         loss_sum = cross_entropy(out.logits, batch["targets"], dec) * n_tokens
-        enc = batch_masks(batch)[0]
         tokens = (greedy_decode(model, params, batch["inputs"], enc, max_length, expert_mask).tokens
                   if max_length else None)
         return loss_sum, n_tokens, out.routing, tokens
