@@ -3,12 +3,8 @@ r"""Seeds vectorized in one round program (`RunGroup`) vs the same seeds' rounds
     python experiments/benchmark_runs.py --config=configs/cpu.py:standard_hetero_t,random_moe \
         --seeds=3 --rounds=3 --out=runs/bench_runs.json
 
-Builds R trainers of one config (seeds 0..R-1; random init, no validation, so only the round's
-training + aggregation is timed), warms both paths up (compilation), then times `--rounds` rounds
-of each: `sequential` = `trainer.run_round()` per seed, `vectorized` = `RunGroup.run_round()`.
-Reports seconds per round of all R runs (median), client-steps per second and the ratio, as JSON.
-Exit status 2 (one line on stderr) for a bad flag, config or override.
-See `fedmoe_jax.tools.benchmarks.run_group`.
+What is timed and reported: `fedmoe_jax.tools.benchmarks.run_group`. Exit status 2 (one line on
+stderr) for a bad flag, config or override.
 """
 
 from __future__ import annotations
