@@ -208,8 +208,9 @@ def initial_params(config: ml_collections.ConfigDict, cfg, full_model_baseline: 
             raise ConfigError(f"{e}: restore it (a partial checkout?), or pass "
                               "--config.model.build_pretrained=True to pretrain it here") from None
         return cfg, params
-    ids = jnp.ones((1, 8), jnp.int32)
-    params = SwitchTransformer(cfg).init(jax.random.key(config.seed), ids, ids)["params"]
+    ids = jnp.ones((1, 8), jnp.int32)  # one compiled program, not hundreds of eager ops (start-up)
+    init = jax.jit(lambda key: SwitchTransformer(cfg).init(key, ids, ids)["params"])
+    params = init(jax.random.key(config.seed))
     return cfg, jax.tree.map(np.asarray, params)
 
 

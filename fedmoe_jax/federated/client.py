@@ -61,6 +61,11 @@ def expert_update_mask(params: Mapping[str, Any], layout: MoELayout, valid: Arra
     return unflatten_dict(out)
 
 
+def all_finite(tree: PyTree) -> Array:
+    """`<bool>[]`: every entry of every leaf is finite (no NaN or inf)."""
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
+
+
 def make_train_step(
     model: FederatedModel | SwitchConfig,
     optimizer: optax.GradientTransformation,
@@ -130,8 +135,9 @@ def make_local_train(
       rng: the client's key (`fold_in(fold_in(root, round), client_id)`); step k uses `fold_in(rng, k)`.
       extra: the client's algorithm state for the hooks (None if unused).
     `model`: a `FederatedModel` (or a `SwitchConfig` with `loss_config`). Returns: trained params,
-    metrics (means over real steps: loss, ce, lb_loss, z_loss, and num_steps), and routing statistics
-    summed over the real steps.
+    metrics (means over real steps: loss, ce, lb_loss, z_loss; num_steps; finite: 1.0 while every
+    parameter and every real step's loss stayed finite, else 0.0), and routing statistics summed over
+    the real steps.
     """
     model = as_federated_model(model, loss_config)
     train_step = make_train_step(model, optimizer, hooks=hooks, merge=merge)
@@ -142,23 +148,27 @@ def make_local_train(
         anchor = params
 
         def step(carry, inputs):
-            params, opt_state = carry
+            params, opt_state, finite = carry
             batch, real, index = inputs
             params, opt_state, metrics, stats = train_step(
                 params, opt_state, batch, jax.random.fold_in(rng, index), valid, frozen=frozen,
                 anchor=anchor, extra=extra, update_mask=update_mask, real=real)
+            # tracked in the carry, not tested on the result: a flag that leaves the loop is not
+            # fused (and so copied) into every consumer of the trained leaves (compile time)
+            finite = finite & all_finite(params) & (jnp.isfinite(metrics["loss"]) | ~real)
             real_f = real.astype(jnp.float32)
             metrics = jax.tree.map(lambda m: m * real_f, metrics)
             stats = jax.tree.map(lambda s: s * real_f, stats)
-            return (params, opt_state), (metrics, stats)
+            return (params, opt_state, finite), (metrics, stats)
 
         k = step_mask.shape[0]
-        (params, _), (metrics, stats) = jax.lax.scan(
-            step, (params, opt_state), (batches, step_mask, jnp.arange(k))
+        (params, _, finite), (metrics, stats) = jax.lax.scan(
+            step, (params, opt_state, jnp.array(True)), (batches, step_mask, jnp.arange(k))
         )
         n = jnp.maximum(step_mask.astype(jnp.float32).sum(), 1.0)
         metrics = {name: value.sum() / n for name, value in metrics.items()}
         metrics["num_steps"] = step_mask.astype(jnp.float32).sum()
+        metrics["finite"] = finite.astype(jnp.float32)
         stats = stats.total()
         return params, metrics, stats
 

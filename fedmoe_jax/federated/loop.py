@@ -91,12 +91,11 @@ def merge_sub_cohorts(tree: PyTree, c: int) -> PyTree:
 
 def exclude_nonfinite(trained: PyTree, received: PyTree, metrics: dict[str, Array]
                       ) -> tuple[PyTree, dict[str, Array]]:
-    """Clients whose trained parameters or loss hold a NaN/inf (leaves `[C, ...]`) get their received
-    parameters back and `metrics["finite"] = 0` (aggregation weight 0): one client's divergence never
-    poisons the global model. `metrics["finite"]`: `<f32>[C]`, 1 for healthy clients."""
-    ok = jnp.isfinite(metrics["loss"])
-    for leaf in jax.tree.leaves(trained):
-        ok = ok & jnp.isfinite(leaf).reshape(leaf.shape[0], -1).all(-1)
+    """Clients whose local training went non-finite (`metrics["finite"]` `<f32>[C]` = 0, from
+    `make_local_train`: a NaN/inf parameter or loss at some step) or whose mean loss is not finite get
+    their received parameters back (leaves `[C, ...]`) and `metrics["finite"] = 0` (aggregation weight
+    0): one client's divergence never poisons the global model."""
+    ok = (metrics["finite"] > 0) & jnp.isfinite(metrics["loss"])
 
     def keep(t, r):
         return jnp.where(ok.reshape((-1,) + (1,) * (t.ndim - 1)), t, r)

@@ -185,3 +185,16 @@ def test_scaffold_update_correction(setup):
                        correct_update=lambda u: jax.tree.map(lambda a, e: a - 1e-2 * e, u, extra))
     for (key, a), (_, b) in zip(sorted(flatten_dict(got).items()), sorted(flatten_dict(ref).items())):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6, err_msg=str(key))
+
+
+def test_local_train_flags_a_nonfinite_client(setup):
+    """`metrics["finite"]`: 1 while every parameter and every real step's loss stayed finite; a NaN
+    gradient at any real step makes it 0, an all-padding step (masked, its loss undefined) does not."""
+    config, subs, valid, batches = setup
+    hooks = LocalHooks(grad_correction=lambda g, scale: jax.tree.map(lambda x: x * scale, g))
+    local_train = jax.jit(make_local_train(config, optax.sgd(0.1), hooks=hooks))
+    empty = dict(batches[0], example_mask=batches[0]["example_mask"].at[2].set(False))  # step 2: padding
+    step_mask = jnp.array([True, True, False])
+    _, healthy, _ = local_train(subs[0], empty, step_mask, valid[0], jax.random.key(0), jnp.float32(1.0))
+    _, poisoned, _ = local_train(subs[0], empty, step_mask, valid[0], jax.random.key(0), jnp.float32(np.nan))
+    assert float(healthy["finite"]) == 1.0 and float(poisoned["finite"]) == 0.0

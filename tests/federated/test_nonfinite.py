@@ -34,7 +34,8 @@ def test_exclude_nonfinite_by_hand():
     trained = {"w": jnp.array([[1.0, 2.0], [jnp.nan, 0.0], [3.0, 4.0]])}
     received = {"w": jnp.zeros((3, 2))}
     loss = jnp.array([0.5, 0.1, jnp.inf])
-    out, metrics = exclude_nonfinite(trained, received, {"loss": loss})
+    # client 1's local training saw a NaN parameter (its flag), client 2's loss is not finite
+    out, metrics = exclude_nonfinite(trained, received, {"loss": loss, "finite": jnp.array([1.0, 0.0, 1.0])})
     assert np.asarray(metrics["finite"]).tolist() == [1.0, 0.0, 0.0]
     np.testing.assert_array_equal(np.asarray(out["w"]), [[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]])
 
