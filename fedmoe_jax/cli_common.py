@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -116,3 +117,23 @@ def flags_parser(schema: str | None = None, example: str | None = None) -> Calla
 
 
 __all__ = ["USAGE_EXIT", "config_problem", "fail", "flags_parser", "loaded_config", "quiet_logs"]
+
+
+def default_compilation_cache() -> str:
+    """Where the CLIs keep JAX's persistent compilation cache unless told otherwise: `$FEDMOE_JAX_CACHE`,
+    else JAX's own `$JAX_COMPILATION_CACHE_DIR`, else `$XDG_CACHE_HOME/fedmoe_jax/xla` (`~/.cache/...`).
+    A later launch of the same shapes, flags and JAX version loads its programs instead of compiling."""
+    for var in ("FEDMOE_JAX_CACHE", "JAX_COMPILATION_CACHE_DIR"):
+        if var in os.environ:
+            return os.environ[var]
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(home, "fedmoe_jax", "xla")
+
+
+def use_compilation_cache(path: str) -> None:
+    """Turn on JAX's persistent compilation cache in `path` ('' = off: nothing is read or written)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path or None)
+    jax.config.update("jax_enable_compilation_cache", bool(path))
+

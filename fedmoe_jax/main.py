@@ -18,7 +18,13 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from fedmoe_jax.cli_common import fail, flags_parser, loaded_config
+from fedmoe_jax.cli_common import (
+    default_compilation_cache,
+    fail,
+    flags_parser,
+    loaded_config,
+    use_compilation_cache,
+)
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,8 +33,9 @@ flags.DEFINE_string("workdir", None, "Run directory: config.json, checkpoints, m
 flags.DEFINE_list("seeds", [], "Run these seeds of the config together, their rounds vectorized in one "
                   "program (fedmoe_jax.federated.runs); --workdir must then contain {seed}.")
 flags.DEFINE_bool("progress", True, "Show tqdm progress bars.")
-flags.DEFINE_string("jax_cache", os.environ.get("FEDMOE_JAX_CACHE", ""),
-                    "Persistent JAX compilation cache directory ('' = off).")
+flags.DEFINE_string("jax_cache", default_compilation_cache(),
+                    "Persistent JAX compilation cache directory ('' = off); default: $FEDMOE_JAX_CACHE, "
+                    "else $JAX_COMPILATION_CACHE_DIR, else ~/.cache/fedmoe_jax/xla.")
 
 NONFINITE_EXIT = 3  # a client update held NaN/inf and on_nonfinite='stop'
 SCHEMA, EXAMPLE = "fedmoe_jax/experiment/config.py", "configs/tiny.py"
@@ -38,10 +45,7 @@ parse_flags = flags_parser(SCHEMA, EXAMPLE)
 def main(argv: list[str]) -> None:
     config = loaded_config(_CONFIG, argv, "method", SCHEMA, EXAMPLE, FLAGS.workdir,
                            "the run directory; the same one again resumes")
-    if FLAGS.jax_cache:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", FLAGS.jax_cache)
+    use_compilation_cache(FLAGS.jax_cache)
     from fedmoe_jax.errors import ConfigError
     from fedmoe_jax.federated.loop import MemoryCapExceeded
     from fedmoe_jax.federated.preemption import RunInterrupted

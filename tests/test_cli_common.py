@@ -1,0 +1,33 @@
+"""The CLIs' shared pieces: where the persistent compilation cache lives, and turning it off."""
+
+import os
+
+import jax
+
+from fedmoe_jax.cli_common import default_compilation_cache, use_compilation_cache
+
+
+def test_compilation_cache_location_by_precedence(monkeypatch, tmp_path):
+    for var in ("FEDMOE_JAX_CACHE", "JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_compilation_cache() == os.path.join(str(tmp_path), ".cache", "fedmoe_jax", "xla")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    assert default_compilation_cache() == "/xdg/fedmoe_jax/xla"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/jax")
+    assert default_compilation_cache() == "/jax"
+    monkeypatch.setenv("FEDMOE_JAX_CACHE", "/ours")
+    assert default_compilation_cache() == "/ours"
+
+
+def test_use_compilation_cache_on_and_off(tmp_path):
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache)
+    try:
+        use_compilation_cache(str(tmp_path))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path)
+        assert jax.config.jax_enable_compilation_cache
+        use_compilation_cache("")
+        assert jax.config.jax_compilation_cache_dir is None and not jax.config.jax_enable_compilation_cache
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_enable_compilation_cache", before[1])
