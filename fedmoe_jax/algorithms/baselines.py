@@ -123,6 +123,7 @@ class SCAFFOLD(Algorithm):
     # c_i+ from x and y_i, so the client holds no copy of x
     state_copies = 2
     needs_client_params = True
+    client_model_copies = 1  # c_i, kept for every registered client
 
     def __init__(self, lr_local: float, local_steps: int):
         if lr_local <= 0 or local_steps < 1:
@@ -133,7 +134,9 @@ class SCAFFOLD(Algorithm):
 
     def init_extra(self, num_clients: int, params: PyTree) -> PyTree:
         """c_i = 0, leaves `<f32>[N, ...]`."""
-        return jax.tree.map(lambda p: np.zeros((num_clients,) + np.shape(p), np.float32), params)
+        # written now, not left to the OS's lazy zero pages: the memory is claimed at start, and no round
+        # pays the first touch of its clients' rows (+0.06 s a round at 3,000 tiny-model clients)
+        return jax.tree.map(lambda p: np.full((num_clients,) + np.shape(p), 0.0, np.float32), params)
 
     def init_server_extra(self, params: PyTree) -> PyTree:
         return {"c": jax.tree.map(lambda p: np.zeros(np.shape(p), np.float32), params), "x": params}
@@ -183,10 +186,9 @@ class SCAFFOLD(Algorithm):
         deltas = self.control_deltas(c, x, report)
         cohort = np.asarray(report.cohort)
 
-        def put(ci, d):
-            out = np.array(ci, np.float32, copy=True)
-            out[cohort] += d
-            return out
+        def put(ci, d):  # in place (as `ClientStates.put`): O(C) of the [N, ...] controls, not O(N)
+            ci[cohort] += d
+            return ci
 
         states = record_report(states, report)
         return states.replace(extra=jax.tree.map(put, states.extra, deltas))
@@ -210,6 +212,7 @@ class LocalOnly(Algorithm):
     name = "local"
     aggregates = False
     needs_client_params = True
+    client_model_copies = 1
 
     def init_extra(self, num_clients: int, params: PyTree) -> PyTree:
         return jax.tree.map(lambda p: np.repeat(np.asarray(p)[None], num_clients, axis=0), params)

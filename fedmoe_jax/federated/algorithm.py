@@ -67,6 +67,9 @@ class Algorithm:
     state_copies = 0
     # False: no server; each client keeps its own model in `states.extra` (`[N, ...]` full trees)
     aggregates = True
+    # float32 copies of the whole model the server keeps per registered client in `states.extra`
+    # (SCAFFOLD's c_i, local's personal models): host memory N x this x the model's bytes
+    client_model_copies = 0
 
     def initial_expert_maps(self, config: SwitchConfig, num_clients: int, seed: int) -> np.ndarray:
         """`<bool>[N, L, E]` the sub-MoE each client starts with."""

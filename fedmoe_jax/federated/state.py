@@ -10,13 +10,43 @@ Shape letters: N clients, C cohort, L MoE layers, E experts.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import flax
 import jax
 import numpy as np
 
+from fedmoe_jax.errors import ConfigError
+
 PyTree = Any
+# At most this share of the machine's physical memory goes to per-client model copies (the rest: the
+# round itself, the data, a checkpoint being written)
+CLIENT_STATE_MEMORY_SHARE = 0.5
+
+
+def host_memory_bytes() -> int:
+    """Physical memory of this machine in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_client_state_memory(name: str, copies: int, num_clients: int, params: PyTree,
+                              available: int | None = None) -> int:
+    """Bytes of `copies` float32 model copies per registered client (`Algorithm.client_model_copies`);
+    raises `ConfigError` (one line, before anything is allocated) when they exceed
+    `CLIENT_STATE_MEMORY_SHARE` of `available` (default: this machine's physical memory)."""
+    per_client = copies * 4 * sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
+    need = num_clients * per_client
+    memory = available if available is not None else host_memory_bytes()
+    limit = CLIENT_STATE_MEMORY_SHARE * memory
+    if need > limit:
+        raise ConfigError(
+            f"{name} keeps {copies} model cop{'y' if copies == 1 else 'ies'} per registered client: "
+            f"{num_clients} clients x {per_client / 2**20:.1f} MiB = {need / 2**30:.1f} GiB of host memory, "
+            f"over {CLIENT_STATE_MEMORY_SHARE:.0%} of this machine's {memory / 2**30:.1f} GiB; use at most "
+            f"{int(limit // max(per_client, 1))} clients (data.num_clients) or a method "
+            "without per-client model state")
+    return need
 
 
 @flax.struct.dataclass
@@ -73,17 +103,28 @@ class ClientStates:
         return jax.tree.map(lambda a: a[np.asarray(cohort)], self)
 
     def put(self, cohort: np.ndarray, rows: ClientStates) -> ClientStates:
-        """A copy with the cohort's rows replaced by `rows` (`[C, ...]`)."""
+        """The states with the cohort's rows replaced by `rows` (`[C, ...]`).
+
+        The metadata fields are copied (`[N, L, E]` at most: a round's cost stays independent of N in
+        practice); host `extra` leaves, which may be a model copy per client (`[N, ...]` of the whole
+        model), are written in place, so a round costs O(C) of them, not O(N): the `extra` of the
+        states this is called on changes too."""
         idx = np.asarray(cohort)
 
-        def put(full, part):
+        def put(full, part, in_place=False):
             if isinstance(full, np.ndarray):
-                out = full.copy()
+                out = full if in_place else full.copy()
                 out[idx] = part
                 return out
             return full.at[idx].set(part)
 
-        return jax.tree.map(put, self, rows)
+        extra = jax.tree.map(lambda f, p: put(f, p, in_place=True), self.extra, rows.extra)
+        meta = jax.tree.map(put, self.replace(extra=None), rows.replace(extra=None))
+        return meta.replace(extra=extra)
+
+    def extra_bytes(self) -> int:
+        """Bytes of the per-client algorithm state `extra` (all N clients)."""
+        return int(sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(self.extra)))
 
 
 @flax.struct.dataclass

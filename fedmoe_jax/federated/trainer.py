@@ -50,7 +50,7 @@ from fedmoe_jax.federated.sharding import (
     shard_cohort,
     to_host,
 )
-from fedmoe_jax.federated.state import ClientStates, ServerState
+from fedmoe_jax.federated.state import ClientStates, ServerState, check_client_state_memory
 from fedmoe_jax.federated.submodel import (
     bucket_width,
     expert_slots,
@@ -93,6 +93,8 @@ class FederatedTrainer:
         n = data.num_clients
         self.client_tasks = np.asarray([data.partition.task_of(c) for c in range(n)])
         self.initial_maps = algorithm.initial_expert_maps(config, n, settings.seed)
+        if algorithm.client_model_copies:
+            check_client_state_memory(algorithm.name, algorithm.client_model_copies, n, params)
         self.states = ClientStates.create(self.initial_maps, algorithm.init_extra(n, params),
                                           algorithm.initial_profiles(config, n))
         server_opt = server_optimizer or optax.sgd(1.0)
@@ -144,7 +146,7 @@ class FederatedTrainer:
             return
         round_num, state, _ = restored
         self.server = ServerState(state["params"], state["opt_state"], round_num, state["server_extra"])
-        self.states = jax.tree.map(np.asarray, state["clients"])
+        self.states = jax.tree.map(np.array, state["clients"])  # writable: `put` writes `extra` in place
 
     def checkpoint(self, force: bool = False) -> None:
         """Save the run state after the last finished round (every `checkpoint_every` rounds)."""

@@ -90,7 +90,7 @@ def test_scaffold_control_updates_match_numpy():
     # start from non-zero controls so every term of the formulas matters
     states = states.replace(extra=tiny_tree(rng, (n,)))
     server = {"c": tiny_tree(rng), "x": x}
-    c_i0, c0 = states.extra, server["c"]
+    c_i0, c0 = jax.tree.map(np.copy, states.extra), server["c"]  # update_clients writes c_i in place
 
     cohort = np.array([3, 0, 4])
     extra = alg.cohort_extra(states, cohort, server)
@@ -109,6 +109,7 @@ def test_scaffold_control_updates_match_numpy():
     report = CohortReport(0, cohort, np.zeros(3, np.float32), examples, np.full(3, np.nan, np.float32),
                           np.zeros((3, 2, 4), np.float32), client_params=y)
     new_states = alg.update_clients(states, report)
+    assert new_states.extra["a"] is states.extra["a"]  # the [N, ...] controls: written in place, O(C)
     new_server = alg.update_server(server, report, "new-params")
     assert new_server["x"] == "new-params"
     np.testing.assert_array_equal(new_states.participations, [1, 0, 0, 1, 1])
