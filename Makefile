@@ -47,7 +47,7 @@ $(WORDNET_DIR)/data.noun:
 
 test: $(VENV)/.installed-test $(WORDNET_DIR)/data.noun
 	$(PY) -m ruff check fedmoe_jax tests experiments configs
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 lint: $(VENV)/.installed-test
 	$(PY) -m ruff check fedmoe_jax tests experiments configs

@@ -3,12 +3,14 @@
     python experiments/benchmark.py --preset=cpu-small --out=runs/bench/cpu.json --md=runs/bench/cpu.md
     python experiments/benchmark.py --preset=cpu-small --scaling=cohort:4,8,16,32 --contenders=vectorized
     python experiments/benchmark.py --preset=cpu-small --scaling=experts:8,16,32,64,128
+    python experiments/benchmark.py --scaling=clients:30,1000,10000 --cohort=24 --method=fedmoe
 
 Each contender runs in its own child process (so its peak RSS is its own) on the same workload
 (`fedmoe_jax.tools.benchmarks`: same model, expert maps, batches, local steps and cohort); the machine's
 matmul peak is measured in another. Prints and writes JSON (`client_steps_per_s` per contender,
 `ratios`, `mfu`, `device`, per-contender details) and a Markdown table. With `--scaling`, the
-vectorized round is timed over cohort sizes or global expert counts (kept experts per client fixed).
+vectorized round is timed over cohort sizes or global expert counts (kept experts per client fixed),
+or the experiment pipeline's round over registered clients (`fedmoe_jax.tools.benchmarks.clients`).
 Exit status 2 (one line on stderr) for a bad flag. See `fedmoe_jax.tools.benchmarks.cli`.
 """
 
@@ -33,7 +35,9 @@ flags.DEFINE_integer("seed", 0, "Workload seed.")
 flags.DEFINE_integer("peak_n", 0, "Matmul size of the peak measurement, in the model's compute dtype "
                      "(0: 1024 on CPU, 8192 on accelerators, whose peak small products miss).")
 flags.DEFINE_string("scaling", "", "cohort:4,8,16 or experts:8,16,32: time the vectorized round over these "
-                    "sizes instead of the contenders.")
+                    "sizes instead of the contenders; clients:30,1000,10000: time the experiment pipeline's "
+                    "round (configs/tiny.py, --method) with that many registered clients, --cohort a round.")
+flags.DEFINE_string("method", "fedmoe", "Method of --scaling=clients:... (a registered method name).")
 flags.DEFINE_multi_string("model", [], "KEY=VALUE override of a SwitchConfig field of the preset, e.g. "
                           "dtype=bfloat16, dispatch=dropless, capacity_factor=1.25 (repeatable).")
 flags.DEFINE_string("profile", "", "Also trace one round of each JAX contender with jax.profiler into "
@@ -45,7 +49,7 @@ flags.DEFINE_string("md", "", "Markdown file.")
 FLAGS = flags.FLAGS
 
 _SETTINGS = ("preset", "contenders", "rounds", "warmup", "seed", "peak_n", "scaling", "model", "profile",
-             "cohort", "experts", "out", "md")
+             "cohort", "experts", "method", "out", "md")
 
 
 def main(argv: list[str]) -> None:

@@ -144,6 +144,8 @@ def test_cli_writes_json_and_markdown(tmp_path):
     (["experiments/benchmark.py", "--preset=huge"], "--preset"),
     (["experiments/benchmark.py", "--rounds=many"], "--rounds"),
     (["experiments/benchmark.py", "--scaling=cohort:a,b"], "--scaling"),
+    (["experiments/benchmark.py", "--scaling=clients:30,1000", "--cohort=31"], "smallest client count 30"),
+    (["experiments/benchmark.py", "--scaling=clients:30", "--method=fedsgd"], "--method"),
     (["experiments/benchmark.py", "stray"], "unexpected arguments"),
     (["experiments/benchmark_runs.py", "--bogus=1"], "bogus"),
     (["experiments/benchmark_runs.py", "--seeds=0"], "--seeds"),
@@ -234,3 +236,39 @@ def test_expert_paths_time_every_contender():
     # the routed tokens' expert FLOPs, forward + backward: 3 x 2 matmuls x 2 FLOPs x N x D x F
     assert results[0].model_flops == 3 * 2 * 2 * (2 * 8) * 8 * 16
     assert "| blocks(G=4) |" in markdown(results, "tiny")
+
+
+def test_registered_clients_round_keeps_client_data_and_reports_state():
+    """The clients axis: every N gives its clients about the same examples (so only N changes), the
+    round is timed without the all-client validation, and the state bytes are the trainer's own."""
+    from fedmoe_jax.tools.benchmarks.clients import client_data, registered_clients_round
+
+    # ceil(2 N / 5) TC clients (two TC, one RC, two TS per five), 4 train / 1 eval example each
+    assert client_data(30)["data.train_examples_per_task"] == 48
+    assert client_data(10_000)["data.eval_examples_per_task"] == 4000
+    out = registered_clients_round(6, 3, "scaffold", rounds=1, warmup=0)
+    assert out["clients"] == 6 and out["cohort"] == 3 and out["round_s"] > 0
+    assert out["client_steps_per_s"] == pytest.approx(3 * 2 / out["round_s"])  # tiny: 2 local steps
+    # SCAFFOLD's c_i: one float32 copy of the run's model per client; a full-model baseline, it trains
+    # switch-tiny-4 narrowed to configs/tiny.py's model.baseline_num_experts = 2 experts
+    from fedmoe_jax.data import embedded_tokenizer
+    from fedmoe_jax.models import SwitchTransformer, get_config
+
+    cfg = get_config("switch-tiny-4", vocab_size=embedded_tokenizer().vocab_size, num_experts=2)
+    ids = jax.numpy.ones((1, 8), "int32")
+    shapes = jax.eval_shape(lambda: SwitchTransformer(cfg).init(jax.random.key(0), ids, ids)["params"])
+    entries = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+    assert out["client_state_bytes"]["model_copies"] == 6 * entries * 4
+
+
+def test_markdown_of_the_clients_axis():
+    from fedmoe_jax.tools.benchmarks import cli
+
+    row = {"axis": "clients", "value": 10000, "round_s": 0.5, "client_steps_per_s": 96.0, "method": "fedmoe",
+           "cohort": 24, "setup_s": 54.6, "peak_rss_mb": 1260.0,
+           "client_state_bytes": {"metadata": 610_000, "model_copies": 3 * 2**20}}
+    md = cli.markdown({"preset": "cpu-small", "device": "1 x cpu", "machine": "x86_64, 2 cores",
+                       "contenders": {}, "scaling": [row]})
+    assert md.startswith("### `configs/tiny.py` with registered clients on 1 x cpu")
+    assert ("- scaling clients=10000: 0.500 s/round, 96.00 client-steps/s (fedmoe, cohort 24; set-up 54.6 s; "
+            "client state 0.58 MiB metadata + 3.0 MiB model copies; peak RSS 1260 MB)") in md

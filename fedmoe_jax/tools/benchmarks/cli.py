@@ -22,7 +22,7 @@ from fedmoe_jax.tools.benchmarks.contenders import CONTENDERS
 
 # The directory holding the `fedmoe_jax` package (the repository): the children run there.
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-SCALING_AXES = ("cohort", "experts")
+SCALING_AXES = ("cohort", "experts", "clients")
 
 
 class BenchmarkError(ValueError):
@@ -84,15 +84,21 @@ def model_overrides(items: Sequence[str], base=None) -> dict:
 
 
 def child(what: str, preset: str, rounds: int = 5, warmup: int = 1, seed: int = 0, peak_n: int = 0,
-          model: Sequence[str] = (), profile: str = "", cohort: int = 0, experts: int = 0) -> dict:
-    """One measurement in this process: 'peak', 'memory' or a contender."""
+          model: Sequence[str] = (), profile: str = "", cohort: int = 0, experts: int = 0, clients: int = 0,
+          method: str = "fedmoe") -> dict:
+    """One measurement in this process: 'peak', 'memory', 'clients' (`clients` registered clients of
+    `method`, `benchmarks.clients`) or a contender."""
     import jax
 
     from fedmoe_jax.tools import benchmarks as bm
 
     p = _preset(preset, cohort, experts, model)
     out: dict = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
-    if what == "peak":
+    if what == "clients":
+        from fedmoe_jax.tools.benchmarks.clients import registered_clients_round
+
+        out.update(registered_clients_round(clients, cohort, method, rounds, warmup, seed))
+    elif what == "peak":
         dtype = p.model.dtype  # the compute dtype: bf16 on the gpu preset, f32 on CPU
         n = peak_n or (1024 if jax.default_backend() == "cpu" else 8192)
         out.update(matmul_peak_flops=bm.matmul_peak(n, dtype=dtype), peak_n=n, peak_dtype=str(dtype))
@@ -150,7 +156,8 @@ def _scaling(scaling: str) -> tuple[str, list[int]]:
     except ValueError:
         sizes = []
     if axis not in SCALING_AXES or not sizes or min(sizes) < 1:
-        raise BenchmarkError(f"--scaling={scaling!r}: expected cohort:N,... or experts:N,... (N >= 1)")
+        raise BenchmarkError(f"--scaling={scaling!r}: expected cohort:N,..., experts:N,... or clients:N,... "
+                             "(N >= 1)")
     return axis, sizes
 
 
@@ -160,6 +167,11 @@ def markdown(result: dict) -> str:
     on_device = any("device_peak_mb" in r for r in result["contenders"].values())  # accelerators
     lines = [f"### `{result['preset']}`{' with ' + changed if changed else ''} on {result['device']} "
              f"({result['machine']})", ""]
+    if any(s["axis"] == "clients" for s in result.get("scaling", [])):  # not the preset: the pipeline
+        from fedmoe_jax.tools.benchmarks.clients import DEFAULT_CONFIG
+
+        lines[0] = (f"### `{DEFAULT_CONFIG}` with registered clients on {result['device']} "
+                    f"({result['machine']})")
     if result["contenders"]:  # a --scaling run alone times no contender: no empty table
         lines += ["| contender | client-steps/s | round s | first round s | MFU | peak RSS MB |"
                   + (" device peak MB |" if on_device else ""),
@@ -204,28 +216,45 @@ def markdown(result: dict) -> str:
                      f"experts vs all: {m['kept_quarter']['total'] / 2**20:.1f} MiB vs "
                      f"{m['kept_all']['total'] / 2**20:.1f} MiB = {100 * m['ratio']:.0f} %")
     for s in result.get("scaling", []):
-        lines.append(f"- scaling {s['axis']}={s['value']}: {s.get('round_s', float('nan')):.3f} s/round, "
-                     f"{s.get('client_steps_per_s', float('nan')):.2f} client-steps/s")
+        line = (f"- scaling {s['axis']}={s['value']}: {s.get('round_s', float('nan')):.3f} s/round, "
+                f"{s.get('client_steps_per_s', float('nan')):.2f} client-steps/s")
+        if s["axis"] == "clients" and "round_s" in s:
+            state = s["client_state_bytes"]
+            line += (f" ({s['method']}, cohort {s['cohort']}; set-up {s['setup_s']:.1f} s; client state "
+                     f"{state['metadata'] / 2**20:.2f} MiB metadata + "
+                     f"{state['model_copies'] / 2**20:.1f} MiB model copies; "
+                     f"peak RSS {s['peak_rss_mb']:.0f} MB)")
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
 def run_benchmark(preset: str = "cpu-small", contenders: Sequence[str] = CONTENDERS, rounds: int = 5,
                   warmup: int = 1, seed: int = 0, peak_n: int = 0, scaling: str = "",
                   model: Sequence[str] = (), profile: str = "", out: str = "", md: str = "", cohort: int = 0,
-                  experts: int = 0) -> dict:
+                  experts: int = 0, method: str = "fedmoe") -> dict:
     """Measure the matmul peak, then each of `contenders` (or, with `scaling` = "cohort:4,8" or
     "experts:8,16", the vectorized round over those sizes), each in a child process; print the result
     as JSON and write it to `out` (JSON) and `md` (Markdown) when given. `model`: SwitchConfig
     overrides of the preset ("dtype=bfloat16"); `cohort` / `experts`: the preset's cohort size / global
     experts instead (0: the preset's); `peak_n`: the peak's matmul size (0: 1024 on CPU, 8192 on
-    accelerators); `profile`: trace one round of each JAX contender into PROFILE/<contender>. Bad input
-    raises `BenchmarkError` before any measurement."""
+    accelerators); `profile`: trace one round of each JAX contender into PROFILE/<contender>. With
+    `scaling` = "clients:30,1000", the experiment pipeline's round (`benchmarks.clients`, `method`) is
+    timed with that many registered clients and `cohort` clients per round (0: 256, at most the
+    smallest N). Bad input raises `BenchmarkError` before any measurement."""
     overrides = model_overrides(model, _preset(preset, cohort, experts).model)
     contenders = [c for c in contenders if c]
     bad = sorted(set(contenders) - set(CONTENDERS))
     if bad:
         raise BenchmarkError(f"unknown contender(s) {bad}; use {list(CONTENDERS)}")
     axis, sizes = _scaling(scaling) if scaling else (None, [])
+    if axis == "clients":
+        from fedmoe_jax.algorithms.registry import method_names
+
+        if method not in method_names():
+            raise BenchmarkError(f"--method={method!r}: use one of {list(method_names())}")
+        cohort = cohort or min(256, min(sizes))
+        if cohort > min(sizes):
+            raise BenchmarkError(f"--cohort={cohort} exceeds the smallest client count {min(sizes)}")
     settings = {"preset": preset, "rounds": rounds, "warmup": warmup, "seed": seed, "peak_n": peak_n,
                 "model": list(model), "profile": profile, "cohort": cohort, "experts": experts}
     peak = run_child("peak", settings)
@@ -239,7 +268,10 @@ def run_benchmark(preset: str = "cpu-small", contenders: Sequence[str] = CONTEND
     if axis:
         result["scaling"] = []
         for v in sizes:
-            r = run_child("vectorized", settings, **{axis: v})
+            if axis == "clients":
+                r = run_child("clients", settings, clients=v, method=method)
+            else:
+                r = run_child("vectorized", settings, **{axis: v})
             result["scaling"].append({"axis": axis, "value": v, **r})
             print(f"{axis}={v}: {r}", file=sys.stderr)
     else:
@@ -283,13 +315,16 @@ def _child_main() -> None:
     flags.DEFINE_string("profile", "", "Trace one round into PROFILE/<contender>.")
     flags.DEFINE_integer("cohort", 0, "Cohort size instead of the preset's (0: the preset's).")
     flags.DEFINE_integer("experts", 0, "Global experts instead of the preset's (0: the preset's).")
+    flags.DEFINE_integer("clients", 0, "Registered clients (--child=clients).")
+    flags.DEFINE_string("method", "fedmoe", "Method of --child=clients.")
     FLAGS = flags.FLAGS
 
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
             fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value")
         quiet_logs()
-        names = ("preset", "rounds", "warmup", "seed", "peak_n", "model", "profile", "cohort", "experts")
+        names = ("preset", "rounds", "warmup", "seed", "peak_n", "model", "profile", "cohort", "experts",
+                 "clients", "method")
         try:
             print(json.dumps(child(FLAGS.child, **{k: FLAGS[k].value for k in names})))
         except BenchmarkError as e:
