@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.num_experts = 0  # experts per MoE layer (0: the named config's)
     c.model.vocab_size = 0  # 0: the named config's (switch-small-16: 4096, the embedded tokenizer's)
 
+    # The corpus (its train splits' texts) and tokenizer: a folder like fedmoe_jax/data/embedded
+    # ("": the embedded WordNet benchmark; "fedmoe_jax/data/benchmark": the WordNet + Debian one)
+    c.data_dir = ""
     c.steps = DEFAULT_STEPS  # 3000: ~15 minutes for switch-small-16 on 2 CPU cores
     c.cache_dir = DEFAULT_CACHE_DIR
     # An entry shipped in fedmoe_jax/data/pretrained/ (the reproduction's models) is used as is;

@@ -66,6 +66,12 @@ def _read_verified(name: str, manifest: dict, data_dir: PathLike) -> bytes:
     return data
 
 
+def label_names(manifest: dict, task: str) -> tuple[str, ...]:
+    """The task's label names: one list shared by the tasks (format 1) or a list per task (format 2)."""
+    names = manifest["label_names"]
+    return tuple(names[task] if isinstance(names, dict) else names)
+
+
 def _load(task: str, split: str, manifest: dict, data_dir: PathLike) -> TaskData:
     name = data_file_name(task, split)
     data = _read_verified(name, manifest, data_dir)
@@ -76,7 +82,7 @@ def _load(task: str, split: str, manifest: dict, data_dir: PathLike) -> TaskData
             [r["input"] for r in records],
             [r["target"] for r in records],
             [r["label"] for r in records],
-            tuple(manifest["label_names"]),
+            label_names(manifest, task),
             [r["references"] for r in records] if task == "rc" else None,
         )
     except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
@@ -86,7 +92,8 @@ def _load(task: str, split: str, manifest: dict, data_dir: PathLike) -> TaskData
 def load_embedded(task: str, split: str, data_dir: PathLike = None) -> TaskData:
     """One task (`tc`, `rc`, `ts`) in one split (`train`, `validation`, `test`), N examples.
 
-    `labels <int32>[N]` are lexicographer categories (0..44, `label_names` = `wordnet.LEXNAMES`).
+    `labels <int32>[N]`: for the shipped WordNet benchmark the lexicographer categories (0..44,
+    `label_names` = `wordnet.LEXNAMES`); other builds name theirs in `manifest.json`.
     """
     check_task(task)
     check_split(split)

@@ -124,15 +124,23 @@ def subsample(data, limit: int | None, stream: tuple[int, ...]):
     return data.take(np.sort(rng.choice(len(data), limit, replace=False)))
 
 
+def make_run_partition(config: ml_collections.ConfigDict, task_data: dict):
+    """The run's partition of `task_data` over its clients (setting, Dirichlet alpha, seed)."""
+    from fedmoe_jax.data import assign_tasks, make_partition
+
+    d = config.data
+    return make_partition(task_data, assign_tasks(d.num_clients, ratios=tuple(d.task_ratios)),
+                          setting=SETTINGS[config.setting][1], alpha=d.alpha, min_examples=d.min_examples,
+                          seed=config.seed)
+
+
 def build_federated_data(config: ml_collections.ConfigDict, tokenizer, workdir: str | None = None):
     """The partition (saved to `workdir`) and the tokenized `FederatedData`."""
-    from fedmoe_jax.data import FederatedData, assign_tasks, make_partition
+    from fedmoe_jax.data import FederatedData
 
     d = config.data
     task_data = load_task_data(config)
-    partition = make_partition(task_data, assign_tasks(d.num_clients, ratios=tuple(d.task_ratios)),
-                               setting=SETTINGS[config.setting][1], alpha=d.alpha,
-                               min_examples=d.min_examples, seed=config.seed)
+    partition = make_run_partition(config, task_data)
     if workdir is not None:
         partition.save(os.path.join(workdir, "partition"))
     return FederatedData.build(task_data, partition, tokenizer, d.max_input_len, d.max_target_len)
@@ -201,9 +209,11 @@ def initial_params(config: ml_collections.ConfigDict, cfg, full_model_baseline: 
         )
 
         try:
+            # the model pretrained on this run's embedded corpus and tokenizer (`data.dir`)
+            corpus = config.data.dir if config.data.source == "embedded" and config.data.dir else None
             params = pretrained_params(cfg, steps=m.pretrain_steps or DEFAULT_STEPS,
                                        cache_dir=m.path or DEFAULT_CACHE_DIR, seed=0, progress=progress,
-                                       build=m.build_pretrained)
+                                       build=m.build_pretrained, data_dir=corpus)
         except PretrainedModelMissing as e:
             raise ConfigError(f"{e}: restore it (a partial checkout?), or pass "
                               "--config.model.build_pretrained=True to pretrain it here") from None

@@ -63,6 +63,14 @@ def _validate(config) -> None:
     for key, ok, fix in rules:
         if not ok:
             raise ConfigError(f"config.{key}={config.get(key)!r} is invalid: {fix}")
+    data_dir = config.get("data_dir", "")
+    if data_dir:
+        from fedmoe_jax.data.embedded import load_manifest
+
+        try:
+            load_manifest(data_dir)
+        except ValueError as e:
+            raise ConfigError(f"config.data_dir={data_dir!r} is invalid: {e}") from None
 
 
 def _plot(path: str, history: list[float], title: str) -> None:
@@ -101,12 +109,14 @@ def run_pretrain(config, workdir: str) -> dict:
     with StopSignals():  # SIGTERM / SIGINT: checkpoint the pretraining, exit; the same command resumes
         _, info = pretrained_entry(cfg, int(config.steps), config.get("cache_dir") or DEFAULT_CACHE_DIR,
                                    int(config.seed), bool(config.get("progress", True)),
+                                   data_dir=config.get("data_dir") or None,
                                    shipped_dir=SHIPPED_DIR if config.get("use_shipped", True) else None,
                                    **kwargs)
     history = info["loss_history"]
     summary = {
         "seed": int(config.seed),
         "model": config.model.name,
+        "data_dir": config.get("data_dir") or None,
         "num_experts": cfg.num_experts,
         "num_params": info["num_params"],
         "steps": int(config.steps),

@@ -98,6 +98,7 @@ def test_command_pretrains_and_reports(tmp_path):
     (["--config.seed=abc"], "--config.seed=abc"),
     (["--config.workdir=x"], "--workdir is an option of this command, not a config key"),
     (["--config.model.name=switch-huge"], "config.model.name='switch-huge' is invalid"),
+    (["--config.data_dir=/nowhere"], "config.data_dir='/nowhere' is invalid: embedded benchmark manifest"),
     ([f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}"],
      "this is an experiment config; run it with python -m fedmoe_jax.main"),
     (["--config=configs/none.py"], "--config file could not be loaded"),

@@ -1,0 +1,41 @@
+"""Trivial baselines of the three tasks on an experiment config's data (the floor every method must
+clear before its score means anything).
+
+    python experiments/baselines.py --config=configs/cpu.py --out=results/benchmark
+
+What each baseline is: `fedmoe_jax.tools.baselines`. Exit status 2 (one line on stderr) for a bad
+flag, config or override.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from fedmoe_jax.cli_common import fail, flags_parser, quiet_logs  # noqa: E402
+from fedmoe_jax.errors import ConfigError  # noqa: E402
+from fedmoe_jax.tools.baselines import run_baselines  # noqa: E402
+from fedmoe_jax.tools.sweeps import SpecError  # noqa: E402
+
+flags.DEFINE_string("config", "configs/cpu.py", "Experiment config whose data to use, FILE[:ARG].")
+flags.DEFINE_multi_string("set", [], "KEY=VALUE config override (repeatable).")
+flags.DEFINE_string("out", "", "Also write baselines.json and baselines.md into this directory.")
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value")
+    quiet_logs()
+    try:
+        run_baselines(FLAGS.config, overrides=FLAGS.set, out=FLAGS.out)
+    except (SpecError, ConfigError) as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=flags_parser())
