@@ -1,0 +1,165 @@
+"""The central ceiling: the experiment's model trained centrally, with one federated run's compute.
+
+What the federated methods are measured against from above. The config's model (its initial
+parameters, all experts) is trained on the union of every client's training examples (exactly the
+examples a run of the config trains on), by the engine's own optimizer step (`make_train_step`) with
+the config's optimizer, learning rate, batch size and loss, for as many steps as a run of it takes
+in all (`num_rounds x cohort_size x local_steps`: the same number of examples seen), one continuous
+optimizer state. It is then scored as runs score the global model: every client's own test split
+(`FederatedTrainer.evaluate(model="global")`, the config's `eval.test_examples` per client), averaged
+per task. At `eval_points` evenly spaced steps it is also scored on the clients' validation splits,
+so the curve shows whether the budget over- or under-trains.
+
+    python experiments/central.py --config=configs/cpu.py:standard_hetero_t --out=results/benchmark/x
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fedmoe_jax.data.tasks import PRIMARY_METRIC, TASKS
+
+
+def training_arrays(data) -> dict[str, np.ndarray]:
+    """Every client's training examples, padded and stacked: inputs / input_mask `[n, S]`, targets /
+    target_mask `[n, T]` (n: all clients' examples)."""
+    parts = [data.client_arrays(c, "train") for c in range(data.num_clients)]
+    keys = ("inputs", "input_mask", "targets", "target_mask")
+    return {k: np.concatenate([p[k] for p in parts]) for k in keys}
+
+
+def central_batches(arrays: dict[str, np.ndarray], steps: int, batch_size: int, seed: int,
+                    first: int = 0) -> dict[str, np.ndarray]:
+    """Steps `first .. first + steps - 1` of passes over `arrays` in fresh permutations (`[K, B, ...]`,
+    every example real), the same whatever `first` (a chunked run equals an unchunked one)."""
+    n = len(arrays["inputs"])
+    rows = []
+    for k in range(first, first + steps):
+        epoch, offset = divmod(k * batch_size, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = perm[offset:offset + batch_size]
+        while len(take) < batch_size:  # the batch runs into the next epoch
+            epoch += 1
+            perm = np.random.default_rng([seed, epoch]).permutation(n)
+            take = np.concatenate([take, perm[:batch_size - len(take)]])
+        rows.append(take)
+    idx = np.stack(rows)
+    out = {k: v[idx] for k, v in arrays.items()}
+    out["example_mask"] = np.ones(idx.shape, bool)
+    return out
+
+
+def _scores(result: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in result.items() if k not in ("clients", "split")}
+
+
+def central_ceiling(config, steps: int = 0, eval_points: int = 4, chunk: int = 50,
+                    progress: bool = True) -> dict[str, Any]:
+    """Train and score the central model of experiment config `config` (`steps` = 0: one run's
+    compute; `eval_points` >= 1 validation points, the last at the end). Returns the settings, the
+    validation curve (`curve`: step, seconds, per-task scores) and the final `test` scores."""
+    import jax
+    import jax.numpy as jnp
+
+    from fedmoe_jax.experiment.build import build, loss_config
+
+    if eval_points < 1 or steps < 0:
+        raise ValueError(f"eval_points={eval_points} must be >= 1 and steps={steps} >= 0")
+    from fedmoe_jax.federated.client import make_train_step
+    from fedmoe_jax.federated.optimizers import make_optimizer
+
+    config = config.copy_and_resolve_references()
+    config.method = "fedavg"  # every expert, a global model: what the trainer's evaluation needs
+    config.eval_every = 0
+    trainer = build(config, None, progress=progress).trainer
+    steps = steps or config.num_rounds * config.cohort_size * config.local_steps
+    arrays = training_arrays(trainer.data)
+    optimizer = make_optimizer(config.optimizer, config.learning_rate, config.weight_decay)
+    step = make_train_step(trainer.config, optimizer, loss_config(config))
+    valid = jnp.ones((trainer.config.num_moe_layers, trainer.config.num_experts), bool)
+    root = jax.random.key(config.seed)
+
+    @jax.jit
+    def train_chunk(params, opt_state, batches, first):
+        def body(carry, xs):
+            params, opt_state = carry
+            batch, index = xs
+            params, opt_state, metrics, _ = step(params, opt_state, batch, jax.random.fold_in(root, index),
+                                                 valid)
+            return (params, opt_state), metrics["loss"]
+
+        k = batches["inputs"].shape[0]
+        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state),
+                                                   (batches, first + jnp.arange(k)))
+        return params, opt_state, losses
+
+    eval_kw = dict(max_examples=config.eval.test_examples or None, batch_size=config.eval.batch_size)
+
+    def evaluate(split, params):
+        trainer.server = trainer.server.replace(params=params)
+        return _scores(trainer.evaluate(split, model="global", **eval_kw))
+
+    params = trainer.server.params
+    opt_state = optimizer.init(params)
+    marks = sorted({int(round(steps * (i + 1) / eval_points)) for i in range(eval_points)})
+    curve, losses, done, start = [], [], 0, time.time()
+    while done < steps:
+        k = min(chunk, steps - done, *(m - done for m in marks if m > done))
+        batches = central_batches(arrays, k, config.batch_size, config.seed, first=done)
+        params, opt_state, chunk_losses = train_chunk(params, opt_state, batches, jnp.int32(done))
+        losses += np.asarray(chunk_losses).tolist()
+        done += k
+        if done in marks:
+            curve.append({"step": done, "seconds": round(time.time() - start, 1),
+                          "train_loss": float(np.mean(losses[-k:])), **evaluate("validation", params)})
+            if progress:
+                print(f"central: step {done}/{steps}: {curve[-1]}", flush=True)
+    test = evaluate("test", params)
+    return {"steps": steps, "batch_size": config.batch_size, "examples": int(len(arrays["inputs"])),
+            "epochs": steps * config.batch_size / len(arrays["inputs"]), "model": config.model.name,
+            "init": config.model.init, "seconds": round(time.time() - start, 1), "curve": curve,
+            "loss_history": losses, "test": test}
+
+
+def markdown(result: dict[str, Any], heading: str = "") -> str:
+    lines = [f"### {heading}", ""] if heading else []
+    metrics = [f"{t}_{PRIMARY_METRIC[t]}" for t in TASKS if f"{t}_{PRIMARY_METRIC[t]}" in result["test"]]
+    lines += [f"{result['steps']} steps of batch {result['batch_size']} over {result['examples']} training "
+              f"examples ({result['epochs']:.1f} epochs), {result['model']} ({result['init']} init), "
+              f"{result['seconds']:.0f} s.", "",
+              "| step | train loss | " + " | ".join(f"validation {m}" for m in metrics) + " |",
+              "|---:|---:|" + "---:|" * len(metrics)]
+    for row in result["curve"]:
+        lines.append(f"| {row['step']} | {row['train_loss']:.3f} | "
+                     + " | ".join(f"{row.get(m, float('nan')):.1f}" for m in metrics) + " |")
+    lines += ["", "Test: " + ", ".join(f"{m} {result['test'][m]:.1f}" for m in metrics)]
+    return "\n".join(lines) + "\n"
+
+
+def run_central(config: str, overrides: Sequence[str] = (), out: str = "", steps: int = 0,
+                eval_points: int = 4, progress: bool = True) -> dict[str, Any]:
+    """`central_ceiling` of "FILE[:ARG]" with KEY=VALUE `overrides`; prints the Markdown and writes
+    `out/central.json` and `out/central.md` when given. A config that fails to load, a bad override
+    or an invalid config raises `SpecError` / `ConfigError` before any training."""
+    from fedmoe_jax.experiment.config import validate
+    from fedmoe_jax.files import atomic_write
+    from fedmoe_jax.tools.sweeps import apply_overrides, load_config, parse_set_flag
+
+    path, _, arg = config.partition(":")
+    cfg = apply_overrides(load_config(path, arg or None), dict(parse_set_flag(s) for s in overrides))
+    validate(cfg)
+    result = {"config": config, "overrides": list(overrides),
+              **central_ceiling(cfg, steps, eval_points, progress=progress)}
+    text = markdown(result, f"Central ceiling (`{config}`{' ' + ' '.join(overrides) if overrides else ''})")
+    print(text)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        atomic_write(os.path.join(out, "central.json"), json.dumps(result, indent=1) + "\n")
+        atomic_write(os.path.join(out, "central.md"), text)
+    return result

@@ -1,0 +1,52 @@
+"""The central ceiling: its batches by hand, chunked training equal to step by step, and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fedmoe_jax.tools import central
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_central_batches_cover_each_epoch_and_chunk_alike():
+    arrays = {"inputs": np.arange(10)[:, None] * np.ones((1, 3), int), "targets": np.arange(10)[:, None]}
+    whole = central.central_batches(arrays, steps=7, batch_size=4, seed=3)
+    assert whole["inputs"].shape == (7, 4, 3) and whole["example_mask"].all()
+    seen = whole["targets"].reshape(-1)
+    # steps of 4 over 10 examples: the first 10 drawn are epoch 0 (each example once), then epoch 1
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    parts = [central.central_batches(arrays, steps=k, batch_size=4, seed=3, first=f)
+             for f, k in ((0, 3), (3, 4))]
+    np.testing.assert_array_equal(np.concatenate([p["targets"] for p in parts]), whole["targets"])
+
+
+def test_chunked_training_equals_step_by_step(tmp_path):
+    from fedmoe_jax.tools.sweeps import load_config
+
+    config = load_config(os.path.join(REPO, "configs", "tiny.py"), "fedavg")
+    one = central.central_ceiling(config, steps=4, eval_points=2, chunk=1, progress=False)
+    four = central.central_ceiling(config, steps=4, eval_points=2, chunk=50, progress=False)
+    np.testing.assert_allclose(one["loss_history"], four["loss_history"], rtol=1e-5)
+    assert [r["step"] for r in four["curve"]] == [2, 4] and len(four["loss_history"]) == 4
+    assert set(four["test"]) == {"tc_accuracy", "rc_f1", "ts_rouge2"}
+    assert four["examples"] == 3 * 48 and four["epochs"] == pytest.approx(4 * 4 / 144)
+
+
+def test_cli_writes_results_and_rejects_bad_input(tmp_path):
+    res = subprocess.run([sys.executable, "experiments/central.py", "--config=configs/tiny.py", "--steps=2",
+                          "--eval_points=1", f"--out={tmp_path}"], capture_output=True, text=True, cwd=REPO,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads((tmp_path / "central.json").read_text())
+    assert result["steps"] == 2 and [r["step"] for r in result["curve"]] == [2]
+    assert "| step | train loss |" in (tmp_path / "central.md").read_text()
+    bad = subprocess.run([sys.executable, "experiments/central.py", "--config=configs/tiny.py",
+                          "--set=num_rounds=many", f"--out={tmp_path / 'bad'}"], capture_output=True,
+                         text=True, cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "num_rounds" in bad.stderr
+    assert not (tmp_path / "bad").exists()
