@@ -93,7 +93,7 @@ def format_summary(result: dict, workdir: str) -> str:
     scores = ", ".join(f"{k} {v:.2f}" for k, v in test.items()) or "no test scores"
     lines = [f"{result.get('method', '?')} ({result.get('setting', '?')}, seed {result.get('seed', '?')}): "
              f"{scores}"]
-    if "comm_gib_per_transfer" in result:
+    if result.get("comm_gib_per_transfer") is not None:  # None: no round ran (num_rounds=0)
         ends = result.get("experts_end", {})
         lines.append(f"  comm {result['comm_gib_per_transfer']:.4f} GiB per transfer; experts per client "
                      f"{ends.get('mean', float('nan')):.1f} (min {ends.get('min')}, max {ends.get('max')})")

@@ -8,6 +8,8 @@ is silent (docs/reproducing.md, "Deviations from the paper").
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from fedmoe_jax.errors import ConfigError
@@ -202,6 +204,9 @@ def validate(config) -> None:
         if not _type_ok(given[key], default):
             raise ConfigError(f"config.{key}={given[key]!r} has type {type(given[key]).__name__}; "
                               f"expected {type(default).__name__} like the default {default!r}")
+        values = given[key] if isinstance(given[key], tuple | list) else (given[key],)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"config.{key}={given[key]!r} is not finite: give a finite number")
     from fedmoe_jax.algorithms.registry import get_method, method_names
 
     c = config

@@ -146,6 +146,20 @@ def test_unsatisfiable_partition_exits_2(tmp_path):
     assert out.stderr.strip().count("\n") == 0 and "min_examples" in out.stderr
 
 
+def test_zero_rounds_score_the_initial_model(tmp_path):
+    """num_rounds=0 trains nothing and tests the initial model; the terminal summary (no round, so no
+    communication figure) prints, and so does a rerun's."""
+    workdir = str(tmp_path / "zero")
+    for _ in range(2):
+        res = cli(f"--config={TINY}:fedavg", f"--workdir={workdir}", "--config.num_rounds=0")
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "fedavg (standard_hetero_t, seed 0): tc_accuracy" in res.stdout + res.stderr
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["comm_gib_per_transfer"] is None and set(summary["test"]) == {"tc_accuracy", "rc_f1",
+                                                                                 "ts_rouge2"}
+
+
 def test_seed_workdirs():
     from fedmoe_jax.errors import ConfigError
     from fedmoe_jax.main import seed_workdirs
