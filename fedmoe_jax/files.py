@@ -3,16 +3,18 @@
 Written here because the standard library has no atomic write: the data goes to a temporary file
 in the same directory, which `os.replace` then renames over the target (atomic on POSIX). The JSON
 helpers (NumPy values as JSON, strict JSON, reading nested keys) are shared by the engine and the
-offline tools.
+offline tools; `workdir_lock` keeps two runs out of one folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -85,3 +87,32 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     atomic_write(path, buf.getvalue())
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | os.PathLike | None) -> Iterator[None]:
+    """Hold an exclusive lock on the folder `workdir` (created if missing) for the block, so that a
+    second run on the same folder stops at once with `ConfigError` instead of interleaving its
+    checkpoints and metrics with the first's. `flock` on the folder itself: no lock file is left
+    behind, and the kernel drops the lock when the process dies, however it dies. None: no lock."""
+    from fedmoe_jax.errors import ConfigError
+
+    if workdir is None:
+        yield
+        return
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        fd = os.open(workdir, os.O_RDONLY)
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir} cannot be created or opened ({e.strerror}); "
+                          "pass a writable --workdir") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"workdir {workdir} is in use by another run (it holds the folder's lock); "
+                              "wait for that run to end, or pass another --workdir") from None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+

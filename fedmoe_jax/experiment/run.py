@@ -18,6 +18,7 @@ Input problems (config, data, checkpoints) raise `ConfigError` with one line; th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,8 +34,17 @@ from fedmoe_jax.algorithms.registry import get_method
 from fedmoe_jax.data.tasks import TASKS
 from fedmoe_jax.errors import ConfigError
 from fedmoe_jax.experiment.build import Experiment, build, check
+from fedmoe_jax.experiment.config import validate
 from fedmoe_jax.federated.preemption import StopSignals
-from fedmoe_jax.files import EXPERTS_FILE, PREDICTIONS_FILE, SUMMARY_FILE, atomic_write, save_npz, write_json
+from fedmoe_jax.files import (
+    EXPERTS_FILE,
+    PREDICTIONS_FILE,
+    SUMMARY_FILE,
+    atomic_write,
+    save_npz,
+    workdir_lock,
+    write_json,
+)
 
 log = logging.getLogger("fedmoe_jax")
 
@@ -121,6 +131,13 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | None, progr
 
     SIGTERM / SIGINT stop the run at the next round boundary with a checkpoint (`RunInterrupted`,
     `fedmoe_jax.federated.preemption`); the same call again resumes."""
+    validate(config)  # before the workdir is touched
+    with workdir_lock(workdir):  # one run per workdir
+        return _run_locked(config, workdir, progress)
+
+
+def _run_locked(config: ml_collections.ConfigDict, workdir: str | None, progress: bool) -> dict[str, Any]:
+    """`run_experiment` once its workdir is locked."""
     start = time.time()
     check(config, workdir)
     finished = None if workdir is None else finished_summary(workdir, config.num_rounds)
@@ -156,8 +173,6 @@ def run_experiments(config: ml_collections.ConfigDict, seeds: Sequence[int], wor
     run alone; finished seeds are skipped, unfinished ones resumed. Methods without a server
     (`local`) and multi-device meshes fall back to one run after another.
     """
-    from fedmoe_jax.federated.runs import RunGroup
-
     if len(seeds) != len(workdirs) or len(set(workdirs)) != len(workdirs):
         raise ConfigError("give one distinct workdir per seed")
     start = time.time()
@@ -166,6 +181,18 @@ def run_experiments(config: ml_collections.ConfigDict, seeds: Sequence[int], wor
         c = config.copy_and_resolve_references()
         c.seed = int(seed)
         configs.append(c)
+    for c in configs:
+        validate(c)
+    with contextlib.ExitStack() as locks:
+        for w in workdirs:
+            locks.enter_context(workdir_lock(w))
+        return _run_seeds(config, configs, workdirs, progress, start)
+
+
+def _run_seeds(config, configs, workdirs, progress, start) -> list[dict[str, Any]]:
+    """`run_experiments` once every seed's workdir is locked."""
+    from fedmoe_jax.federated.runs import RunGroup
+
     for c, w in zip(configs, workdirs):
         check(c, w)
     results: dict[int, dict[str, Any]] = {}
@@ -181,8 +208,8 @@ def run_experiments(config: ml_collections.ConfigDict, seeds: Sequence[int], wor
         if reason is not None and len(todo) > 1:
             log.info("seeds run one after another: %s", reason)
         for i in todo:
-            results[i] = run_experiment(configs[i], workdirs[i], progress)
-        return [results[i] for i in range(len(seeds))]
+            results[i] = _run_locked(configs[i], workdirs[i], progress)
+        return [results[i] for i in range(len(configs))]
     exps = []
     with StopSignals() as stop:
         try:
@@ -194,7 +221,7 @@ def run_experiments(config: ml_collections.ConfigDict, seeds: Sequence[int], wor
         finally:
             for exp in exps:
                 exp.trainer.close()
-    return [results[i] for i in range(len(seeds))]
+    return [results[i] for i in range(len(configs))]
 
 
 __all__ = ["evaluate_final", "finished_summary", "run_experiment", "run_experiments", "vectorizable",

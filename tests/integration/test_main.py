@@ -160,6 +160,19 @@ def test_zero_rounds_score_the_initial_model(tmp_path):
                                                                                  "ts_rouge2"}
 
 
+def test_a_second_run_on_a_busy_workdir_exits_2_and_writes_nothing(tmp_path):
+    """While one run holds the workdir (its lock, taken here as the first run would), a second
+    launch on it stops with one line before writing anything; once released, it runs."""
+    from fedmoe_jax.files import workdir_lock
+
+    workdir = tmp_path / "busy"
+    with workdir_lock(workdir):
+        res = cli(f"--config={TINY}:fedavg", f"--workdir={workdir}", "--config.num_rounds=0")
+        assert res.returncode == 2 and "is in use by another run" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and os.listdir(workdir) == []
+    assert cli(f"--config={TINY}:fedavg", f"--workdir={workdir}", "--config.num_rounds=0").returncode == 0
+
+
 def test_seed_workdirs():
     from fedmoe_jax.errors import ConfigError
     from fedmoe_jax.main import seed_workdirs
