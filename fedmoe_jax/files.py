@@ -53,6 +53,8 @@ def finite_json(x: Any) -> Any:
     non-finite floats as None: what strict JSON (`allow_nan=False`) can hold."""
     if isinstance(x, Mapping):
         return {str(k): finite_json(v) for k, v in x.items()}
+    if isinstance(x, np.ndarray):
+        x = x.tolist()
     if isinstance(x, list | tuple):
         return [finite_json(v) for v in x]
     if isinstance(x, np.generic):

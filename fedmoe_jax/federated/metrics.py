@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmoe_jax.files import json_default
+from fedmoe_jax.files import finite_json, json_default
 
 METRICS_FILE = "metrics.jsonl"
 log = logging.getLogger(__name__)
@@ -82,7 +82,9 @@ class MetricsWriter:
     def write(self, row: Mapping[str, Any]) -> None:
         if "round" not in row:
             raise ValueError("a metrics row needs a 'round'")
-        self._file.write(json.dumps(row, sort_keys=True, default=_JSON_DEFAULT) + "\n")
+        # strict JSON: a non-finite number (a mean over no clients) is written as null, not NaN
+        self._file.write(json.dumps(finite_json(row), sort_keys=True, allow_nan=False, default=_JSON_DEFAULT)
+                         + "\n")
         self._file.flush()
         if self._tb is not None:
             step = int(row["round"])

@@ -60,10 +60,18 @@ class RunSettings:
 
 
 class NonFiniteUpdate(RuntimeError):
-    """A client's local update held NaN/inf and `RunSettings.on_nonfinite == "stop"`."""
+    """A client's local update held NaN/inf and `RunSettings.on_nonfinite == "stop"`, or every client
+    of the round's did (`every`: nothing is left to aggregate, whatever `on_nonfinite` says)."""
 
-    def __init__(self, round_num: int, clients: list[int]):
-        self.round, self.clients = round_num, clients
+    def __init__(self, round_num: int, clients: list[int], every: bool = False):
+        self.round, self.clients, self.every = round_num, clients, every
+        if every:
+            super().__init__(
+                f"round {round_num}: every client ({', '.join(map(str, clients))}) produced a NaN/inf "
+                "update, so the round has nothing to aggregate (the global model is intact at the last "
+                "checkpoint). Lower the learning rate, and check that the tokenizer fits the model's "
+                "vocabulary")
+            return
         super().__init__(
             f"round {round_num}: client(s) {', '.join(map(str, clients))} produced a NaN/inf update "
             "(left out of aggregation; the global model is intact at the last checkpoint). Lower the "

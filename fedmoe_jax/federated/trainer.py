@@ -23,6 +23,7 @@ import optax
 from fedmoe_jax.data.client_arrays import FederatedData
 from fedmoe_jax.data.tasks import PRIMARY_METRIC, TASKS
 from fedmoe_jax.data.tokenizer import Tokenizer
+from fedmoe_jax.errors import ConfigError
 from fedmoe_jax.federated.algorithm import Algorithm, CohortReport
 from fedmoe_jax.federated.client import LossConfig, make_local_train, model_batch
 from fedmoe_jax.federated.evaluate import make_cohort_eval, score_predictions
@@ -88,6 +89,10 @@ class FederatedTrainer:
         `run_meta_defaults`: what their fields default to (a field absent from an older checkpoint
         matches its default; the model's and the settings' dataclass defaults are added here)."""
         settings.validate(data.num_clients)
+        if tokenizer.vocab_size > config.vocab_size:  # ids past the embedding table would give NaN
+            raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary "
+                              f"is {config.vocab_size}: use a model with vocab_size >= "
+                              f"{tokenizer.vocab_size}, or the tokenizer the model was trained with")
         self.config, self.data, self.tokenizer = config, data, tokenizer
         self.algorithm, self.settings, self.mesh = algorithm, settings, mesh
         n = data.num_clients
@@ -255,8 +260,8 @@ class FederatedTrainer:
         server_extra = self.server.extra
         metrics = to_host(trained.metrics)
         finite = np.asarray(metrics["finite"])[:c] > 0
-        if not finite.all() and s.on_nonfinite == "stop":
-            raise NonFiniteUpdate(r + 1, cohort[~finite].tolist())
+        if not finite.all() and (s.on_nonfinite == "stop" or not finite.any()):
+            raise NonFiniteUpdate(r + 1, cohort[~finite].tolist(), every=not finite.any())
         client_params = jax.tree.map(lambda a: a[:c], trained.client_params)  # drop padding clients
         if jax.process_count() > 1:  # evaluation below runs on each process's local devices
             client_params = to_host(client_params)

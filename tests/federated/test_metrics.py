@@ -3,6 +3,8 @@
 import math
 import os
 
+import numpy as np
+
 from fedmoe_jax.federated.metrics import MetricsWriter, read_metrics, weighted_means
 
 
@@ -26,3 +28,21 @@ def test_writer_appends_and_resume_drops_later_rounds(tmp_path):
     assert [row["round"] for row in rows] == [1, 2, 3] and rows[-1]["train_loss"] == 0.5
     events = os.listdir(tmp_path / "tensorboard")
     assert any(name.startswith("events.out.tfevents") for name in events)
+
+
+def test_rows_are_strict_json_with_null_for_non_finite(tmp_path):
+    """A mean over no clients (NaN) is written as null: every line parses as strict JSON."""
+    import json
+
+    from fedmoe_jax.federated.metrics import METRICS_FILE, MetricsWriter
+
+    with MetricsWriter(str(tmp_path), tensorboard=False) as w:
+        w.write({"round": 1, "train_loss": float("nan"), "client_train_loss": [np.float32(np.inf), 1.5],
+                 "probs": np.array([np.nan, 0.25])})
+
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    (line,) = (tmp_path / METRICS_FILE).read_text().splitlines()
+    row = json.loads(line, parse_constant=refuse)
+    assert row == {"round": 1, "train_loss": None, "client_train_loss": [None, 1.5], "probs": [None, 0.25]}

@@ -78,3 +78,30 @@ def test_stop_mode_raises_naming_round_and_client_and_commits_nothing(small_run)
     assert trainer.server.round == 0 and not trainer.history
     for x, y in zip(before, jax.tree.leaves(trainer.server.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+class PoisonAll(PoisonClient):
+    """Every sampled client's gradients times NaN in the first round."""
+
+    def cohort_extra(self, states, cohort, server_extra):
+        self.round += 1
+        return np.full(len(cohort), np.nan, np.float32)
+
+
+def test_a_round_where_every_client_diverges_is_an_error_not_a_row(small_run):
+    trainer = make(small_run, PoisonAll(bad=-1), on_nonfinite="exclude")
+    before = jax.tree.map(np.asarray, trainer.server.params)
+    with pytest.raises(NonFiniteUpdate, match="every client .* nothing to aggregate"):
+        trainer.run_round()
+    assert trainer.server.round == 0 and trainer.history == []
+    for a, b in zip(jax.tree.leaves(trainer.server.params), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(small_run):
+    from fedmoe_jax.errors import ConfigError
+
+    config, params, fed, tok = small_run
+    with pytest.raises(ConfigError, match=f"tokenizer has {tok.vocab_size} pieces but the model's vocabulary "
+                                          "is 128"):
+        make((config.replace(vocab_size=128), params, fed, tok), Algorithm())
