@@ -26,6 +26,8 @@ flags.DEFINE_multi_string("set", [], "KEY=VALUE config override (repeatable).")
 flags.DEFINE_integer("steps", 0, "Training steps (0: num_rounds x cohort_size x local_steps).", lower_bound=0)
 flags.DEFINE_integer("eval_points", 4, "Validation points along the way (the last at the end).",
                      lower_bound=1)
+flags.DEFINE_enum("model", "moe", ["moe", "baseline"], "moe: the MoE FedMoE and randomMoE fine-tune; "
+                  "baseline: the full-model baselines' smaller MoE.")
 flags.DEFINE_bool("progress", True, "Print each validation point.")
 flags.DEFINE_string("out", "", "Also write central.json and central.md into this directory.")
 FLAGS = flags.FLAGS
@@ -37,7 +39,7 @@ def main(argv: list[str]) -> None:
     quiet_logs()
     try:
         run_central(FLAGS.config, overrides=FLAGS.set, out=FLAGS.out, steps=FLAGS.steps,
-                    eval_points=FLAGS.eval_points, progress=FLAGS.progress)
+                    eval_points=FLAGS.eval_points, progress=FLAGS.progress, model=FLAGS.model)
     except (SpecError, ConfigError) as e:
         fail(str(e))
 

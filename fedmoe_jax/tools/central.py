@@ -59,23 +59,31 @@ def _scores(result: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in result.items() if k not in ("clients", "split")}
 
 
+# The method whose model and initial parameters each model choice trains: the MoE the sub-MoE methods
+# fine-tune (all experts, no Stage 1), or the full-model baselines' smaller MoE
+MODELS = {"moe": "random_moe", "baseline": "fedavg"}
+
+
 def central_ceiling(config, steps: int = 0, eval_points: int = 4, chunk: int = 50,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, model: str = "moe") -> dict[str, Any]:
     """Train and score the central model of experiment config `config` (`steps` = 0: one run's
-    compute; `eval_points` >= 1 validation points, the last at the end). Returns the settings, the
-    validation curve (`curve`: step, seconds, per-task scores) and the final `test` scores."""
+    compute; `eval_points` >= 1 validation points, the last at the end; `model`: "moe", the config's
+    MoE that FedMoE and randomMoE fine-tune, or "baseline", the full-model baselines' MoE). Returns the
+    settings, the validation curve (`curve`: step, seconds, per-task scores) and the final `test`
+    scores."""
     import jax
     import jax.numpy as jnp
 
     from fedmoe_jax.experiment.build import build, loss_config
 
-    if eval_points < 1 or steps < 0:
-        raise ValueError(f"eval_points={eval_points} must be >= 1 and steps={steps} >= 0")
+    if eval_points < 1 or steps < 0 or model not in MODELS:
+        raise ValueError(f"eval_points={eval_points} must be >= 1, steps={steps} >= 0 and model={model!r} "
+                         f"one of {list(MODELS)}")
     from fedmoe_jax.federated.client import make_train_step
     from fedmoe_jax.federated.optimizers import make_optimizer
 
     config = config.copy_and_resolve_references()
-    config.method = "fedavg"  # every expert, a global model: what the trainer's evaluation needs
+    config.method = MODELS[model]  # evaluate(model="global") below scores all experts whatever the maps
     config.eval_every = 0
     trainer = build(config, None, progress=progress).trainer
     steps = steps or config.num_rounds * config.cohort_size * config.local_steps
@@ -123,15 +131,16 @@ def central_ceiling(config, steps: int = 0, eval_points: int = 4, chunk: int = 5
     test = evaluate("test", params)
     return {"steps": steps, "batch_size": config.batch_size, "examples": int(len(arrays["inputs"])),
             "epochs": steps * config.batch_size / len(arrays["inputs"]), "model": config.model.name,
-            "init": config.model.init, "seconds": round(time.time() - start, 1), "curve": curve,
-            "loss_history": losses, "test": test}
+            "which_model": model, "num_experts": trainer.config.num_experts, "init": config.model.init,
+            "seconds": round(time.time() - start, 1), "curve": curve, "loss_history": losses, "test": test}
 
 
 def markdown(result: dict[str, Any], heading: str = "") -> str:
     lines = [f"### {heading}", ""] if heading else []
     metrics = [f"{t}_{PRIMARY_METRIC[t]}" for t in TASKS if f"{t}_{PRIMARY_METRIC[t]}" in result["test"]]
     lines += [f"{result['steps']} steps of batch {result['batch_size']} over {result['examples']} training "
-              f"examples ({result['epochs']:.1f} epochs), {result['model']} ({result['init']} init), "
+              f"examples ({result['epochs']:.1f} epochs), {result['model']} with {result['num_experts']} "
+              f"experts ({result['which_model']} model, {result['init']} init), "
               f"{result['seconds']:.0f} s.", "",
               "| step | train loss | " + " | ".join(f"validation {m}" for m in metrics) + " |",
               "|---:|---:|" + "---:|" * len(metrics)]
@@ -143,7 +152,7 @@ def markdown(result: dict[str, Any], heading: str = "") -> str:
 
 
 def run_central(config: str, overrides: Sequence[str] = (), out: str = "", steps: int = 0,
-                eval_points: int = 4, progress: bool = True) -> dict[str, Any]:
+                eval_points: int = 4, progress: bool = True, model: str = "moe") -> dict[str, Any]:
     """`central_ceiling` of "FILE[:ARG]" with KEY=VALUE `overrides`; prints the Markdown and writes
     `out/central.json` and `out/central.md` when given. A config that fails to load, a bad override
     or an invalid config raises `SpecError` / `ConfigError` before any training."""
@@ -155,7 +164,7 @@ def run_central(config: str, overrides: Sequence[str] = (), out: str = "", steps
     cfg = apply_overrides(load_config(path, arg or None), dict(parse_set_flag(s) for s in overrides))
     validate(cfg)
     result = {"config": config, "overrides": list(overrides),
-              **central_ceiling(cfg, steps, eval_points, progress=progress)}
+              **central_ceiling(cfg, steps, eval_points, progress=progress, model=model)}
     text = markdown(result, f"Central ceiling (`{config}`{' ' + ' '.join(overrides) if overrides else ''})")
     print(text)
     if out:

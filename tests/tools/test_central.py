@@ -35,6 +35,10 @@ def test_chunked_training_equals_step_by_step(tmp_path):
     assert [r["step"] for r in four["curve"]] == [2, 4] and len(four["loss_history"]) == 4
     assert set(four["test"]) == {"tc_accuracy", "rc_f1", "ts_rouge2"}
     assert four["examples"] == 3 * 48 and four["epochs"] == pytest.approx(4 * 4 / 144)
+    # the MoE the sub-MoE methods fine-tune (4 experts) vs the full-model baselines' (2 in configs/tiny.py)
+    assert four["num_experts"] == 4
+    small = central.central_ceiling(config, steps=1, eval_points=1, progress=False, model="baseline")
+    assert small["num_experts"] == 2 and small["which_model"] == "baseline"
 
 
 def test_cli_writes_results_and_rejects_bad_input(tmp_path):
