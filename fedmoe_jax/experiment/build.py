@@ -43,9 +43,10 @@ PyTree = Any
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
-    """Create `workdir` and its `config.json`, or check a rerun against it; returns whether the run
-    is new. Only resumable keys (`config.RESUMABLE_KEYS`) may differ from the saved config."""
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, write: bool = True) -> bool:
+    """Check that `workdir` is writable and holds this run or none (only resumable keys,
+    `config.RESUMABLE_KEYS`, may differ from its saved config); with `write`, create or update its
+    `config.json`. Returns whether the run is new."""
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write-test-{os.getpid()}")
@@ -58,7 +59,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
     path = os.path.join(workdir, RUN_CONFIG_FILE)
     current = config.to_dict()
     if not os.path.exists(path):
-        write_json(path, current)
+        if write:
+            write_json(path, current)
         return True
     try:
         with open(path) as f:
@@ -76,7 +78,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
                            for k in differ[:4])
         raise ConfigError(f"{workdir} holds a different run ({detail}); rerun with its config to resume, "
                           "or pass a new --workdir to start fresh")
-    write_json(path, current)  # resumable keys (num_rounds, eval, ...) take the new values
+    if write:
+        write_json(path, current)  # resumable keys (num_rounds, eval, ...) take the new values
     return False
 
 
@@ -134,15 +137,13 @@ def make_run_partition(config: ml_collections.ConfigDict, task_data: dict):
                           seed=config.seed)
 
 
-def build_federated_data(config: ml_collections.ConfigDict, tokenizer, workdir: str | None = None):
-    """The partition (saved to `workdir`) and the tokenized `FederatedData`."""
+def build_federated_data(config: ml_collections.ConfigDict, tokenizer):
+    """The tokenized `FederatedData` of the run's partition (`make_run_partition`)."""
     from fedmoe_jax.data import FederatedData
 
     d = config.data
     task_data = load_task_data(config)
     partition = make_run_partition(config, task_data)
-    if workdir is not None:
-        partition.save(os.path.join(workdir, "partition"))
     return FederatedData.build(task_data, partition, tokenizer, d.max_input_len, d.max_target_len)
 
 
@@ -327,10 +328,11 @@ class Experiment:
 
 
 def check(config: ml_collections.ConfigDict, workdir: str | None) -> None:
-    """Validate the config and, with a `workdir`, create it or check that it holds this run."""
+    """Validate the config and, with a `workdir`, check that it is writable and holds this run or none
+    (nothing is written: `build` writes the run's files once every input has loaded)."""
     validate(config)
     if workdir is not None:
-        prepare_workdir(config, workdir)
+        prepare_workdir(config, workdir, write=False)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | None, progress: bool = True) -> Experiment:
@@ -349,13 +351,15 @@ def build(config: ml_collections.ConfigDict, workdir: str | None, progress: bool
     start = time.time()
     try:
         tokenizer = load_tokenizer(config)
-        data = build_federated_data(config, tokenizer, workdir)
+        data = build_federated_data(config, tokenizer)
         full = get_method(config.method).full_model
         cfg = model_config(config, tokenizer, full)
         cfg, params = initial_params(config, cfg, full, progress)
         memory = MemoryModel(cfg, config.batch_size, data.input_len, data.target_len)
         budgets = client_budgets(config, memory)
-        if workdir is not None:
+        if workdir is not None:  # every input has loaded: only now does the workdir get the run's files
+            prepare_workdir(config, workdir)
+            data.partition.save(os.path.join(workdir, "partition"))
             write_json(os.path.join(workdir, "budgets.json"), {
                 "budgets_bytes": budgets.tolist(), "dense_bytes": memory.dense_bytes,
                 "expert_bytes": memory.expert_bytes.tolist(), "full_model_bytes": memory.full_model_bytes()})

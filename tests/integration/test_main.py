@@ -140,10 +140,16 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     assert not os.path.exists(tmp_path / "run" / "summary.json")
 
 
-def test_unsatisfiable_partition_exits_2(tmp_path):
-    out = cli(f"--config={TINY}", f"--workdir={tmp_path / 'run'}", "--config.data.min_examples=40")
+def test_unsatisfiable_partition_exits_2_and_the_fixed_command_runs(tmp_path):
+    """Input that only loading can reject (a partition that cannot be satisfied) stops the launch before
+    the workdir gets any file, so the same command with the fix is a new run, not a refused resume."""
+    workdir = tmp_path / "run"
+    out = cli(f"--config={TINY}:fedavg", f"--workdir={workdir}", "--config.data.min_examples=40")
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "min_examples" in out.stderr
+    assert os.listdir(workdir) == []
+    fixed = cli(f"--config={TINY}:fedavg", f"--workdir={workdir}", "--config.num_rounds=0")
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
 
 
 def test_zero_rounds_score_the_initial_model(tmp_path):
@@ -192,7 +198,7 @@ def test_diverging_clients_stop_the_run_with_exit_3(tmp_path):
               "--config.on_nonfinite=stop")
     assert res.returncode == 3, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: round 1: client(s) ") and "NaN/inf" in last
+    assert last.startswith("error: round 1: every client (") and "NaN/inf" in last  # all diverge
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
     assert not os.path.exists(os.path.join(workdir, "metrics.jsonl")) or not read_rows(workdir)
 
