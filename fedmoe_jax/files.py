@@ -64,6 +64,16 @@ def finite_json(x: Any) -> Any:
     return x
 
 
+def json_kind(x: Any) -> str:
+    """The JSON name of a decoded value's type: object, array, string, number, boolean or null."""
+    if x is None:
+        return "null"
+    if isinstance(x, bool):
+        return "boolean"
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number"}.get(type(x),
+                                                                                          type(x).__name__)
+
+
 def write_json(path: str | os.PathLike, obj: Any, finite: bool = False) -> None:
     """JSON (indent 1, NumPy scalars and arrays as numbers and lists), written atomically.
     `finite`: strict JSON instead, non-finite numbers as null (`finite_json`)."""

@@ -31,6 +31,7 @@ from fedmoe_jax.experiment.config import (
 from fedmoe_jax.federated.optimizers import make_optimizer
 from fedmoe_jax.files import (
     RUN_CONFIG_FILE,
+    json_kind,
     save_npz,
     write_json,
 )
@@ -67,6 +68,9 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, write: bool
             saved = json.load(f)
     except (OSError, ValueError):
         raise ConfigError(f"{path} is unreadable; restore it, or start fresh with a new --workdir") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} holds a JSON {json_kind(saved)}, not a config; restore it, or start "
+                          "fresh with a new --workdir")
     saved_flat, current_flat = flatten(saved), flatten(json.loads(json.dumps(current)))
     # A key the saved config lacks (added to the schema since) stands for its default.
     schema = flatten(json.loads(json.dumps(default_config().to_dict())))
@@ -251,8 +255,17 @@ def fedmoe_start(config, cfg, params, data, memory, budgets, workdir, progress):
 
     path = None if workdir is None else os.path.join(workdir, "stage1.npz")
     if path is not None and os.path.exists(path):
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+        try:
+            with np.load(path) as z:
+                out = {k: z[k] for k in z.files}
+        except Exception as e:  # zipfile.BadZipFile, pickled or text data, a cut-off member, ...
+            raise ConfigError(f"{path} is damaged ({type(e).__name__}); delete it and rerun: Stage 1 is "
+                              "measured again") from None
+        needed = {"probs", "maps", "measured", "lora_loss", "seconds"}  # what the run and its summary read
+        if not needed <= set(out):
+            raise ConfigError(f"{path} lacks Stage 1's {', '.join(sorted(needed - set(out)))}; delete it and "
+                              "rerun: Stage 1 is measured again")
+        return out
     s = config.stage1
     eligible = stage1_eligible(memory, budgets, s.rank)
     start = time.time()

@@ -41,6 +41,7 @@ from fedmoe_jax.files import (
     PREDICTIONS_FILE,
     SUMMARY_FILE,
     atomic_write,
+    json_kind,
     save_npz,
     workdir_lock,
     write_json,
@@ -122,6 +123,9 @@ def finished_summary(workdir: str, num_rounds: int) -> dict[str, Any] | None:
         return None
     except (OSError, ValueError):
         raise ConfigError(f"{path} is unreadable; delete it to evaluate the run again") from None
+    if not isinstance(summary, dict):
+        raise ConfigError(f"{path} holds a JSON {json_kind(summary)}, not a summary; delete it to "
+                          "evaluate the run again (the checkpoints are intact)")
     return summary if summary.get("rounds", -1) >= num_rounds else None
 
 

@@ -52,12 +52,16 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
             if i == len(lines) - 1:  # no newline after it: an interrupted append
                 log.warning("%s: dropping a cut-off last line (%d bytes)", path, len(line))
                 continue
             raise ValueError(f"{path} line {i + 1} is not JSON; repair or delete the file") from None
+        if not isinstance(row, dict) or "round" not in row:
+            raise ValueError(f"{path} line {i + 1} is not a metrics row (a JSON object with a round); "
+                             "repair or delete the file")
+        rows.append(row)
     return rows
 
 

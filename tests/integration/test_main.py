@@ -179,6 +179,41 @@ def test_a_second_run_on_a_busy_workdir_exits_2_and_writes_nothing(tmp_path):
     assert cli(f"--config={TINY}:fedavg", f"--workdir={workdir}", "--config.num_rounds=0").returncode == 0
 
 
+@pytest.fixture(scope="module")
+def one_round_run(tmp_path_factory):
+    """A finished 1-round FedMoE run of configs/tiny.py (Stage 1 included), copied by each test."""
+    workdir = tmp_path_factory.mktemp("one_round") / "run"
+    res = cli(f"--config={TINY}:fedmoe", f"--workdir={workdir}", "--config.num_rounds=1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return workdir
+
+
+def _cut(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage,says", [
+    (lambda w: (w / "config.json").write_text("[1, 2]"), "holds a JSON array, not a config"),
+    (lambda w: (w / "summary.json").write_text("null"), "holds a JSON null, not a summary"),
+    (lambda w: (w / "metrics.jsonl").write_text("42\n"), "line 1 is not a metrics row"),
+    (lambda w: _cut(w / "stage1.npz"), "stage1.npz is damaged (BadZipFile)"),
+    (lambda w: (w / "stage1.npz").write_text("not an archive"), "stage1.npz is damaged"),
+])
+def test_damaged_workdir_files_give_one_line(one_round_run, tmp_path, damage, says):
+    """Each damaged file of a workdir stops the rerun (one more round) with one line naming it and the
+    fix, exit status 2, instead of a traceback."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(one_round_run, workdir)
+    damage(workdir)
+    rounds = "1" if "summary" in says else "2"  # a finished run reads its summary first
+    res = cli(f"--config={TINY}:fedmoe", f"--workdir={workdir}", f"--config.num_rounds={rounds}")
+    assert res.returncode == 2 and says in res.stderr, res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
 def test_seed_workdirs():
     from fedmoe_jax.errors import ConfigError
     from fedmoe_jax.main import seed_workdirs
