@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from fedmoe_jax.cli_common import fail, flags_parser, quiet_logs  # noqa: E402
+from fedmoe_jax.cli_common import flags_parser, run_tool  # noqa: E402
 from fedmoe_jax.errors import ConfigError  # noqa: E402
 from fedmoe_jax.tools.baselines import run_baselines  # noqa: E402
 from fedmoe_jax.tools.sweeps import SpecError  # noqa: E402
@@ -28,13 +28,8 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value")
-    quiet_logs()
-    try:
-        run_baselines(FLAGS.config, overrides=FLAGS.set, out=FLAGS.out)
-    except (SpecError, ConfigError) as e:
-        fail(str(e))
+    run_tool(argv, lambda: run_baselines(FLAGS.config, overrides=FLAGS.set, out=FLAGS.out),
+             (SpecError, ConfigError))
 
 
 if __name__ == "__main__":

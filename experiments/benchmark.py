@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from fedmoe_jax.cli_common import fail, flags_parser, quiet_logs  # noqa: E402
+from fedmoe_jax.cli_common import flags_parser, run_tool  # noqa: E402
 from fedmoe_jax.tools.benchmarks import CONTENDERS, PRESETS  # noqa: E402
 from fedmoe_jax.tools.benchmarks.cli import BenchmarkError, run_benchmark  # noqa: E402
 
@@ -53,13 +53,8 @@ _SETTINGS = ("preset", "contenders", "rounds", "warmup", "seed", "peak_n", "scal
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value")
-    quiet_logs()
-    try:
-        run_benchmark(**{name: FLAGS[name].value for name in _SETTINGS})
-    except BenchmarkError as e:
-        fail(str(e))
+    run_tool(argv, lambda: run_benchmark(**{name: FLAGS[name].value for name in _SETTINGS}),
+             (BenchmarkError,))
 
 
 if __name__ == "__main__":

@@ -119,6 +119,18 @@ def flags_parser(schema: str | None = None, example: str | None = None) -> Calla
 __all__ = ["USAGE_EXIT", "config_problem", "fail", "flags_parser", "loaded_config", "quiet_logs"]
 
 
+def run_tool(argv: list[str], fn: Callable[[], Any], errors: tuple[type[BaseException], ...]) -> None:
+    """The `main` of a tool script (absl): stray positional arguments are refused, logs quieted, `fn()`
+    run; an exception of `errors` (bad input) becomes one line on stderr and exit status 2."""
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value")
+    quiet_logs()
+    try:
+        fn()
+    except errors as e:
+        fail(str(e))
+
+
 def default_compilation_cache() -> str:
     """Where the CLIs keep JAX's persistent compilation cache unless told otherwise: `$FEDMOE_JAX_CACHE`,
     else JAX's own `$JAX_COMPILATION_CACHE_DIR`, else `$XDG_CACHE_HOME/fedmoe_jax/xla` (`~/.cache/...`).

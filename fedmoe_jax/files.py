@@ -128,3 +128,12 @@ def workdir_lock(workdir: str | os.PathLike | None) -> Iterator[None]:
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 
+
+def write_report(folder: str | os.PathLike, stem: str, result: Any, markdown: str) -> None:
+    """`folder/stem.json` (the result, indent 1) and `folder/stem.md` (its Markdown), atomically; the
+    folder is created if missing."""
+    os.makedirs(folder, exist_ok=True)
+    text = json.dumps(result, indent=1, default=json_default)
+    atomic_write(os.path.join(folder, f"{stem}.json"), text + "\n")
+    atomic_write(os.path.join(folder, f"{stem}.md"), markdown)
+

@@ -139,16 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--license-file", default=wordnet.DEFAULT_LICENSE_FILE, help="wordnet-base's copyright")
     b.add_argument("--vocab-size", type=int, default=wordnet.DEFAULT_VOCAB_SIZE, help="SentencePiece pieces")
     args = parser.parse_args(argv)
-    try:
-        manifest = build(args.wordnet_dir, args.debian_dir, args.out, args.license_file, args.vocab_size,
-                         args.mirror, args.allow_changed_sources)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    sizes = ", ".join(f"{t} " + "/".join(str(n) for n in manifest["sizes"][t].values()) for t in TASKS)
-    total = sum(f["bytes"] for f in manifest["files"].values())
-    print(f"wrote {args.out}: {sizes} (train/validation/test examples), {total / 1e6:.1f} MB")
-    return 0
+    return wordnet.run_build(lambda: build(args.wordnet_dir, args.debian_dir, args.out, args.license_file,
+                                           args.vocab_size, args.mirror, args.allow_changed_sources),
+                             args.out)
 
 
 if __name__ == "__main__":

@@ -337,14 +337,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--license-file", default=DEFAULT_LICENSE_FILE, help="Debian copyright of wordnet-base")
     b.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="SentencePiece vocabulary")
     args = parser.parse_args(argv)
+    return run_build(lambda: build(args.wordnet_dir, args.out, args.license_file, args.vocab_size), args.out)
+
+
+def run_build(build_fn, out: str) -> int:
+    """A builder command's end: `build_fn()` -> manifest; one summary line, or on bad input (ValueError,
+    OSError) one `error:` line on stderr and status 2."""
     try:
-        manifest = build(args.wordnet_dir, args.out, args.license_file, args.vocab_size)
+        manifest = build_fn()
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sizes = ", ".join(f"{t} " + "/".join(str(n) for n in manifest["sizes"][t].values()) for t in TASKS)
     total = sum(f["bytes"] for f in manifest["files"].values())
-    print(f"wrote {args.out}: {sizes} (train/validation/test examples), {total / 1e6:.1f} MB")
+    print(f"wrote {out}: {sizes} (train/validation/test examples), {total / 1e6:.1f} MB")
     return 0
 
 

@@ -199,15 +199,12 @@ def run_baselines(config: str = "configs/cpu.py", overrides: Sequence[str] = (),
     Markdown table; writes `out/baselines.json` and `out/baselines.md` when given. A config that fails
     to load or a bad override raises `SpecError`, invalid data `ConfigError`, before anything is
     written."""
-    import json
-    import os
 
     from fedmoe_jax.experiment.build import load_task_data, make_run_partition
-    from fedmoe_jax.files import atomic_write
-    from fedmoe_jax.tools.sweeps import apply_overrides, load_config, parse_set_flag
+    from fedmoe_jax.files import write_report
+    from fedmoe_jax.tools.sweeps import config_from_spec
 
-    path, _, arg = config.partition(":")
-    cfg = apply_overrides(load_config(path, arg or None), dict(parse_set_flag(s) for s in overrides))
+    cfg = config_from_spec(config, overrides)
     d = cfg.data
     task_data = load_task_data(cfg)
     skew = label_skew(task_data, make_run_partition(cfg, task_data))
@@ -225,7 +222,5 @@ def run_baselines(config: str = "configs/cpu.py", overrides: Sequence[str] = (),
              + ".\n")
     print(text)
     if out:
-        os.makedirs(out, exist_ok=True)
-        atomic_write(os.path.join(out, "baselines.json"), json.dumps(result, indent=2) + "\n")
-        atomic_write(os.path.join(out, "baselines.md"), text)
+        write_report(out, "baselines", result, text)
     return result

@@ -15,8 +15,6 @@ so the curve shows whether the budget over- or under-trains.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -157,18 +155,15 @@ def run_central(config: str, overrides: Sequence[str] = (), out: str = "", steps
     `out/central.json` and `out/central.md` when given. A config that fails to load, a bad override
     or an invalid config raises `SpecError` / `ConfigError` before any training."""
     from fedmoe_jax.experiment.config import validate
-    from fedmoe_jax.files import atomic_write
-    from fedmoe_jax.tools.sweeps import apply_overrides, load_config, parse_set_flag
+    from fedmoe_jax.files import write_report
+    from fedmoe_jax.tools.sweeps import config_from_spec
 
-    path, _, arg = config.partition(":")
-    cfg = apply_overrides(load_config(path, arg or None), dict(parse_set_flag(s) for s in overrides))
+    cfg = config_from_spec(config, overrides)
     validate(cfg)
     result = {"config": config, "overrides": list(overrides),
               **central_ceiling(cfg, steps, eval_points, progress=progress, model=model)}
     text = markdown(result, f"Central ceiling (`{config}`{' ' + ' '.join(overrides) if overrides else ''})")
     print(text)
     if out:
-        os.makedirs(out, exist_ok=True)
-        atomic_write(os.path.join(out, "central.json"), json.dumps(result, indent=1) + "\n")
-        atomic_write(os.path.join(out, "central.md"), text)
+        write_report(out, "central", result, text)
     return result

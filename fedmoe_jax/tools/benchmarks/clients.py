@@ -41,9 +41,10 @@ def registered_clients_round(num_clients: int, cohort: int, method: str = "fedmo
     import jax
 
     from fedmoe_jax.experiment import build
+    from fedmoe_jax.tools.benchmarks.cli import REPO
     from fedmoe_jax.tools.sweeps import apply_overrides, load_config
 
-    path = config if os.path.isabs(config) else os.path.join(_repo(), config)
+    path = config if os.path.isabs(config) else os.path.join(REPO, config)
     c = apply_overrides(load_config(path, method), {
         **client_data(num_clients), "data.num_clients": num_clients, "cohort_size": cohort, "seed": seed,
         "num_rounds": warmup + rounds, "eval.full_every": 0})  # a round, not an evaluation of all N
@@ -65,7 +66,3 @@ def registered_clients_round(num_clients: int, cohort: int, method: str = "fedmo
             "round_s": float(np.median(times)), "round_times_s": times,
             "client_steps_per_s": steps / float(np.median(times)),
             "client_state_bytes": {"metadata": int(meta), "model_copies": extra}}
-
-
-def _repo() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))

@@ -17,7 +17,13 @@ Modules: `values` (flag values, run names, `SpecError`), `spec` (the spec, its r
 `results.csv`, `results.md`). The command line is `experiments/sweep.py`.
 """
 
-from fedmoe_jax.tools.sweeps.configs import apply_overrides, check_configs, fedmoe_validator, load_config
+from fedmoe_jax.tools.sweeps.configs import (
+    apply_overrides,
+    check_configs,
+    config_from_spec,
+    fedmoe_validator,
+    load_config,
+)
 from fedmoe_jax.tools.sweeps.results import (
     RESULTS_CSV,
     RESULTS_MD,
@@ -62,7 +68,8 @@ from fedmoe_jax.tools.sweeps.values import (
 
 __all__ = [
     "DEFAULT_ROOT", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_INVALID", "LOG", "RESULTS_CSV", "RESULTS_MD",
-    "SWEEP_JSON", "Job", "Run", "SpecError", "SweepReport", "SweepSpec", "apply_overrides", "check_configs",
+    "SWEEP_JSON", "Job", "Run", "SpecError", "SweepReport", "SweepSpec", "apply_overrides",
+    "config_from_spec", "check_configs",
     "child_env", "collect", "core_shares", "default_runner", "expand", "fedmoe_validator", "format_cli_value",
     "jobs", "load_config", "load_spec", "parse_exclude_flag", "parse_grid_flag", "parse_set_flag",
     "parse_value", "read_sweep_json", "run_name", "run_sweep", "spec_for_collect", "spec_from_dict",

@@ -71,3 +71,13 @@ def fedmoe_validator() -> Callable[[Any], None] | None:
     except ImportError:
         return None
     return validate
+
+
+def config_from_spec(spec: str, overrides: Sequence[str] = ()):
+    """The config of "FILE[:ARG]" with `--set`-style "KEY=VALUE" `overrides` applied (what the tool
+    scripts take); a file that fails to load or a bad override raises `SpecError`."""
+    from fedmoe_jax.tools.sweeps.values import parse_set_flag
+
+    path, _, arg = spec.partition(":")
+    return apply_overrides(load_config(path, arg or None), dict(parse_set_flag(s) for s in overrides))
+
