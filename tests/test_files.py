@@ -45,3 +45,18 @@ def test_save_npz_round_trip(tmp_path):
         np.testing.assert_array_equal(z["maps"], np.eye(3, dtype=bool))
         assert z["probs"].dtype == np.float32 and z["probs"].sum() == 1.0
     assert os.listdir(tmp_path) == ["a.npz"]
+
+
+def test_json_kind_names_json_types():
+    from fedmoe_jax.files import json_kind
+
+    assert [json_kind(x) for x in ({}, [], "a", 1, 2.5, True, None)] == [
+        "object", "array", "string", "number", "number", "boolean", "null"]
+
+
+def test_write_report_writes_json_and_markdown(tmp_path):
+    from fedmoe_jax.files import write_report
+
+    write_report(tmp_path / "new", "x", {"a": np.float32(1.5)}, "# x\n")
+    assert json.loads((tmp_path / "new" / "x.json").read_text()) == {"a": 1.5}
+    assert (tmp_path / "new" / "x.md").read_text() == "# x\n"
