@@ -140,22 +140,23 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     assert not os.path.exists(tmp_path / "run" / "summary.json")
 
 
-def test_unsatisfiable_partition_exits_2_and_the_fixed_command_runs(tmp_path):
-    """Input that only loading can reject (a partition that cannot be satisfied) stops the launch before
-    the workdir gets any file, so the same command with the fix is a new run, not a refused resume."""
+def test_workdir_guards_and_zero_rounds(tmp_path):
+    """One workdir through four launches: (1) while another run holds it (its lock, taken here), a
+    launch stops with one line before writing anything; (2) input only loading can reject (a
+    partition that cannot be satisfied) also leaves it empty, so (3) the same command with the fix is
+    a new run, not a refused resume: with num_rounds=0 it tests the initial model and its terminal
+    summary (no communication figure) prints; (4) so does a rerun's."""
+    from fedmoe_jax.files import workdir_lock
+
     workdir = tmp_path / "run"
+    with workdir_lock(workdir):
+        busy = cli(f"--config={TINY}:fedavg", f"--workdir={workdir}", "--config.num_rounds=0")
+    assert busy.returncode == 2 and "is in use by another run" in busy.stderr
+    assert len(busy.stderr.strip().splitlines()) == 1 and os.listdir(workdir) == []
     out = cli(f"--config={TINY}:fedavg", f"--workdir={workdir}", "--config.data.min_examples=40")
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "min_examples" in out.stderr
     assert os.listdir(workdir) == []
-    fixed = cli(f"--config={TINY}:fedavg", f"--workdir={workdir}", "--config.num_rounds=0")
-    assert fixed.returncode == 0, fixed.stderr[-2000:]
-
-
-def test_zero_rounds_score_the_initial_model(tmp_path):
-    """num_rounds=0 trains nothing and tests the initial model; the terminal summary (no round, so no
-    communication figure) prints, and so does a rerun's."""
-    workdir = str(tmp_path / "zero")
     for _ in range(2):
         res = cli(f"--config={TINY}:fedavg", f"--workdir={workdir}", "--config.num_rounds=0")
         assert res.returncode == 0, res.stderr[-2000:]
@@ -164,28 +165,6 @@ def test_zero_rounds_score_the_initial_model(tmp_path):
         summary = json.load(f)
     assert summary["comm_gib_per_transfer"] is None and set(summary["test"]) == {"tc_accuracy", "rc_f1",
                                                                                  "ts_rouge2"}
-
-
-def test_a_second_run_on_a_busy_workdir_exits_2_and_writes_nothing(tmp_path):
-    """While one run holds the workdir (its lock, taken here as the first run would), a second
-    launch on it stops with one line before writing anything; once released, it runs."""
-    from fedmoe_jax.files import workdir_lock
-
-    workdir = tmp_path / "busy"
-    with workdir_lock(workdir):
-        res = cli(f"--config={TINY}:fedavg", f"--workdir={workdir}", "--config.num_rounds=0")
-        assert res.returncode == 2 and "is in use by another run" in res.stderr
-        assert len(res.stderr.strip().splitlines()) == 1 and os.listdir(workdir) == []
-    assert cli(f"--config={TINY}:fedavg", f"--workdir={workdir}", "--config.num_rounds=0").returncode == 0
-
-
-@pytest.fixture(scope="module")
-def one_round_run(tmp_path_factory):
-    """A finished 1-round FedMoE run of configs/tiny.py (Stage 1 included), copied by each test."""
-    workdir = tmp_path_factory.mktemp("one_round") / "run"
-    res = cli(f"--config={TINY}:fedmoe", f"--workdir={workdir}", "--config.num_rounds=1")
-    assert res.returncode == 0, res.stderr[-2000:]
-    return workdir
 
 
 def _cut(path):
@@ -198,17 +177,17 @@ def _cut(path):
     (lambda w: (w / "summary.json").write_text("null"), "holds a JSON null, not a summary"),
     (lambda w: (w / "metrics.jsonl").write_text("42\n"), "line 1 is not a metrics row"),
     (lambda w: _cut(w / "stage1.npz"), "stage1.npz is damaged (BadZipFile)"),
-    (lambda w: (w / "stage1.npz").write_text("not an archive"), "stage1.npz is damaged"),
 ])
-def test_damaged_workdir_files_give_one_line(one_round_run, tmp_path, damage, says):
-    """Each damaged file of a workdir stops the rerun (one more round) with one line naming it and the
-    fix, exit status 2, instead of a traceback."""
+@tiny_run_group
+def test_damaged_workdir_files_give_one_line(tiny_run, tmp_path, damage, says):
+    """Each damaged file of a copy of the finished tiny run stops its rerun (one more round) with one
+    line naming it and the fix, exit status 2, instead of a traceback."""
     import shutil
 
     workdir = tmp_path / "run"
-    shutil.copytree(one_round_run, workdir)
+    shutil.copytree(tiny_run[0], workdir)
     damage(workdir)
-    rounds = "1" if "summary" in says else "2"  # a finished run reads its summary first
+    rounds = "4" if "summary" in says else "5"  # a finished run (4 rounds) reads its summary first
     res = cli(f"--config={TINY}:fedmoe", f"--workdir={workdir}", f"--config.num_rounds={rounds}")
     assert res.returncode == 2 and says in res.stderr, res.stderr[-2000:]
     assert len(res.stderr.strip().splitlines()) == 1

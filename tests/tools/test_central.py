@@ -35,19 +35,18 @@ def test_chunked_training_equals_step_by_step(tmp_path):
     assert [r["step"] for r in four["curve"]] == [2, 4] and len(four["loss_history"]) == 4
     assert set(four["test"]) == {"tc_accuracy", "rc_f1", "ts_rouge2"}
     assert four["examples"] == 3 * 48 and four["epochs"] == pytest.approx(4 * 4 / 144)
-    # the MoE the sub-MoE methods fine-tune (4 experts) vs the full-model baselines' (2 in configs/tiny.py)
-    assert four["num_experts"] == 4
-    small = central.central_ceiling(config, steps=1, eval_points=1, progress=False, model="baseline")
-    assert small["num_experts"] == 2 and small["which_model"] == "baseline"
+    assert four["num_experts"] == 4  # the MoE the sub-MoE methods fine-tune
 
 
 def test_cli_writes_results_and_rejects_bad_input(tmp_path):
     res = subprocess.run([sys.executable, "experiments/central.py", "--config=configs/tiny.py", "--steps=2",
-                          "--eval_points=1", f"--out={tmp_path}"], capture_output=True, text=True, cwd=REPO,
-                         timeout=600)
+                          "--eval_points=1", "--model=baseline", f"--out={tmp_path}"], capture_output=True,
+                         text=True, cwd=REPO, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads((tmp_path / "central.json").read_text())
     assert result["steps"] == 2 and [r["step"] for r in result["curve"]] == [2]
+    # the full-model baselines' MoE: 2 experts in configs/tiny.py (model.baseline_num_experts)
+    assert result["num_experts"] == 2 and result["which_model"] == "baseline"
     assert "| step | train loss |" in (tmp_path / "central.md").read_text()
     bad = subprocess.run([sys.executable, "experiments/central.py", "--config=configs/tiny.py",
                           "--set=num_rounds=many", f"--out={tmp_path / 'bad'}"], capture_output=True,
