@@ -61,7 +61,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, write: bool
     current = config.to_dict()
     if not os.path.exists(path):
         if write:
-            write_json(path, current)
+            write_run_config(config, workdir)
         return True
     try:
         with open(path) as f:
@@ -83,8 +83,13 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, write: bool
         raise ConfigError(f"{workdir} holds a different run ({detail}); rerun with its config to resume, "
                           "or pass a new --workdir to start fresh")
     if write:
-        write_json(path, current)  # resumable keys (num_rounds, eval, ...) take the new values
+        write_run_config(config, workdir)  # resumable keys (num_rounds, eval, ...) take the new values
     return False
+
+
+def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """The workdir's `config.json`: the resolved config of the run."""
+    write_json(os.path.join(workdir, RUN_CONFIG_FILE), config.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +376,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None, progress: bool
         memory = MemoryModel(cfg, config.batch_size, data.input_len, data.target_len)
         budgets = client_budgets(config, memory)
         if workdir is not None:  # every input has loaded: only now does the workdir get the run's files
-            prepare_workdir(config, workdir)
+            write_run_config(config, workdir)  # `check` compared it with what the workdir holds
             data.partition.save(os.path.join(workdir, "partition"))
             write_json(os.path.join(workdir, "budgets.json"), {
                 "budgets_bytes": budgets.tolist(), "dense_bytes": memory.dense_bytes,

@@ -33,7 +33,7 @@ import numpy as np
 from fedmoe_jax.algorithms.registry import get_method
 from fedmoe_jax.data.tasks import TASKS
 from fedmoe_jax.errors import ConfigError
-from fedmoe_jax.experiment.build import Experiment, build, check
+from fedmoe_jax.experiment.build import Experiment, build, prepare_workdir
 from fedmoe_jax.experiment.config import validate
 from fedmoe_jax.federated.preemption import StopSignals
 from fedmoe_jax.files import (
@@ -75,7 +75,8 @@ def write_predictions(path: str, trainer, evaluation: dict[str, Any]) -> None:
     atomic_write(path, "".join(line + "\n" for line in lines))
 
 
-def _scores(result: dict[str, Any]) -> dict[str, float]:
+def mean_scores(result: dict[str, Any]) -> dict[str, float]:
+    """The per-task mean scores of a `FederatedTrainer.evaluate` result (without its per-client detail)."""
     return {k: v for k, v in result.items() if k not in ("clients", "split")}
 
 
@@ -92,7 +93,7 @@ def write_results(exp: Experiment, evaluation: dict[str, Any], seconds: float) -
     )
     for key in ("global_test", "unseen_test"):
         if key in evaluation:
-            summary[key] = _scores(evaluation[key])
+            summary[key] = mean_scores(evaluation[key])
     summary.update(t.algorithm.summary_fields(t.history))
     if exp.stage1 is not None:
         counts = exp.stage1["maps"].sum((1, 2))
@@ -143,7 +144,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | None, progr
 def _run_locked(config: ml_collections.ConfigDict, workdir: str | None, progress: bool) -> dict[str, Any]:
     """`run_experiment` once its workdir is locked."""
     start = time.time()
-    check(config, workdir)
+    if workdir is not None:  # validated by the caller; nothing is written before `build`
+        prepare_workdir(config, workdir, write=False)
     finished = None if workdir is None else finished_summary(workdir, config.num_rounds)
     if finished is not None:
         log.info("%s already finished %d rounds; summary: %s", workdir, finished["rounds"],
@@ -198,7 +200,7 @@ def _run_seeds(config, configs, workdirs, progress, start) -> list[dict[str, Any
     from fedmoe_jax.federated.runs import RunGroup
 
     for c, w in zip(configs, workdirs):
-        check(c, w)
+        prepare_workdir(c, w, write=False)  # validated by the caller
     results: dict[int, dict[str, Any]] = {}
     todo = []
     for i, (c, w) in enumerate(zip(configs, workdirs)):
@@ -228,5 +230,6 @@ def _run_seeds(config, configs, workdirs, progress, start) -> list[dict[str, Any
     return [results[i] for i in range(len(configs))]
 
 
-__all__ = ["evaluate_final", "finished_summary", "run_experiment", "run_experiments", "vectorizable",
+__all__ = ["evaluate_final", "finished_summary", "mean_scores", "run_experiment", "run_experiments",
+           "vectorizable",
            "write_results"]

@@ -37,24 +37,25 @@ def central_batches(arrays: dict[str, np.ndarray], steps: int, batch_size: int, 
     """Steps `first .. first + steps - 1` of passes over `arrays` in fresh permutations (`[K, B, ...]`,
     every example real), the same whatever `first` (a chunked run equals an unchunked one)."""
     n = len(arrays["inputs"])
+    perms: dict[int, np.ndarray] = {}  # each epoch's permutation, drawn once per call
+
+    def perm(epoch: int) -> np.ndarray:
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        return perms[epoch]
+
     rows = []
     for k in range(first, first + steps):
         epoch, offset = divmod(k * batch_size, n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        take = perm[offset:offset + batch_size]
+        take = perm(epoch)[offset:offset + batch_size]
         while len(take) < batch_size:  # the batch runs into the next epoch
             epoch += 1
-            perm = np.random.default_rng([seed, epoch]).permutation(n)
-            take = np.concatenate([take, perm[:batch_size - len(take)]])
+            take = np.concatenate([take, perm(epoch)[:batch_size - len(take)]])
         rows.append(take)
     idx = np.stack(rows)
     out = {k: v[idx] for k, v in arrays.items()}
     out["example_mask"] = np.ones(idx.shape, bool)
     return out
-
-
-def _scores(result: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in result.items() if k not in ("clients", "split")}
 
 
 # The method whose model and initial parameters each model choice trains: the MoE the sub-MoE methods
@@ -73,6 +74,7 @@ def central_ceiling(config, steps: int = 0, eval_points: int = 4, chunk: int = 5
     import jax.numpy as jnp
 
     from fedmoe_jax.experiment.build import build, loss_config
+    from fedmoe_jax.experiment.run import mean_scores
 
     if eval_points < 1 or steps < 0 or model not in MODELS:
         raise ValueError(f"eval_points={eval_points} must be >= 1, steps={steps} >= 0 and model={model!r} "
@@ -109,7 +111,7 @@ def central_ceiling(config, steps: int = 0, eval_points: int = 4, chunk: int = 5
 
     def evaluate(split, params):
         trainer.server = trainer.server.replace(params=params)
-        return _scores(trainer.evaluate(split, model="global", **eval_kw))
+        return mean_scores(trainer.evaluate(split, model="global", **eval_kw))
 
     params = trainer.server.params
     opt_state = optimizer.init(params)
