@@ -37,7 +37,7 @@ flags.DEFINE_string("jax_cache", default_compilation_cache(),
                     "Persistent JAX compilation cache directory ('' = off); default: $FEDMOE_JAX_CACHE, "
                     "else $JAX_COMPILATION_CACHE_DIR, else ~/.cache/fedmoe_jax/xla.")
 
-NONFINITE_EXIT = 3  # a client update held NaN/inf and on_nonfinite='stop'
+NONFINITE_EXIT = 3  # a diverged update (NaN/inf or over max_update_ratio): see federated.rounds
 SCHEMA, EXAMPLE = "fedmoe_jax/experiment/config.py", "configs/tiny.py"
 parse_flags = flags_parser(SCHEMA, EXAMPLE)
 

@@ -387,7 +387,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None, progress: bool
                                local_steps=config.local_steps, seed=config.seed, eval_every=config.eval_every,
                                eval_batch_size=config.eval_batch_size,
                                max_eval_examples=config.max_eval_examples or None,
-                               on_nonfinite=config.on_nonfinite, memory_cap_bytes=memory_cap(config),
+                               on_nonfinite=config.on_nonfinite, max_update_ratio=config.max_update_ratio,
+                               memory_cap_bytes=memory_cap(config),
                                full_eval_every=config.eval.full_every)
         optimizer = make_optimizer(config.optimizer, config.learning_rate, config.weight_decay)
         mesh = make_mesh_for(config)

@@ -43,9 +43,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 32
     c.max_eval_examples = 64  # per client per validation (0: the whole split)
     c.checkpoint_every = 1
-    # a client update with NaN/inf is always left out of aggregation; "stop": end the run (exit 3),
-    # "exclude": record it in metrics.jsonl (`nonfinite_clients`) and go on
+    # a diverged client update (NaN/inf, or over max_update_ratio) is always left out of aggregation;
+    # "stop": end the run (exit 3), "exclude": record it in metrics.jsonl (`nonfinite_clients`,
+    # `exploding_clients`) and go on
     c.on_nonfinite = "exclude"
+    # diverged = an update larger than this times the model it started from (||new - old|| /
+    # max(||old||, 1)); an aggregate over it ends the run (exit 3); 0: check non-finite values only
+    c.max_update_ratio = 10.0
     # memory per device a round may use (GB): the cohort trains in sub-cohorts small enough to fit;
     # 0: the accelerator's own limit, no cap on CPU (where sub-cohorts of 4 are the default anyway)
     c.memory_cap_gb = 0.0
@@ -143,8 +147,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # Keys that may change when a run is resumed (everything else defines the run).
-RESUMABLE_KEYS = ("num_rounds", "checkpoint_every", "on_nonfinite", "memory_cap_gb", "eval", "mesh",
-                  "model.remat", "model.build_pretrained")
+RESUMABLE_KEYS = ("num_rounds", "checkpoint_every", "on_nonfinite", "max_update_ratio", "memory_cap_gb",
+                  "eval", "mesh", "model.remat", "model.build_pretrained")
 
 
 def is_resumable(key: str) -> bool:
@@ -232,6 +236,7 @@ def validate(config) -> None:
         ("checkpoint_every", c.checkpoint_every >= 1, "use >= 1"),
         ("memory_cap_gb", c.memory_cap_gb >= 0, "use >= 0 (0: the accelerator's limit)"),
         ("on_nonfinite", c.on_nonfinite in ("exclude", "stop"), "use 'exclude' or 'stop'"),
+        ("max_update_ratio", c.max_update_ratio >= 0, "use >= 0 (0: no ratio check)"),
         ("optimizer", c.optimizer in OPTIMIZERS, f"use one of {', '.join(OPTIMIZERS)}"),
         ("data.source", c.data.source in ("embedded", "tfds"), "use 'embedded' or 'tfds'"),
         ("data.dir", c.data.source != "tfds" or bool(c.data.dir),

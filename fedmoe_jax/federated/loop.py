@@ -89,18 +89,35 @@ def merge_sub_cohorts(tree: PyTree, c: int) -> PyTree:
     return jax.tree.map(lambda a: a.reshape((c,) + a.shape[2:]), tree)
 
 
-def exclude_nonfinite(trained: PyTree, received: PyTree, metrics: dict[str, Array]
-                      ) -> tuple[PyTree, dict[str, Array]]:
-    """Clients whose local training went non-finite (`metrics["finite"]` `<f32>[C]` = 0, from
-    `make_local_train`: a NaN/inf parameter or loss at some step) or whose mean loss is not finite get
-    their received parameters back (leaves `[C, ...]`) and `metrics["finite"] = 0` (aggregation weight
-    0): one client's divergence never poisons the global model."""
-    ok = (metrics["finite"] > 0) & jnp.isfinite(metrics["loss"])
+def update_ratio(new: PyTree, old: PyTree) -> Array:
+    """`||new - old||_2 / max(||old||_2, 1)`, global norms over all leaves (a scalar; `jax.vmap` it
+    for one ratio per client). The floor of 1 keeps a model that starts near zero from flagging
+    ordinary steps."""
+    sq = lambda t: sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(t))  # noqa: E731
+    return jnp.sqrt(sq(jax.tree.map(jnp.subtract, new, old))) / jnp.maximum(jnp.sqrt(sq(old)), 1.0)
+
+
+def exclude_diverged(trained: PyTree, received: PyTree, metrics: dict[str, Array],
+                     max_update_ratio: float = 0.0) -> tuple[PyTree, dict[str, Array]]:
+    """Clients whose local update diverged get their received parameters back (leaves `[C, ...]`)
+    and `metrics["finite"] = 0` (aggregation weight 0): one client's divergence never poisons the
+    global model. Diverged: local training went non-finite (`metrics["finite"]` `<f32>[C]` = 0, from
+    `make_local_train`: a NaN/inf parameter or loss at some step), the mean loss is not finite, or
+    (with `max_update_ratio` > 0) the update is finite but exploding, `update_ratio(trained,
+    received) > max_update_ratio`. `metrics["update_ratio"]` `[C]`: that ratio, inf for a non-finite
+    client."""
+    finite = (metrics["finite"] > 0) & jnp.isfinite(metrics["loss"])
+    ratio = jax.vmap(update_ratio)(trained, received)
+    ratio = jnp.where(finite & jnp.isfinite(ratio), ratio, jnp.inf)
+    ok = jnp.isfinite(ratio)
+    if max_update_ratio > 0:
+        ok = ok & (ratio <= max_update_ratio)
 
     def keep(t, r):
         return jnp.where(ok.reshape((-1,) + (1,) * (t.ndim - 1)), t, r)
 
-    return jax.tree.map(keep, trained, received), {**metrics, "finite": ok.astype(jnp.float32)}
+    return (jax.tree.map(keep, trained, received),
+            {**metrics, "finite": ok.astype(jnp.float32), "update_ratio": ratio})
 
 
 # Clients per sub-cohort on CPU. Measured (experiments/benchmark.py, cpu-small, 8 clients x 4 steps,
@@ -181,6 +198,7 @@ def make_round_step(
     runs: bool = False,
     memory_cap: int | None = None,
     eval_max_length: int | None = None,
+    max_update_ratio: float = 0.0,
 ) -> Callable[..., RoundOutput]:
     """Build `round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None,
     eval_batches=None)` for `model`: any `FederatedModel` (a `SwitchConfig` is trained as
@@ -207,6 +225,8 @@ def make_round_step(
     `memory_cap` (bytes per device, with `chunk_size="auto"`): the first of `chunk_candidates` whose
     compiled round fits (`program_bytes`; with `runs`, all R runs' sub-cohorts together) is used, one
     choice per slot width and cohort size; `MemoryCapExceeded` if not even sub-cohorts of one client fit.
+    `max_update_ratio` (> 0): a client whose update is larger than this times its received sub-MoE
+    (`update_ratio`) is left out of aggregation like a non-finite one (`exclude_diverged`).
     """
     if runs and mesh is not None:
         raise ValueError("runs=True vmaps whole rounds on one device; pass mesh=None")
@@ -226,7 +246,7 @@ def make_round_step(
             narrow = jax.vmap(lambda idx: gather_submodel(params, model, idx))(indices)
             trained, metrics, stats = train_cohort(narrow, batches, step_mask, valid, rngs, extra)
             metrics = {**metrics, **routing_counts(stats)}
-            trained, metrics = exclude_nonfinite(trained, narrow, metrics)
+            trained, metrics = exclude_diverged(trained, narrow, metrics, max_update_ratio)
             sums = cohort_sums(params, trained, model, indices, valid, weights * metrics["finite"])
             evaluation = None
             if eval_batches is not None:
@@ -252,7 +272,7 @@ def make_round_step(
                 sums, per_chunk = jax.lax.scan(body, zero, chunks)
                 metrics, stats, trained, evaluation = merge_sub_cohorts(per_chunk, c)
             new_params = finalize_aggregate(params, sums, model)
-            used = (weights > 0) & (metrics["finite"] > 0)  # excluded (non-finite) clients move nothing
+            used = (weights > 0) & (metrics["finite"] > 0)  # excluded (diverged) clients move nothing
             held = jnp.einsum("clse,c->le", jax.nn.one_hot(indices, model.num_experts) * valid[..., None],
                               used.astype(jnp.float32)) > 0
             stats = to_global_experts(stats, indices, valid, model.num_experts)
@@ -359,10 +379,12 @@ def make_personal_step(
     mesh: Mesh | None = None,
     chunk_size: int | None | str = "auto",
     memory_cap: int | None = None,
+    max_update_ratio: float = 0.0,
 ) -> Callable[..., tuple[PyTree, dict[str, Array], RoutingStats]]:
     """Local training without a server: `(params [C, ...] full trees, batches, step_mask, rngs, extra)
     -> (trained [C, ...], metrics [C], routing [C, L, E])`; every client holds every expert. A client
-    whose update is not finite keeps its previous model (`exclude_nonfinite`).
+    whose update diverged (non-finite, or above `max_update_ratio`) keeps its previous model
+    (`exclude_diverged`).
 
     `chunk_size`: sub-cohorts of that many clients trained one after another (`lax.scan`), as in
     `make_round_step`. `"auto"`: the whole cohort at once, or under `memory_cap` (bytes per device) the
@@ -388,7 +410,8 @@ def make_personal_step(
                 _, out = jax.lax.scan(lambda carry, xs: (carry, train(*xs)), None,
                                       sub_cohorts(cohort, c, chunk))
                 trained, metrics, stats = merge_sub_cohorts(out, c)
-            trained, metrics = exclude_nonfinite(trained, params, {**metrics, **routing_counts(stats)})
+            trained, metrics = exclude_diverged(trained, params, {**metrics, **routing_counts(stats)},
+                                                max_update_ratio)
             return trained, metrics, stats
 
         if mesh is None:

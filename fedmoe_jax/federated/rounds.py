@@ -1,6 +1,6 @@
 """The records of a federated run: how rounds run (`RunSettings`), a round's host inputs
-(`PreparedRound`) and device outputs (`TrainedRound`), and the error that stops a run on a
-non-finite update.
+(`PreparedRound`) and device outputs (`TrainedRound`), and the errors that stop a run on a diverged
+update (`NonFiniteUpdate`, `DivergedAggregate`).
 
 Shape letters: C cohort, L MoE layers, E experts, S slots.
 """
@@ -36,6 +36,10 @@ class RunSettings:
     # a client whose update holds NaN/inf is always left out of aggregation; "stop" also ends the run
     # (NonFiniteUpdate, before the round is committed), "exclude" records it and goes on
     on_nonfinite: str = "exclude"
+    # a client update larger than this times the model it received (`loop.update_ratio`) is diverged
+    # too, like a NaN one; a round whose aggregate moves the global model by more ends the run
+    # (`DivergedAggregate`); 0: no ratio check (non-finite values are always caught)
+    max_update_ratio: float = 10.0
     # bytes per device a round may use: the cohort trains in sub-cohorts that fit (None: no cap)
     memory_cap_bytes: int | None = None
     # validate every client's own model (not only the cohort) every this many rounds and after the
@@ -50,6 +54,7 @@ class RunSettings:
             "cohort_size": 1 <= self.cohort_size <= num_clients,
             "sampling": self.sampling in ("uniform", "enforced"),
             "on_nonfinite": self.on_nonfinite in ("exclude", "stop"),
+            "max_update_ratio": self.max_update_ratio >= 0,
             "memory_cap_bytes": self.memory_cap_bytes is None or self.memory_cap_bytes > 0,
             "full_eval_every": self.full_eval_every >= 0,
         }
@@ -59,23 +64,52 @@ class RunSettings:
                                  f"(N = {num_clients} clients)")
 
 
-class NonFiniteUpdate(RuntimeError):
-    """A client's local update held NaN/inf and `RunSettings.on_nonfinite == "stop"`, or every client
-    of the round's did (`every`: nothing is left to aggregate, whatever `on_nonfinite` says)."""
+def _kept(round_num: int) -> str:
+    return (f"nothing of round {round_num} is committed: the global model stays as after round "
+            f"{round_num - 1}, and a resume restarts from the latest checkpoint")
 
-    def __init__(self, round_num: int, clients: list[int], every: bool = False):
-        self.round, self.clients, self.every = round_num, clients, every
+
+class NonFiniteUpdate(RuntimeError):
+    """Clients' local updates diverged (`nonfinite`: NaN/inf; `exploding`: finite but over
+    `RunSettings.max_update_ratio` times the received model) and `on_nonfinite == "stop"`, or every
+    client of the round's did (`every`: nothing is left to aggregate, whatever `on_nonfinite` says).
+    Raised before the round is committed."""
+
+    def __init__(self, round_num: int, nonfinite: list[int], exploding: list[int] = (),
+                 every: bool = False, max_update_ratio: float = 0.0):
+        self.round, self.every = round_num, every
+        self.clients = sorted([*nonfinite, *exploding])
+        parts = []
+        if nonfinite:
+            parts.append(f"client(s) {', '.join(map(str, nonfinite))} produced a NaN/inf update")
+        if exploding:
+            parts.append(f"client(s) {', '.join(map(str, exploding))} produced an update over "
+                         f"max_update_ratio={max_update_ratio:g} times the model it received")
+        what = " and ".join(parts)
         if every:
             super().__init__(
-                f"round {round_num}: every client ({', '.join(map(str, clients))}) produced a NaN/inf "
-                "update, so the round has nothing to aggregate (the global model is intact at the last "
-                "checkpoint). Lower the learning rate, and check that the tokenizer fits the model's "
-                "vocabulary")
+                f"round {round_num}: every client diverged ({what}), so the round has nothing to "
+                f"aggregate; {_kept(round_num)}. Lower the learning rate, and check that the tokenizer "
+                "fits the model's vocabulary")
             return
         super().__init__(
-            f"round {round_num}: client(s) {', '.join(map(str, clients))} produced a NaN/inf update "
-            "(left out of aggregation; the global model is intact at the last checkpoint). Lower the "
-            "learning rate, or set on_nonfinite='exclude' to leave such clients out and go on")
+            f"round {round_num}: {what}; {_kept(round_num)}. Lower the learning rate, or set "
+            "on_nonfinite='exclude' to leave such clients out of aggregation and go on")
+
+
+class DivergedAggregate(NonFiniteUpdate):
+    """The round's new global model holds NaN/inf, or moved by more than `max_update_ratio` times
+    the model before it (`loop.update_ratio`; a server optimizer can amplify healthy client updates).
+    Raised before the round is committed, whatever `on_nonfinite` says."""
+
+    def __init__(self, round_num: int, ratio: float, max_update_ratio: float):
+        self.round, self.every, self.clients, self.ratio = round_num, False, [], ratio
+        what = ("holds NaN/inf" if not np.isfinite(ratio) else
+                f"moves the global model by {ratio:.3g} times its size (over max_update_ratio="
+                f"{max_update_ratio:g})")
+        RuntimeError.__init__(
+            self, f"round {round_num}: the aggregated update {what}; {_kept(round_num)}. Lower the "
+            "server learning rate (server_optimizer) or the learning rate")
 
 
 @dataclasses.dataclass

@@ -63,7 +63,8 @@ class RunGroup:
         self.trainers = list(trainers)
         self._step = make_round_step(first.config, first._optimizer, first._loss_config,
                                      first.algorithm.hooks, None, return_clients=True, runs=True,
-                                     memory_cap=first.settings.memory_cap_bytes)
+                                     memory_cap=first.settings.memory_cap_bytes,
+                                     max_update_ratio=first.settings.max_update_ratio)
 
     @property
     def round(self) -> int:

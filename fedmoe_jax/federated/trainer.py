@@ -12,6 +12,7 @@ Shape letters: N clients, C cohort, L MoE layers, E experts, S slots.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from typing import Any
@@ -32,10 +33,12 @@ from fedmoe_jax.federated.loop import (
     make_round_step,
     make_server_update,
     to_global_experts,
+    update_ratio,
 )
 from fedmoe_jax.federated.metrics import MetricsWriter, read_metrics, weighted_means
 from fedmoe_jax.federated.preemption import RunInterrupted, StopSignals
 from fedmoe_jax.federated.rounds import (  # noqa: F401  (RunSettings, NonFiniteUpdate: trainer API)
+    DivergedAggregate,
     NonFiniteUpdate,
     PreparedRound,
     RunSettings,
@@ -61,6 +64,8 @@ from fedmoe_jax.federated.submodel import (
 from fedmoe_jax.models.switch import SwitchConfig
 
 PyTree = Any
+log = logging.getLogger(__name__)
+_global_update_ratio = jax.jit(update_ratio)
 
 
 class FederatedTrainer:
@@ -110,10 +115,12 @@ class FederatedTrainer:
         self._round_step = make_round_step(config, optimizer, loss_config, algorithm.hooks, mesh,
                                            return_clients=algorithm.needs_client_params,
                                            memory_cap=settings.memory_cap_bytes,
-                                           eval_max_length=data.target_len)
+                                           eval_max_length=data.target_len,
+                                           max_update_ratio=settings.max_update_ratio)
         if not algorithm.aggregates:
             self._personal_step = make_personal_step(config, optimizer, loss_config, algorithm.hooks, mesh,
-                                                     memory_cap=settings.memory_cap_bytes)
+                                                     memory_cap=settings.memory_cap_bytes,
+                                                     max_update_ratio=settings.max_update_ratio)
         self._evaluators: dict[SwitchConfig, Any] = {}
         self._fine_tuners: dict[SwitchConfig, Any] = {}
         self._optimizer, self._loss_config = optimizer, loss_config
@@ -127,8 +134,8 @@ class FederatedTrainer:
                 "seed": settings.seed, "method": algorithm.name, "model": config.identity(),
                 "data": data.fingerprint(), "partition": data.partition.fingerprint(),
                 "settings": {k: v for k, v in dataclasses.asdict(settings).items()
-                             if k not in ("num_rounds", "on_nonfinite", "memory_cap_bytes",
-                                          "full_eval_every")},
+                             if k not in ("num_rounds", "on_nonfinite", "max_update_ratio",
+                                          "memory_cap_bytes", "full_eval_every")},
                 **(run_meta or {}),
             }
             self.meta_defaults = {"model": _field_defaults(SwitchConfig),
@@ -259,9 +266,15 @@ class FederatedTrainer:
         s, r, cohort, c = self.settings, prep.round, prep.cohort, len(prep.cohort)
         server_extra = self.server.extra
         metrics = to_host(trained.metrics)
-        finite = np.asarray(metrics["finite"])[:c] > 0
+        finite = np.asarray(metrics["finite"])[:c] > 0  # aggregated: not diverged (`exclude_diverged`)
+        ratios = np.asarray(metrics["update_ratio"])[:c]
+        nonfinite = cohort[~finite & ~np.isfinite(ratios)].tolist()
+        exploding = cohort[~finite & np.isfinite(ratios)].tolist()
         if not finite.all() and (s.on_nonfinite == "stop" or not finite.any()):
-            raise NonFiniteUpdate(r + 1, cohort[~finite].tolist(), every=not finite.any())
+            raise NonFiniteUpdate(r + 1, nonfinite, exploding, every=not finite.any(),
+                                  max_update_ratio=s.max_update_ratio)
+        if self.algorithm.aggregates:
+            self._check_aggregate(r, trained.params)
         client_params = jax.tree.map(lambda a: a[:c], trained.client_params)  # drop padding clients
         if jax.process_count() > 1:  # evaluation below runs on each process's local devices
             client_params = to_host(client_params)
@@ -289,8 +302,15 @@ class FederatedTrainer:
                                   self.algorithm.update_server(server_extra, report, trained.params))
         row = self._metrics_row(r, cohort, prep.maps, train_loss, prep.weights, val_scores, val_metrics,
                                 time.time() - prep.start, metrics)
-        if not finite.all():
-            row["nonfinite_clients"] = cohort[~finite].tolist()
+        if nonfinite:
+            row["nonfinite_clients"] = nonfinite
+        if exploding:
+            row["exploding_clients"] = exploding
+        bad_val = [int(k) for k, m in zip(cohort, val_metrics) if not np.isfinite(m.get("loss", 0.0))]
+        if bad_val:  # a model kept by the guards that still validates to NaN/inf: said, never hidden
+            row["nonfinite_validation"] = bad_val
+            log.warning("round %d: client(s) %s validate to a NaN/inf loss", r + 1,
+                        ", ".join(map(str, bad_val)))
         row.update(self.algorithm.round_log())
         if s.full_eval_every and ((r + 1) % s.full_eval_every == 0 or r + 1 == s.num_rounds):
             row.update(self.validate_all())
@@ -299,6 +319,14 @@ class FederatedTrainer:
             self._writer.write(row)
         self.checkpoint()
         return row
+
+    def _check_aggregate(self, r: int, new_params: PyTree) -> None:
+        """`DivergedAggregate` when the round's new global model holds NaN/inf or moved by more than
+        `max_update_ratio` times the model before it (`update_ratio`); nothing is committed then."""
+        ratio = float(_global_update_ratio(new_params, self.server.params))
+        limit = self.settings.max_update_ratio
+        if not np.isfinite(ratio) or (limit > 0 and ratio > limit):
+            raise DivergedAggregate(r + 1, ratio, limit)
 
     def run_round(self) -> dict[str, Any]:
         """One round; returns its metrics row (also appended to `history`)."""
@@ -482,7 +510,8 @@ class FederatedTrainer:
         """The round's row of `metrics.jsonl`. Per cohort member: `layer_expert_counts [C][L]` (the
         map it trained with; `summary`'s peak memory) and, from the round's `metrics` (`routing_counts`),
         `client_dropped_fraction`: real token-choices dropped by capacity / routed, over its local
-        steps and all MoE layers; `dropped_fraction`: the same over the cohort (token-weighted)."""
+        steps and all MoE layers; `dropped_fraction`: the same over the cohort (token-weighted);
+        `client_update_ratio`: the size of its update over the model it received (`update_ratio`)."""
         sent = self.sub_moe_bytes(maps) * self.algorithm.comm_multiplier
         tasks = [self.data.partition.task_of(int(k)) for k in cohort]
         loss_means = weighted_means(train_loss, weights)
@@ -511,6 +540,9 @@ class FederatedTrainer:
             dropped = np.asarray(metrics["dropped"], np.float64)[:c]
             row["dropped_fraction"] = float(dropped.sum() / max(routed.sum(), 1.0))
             row["client_dropped_fraction"] = (dropped / np.maximum(routed, 1.0)).tolist()
+        if metrics is not None and "update_ratio" in metrics:  # `loop.update_ratio`; null: non-finite
+            ratios = np.asarray(metrics["update_ratio"], np.float64)[:len(cohort)]
+            row["client_update_ratio"] = [float(x) if np.isfinite(x) else None for x in ratios]
         if not np.isnan(score_means["client_weighted"]):
             row["val_score"] = score_means["example_weighted"]
             row["val_score_client_mean"] = score_means["client_weighted"]
@@ -555,4 +587,5 @@ class FederatedTrainer:
         return self.history
 
 
-__all__ = ["FederatedTrainer", "NonFiniteUpdate", "PreparedRound", "RunSettings", "TrainedRound"]
+__all__ = ["DivergedAggregate", "FederatedTrainer", "NonFiniteUpdate", "PreparedRound", "RunSettings",
+           "TrainedRound"]

@@ -75,6 +75,9 @@ def test_run_writes_every_artifact(tiny_run):
     assert all(0.0 <= v <= 100.0 for v in summary["test"].values())  # percent, as the paper
     assert summary["num_experts"] == 4 and summary["num_moe_layers"] == 2
     assert len(summary["test_clients"]) == 6
+    # healthy updates sit far below the default divergence rule (max_update_ratio=10)
+    ratios = [x for row in read_rows(workdir) for x in row["client_update_ratio"]]
+    assert ratios and 0 < max(ratios) < 1, ratios
     assert summary["config"]["num_rounds"] == 4
     assert len(summary["init_fingerprint"]) == 16  # the initial model (tiny: random init, seed 0)
     assert set(summary["recommendation"]) == {"adjust", "accept", "rollback"}
@@ -205,14 +208,17 @@ def test_seed_workdirs():
 
 
 def test_diverging_clients_stop_the_run_with_exit_3(tmp_path):
-    """A learning rate of 1e30 turns every client's update into inf/NaN: with on_nonfinite='stop'
-    the run ends in round 1 with one line naming the clients, and writes no summary."""
-    workdir = str(tmp_path / "nan")
-    res = cli(f"--config={TINY}:fedavg", f"--workdir={workdir}", "--config.learning_rate=1e30",
-              "--config.on_nonfinite=stop")
+    """The hostile case: a learning rate of 1e6 makes every client's update finite but ~1e8 times the
+    model. Every client is diverged by the ratio rule, so round 1 has nothing to aggregate: exit 3, one
+    line naming the clients and the rule, no summary, no row."""
+    workdir = str(tmp_path / "huge")
+    res = cli(f"--config={TINY}:fedavg", f"--workdir={workdir}", "--config.learning_rate=1e6",
+              "--config.num_rounds=1")
     assert res.returncode == 3, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: round 1: every client (") and "NaN/inf" in last  # all diverge
+    assert last.startswith("error: round 1: every client diverged (client(s) ") and \
+        "over max_update_ratio=10 times the model it received" in last
+    assert "nothing of round 1 is committed" in last
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
     assert not os.path.exists(os.path.join(workdir, "metrics.jsonl")) or not read_rows(workdir)
 
