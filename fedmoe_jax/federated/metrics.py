@@ -1,7 +1,9 @@
 """Per-round metrics: `metrics.jsonl` (one JSON object per round, with `round`) and TensorBoard.
 
-Rows are appended and flushed after every round. On resume from round r, rows past r are dropped
-first, so the file always matches the checkpointed state (no duplicated rounds). Numeric top-level
+Rows are appended and flushed after every round, and every run checkpoint holds the rows up to its
+round too. On resume from round r the file is rewritten with the checkpoint's rows, so it always
+matches the checkpointed state whatever happened to it: rows past r are dropped (no duplicated
+rounds), and a row lost or cut short is restored. Numeric top-level
 fields also go to TensorBoard (tensorboardX) under `train/`, `val/`, `comm/`, `experts/`. The paper's
 analysis metrics over finished runs (CVI, average improvement, time-to-target) are in
 `fedmoe_jax.tools.reports.analysis`.
@@ -37,6 +39,12 @@ def weighted_means(values: Sequence[float], weights: Sequence[float]) -> dict[st
     return {"example_weighted": ew, "client_weighted": float(v[ok].mean())}
 
 
+def json_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """`row` as `metrics.jsonl` holds it: strict JSON (a non-finite number, a mean over no clients,
+    is null, not NaN; NumPy values as Python ones)."""
+    return json.loads(json.dumps(finite_json(row), allow_nan=False, default=_JSON_DEFAULT))
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """All rows of `workdir/metrics.jsonl` (empty if none).
 
@@ -68,10 +76,21 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 class MetricsWriter:
     """Append-only round metrics for one run directory."""
 
-    def __init__(self, workdir: str, resume_round: int = 0, tensorboard: bool = True):
+    def __init__(self, workdir: str, resume_round: int = 0, tensorboard: bool = True,
+                 rows: Sequence[Mapping[str, Any]] | None = None):
+        """`rows`: the rows of rounds 1..`resume_round` as the checkpoint resumed from holds them; the
+        file is rewritten with them. None (a checkpoint written before checkpoints held their rows):
+        the file's own rows up to `resume_round` are kept, and a missing one is warned about."""
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, METRICS_FILE)
-        kept = [row for row in read_metrics(workdir) if row.get("round", 0) <= resume_round]
+        if rows is not None:
+            kept = [json_row(row) for row in rows if row.get("round", 0) <= resume_round]
+        else:
+            kept = [row for row in read_metrics(workdir) if row.get("round", 0) <= resume_round]
+            missing = sorted(set(range(1, resume_round + 1)) - {row["round"] for row in kept})
+            if missing:
+                log.warning("%s lacks the row(s) of round(s) %s, and the checkpoint resumed from does "
+                            "not hold them", self.path, ", ".join(map(str, missing)))
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in kept)
@@ -86,9 +105,7 @@ class MetricsWriter:
     def write(self, row: Mapping[str, Any]) -> None:
         if "round" not in row:
             raise ValueError("a metrics row needs a 'round'")
-        # strict JSON: a non-finite number (a mean over no clients) is written as null, not NaN
-        self._file.write(json.dumps(finite_json(row), sort_keys=True, allow_nan=False, default=_JSON_DEFAULT)
-                         + "\n")
+        self._file.write(json.dumps(json_row(row), sort_keys=True) + "\n")
         self._file.flush()
         if self._tb is not None:
             step = int(row["round"])

@@ -189,8 +189,10 @@ class RunCheckpointer:
         )
 
     def latest_round(self) -> int | None:
-        """The newest round on disk (not verified; `restore_latest` may fall back past it)."""
-        return self._manager.latest_step()
+        """The newest round on disk that the last restore did not skip as corrupt (not verified
+        otherwise; `restore_latest` may still fall back past it)."""
+        corrupt = {s for s, _ in self.skipped}
+        return max((s for s in self._manager.all_steps() if s not in corrupt), default=None)
 
     def all_rounds(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -235,6 +237,8 @@ class RunCheckpointer:
             log.warning("deleting corrupt checkpoint step %d in %s before saving round %d",
                         step, self.directory, round)
             self._manager.delete(step)
+        # forgotten once deleted: a good step saved again under that number is kept
+        self.skipped = [(s, reason) for s, reason in self.skipped if s not in corrupt]
 
     def restore_latest(
         self,

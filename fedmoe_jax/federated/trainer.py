@@ -35,7 +35,7 @@ from fedmoe_jax.federated.loop import (
     to_global_experts,
     update_ratio,
 )
-from fedmoe_jax.federated.metrics import MetricsWriter, read_metrics, weighted_means
+from fedmoe_jax.federated.metrics import MetricsWriter, json_row, read_metrics, weighted_means
 from fedmoe_jax.federated.preemption import RunInterrupted, StopSignals
 from fedmoe_jax.federated.rounds import (  # noqa: F401  (RunSettings, NonFiniteUpdate: trainer API)
     DivergedAggregate,
@@ -142,30 +142,35 @@ class FederatedTrainer:
                                   "settings": _field_defaults(RunSettings), **(run_meta_defaults or {})}
             self._checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"),
                                                  save_every=checkpoint_every)
-            self._resume()
-            self._writer = MetricsWriter(workdir, resume_round=self.server.round)
+            rows = self._resume()
+            self._writer = MetricsWriter(workdir, resume_round=self.server.round, rows=rows)
             self.history = read_metrics(workdir)
 
     def _state(self) -> dict[str, Any]:
         return {"params": self.server.params, "opt_state": self.server.opt_state,
                 "server_extra": self.server.extra, "clients": self.states}
 
-    def _resume(self) -> None:
+    def _resume(self) -> list[dict[str, Any]] | None:
+        """Restore the latest valid checkpoint; returns the metrics rows it holds (None: no checkpoint,
+        or one written before checkpoints held their rows)."""
         restored = self._checkpointer.restore_latest(abstract_like(self._state()), self.meta,
                                                      keys=tuple(k for k in self.meta if k != "round"),
                                                      defaults=self.meta_defaults)
         if restored is None:
-            return
-        round_num, state, _ = restored
+            return None
+        round_num, state, meta = restored
         self.server = ServerState(state["params"], state["opt_state"], round_num, state["server_extra"])
         self.states = jax.tree.map(np.array, state["clients"])  # writable: `put` writes `extra` in place
+        return meta.get("metrics")
 
     def checkpoint(self, force: bool = False) -> None:
         """Save the run state after the last finished round (every `checkpoint_every` rounds)."""
         if (self._checkpointer is not None and self.server.round > 0
                 and self._checkpointer.latest_round() != self.server.round):
+            # the rows so far travel with the state: metrics.jsonl is rebuilt from them on resume
             self._checkpointer.save(self.server.round, self._state(),
-                                    {**self.meta, "round": self.server.round}, force=force)
+                                    {**self.meta, "round": self.server.round,
+                                     "metrics": [json_row(row) for row in self.history]}, force=force)
 
     def close(self) -> None:
         if self._checkpointer is not None:

@@ -46,3 +46,25 @@ def test_rows_are_strict_json_with_null_for_non_finite(tmp_path):
     (line,) = (tmp_path / METRICS_FILE).read_text().splitlines()
     row = json.loads(line, parse_constant=refuse)
     assert row == {"round": 1, "train_loss": None, "client_train_loss": [None, 1.5], "probs": [None, 0.25]}
+
+
+def test_resume_rebuilds_lost_and_cut_rows_from_the_checkpoint(tmp_path, caplog):
+    """The checkpoint's rows win over the file's: a row cut short after its round was checkpointed,
+    or lost, comes back; without them (an older checkpoint) a missing row is warned about."""
+    import logging
+
+    from fedmoe_jax.federated.metrics import METRICS_FILE
+
+    rows = [{"round": r, "train_loss": 1.0 / r} for r in (1, 2, 3)]
+    with MetricsWriter(str(tmp_path), tensorboard=False) as w:
+        for row in rows:
+            w.write(row)
+    path = tmp_path / METRICS_FILE
+    text = path.read_text()
+    path.write_text(text[: len(text) - 10])  # row 3 cut short (its round was checkpointed)
+    with caplog.at_level(logging.WARNING):
+        MetricsWriter(str(tmp_path), resume_round=3, tensorboard=False).close()
+    assert [row["round"] for row in read_metrics(str(tmp_path))] == [1, 2]
+    assert "lacks the row(s) of round(s) 3" in caplog.text
+    MetricsWriter(str(tmp_path), resume_round=3, tensorboard=False, rows=rows).close()
+    assert read_metrics(str(tmp_path)) == rows

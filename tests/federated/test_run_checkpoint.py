@@ -203,6 +203,24 @@ def test_next_save_after_fallback_deletes_corrupt_steps(tmp_path):
     assert ckpt.all_rounds() == [2, 5]
 
 
+def test_a_step_saved_again_after_a_fallback_is_kept(tmp_path):
+    """The corrupt latest step does not count as saved (the trainer saves that round again), and once
+    it is replaced by a good one, the next save keeps it."""
+    save_rounds(tmp_path, [1, 2, 3]).close()
+    tamper_data(str(tmp_path), 3)
+    ckpt = RunCheckpointer(tmp_path)
+    assert ckpt.restore_latest(abstract_like(make_state(0)))[0] == 2
+    assert ckpt.latest_round() == 2
+    assert ckpt.save(3, make_state(3), meta_for(3)) and ckpt.latest_round() == 3
+    assert ckpt.save(4, make_state(4), meta_for(4))
+    assert ckpt.all_rounds() == [2, 3, 4] and ckpt.skipped == []
+    ckpt.close()
+    shutil.rmtree(os.path.join(tmp_path, "4"))
+    step, restored, _ = RunCheckpointer(tmp_path).restore_latest(abstract_like(make_state(0)))
+    assert step == 3
+    assert_identical(restored, make_state(3))
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_all_corrupt_raises_and_no_overwrite(tmp_path):
     save_rounds(tmp_path, [1, 2]).close()

@@ -196,6 +196,41 @@ def test_damaged_workdir_files_give_one_line(tiny_run, tmp_path, damage, says):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+@tiny_run_group
+def test_a_cut_metrics_row_of_a_checkpointed_round_comes_back(tiny_run, tmp_path):
+    """Round 4's row cut short after round 4 was checkpointed (a crash between the two, a lost write):
+    the rerun rebuilds it from the checkpoint, byte for byte, and goes on with round 5."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir)
+    before = read_rows(str(workdir))
+    _cut(workdir / "metrics.jsonl")  # rows 1-2 kept, row 3 cut, row 4 gone
+    res = cli(f"--config={TINY}:fedmoe", f"--workdir={workdir}", "--config.num_rounds=5")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = read_rows(str(workdir))
+    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5] and rows[:4] == before
+
+
+@tiny_run_group
+def test_a_damaged_latest_checkpoint_is_replaced_and_kept(tiny_run, tmp_path):
+    """The finished run's latest step (round 4) damaged and its summary gone (a crash in the final
+    evaluation): the rerun falls back to round 3, redoes round 4 bit for bit and saves it in place of
+    the damaged step, and the next round's save keeps it."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir)
+    good = checkpoint_leaves(str(workdir), 4)
+    (workdir / "checkpoints" / "4" / "integrity" / "metadata").write_text("{}")
+    os.remove(workdir / "summary.json")
+    res = cli(f"--config={TINY}:fedmoe", f"--workdir={workdir}", "--config.num_rounds=5")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "skipping corrupt checkpoint step 4" in res.stderr
+    assert sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()) == [3, 4, 5]
+    assert checkpoint_leaves(str(workdir), 4) == good
+
+
 def test_seed_workdirs():
     from fedmoe_jax.errors import ConfigError
     from fedmoe_jax.main import seed_workdirs
