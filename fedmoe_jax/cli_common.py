@@ -15,6 +15,7 @@ from typing import Any
 from absl import flags
 
 USAGE_EXIT = 2
+DISK_FULL_EXIT = 4
 
 
 def fail(message: str) -> None:
@@ -22,6 +23,19 @@ def fail(message: str) -> None:
     message = re.sub(r"^[\w.]*ConfigError: ", "", message.strip())
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(USAGE_EXIT)
+
+
+def exit_if_disk_full(error: BaseException) -> None:
+    """When `error` says the disk is full (`files.is_disk_full`): one line on stderr (what was being
+    written; free space and rerun), exit status 4. Otherwise return, for the caller to re-raise."""
+    from fedmoe_jax.files import DiskFull, is_disk_full
+
+    if not is_disk_full(error):
+        return
+    if not isinstance(error, DiskFull):
+        error = DiskFull(getattr(error, "filename", None) or "the run's files", error)
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(DISK_FULL_EXIT)
 
 
 def _unknown_key(e: BaseException, argv: list[str]) -> tuple[str, str | None]:
@@ -116,7 +130,8 @@ def flags_parser(schema: str | None = None, example: str | None = None) -> Calla
     return parse_flags
 
 
-__all__ = ["USAGE_EXIT", "config_problem", "fail", "flags_parser", "loaded_config", "quiet_logs"]
+__all__ = ["DISK_FULL_EXIT", "USAGE_EXIT", "config_problem", "exit_if_disk_full", "fail",
+           "flags_parser", "loaded_config", "quiet_logs"]
 
 
 def run_tool(argv: list[str], fn: Callable[[], Any], errors: tuple[type[BaseException], ...]) -> None:

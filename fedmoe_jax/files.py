@@ -3,12 +3,14 @@
 Written here because the standard library has no atomic write: the data goes to a temporary file
 in the same directory, which `os.replace` then renames over the target (atomic on POSIX). The JSON
 helpers (NumPy values as JSON, strict JSON, reading nested keys) are shared by the engine and the
-offline tools; `workdir_lock` keeps two runs out of one folder.
+offline tools; `workdir_lock` keeps two runs out of one folder; `DiskFull` is the one error a full
+disk becomes, wherever the write failed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import json
@@ -127,6 +129,40 @@ def workdir_lock(workdir: str | os.PathLike | None) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+class DiskFull(OSError):
+    """A write failed because the disk (or the user's quota) is full; its message is one line: what
+    was being written, and that earlier checkpoints are intact."""
+
+    def __init__(self, what: str, cause: BaseException | str):
+        reason = "Disk quota exceeded" if "quota" in str(cause).lower() or getattr(
+            cause, "errno", None) == errno.EDQUOT else "No space left on device"
+        super().__init__(errno.ENOSPC, f"the disk is full ({reason}) while writing {what}; free space "
+                                       "and run the same command again: the checkpoints of earlier "
+                                       "rounds are intact")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+# How a full disk reads when it arrives as text (tensorstore, under orbax, raises ValueError).
+_DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os_error_code='28'",
+                   "os_error_code='122'")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or an exception it was raised from) says the disk or quota is full: an
+    `OSError` with `ENOSPC` / `EDQUOT`, or any error whose text says so."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(error).lower() for t in _DISK_FULL_TEXT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def write_report(folder: str | os.PathLike, stem: str, result: Any, markdown: str) -> None:

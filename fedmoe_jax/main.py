@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 from fedmoe_jax.cli_common import (
     default_compilation_cache,
+    exit_if_disk_full,
     fail,
     flags_parser,
     loaded_config,
@@ -68,6 +69,9 @@ def main(argv: list[str]) -> None:
     except RunInterrupted as e:  # SIGTERM / SIGINT: checkpointed at a round boundary
         print(f"interrupted: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_status)
+    except Exception as e:
+        exit_if_disk_full(e)  # one line, exit 4: free space, the same command resumes
+        raise
     print(format_summary(result, FLAGS.workdir), flush=True)
 
 

@@ -31,3 +31,21 @@ def test_use_compilation_cache_on_and_off(tmp_path):
     finally:
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_enable_compilation_cache", before[1])
+
+
+def test_a_full_disk_is_one_line_and_exit_4(capsys):
+    import errno
+
+    import pytest
+
+    from fedmoe_jax.cli_common import DISK_FULL_EXIT, exit_if_disk_full
+
+    exit_if_disk_full(ValueError("not about disks"))  # returns: the caller re-raises
+    error = OSError(errno.ENOSPC, "No space left on device")
+    error.filename = "runs/x/metrics.jsonl"
+    with pytest.raises(SystemExit) as done:
+        exit_if_disk_full(error)
+    assert done.value.code == DISK_FULL_EXIT == 4
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: the disk is full (No space left on device) while writing "
+                           "runs/x/metrics.jsonl")

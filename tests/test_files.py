@@ -60,3 +60,27 @@ def test_write_report_writes_json_and_markdown(tmp_path):
     write_report(tmp_path / "new", "x", {"a": np.float32(1.5)}, "# x\n")
     assert json.loads((tmp_path / "new" / "x.json").read_text()) == {"a": 1.5}
     assert (tmp_path / "new" / "x.md").read_text() == "# x\n"
+
+
+def test_is_disk_full_reads_errno_text_and_causes():
+    import errno
+
+    from fedmoe_jax.files import DiskFull, is_disk_full
+
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    # tensorstore's error under orbax is a ValueError with the OS error in its text
+    assert is_disk_full(ValueError("RESOURCE_EXHAUSTED: Failed to write 604858 bytes to file 14: No space "
+                                   "left on device [os_error_code='28']"))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("save failed") from inner
+    except RuntimeError as outer:
+        assert is_disk_full(outer)
+    assert not is_disk_full(ValueError("shape mismatch"))
+    message = str(DiskFull("metrics.jsonl", OSError(errno.EDQUOT, "Disk quota exceeded")))
+    assert message == ("the disk is full (Disk quota exceeded) while writing metrics.jsonl; free space and "
+                       "run the same command again: the checkpoints of earlier rounds are intact")

@@ -11,16 +11,21 @@ warning naming it, and the step before is tried.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from fedmoe_jax.files import DiskFull, is_disk_full
 
 PyTree = Any
 
@@ -158,6 +163,52 @@ def _first_line(error: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+class _DropDiskFullRecords(logging.Filter):
+    """Drops the log records (with their tracebacks) orbax's writer threads emit for a full disk:
+    the `DiskFull` raised in their place says it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not is_disk_full(Exception(record.getMessage()))
+
+
+@contextlib.contextmanager
+def _disk_full_as_one_error(directory: str, round: int | None):
+    """A full disk while writing checkpoint `round` becomes one `DiskFull`; the step's partial
+    temporary folder is removed (its space is freed) and earlier steps are untouched."""
+    quiet = _DropDiskFullRecords()
+    absl_log = logging.getLogger("absl")
+    absl_log.addFilter(quiet)
+    hook = sys.excepthook
+    sys.excepthook = _quiet_closed_loop(hook)
+    failed = False
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        failed = True
+        for name in os.listdir(directory):
+            if name.split(".")[0] == str(round) and "tmp" in name:
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        raise DiskFull(f"the checkpoint of round {round} in {directory}", error) from None
+    finally:
+        absl_log.removeFilter(quiet)
+        if not failed:  # after a failed write, the writes still in flight go on failing noisily
+            sys.excepthook = hook
+
+
+def _quiet_closed_loop(hook):
+    """`sys.excepthook` without the "Event loop is closed" errors tensorstore's callbacks raise (and
+    print through the hook) for the writes still in flight after one failed and orbax's event loop
+    closed; anything else goes to `hook`."""
+    def quiet(kind, value, tb):
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        hook(kind, value, tb)
+
+    return quiet
+
+
 class RunCheckpointer:
     """Saves and restores a run's `(round, state, meta)` in `directory` (one orbax step per round).
 
@@ -211,17 +262,18 @@ class RunCheckpointer:
         integrity: dict[str, Any] = {"format": 1, "leaves": _leaf_records(state),
                                      "meta_sha256": _json_sha(meta)}
         integrity["sha256"] = _json_sha(integrity)
-        saved = self._manager.save(
-            round,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave(meta),
-                integrity=ocp.args.JsonSave(integrity),
-            ),
-            force=True,
-        )
-        if not self.async_save:
-            self._manager.wait_until_finished()
+        with _disk_full_as_one_error(self.directory, round):
+            saved = self._manager.save(
+                round,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    meta=ocp.args.JsonSave(meta),
+                    integrity=ocp.args.JsonSave(integrity),
+                ),
+                force=True,
+            )
+            if not self.async_save:
+                self._manager.wait_until_finished()
         return bool(saved)
 
     def _drop_stale(self, round: int) -> None:
@@ -340,7 +392,8 @@ class RunCheckpointer:
 
     def wait(self) -> None:
         """Block until pending (async) saves are on disk."""
-        self._manager.wait_until_finished()
+        with _disk_full_as_one_error(self.directory, self._manager.latest_step()):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.close()

@@ -15,7 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from fedmoe_jax.cli_common import fail, flags_parser, loaded_config
+from fedmoe_jax.cli_common import exit_if_disk_full, fail, flags_parser, loaded_config
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -42,6 +42,9 @@ def main(argv: list[str]) -> None:
     except RunInterrupted as e:  # SIGTERM / SIGINT: checkpointed at the next step
         print(f"interrupted: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_status)
+    except Exception as e:
+        exit_if_disk_full(e)  # one line, exit 4: free space, the same command resumes
+        raise
 
 
 def run(argv: list[str] | None = None) -> None:

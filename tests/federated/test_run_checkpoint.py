@@ -221,6 +221,30 @@ def test_a_step_saved_again_after_a_fallback_is_kept(tmp_path):
     assert_identical(restored, make_state(3))
 
 
+def test_a_full_disk_while_saving_is_one_error_and_keeps_earlier_steps(tmp_path, monkeypatch):
+    """Simulated ENOSPC as tensorstore reports it under orbax (a ValueError naming the OS error): the
+    save raises one `DiskFull`, the step's partial folder is gone, the earlier steps restore; the next
+    save, with space again, works. (The real thing, on a full tmpfs: tests/integration/test_main.py.)"""
+    from fedmoe_jax.files import DiskFull
+
+    ckpt = save_rounds(tmp_path, [1, 2])
+    real_save = ckpt._manager.save
+
+    def full(step, *args, **kw):
+        os.makedirs(os.path.join(tmp_path, f"{step}.orbax-checkpoint-tmp-0"))
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing \"params.w/0\": Failed to write 4096 bytes: No "
+                         "space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(ckpt._manager, "save", full)
+    with pytest.raises(DiskFull, match="^the disk is full \\(No space left on device\\) while writing the "
+                                       "checkpoint of round 3 in .*; free space and run the same command"):
+        ckpt.save(3, make_state(3), meta_for(3))
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+    monkeypatch.setattr(ckpt._manager, "save", real_save)
+    assert ckpt.save(3, make_state(3), meta_for(3)) and ckpt.all_rounds() == [1, 2, 3]
+    ckpt.close()
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_all_corrupt_raises_and_no_overwrite(tmp_path):
     save_rounds(tmp_path, [1, 2]).close()

@@ -196,20 +196,58 @@ def test_damaged_workdir_files_give_one_line(tiny_run, tmp_path, damage, says):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (needs the right to mount, as root on CI) or None where it cannot be made."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mount)],
+                          capture_output=True).returncode == 0
+    yield mount if made else None
+    if made:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(disk, leave_kib):
+    """Fill `disk` up to `leave_kib` KiB free; returns the filler file."""
+    filler = disk / "filler"
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, free - leave_kib * 1024)
+    return filler
+
+
 @tiny_run_group
-def test_a_cut_metrics_row_of_a_checkpointed_round_comes_back(tiny_run, tmp_path):
-    """Round 4's row cut short after round 4 was checkpointed (a crash between the two, a lost write):
-    the rerun rebuilds it from the checkpoint, byte for byte, and goes on with round 5."""
+def test_a_cut_metrics_row_and_a_full_disk_lose_nothing(tiny_run, tmp_path, small_disk):
+    """The finished tiny run on a nearly full disk, with round 4's row cut short after round 4 was
+    checkpointed. Extended by a round, (1) the rerun rebuilds rows 1-4 from the checkpoint, byte for
+    byte, then fails to save round 5's checkpoint: exit 4, one line, the earlier steps intact; (2) with
+    space freed, the same command redoes round 5 exactly as before."""
     import shutil
 
-    workdir = tmp_path / "run"
+    workdir = (small_disk or tmp_path) / "run"
     shutil.copytree(tiny_run[0], workdir)
-    before = read_rows(str(workdir))
+    before, steps = read_rows(str(workdir)), checkpoint_leaves(str(workdir), 4)
     _cut(workdir / "metrics.jsonl")  # rows 1-2 kept, row 3 cut, row 4 gone
-    res = cli(f"--config={TINY}:fedmoe", f"--workdir={workdir}", "--config.num_rounds=5")
+    command = (f"--config={TINY}:fedmoe", f"--workdir={workdir}", "--config.num_rounds=5")
+    if small_disk is not None:
+        filler = fill(small_disk, leave_kib=200)  # a checkpoint step of tiny is ~880 KiB
+        full = cli(*command)
+        assert full.returncode == 4, full.stderr[-2000:]
+        assert full.stderr.strip().splitlines()[-1].startswith(
+            "error: the disk is full (No space left on device) while writing the checkpoint of round 5")
+        assert "Traceback" not in full.stderr and "free space and run the same command again" in full.stderr
+        assert sorted(int(n) for n in os.listdir(workdir / "checkpoints")) == [2, 3, 4]
+        assert checkpoint_leaves(str(workdir), 4) == steps
+        failed = read_rows(str(workdir))
+        assert [r["round"] for r in failed] == [1, 2, 3, 4, 5] and failed[:4] == before
+        filler.unlink()
+    res = cli(*command)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = read_rows(str(workdir))
     assert [r["round"] for r in rows] == [1, 2, 3, 4, 5] and rows[:4] == before
+    if small_disk is not None:
+        assert without_seconds(rows[4:]) == without_seconds(failed[4:])
 
 
 @tiny_run_group
