@@ -9,15 +9,16 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 # WordNet 3.0 (Debian wordnet-base): the source of the embedded benchmark; tests rebuild it byte for byte.
 export WORDNET_DIR ?= /usr/share/wordnet
 
-.PHONY: demo model-demo test lint install install-test clean
+.PHONY: demo model-demo test lint install install-test lock clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# Installs pin the tested set (constraints.txt) inside setup.cfg's ranges; `make lock` refreshes it.
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -e .
+	$(PIP) install -c constraints.txt -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed setup.cfg
-	$(PIP) install -e '.[test,dev]'
+$(VENV)/.installed-test: $(VENV)/.installed setup.cfg constraints.txt
+	$(PIP) install -c constraints.txt -e '.[test,dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -51,6 +52,14 @@ test: $(VENV)/.installed-test $(WORDNET_DIR)/data.noun
 
 lint: $(VENV)/.installed-test
 	$(PY) -m ruff check fedmoe_jax tests experiments configs
+
+# A fresh environment from setup.cfg's ranges alone, frozen into constraints.txt (then: make test).
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip --disable-pip-version-check -q install -e '.[test,dev]'
+	{ sed -n '/^#/p' constraints.txt; .lock-venv/bin/python -m pip freeze --exclude-editable \
+		| sed 's/+cpu$$//'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+	rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .jax_cache build *.egg-info
