@@ -8,8 +8,17 @@ ARG is a setting, optionally with a method (see configs/cpu.py). Paths are flags
         --config.model.path=/ckpt/switch-base-32 --config.model.baseline_path=/ckpt/switch-base-8 \
         --config.data.dir=/data/tfds
 
-Prepare the data once per dataset with
-`python -m fedmoe_jax.data.tfds_sources prepare --dataset NAME --data-dir /data/tfds`.
+`--config.model.path` holds google/switch-base-32 as the Hub has it (config.json, model.safetensors or
+its shards, spiece.model), `--config.model.baseline_path` google/switch-base-8. Prepare the data once,
+where there is network (XSum is a manual download; docs/data.md):
+
+    python -m fedmoe_jax.data.tfds_sources prepare --dataset=ag_news_subset --data_dir=/data/tfds
+    python -m fedmoe_jax.data.tfds_sources prepare --dataset=squad --data_dir=/data/tfds
+    python -m fedmoe_jax.data.tfds_sources prepare --dataset=xsum --data_dir=/data/tfds --manual_dir=M
+
+A missing input is named before anything runs (all of them at once). To try the whole path offline
+first, on a tiny model and tiny stand-in data: `python experiments/tiny_paper.py --out=runs/tiny_paper`
+writes them and prints the command (docs/reproducing.md, "The paper path on a tiny model").
 Values the paper does not give are our assumptions (docs/reproducing.md, "Deviations from the paper").
 """
 

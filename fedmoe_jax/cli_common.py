@@ -131,7 +131,7 @@ def flags_parser(schema: str | None = None, example: str | None = None) -> Calla
 
 
 __all__ = ["DISK_FULL_EXIT", "USAGE_EXIT", "config_problem", "exit_if_disk_full", "fail",
-           "flags_parser", "loaded_config", "quiet_logs"]
+           "flags_parser", "loaded_config", "quiet_logs", "tool_command"]
 
 
 def run_tool(argv: list[str], fn: Callable[[], Any], errors: tuple[type[BaseException], ...]) -> None:
@@ -144,6 +144,33 @@ def run_tool(argv: list[str], fn: Callable[[], Any], errors: tuple[type[BaseExce
         fn()
     except errors as e:
         fail(str(e))
+
+
+def tool_command(argv: Sequence[str] | None, prog: str, commands: Sequence[str],
+                 define: Callable[[flags.FlagValues], None], about: str) -> tuple[str, flags.FlagValues]:
+    """`(command, flags)` of a data tool run as `python -m PROG COMMAND --flag=value ...`, in the absl
+    flag style of the other command lines. The flags live in a private `FlagValues` (`define` adds
+    them), so importing the tool's module defines nothing globally; `--help` lists them; a hyphen in a
+    flag's name reads as an underscore (`--data-dir` is `--data_dir`). A bad flag or
+    command: one line, exit status 2 (`fail`). `argv`: the arguments after the program (None: the
+    process's)."""
+    fv = flags.FlagValues()
+    define(fv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "--helpfull") for a in argv):
+        print(f"usage: python -m {prog} {{{','.join(commands)}}} [--flag=value ...]\n\n{about}\n\n"
+              f"flags:\n{fv.get_help()}")
+        sys.exit(0)
+    # --data-dir is read as --data_dir: commands written before the tools took absl flags keep working
+    argv = [re.sub(r"^--([\w-]+)", lambda m: "--" + m.group(1).replace("-", "_"), a) for a in argv]
+    try:
+        rest = fv([prog, *argv])[1:]
+    except flags.Error as e:
+        fail(f"{e}; see python -m {prog} --help")
+    if len(rest) != 1 or rest[0] not in commands:
+        fail(f"python -m {prog} takes one command ({', '.join(commands)}) and --flag=value options, "
+             f"not {' '.join(rest) or 'none'}")
+    return rest[0], fv
 
 
 def default_compilation_cache() -> str:

@@ -49,3 +49,32 @@ def test_a_full_disk_is_one_line_and_exit_4(capsys):
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: the disk is full (No space left on device) while writing "
                            "runs/x/metrics.jsonl")
+
+
+def test_tool_command_parses_absl_flags_privately(capsys):
+    import pytest
+    from absl import flags
+
+    from fedmoe_jax.cli_common import tool_command
+
+    def define(fv):
+        flags.DEFINE_string("data_dir", None, "Where.", flag_values=fv)
+        flags.DEFINE_integer("vocab_size", 8, "Pieces.", flag_values=fv)
+
+    command, fv = tool_command(["build", "--data_dir=/x", "--vocab_size", "12"], "tool", ["build"], define,
+                               "")
+    assert (command, fv.data_dir, fv.vocab_size) == ("build", "/x", 12)
+    _, fv = tool_command(["build", "--data-dir", "/y"], "tool", ["build"], define, "")  # older spelling
+    assert fv.data_dir == "/y"
+    assert "data_dir" not in flags.FLAGS  # importing or running a tool defines nothing globally
+    for argv, says in ((["build", "--data_dirs=/x"], "Unknown command line flag 'data_dirs'"),
+                       (["build", "--vocab_size=many"], "vocab_size"),
+                       (["prepare"], "takes one command (build)"), ([], "not none")):
+        with pytest.raises(SystemExit) as done:
+            tool_command(argv, "tool", ["build"], define, "")
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert done.value.code == 2 and line.startswith("error: ") and says in line, line
+    with pytest.raises(SystemExit) as done:
+        tool_command(["--help"], "tool", ["build"], define, "build: makes it")
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "build: makes it" in out and "--data_dir" in out and "--vocab_size" in out

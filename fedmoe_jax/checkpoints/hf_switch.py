@@ -20,6 +20,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from fedmoe_jax.data.tokenizer import SPIECE_FILE
 from fedmoe_jax.models.switch import SwitchConfig
 
 CONFIG_FILE = "config.json"
@@ -297,9 +298,15 @@ def to_hf_state(config: SwitchConfig, params: Mapping[str, Any]) -> dict[str, np
     return out
 
 
-def save_hf_switch(config: SwitchConfig, params: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Write `config.json` + `model.safetensors` that HF's SwitchTransformers loads."""
+def save_hf_switch(config: SwitchConfig, params: Mapping[str, Any], path: str | os.PathLike,
+                   tokenizer: Any = None) -> None:
+    """Write `config.json` + `model.safetensors` that HF's SwitchTransformers loads, and with a
+    `tokenizer` (`fedmoe_jax.data.Tokenizer`) its `spiece.model` too, as on the Hub: a directory our
+    `model.init="hf"` path (and HF's T5 tokenizer) loads whole."""
     path = os.fspath(path)
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary is "
+                         f"{config.vocab_size}")
     hf_config = config_to_hf(config)
     os.makedirs(path, exist_ok=True)
     out = to_hf_state(config, params)
@@ -308,3 +315,6 @@ def save_hf_switch(config: SwitchConfig, params: Mapping[str, Any], path: str | 
     os.replace(tmp, os.path.join(path, WEIGHTS_FILE))
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
+    if tokenizer is not None:
+        with open(os.path.join(path, SPIECE_FILE), "wb") as f:
+            f.write(tokenizer.processor.serialized_model_proto())

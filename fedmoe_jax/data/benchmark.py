@@ -14,14 +14,13 @@ Same file format as `fedmoe_jax/data/embedded/` (JSON lines per task and split, 
 trained on all three tasks' training texts, `manifest.json` with SHA-256 sums; format 2: label
 names per task), so `load_embedded_benchmark(data_dir=...)` reads it. Rebuild, byte for byte from
 the pinned sources (WordNet 3.0 from Debian's `wordnet-base`; the Debian files are downloaded into
-`--debian-dir` unless there, and checked against `debian.SOURCES`):
+`--debian_dir` unless there, and checked against `debian.SOURCES`):
 
-    python -m fedmoe_jax.data.benchmark build --debian-dir runs/debian_sources --out fedmoe_jax/data/benchmark
+    python -m fedmoe_jax.data.benchmark build --debian_dir=runs/debian_sources --out=fedmoe_jax/data/benchmark
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -51,6 +50,8 @@ COARSE_CLASSES = {
 COARSE_NAMES = tuple(sorted(set(COARSE_CLASSES.values())))
 DEFAULT_OUT = "fedmoe_jax/data/benchmark"
 DEFAULT_DEBIAN_DIR = "runs/debian_sources"
+# Recorded in the shipped manifest (which keys the pretrained models' cache), so kept as first written;
+# the tools read --debian-dir as --debian_dir (`cli_common.tool_command`).
 BUILD_COMMAND = ("python -m fedmoe_jax.data.benchmark build "
                  f"--debian-dir {DEFAULT_DEBIAN_DIR} --out {DEFAULT_OUT}")
 DEBIAN_NOTICE_FILE = "DEBIAN_NOTICE"
@@ -124,24 +125,32 @@ def build(wordnet_dir: str | os.PathLike = wordnet.DEFAULT_WORDNET_DIR,
     return manifest
 
 
+def _define_flags(fv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("wordnet_dir", wordnet.DEFAULT_WORDNET_DIR, "Folder with data.noun etc.",
+                        flag_values=fv)
+    flags.DEFINE_string("debian_dir", DEFAULT_DEBIAN_DIR, "Folder holding (or receiving) Translation-en.xz "
+                        "and Packages.xz.", flag_values=fv)
+    flags.DEFINE_string("mirror", debian.DEFAULT_MIRROR, "Debian mirror to download them from.",
+                        flag_values=fv)
+    flags.DEFINE_bool("allow_changed_sources", False, "Build from Debian files whose SHA-256 differs from "
+                      "the pinned one.", flag_values=fv)
+    flags.DEFINE_string("out", DEFAULT_OUT, "Output folder.", flag_values=fv)
+    flags.DEFINE_string("license_file", wordnet.DEFAULT_LICENSE_FILE, "wordnet-base's copyright.",
+                        flag_values=fv)
+    flags.DEFINE_integer("vocab_size", wordnet.DEFAULT_VOCAB_SIZE, "SentencePiece pieces.", lower_bound=8,
+                         flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedmoe_jax.data.benchmark",
-                                     description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build the benchmark from WordNet and Debian's package descriptions")
-    b.add_argument("--wordnet-dir", default=wordnet.DEFAULT_WORDNET_DIR, help="folder with data.noun etc.")
-    b.add_argument("--debian-dir", default=DEFAULT_DEBIAN_DIR,
-                   help="folder holding (or receiving) Translation-en.xz and Packages.xz")
-    b.add_argument("--mirror", default=debian.DEFAULT_MIRROR, help="Debian mirror to download them from")
-    b.add_argument("--allow-changed-sources", action="store_true",
-                   help="build from Debian files whose SHA-256 differs from the pinned one")
-    b.add_argument("--out", default=DEFAULT_OUT, help="output folder")
-    b.add_argument("--license-file", default=wordnet.DEFAULT_LICENSE_FILE, help="wordnet-base's copyright")
-    b.add_argument("--vocab-size", type=int, default=wordnet.DEFAULT_VOCAB_SIZE, help="SentencePiece pieces")
-    args = parser.parse_args(argv)
-    return wordnet.run_build(lambda: build(args.wordnet_dir, args.debian_dir, args.out, args.license_file,
-                                           args.vocab_size, args.mirror, args.allow_changed_sources),
-                             args.out)
+    """`python -m fedmoe_jax.data.benchmark build [--debian_dir=D] [--out=O] ...`."""
+    from fedmoe_jax.cli_common import tool_command
+
+    _, fv = tool_command(argv, "fedmoe_jax.data.benchmark", ["build"], _define_flags,
+                         "build: the benchmark from WordNet and Debian's package descriptions")
+    return wordnet.run_build(lambda: build(fv.wordnet_dir, fv.debian_dir, fv.out, fv.license_file,
+                                           fv.vocab_size, fv.mirror, fv.allow_changed_sources), fv.out)
 
 
 if __name__ == "__main__":

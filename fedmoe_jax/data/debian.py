@@ -83,7 +83,7 @@ def fetch_sources(folder: str | os.PathLike, mirror: str = DEFAULT_MIRROR,
         if actual != sha256 and not allow_changed:
             raise ValueError(f"{local} has SHA-256 {actual[:16]}..., not the {sha256[:16]}... the shipped "
                              "data was built from (the mirror changed it?); building from it changes the "
-                             "benchmark: pass --allow-changed-sources to do so anyway")
+                             "benchmark: pass --allow_changed_sources to do so anyway")
         paths[name] = local
     return paths
 

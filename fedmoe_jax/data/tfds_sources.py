@@ -25,7 +25,6 @@ and every `max_examples` gets the same cluster ids for the same text.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
@@ -91,7 +90,7 @@ DATASETS = {
         ("document", "summary"),
         {s: (s, "all") for s in SPLITS},
         prepare_note=(
-            " --manual-dir DIR (XSum is a manual download: put xsum-extracts-from-downloads.tar.gz, made by "
+            " --manual_dir=DIR (XSum is a manual download: put xsum-extracts-from-downloads.tar.gz, made by "
             "the scripts of github.com/EdinburghNLP/XSum, in DIR; TFDS's xsum builder needs "
             "`pip install tensorflow` on the preparing machine)"
         ),
@@ -105,7 +104,7 @@ def prepare_command(dataset: str, data_dir: str) -> str:
     """The shell command that prepares `dataset` under `data_dir` (run it where there is network)."""
     spec = _dataset(dataset)
     return (
-        f"python -m fedmoe_jax.data.tfds_sources prepare --dataset {spec.name} --data-dir {data_dir}"
+        f"python -m fedmoe_jax.data.tfds_sources prepare --dataset={spec.name} --data_dir={data_dir}"
         + spec.prepare_note
     )
 
@@ -277,6 +276,11 @@ def _version_dir(spec: _Dataset, data_dir: str) -> str | None:
         if prepared:
             return os.path.join(root, max(prepared, key=lambda v: tuple(map(int, v.split(".")))))
     return None
+
+
+def is_prepared(dataset: str, data_dir: str) -> bool:
+    """Whether `dataset` ("ag_news_subset", "squad", "xsum") has a prepared version under `data_dir`."""
+    return _version_dir(_dataset(dataset), data_dir) is not None
 
 
 def _open_builder(spec: _Dataset, data_dir: str):
@@ -459,22 +463,28 @@ def cluster_texts(texts: Sequence[str], k: int = 10, seed: int = 0) -> np.ndarra
     return TextClusters.fit(texts, k, seed).assign(texts)
 
 
+def _define_flags(fv) -> None:
+    from absl import flags
+
+    flags.DEFINE_enum("dataset", None, sorted(DATASETS), "The dataset to prepare.", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "Where TFDS writes it (the runs' data.dir).", flag_values=fv)
+    flags.DEFINE_string("manual_dir", None, "Folder with manually downloaded files (xsum).", flag_values=fv)
+    for name in ("dataset", "data_dir"):
+        flags.mark_flag_as_required(name, flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m fedmoe_jax.data.tfds_sources", description=__doc__.splitlines()[0]
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="download and prepare a dataset as array_record (needs network)")
-    p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--manual-dir", default=None, help="folder with manually downloaded files (xsum)")
-    args = parser.parse_args(argv)
+    """`python -m fedmoe_jax.data.tfds_sources prepare --dataset=NAME --data_dir=DIR [--manual_dir=M]`."""
+    from fedmoe_jax.cli_common import tool_command
+
+    _, fv = tool_command(argv, "fedmoe_jax.data.tfds_sources", ["prepare"], _define_flags,
+                         "prepare: download and prepare a dataset as array_record (needs network)")
     try:
-        path = prepare(args.dataset, args.data_dir, args.manual_dir)
+        path = prepare(fv.dataset, fv.data_dir, fv.manual_dir)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"dataset": args.dataset, "prepared": path}))
+    print(json.dumps({"dataset": fv.dataset, "prepared": path}))
     return 0
 
 

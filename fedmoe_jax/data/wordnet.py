@@ -12,12 +12,11 @@ text-to-text tasks mirroring the paper's, all labelled with the synset's lexicog
 Splits are 80/10/10 by SHA-256 of the synset key (`n00001740`), shared by the three tasks, so a
 synset's definition never crosses splits. Rebuild the shipped files with
 
-    python -m fedmoe_jax.data.wordnet build --wordnet-dir /usr/share/wordnet --out fedmoe_jax/data/embedded
+    python -m fedmoe_jax.data.wordnet build --wordnet_dir=/usr/share/wordnet --out=fedmoe_jax/data/embedded
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gzip
 import hashlib
@@ -48,6 +47,8 @@ SPLIT_PERCENT = {"train": 80, "validation": 10, "test": 10}
 DEFAULT_WORDNET_DIR = "/usr/share/wordnet"
 DEFAULT_LICENSE_FILE = "/usr/share/doc/wordnet-base/copyright"
 DEFAULT_VOCAB_SIZE = 4096  # the vocabulary of the CPU-scale model config `switch-small-16`
+# Recorded in the shipped manifest (which keys the pretrained models' cache), so kept as first written;
+# the tools read --wordnet-dir as --wordnet_dir (`cli_common.tool_command`).
 BUILD_COMMAND = (
     "python -m fedmoe_jax.data.wordnet build --wordnet-dir /usr/share/wordnet --out fedmoe_jax/data/embedded"
 )
@@ -257,7 +258,7 @@ def license_text(license_file: str | os.PathLike, wordnet_dir: str | os.PathLike
                     break
                 lines.append(re.sub(r"^\s*\d+ ?", "", line.rstrip()))
     if not lines:
-        raise ValueError(f"licence file {path!r} does not exist; {INSTALL_HINT} (--license-file)")
+        raise ValueError(f"licence file {path!r} does not exist; {INSTALL_HINT} (--license_file)")
     header = (
         "The data files and spiece.model in this folder are derived from WordNet 3.0 (Princeton\n"
         "University) and are distributed under the WordNet 3.0 license:\n\n"
@@ -326,18 +327,24 @@ def _data_paths(wordnet_dir: str | os.PathLike) -> dict[str, str]:
     return paths
 
 
+def _define_flags(fv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("wordnet_dir", DEFAULT_WORDNET_DIR, "Folder with data.noun etc.", flag_values=fv)
+    flags.DEFINE_string("out", "fedmoe_jax/data/embedded", "Output folder.", flag_values=fv)
+    flags.DEFINE_string("license_file", DEFAULT_LICENSE_FILE, "Debian copyright of wordnet-base.",
+                        flag_values=fv)
+    flags.DEFINE_integer("vocab_size", DEFAULT_VOCAB_SIZE, "SentencePiece vocabulary.", lower_bound=8,
+                         flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m fedmoe_jax.data.wordnet", description=__doc__.split("\n")[0]
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build the embedded benchmark from the WordNet database files")
-    b.add_argument("--wordnet-dir", default=DEFAULT_WORDNET_DIR, help="folder with data.noun etc.")
-    b.add_argument("--out", default="fedmoe_jax/data/embedded", help="output folder")
-    b.add_argument("--license-file", default=DEFAULT_LICENSE_FILE, help="Debian copyright of wordnet-base")
-    b.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="SentencePiece vocabulary")
-    args = parser.parse_args(argv)
-    return run_build(lambda: build(args.wordnet_dir, args.out, args.license_file, args.vocab_size), args.out)
+    """`python -m fedmoe_jax.data.wordnet build [--wordnet_dir=D] [--out=O] ...`."""
+    from fedmoe_jax.cli_common import tool_command
+
+    _, fv = tool_command(argv, "fedmoe_jax.data.wordnet", ["build"], _define_flags,
+                         "build: the embedded benchmark from the WordNet database files")
+    return run_build(lambda: build(fv.wordnet_dir, fv.out, fv.license_file, fv.vocab_size), fv.out)
 
 
 def run_build(build_fn, out: str) -> int:

@@ -95,6 +95,43 @@ def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Data and model
 # ---------------------------------------------------------------------------------------------
+def missing_inputs(config: ml_collections.ConfigDict) -> list[str]:
+    """Every input file the config points to that is not there, all of them (not the first): the
+    tokenizer, the Hugging Face checkpoint the method starts from (and the one the tokenizer comes
+    from), the prepared TFDS datasets. Each item names the config key, the path and what is missing."""
+    from fedmoe_jax.checkpoints.hf_switch import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE
+    from fedmoe_jax.data.tokenizer import SPIECE_FILE
+
+    m, d, out = config.model, config.data, []
+    if d.tokenizer and not os.path.isfile(d.tokenizer):
+        out.append(f"data.tokenizer {d.tokenizer}")
+    if m.init == "hf":
+        needs: dict[str, list[str]] = {}
+        weights_key = "model.baseline_path" if get_method(config.method).full_model else "model.path"
+        needs[weights_key] = [CONFIG_FILE, WEIGHTS_FILE]
+        if not d.tokenizer:
+            needs.setdefault("model.path", []).append(SPIECE_FILE)
+        for key, files in needs.items():
+            root = m.get(key.split(".")[1])
+            if not root:
+                out.append(f"{key} (not set)")
+                continue
+            if WEIGHTS_FILE in files and os.path.isfile(os.path.join(root, INDEX_FILE)):
+                files = [f for f in files if f != WEIGHTS_FILE]  # sharded weights: the loader checks them
+            lacking = [f for f in files if not os.path.isfile(os.path.join(root, f))]
+            if lacking:
+                out.append(f"{key} {root}: {', '.join(lacking)}")
+    if d.source == "tfds" and d.dir:
+        from fedmoe_jax.data.tfds_sources import TASK_DATASETS, is_prepared
+
+        unprepared = [name for name in TASK_DATASETS.values() if not is_prepared(name, d.dir)]
+        if unprepared:
+            out.append(f"data.dir {d.dir}: {', '.join(unprepared)} not prepared (python -m "
+                       "fedmoe_jax.data.tfds_sources prepare --dataset=NAME --data_dir=DIR, where there is "
+                       "network)")
+    return out
+
+
 def load_tokenizer(config: ml_collections.ConfigDict):
     from fedmoe_jax.data import embedded_tokenizer
     from fedmoe_jax.data.tokenizer import SPIECE_FILE, Tokenizer
@@ -367,6 +404,9 @@ def build(config: ml_collections.ConfigDict, workdir: str | None, progress: bool
     from fedmoe_jax.federated.trainer import FederatedTrainer, RunSettings
 
     start = time.time()
+    missing = missing_inputs(config)
+    if missing:
+        raise ConfigError(f"missing input(s): {'; '.join(missing)}")
     try:
         tokenizer = load_tokenizer(config)
         data = build_federated_data(config, tokenizer)

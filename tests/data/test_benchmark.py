@@ -29,9 +29,9 @@ def test_build_is_deterministic_and_loads(tmp_path):
     write_xz(deb / "Packages.xz", PACKAGES)
     args = dict(license_file=src / "copyright", vocab_size=150, allow_changed_sources=True)
     manifest = benchmark.build(src, deb, tmp_path / "a", **args)
-    code = benchmark.main(["build", "--wordnet-dir", str(src), "--debian-dir", str(deb), "--out",
-                           str(tmp_path / "b"), "--license-file", str(src / "copyright"),
-                           "--vocab-size", "150", "--allow-changed-sources"])
+    code = benchmark.main(["build", "--wordnet_dir", str(src), "--debian_dir", str(deb), "--out",
+                           str(tmp_path / "b"), "--license_file", str(src / "copyright"),
+                           "--vocab_size", "150", "--allow_changed_sources"])
     assert code == 0
     names = sorted(os.listdir(tmp_path / "a"))
     assert names == sorted([*manifest["files"], "manifest.json"]) and "DEBIAN_NOTICE" in names
@@ -54,10 +54,10 @@ def test_pinned_sources_are_refused_when_changed(tmp_path, capsys):
     deb.mkdir()
     write_xz(deb / "Translation-en.xz", TRANSLATION)
     write_xz(deb / "Packages.xz", PACKAGES)
-    code = benchmark.main(["build", "--wordnet-dir", str(src), "--debian-dir", str(deb), "--out",
-                           str(tmp_path / "o"), "--license-file", str(src / "copyright")])
+    code = benchmark.main(["build", "--wordnet_dir", str(src), "--debian_dir", str(deb), "--out",
+                           str(tmp_path / "o"), "--license_file", str(src / "copyright")])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "--allow-changed-sources" in err
+    assert code == 2 and err.count("\n") == 1 and "--allow_changed_sources" in err
     assert not (tmp_path / "o").exists()
 
 

@@ -125,7 +125,7 @@ def test_fetch_sources_downloads_and_checks_the_pins(tmp_path, monkeypatch, sour
         (mirror / path).parent.mkdir(parents=True, exist_ok=True)
         (mirror / path).write_bytes((tmp_path / name).read_bytes())
     dest = tmp_path / "dest"
-    with pytest.raises(ValueError, match="--allow-changed-sources") as e:  # not the pinned files
+    with pytest.raises(ValueError, match="--allow_changed_sources") as e:  # not the pinned files
         debian.fetch_sources(dest, f"file://{mirror}")
     assert "\n" not in str(e.value)
     paths = debian.fetch_sources(dest, f"file://{mirror}", allow_changed=True)

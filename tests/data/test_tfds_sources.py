@@ -1,8 +1,6 @@
-"""TFDS loaders on fake local datasets with the real feature structure, prepared as array_record.
-
-The fakes are TFDS builders named like the real ones, so TFDS writes them to the real layout
-(`ag_news_subset/1.0.0`, `squad/v1.1/3.0.0`, `xsum/1.1.0`) and the loader reads them unchanged.
-"""
+"""TFDS loaders on tiny local stand-ins with the real feature structure, prepared as array_record
+(`fedmoe_jax.data.tiny_tfds`: builders named like the real ones, so TFDS writes the real layout and the
+loader reads them unchanged)."""
 
 import json
 import os
@@ -17,131 +15,25 @@ from fedmoe_jax.data import assign_tasks, embedded_tokenizer, make_partition, tf
 from fedmoe_jax.data.client_arrays import FederatedData
 from fedmoe_jax.data.tasks import SPLITS, LazySequence, rc_prompt, tc_prompt, ts_prompt
 from fedmoe_jax.data.tfds_sources import TextClusters, cluster_texts, load_tfds_task
+from fedmoe_jax.data.tiny_tfds import (
+    AG_NAMES,
+    TOPICS,
+    FakeAgNewsSubset,
+    tiny_builder,
+    tiny_rows,
+    topic_text,
+    write_tiny_tfds,
+)
 
-AG_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
-TOPICS = [
-    "football goal striker match league referee penalty stadium coach season".split(),
-    "galaxy telescope orbit planet astronomer comet nebula rocket star lunar".split(),
-    "bank loan interest market stock investor bond inflation profit tax".split(),
-]
-
-
-def _topic_text(i: int, n_words: int = 12) -> str:
-    words = TOPICS[i % 3]
-    return " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(n_words))
-
-
-def _ag_rows(n, offset):
-    return [
-        {"title": f"Title {offset + i} ü", "description": _topic_text(offset + i), "label": (offset + i) % 4}
-        for i in range(n)
-    ]
-
-
-def _squad_rows(n, offset, n_answers):
-    return [
-        {
-            "id": f"q{offset + i}",
-            "title": f"Article {(offset + i) % 3}",
-            "context": _topic_text(offset + i, 20),
-            "question": f"which word {offset + i}?",
-            "answers": {
-                "text": [f"answer {offset + i} {a}" for a in range(n_answers)],
-                "answer_start": list(range(n_answers)),
-            },
-        }
-        for i in range(n)
-    ]
-
-
-def _xsum_rows(n, offset):
-    return [{"document": _topic_text(offset + i, 30), "summary": f"summary {offset + i}."} for i in range(n)]
-
-
-AG = {"train": _ag_rows(60, 0), "test": _ag_rows(12, 1000)}
-SQUAD = {"train": _squad_rows(60, 0, 1), "validation": _squad_rows(15, 1000, 3)}
-XSUM = {"train": _xsum_rows(40, 0), "validation": _xsum_rows(9, 1000), "test": _xsum_rows(9, 2000)}
-
-
-class _Fake(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    ROWS: dict = {}
-
-    def _split_generators(self, dl_manager):
-        return {split: self._generate_examples(rows) for split, rows in self.ROWS.items()}
-
-    def _generate_examples(self, rows):
-        yield from enumerate(rows)
-
-
-class FakeAgNewsSubset(_Fake, skip_registration=True):
-    name = "ag_news_subset"
-    VERSION = tfds.core.Version("1.0.0")
-    ROWS = AG
-
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {
-                    "label": tfds.features.ClassLabel(names=AG_NAMES),
-                    "title": tfds.features.Text(),
-                    "description": tfds.features.Text(),
-                }
-            ),
-        )
-
-
-class FakeSquad(_Fake, skip_registration=True):
-    name = "squad"
-    VERSION = tfds.core.Version("3.0.0")
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="v1.1"), tfds.core.BuilderConfig(name="plain_text")]
-    ROWS = SQUAD
-
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {
-                    "id": np.str_,
-                    "title": tfds.features.Text(),
-                    "context": tfds.features.Text(),
-                    "question": tfds.features.Text(),
-                    "answers": tfds.features.Sequence(
-                        {"text": tfds.features.Text(), "answer_start": np.int32}
-                    ),
-                }
-            ),
-        )
-
-
-class FakeXsum(_Fake, skip_registration=True):
-    name = "xsum"
-    VERSION = tfds.core.Version("1.1.0")
-    ROWS = XSUM
-
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {
-                    "document": tfds.features.Text(),
-                    "summary": tfds.features.Text(),
-                }
-            ),
-        )
+SIZES = {"ag_news_subset": {"train": 60, "test": 12}, "squad": {"train": 60, "validation": 15},
+         "xsum": {"train": 40, "validation": 9, "test": 9}}
+ROWS = tiny_rows(SIZES)
+AG, SQUAD, XSUM = ROWS["ag_news_subset"], ROWS["squad"], ROWS["xsum"]
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    tfds.disable_progress_bar()
-    root = str(tmp_path_factory.mktemp("tfds"))
-    for builder in (
-        FakeAgNewsSubset(data_dir=root),
-        FakeSquad(data_dir=root, config="v1.1"),
-        FakeXsum(data_dir=root),
-    ):
-        builder.download_and_prepare(file_format="array_record")
-    return root
+    return write_tiny_tfds(str(tmp_path_factory.mktemp("tfds")), SIZES)
 
 
 def _by_input(data):
@@ -170,7 +62,7 @@ def test_ag_news_fields(data_dir):
             assert lab == expected[x] and t == AG_NAMES[lab] and refs == [t]
     test = load_tfds_task("tc", "test", data_dir)
     assert sorted(test.inputs) == sorted(tc_prompt(r["title"] + " " + r["description"]) for r in AG["test"])
-    assert "Title 1000 ü " + TOPICS[1000 % 3][0] in " ".join(test.inputs)
+    assert "Title 1000000 ü " + TOPICS[1000000 % 3][0] in " ".join(test.inputs)  # the test split's first row
     _check_carved(
         lambda s: load_tfds_task("tc", s, data_dir),
         [tc_prompt(r["title"] + " " + r["description"]) for r in AG["train"]],
@@ -315,10 +207,10 @@ def test_not_prepared_error_names_the_command(tmp_path):
         message = str(err.value)
         assert "\n" not in message and "not prepared" in message
         assert (
-            f"python -m fedmoe_jax.data.tfds_sources prepare --dataset {name} --data-dir {tmp_path}"
+            f"python -m fedmoe_jax.data.tfds_sources prepare --dataset={name} --data_dir={tmp_path}"
             in message
         )
-    assert "--manual-dir" in message  # xsum is a manual download
+    assert "--manual_dir" in message  # xsum is a manual download
 
 
 def test_prepare_command_line_prepares_what_the_loader_reads(tmp_path, monkeypatch):
@@ -326,14 +218,14 @@ def test_prepare_command_line_prepares_what_the_loader_reads(tmp_path, monkeypat
 
     def fake_builder(name, data_dir):
         asked.append(name)
-        return FakeAgNewsSubset(data_dir=data_dir)
+        return tiny_builder("ag_news_subset", data_dir, AG)
 
     monkeypatch.setattr(tfds, "builder", fake_builder)
-    assert tfds_sources.main(["prepare", "--dataset", "ag_news_subset", "--data-dir", str(tmp_path)]) == 0
+    assert tfds_sources.main(["prepare", "--dataset", "ag_news_subset", "--data_dir", str(tmp_path)]) == 0
     assert asked == ["ag_news_subset"]
     assert len(load_tfds_task("tc", "test", str(tmp_path))) == len(AG["test"])
     with pytest.raises(SystemExit) as exit_info:
-        tfds_sources.main(["prepare", "--dataset", "mnist", "--data-dir", str(tmp_path)])
+        tfds_sources.main(["prepare", "--dataset", "mnist", "--data_dir", str(tmp_path)])
     assert exit_info.value.code == 2
 
 
@@ -343,12 +235,13 @@ def test_prepare_names_a_missing_package(tmp_path, monkeypatch, capsys):
             raise ModuleNotFoundError("No module named 'importlib_resources'", name="importlib_resources")
 
     monkeypatch.setattr(tfds, "builder", lambda name, data_dir: NeedsPackage(data_dir=data_dir))
-    assert tfds_sources.main(["prepare", "--dataset", "squad", "--data-dir", str(tmp_path)]) == 2
+    assert tfds_sources.main(["prepare", "--dataset", "squad", "--data_dir", str(tmp_path)]) == 2
     assert "pip install importlib_resources" in capsys.readouterr().err
 
 
 def test_older_plain_text_squad_layout_is_read(tmp_path):
-    FakeSquad(data_dir=str(tmp_path), config="plain_text").download_and_prepare(file_format="array_record")
+    squad = tiny_builder("squad", tmp_path, SQUAD, config="plain_text")
+    squad.download_and_prepare(file_format="array_record")
     assert os.path.isdir(tmp_path / "squad" / "plain_text" / "3.0.0")
     assert len(load_tfds_task("rc", "test", str(tmp_path), num_clusters=3)) == len(SQUAD["validation"])
 
@@ -394,14 +287,14 @@ def test_corrupt_metadata_and_wrong_format(ag_copy):
 
 
 def test_text_clusters_are_deterministic_and_follow_topics():
-    texts = [_topic_text(i) for i in range(30)]
+    texts = [topic_text(i) for i in range(30)]
     labels = cluster_texts(texts, k=3, seed=0)
     assert labels.dtype == np.int32 and labels.shape == (30,)
     assert np.array_equal(labels, cluster_texts(texts, k=3, seed=0))
     assert {(int(lab), i % 3) for i, lab in enumerate(labels)} == {(int(labels[t]), t) for t in range(3)}
     assert len(set(labels.tolist())) == 3
     clusters = TextClusters.fit(texts, k=3, seed=1)
-    new = clusters.assign([_topic_text(i, 5) for i in range(300, 306)] + ["", "unseen words only"])
+    new = clusters.assign([topic_text(i, 5) for i in range(300, 306)] + ["", "unseen words only"])
     fitted = clusters.assign(texts)
     assert [int(new[j]) for j in range(6)] == [int(fitted[(300 + j) % 3]) for j in range(6)]
     assert new[6] == 0 and 0 <= new[7] < 3

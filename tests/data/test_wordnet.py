@@ -213,8 +213,8 @@ def test_build_is_deterministic(tmp_path):
     args = dict(license_file=src / "copyright", vocab_size=120)
     manifest = wordnet.build(src, tmp_path / "a", **args)
     rc = wordnet.main(
-        ["build", "--wordnet-dir", str(src), "--out", str(tmp_path / "b"), "--license-file",
-         str(src / "copyright"), "--vocab-size", "120"]
+        ["build", "--wordnet_dir", str(src), "--out", str(tmp_path / "b"), "--license_file",
+         str(src / "copyright"), "--vocab_size", "120"]
     )  # fmt: skip
     assert rc == 0
     names = sorted(os.listdir(tmp_path / "a"))
@@ -226,7 +226,7 @@ def test_build_is_deterministic(tmp_path):
 
 
 def test_cli_error(tmp_path, capsys):
-    assert wordnet.main(["build", "--wordnet-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert wordnet.main(["build", "--wordnet_dir", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "apt-get install wordnet-base" in err
     assert not (tmp_path / "o").exists()
