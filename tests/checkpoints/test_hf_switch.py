@@ -252,3 +252,19 @@ def test_missing_shard_is_named(tmp_path):
     os.remove(tmp_path / shard)
     with pytest.raises(ValueError, match=f"missing shard.*{shard}"):
         load_hf_switch(tmp_path)
+
+
+def test_save_with_a_tokenizer_writes_its_spiece_model(tmp_path):
+    from fedmoe_jax.data import embedded_tokenizer
+    from fedmoe_jax.data.tokenizer import Tokenizer
+
+    tok = embedded_tokenizer()
+    config = get_config("switch-tiny-4", vocab_size=tok.vocab_size)
+    params = SwitchTransformer(config).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32),
+                                            jnp.ones((1, 4), jnp.int32))["params"]
+    save_hf_switch(config, params, tmp_path, tokenizer=tok)
+    loaded = Tokenizer.from_pretrained(tmp_path)
+    text = "a small federated mixture of experts"
+    assert loaded.vocab_size == tok.vocab_size and loaded.encode(text) == tok.encode(text)
+    with pytest.raises(ValueError, match="tokenizer has 4096 pieces but the model's vocabulary is 128"):
+        save_hf_switch(config.replace(vocab_size=128), params, tmp_path / "small", tokenizer=tok)
