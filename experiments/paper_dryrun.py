@@ -49,7 +49,7 @@ flags.DEFINE_string("remat", "", "SwitchConfig.remat of every program: none, ful
 
 
 def fail(message: str) -> None:
-    print(f"paper_dryrun: error: {message}", file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -121,7 +121,7 @@ def fitted(fit, tried: dict) -> tuple[int | None, float, bool]:
         chunk, program = fit()
         return chunk, program_bytes(program), True
     except MemoryCapExceeded as e:
-        print(f"paper_dryrun: {e}", file=sys.stderr)
+        print(f"warning: {e}", file=sys.stderr)
         chunk = min(tried, key=tried.get)
         return chunk, tried[chunk], False
 

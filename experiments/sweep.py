@@ -42,7 +42,7 @@ _DEFINE_FLAGS = ("config", "arg", "grid", "set", "exclude")
 
 
 def fail(message: str) -> None:
-    print(f"sweep: error: {message}", file=sys.stderr, flush=True)
+    print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(sweep.EXIT_INVALID)
 
 

@@ -5,8 +5,9 @@ configs/paper.py on them.
     python experiments/tiny_paper.py --out=runs/tiny_paper
     # then the printed command, e.g.
     python -m fedmoe_jax.main --config=configs/paper.py:standard_hetero_t,fedmoe \
-        --workdir=runs/tiny_paper/run --config.model.path=runs/tiny_paper/moe --config.model.baseline_path=runs/tiny_paper/baseline \
-        --config.data.dir=runs/tiny_paper/tfds --config.num_rounds=2 ...
+        --workdir=runs/tiny_paper/run --config.model.path=runs/tiny_paper/moe \
+        --config.model.baseline_path=runs/tiny_paper/baseline --config.data.dir=runs/tiny_paper/tfds \
+        --config.num_rounds=2 ...
 
 What is made and why: `fedmoe_jax.tools.tiny_paper`. Exit status 2 (one line) for bad flags.
 """

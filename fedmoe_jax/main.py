@@ -34,6 +34,8 @@ flags.DEFINE_string("workdir", None, "Run directory: config.json, checkpoints, m
 flags.DEFINE_list("seeds", [], "Run these seeds of the config together, their rounds vectorized in one "
                   "program (fedmoe_jax.federated.runs); --workdir must then contain {seed}.")
 flags.DEFINE_bool("progress", True, "Show tqdm progress bars.")
+flags.DEFINE_bool("config_help", False, "List every config field with its value (the --config file's and "
+                  "overrides', else the defaults) and its documentation, then exit.")
 flags.DEFINE_string("jax_cache", default_compilation_cache(),
                     "Persistent JAX compilation cache directory ('' = off); default: $FEDMOE_JAX_CACHE, "
                     "else $JAX_COMPILATION_CACHE_DIR, else ~/.cache/fedmoe_jax/xla.")
@@ -44,6 +46,13 @@ parse_flags = flags_parser(SCHEMA, EXAMPLE)
 
 
 def main(argv: list[str]) -> None:
+    if FLAGS.config_help:
+        from fedmoe_jax.experiment.config import default_config, describe_config
+
+        if len(argv) > 1:
+            fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value")
+        print(describe_config(_CONFIG.value if _CONFIG.value is not None else default_config()))
+        return
     config = loaded_config(_CONFIG, argv, "method", SCHEMA, EXAMPLE, FLAGS.workdir,
                            "the run directory; the same one again resumes")
     use_compilation_cache(FLAGS.jax_cache)

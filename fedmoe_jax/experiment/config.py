@@ -9,6 +9,8 @@ is silent (docs/reproducing.md, "Deviations from the paper").
 from __future__ import annotations
 
 import math
+import re
+import textwrap
 
 import ml_collections
 
@@ -27,10 +29,10 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "fedmoe"  # a registered method (fedmoe_jax.algorithms.registry)
     c.setting = "standard_hetero_t"  # one of SETTINGS: sets the sampling and the data partition
-    c.seed = 0
-    c.num_rounds = 30
+    c.seed = 0  # run seed: cohorts, batches, initialisation, budgets, the partition's Dirichlet draws
+    c.num_rounds = 30  # federated rounds (Stage 2); 0: only test the initial model
     c.cohort_size = 5  # Standard settings: 5 of N; Enforced settings sample one client per task (3)
-    c.batch_size = 8
+    c.batch_size = 8  # examples per local step
     # Local work per round, the same for every method: 24 AdamW steps at 1e-3 (about 2/3 of an epoch
     # of a CPU-scale client's ~300 examples). Measured with FedMoE on cpu.py:standard_hetero_t, seed
     # 0, test TC / RC / TS: 8 steps at 3e-4: 4.7 / 0.0 / 0.25; 8 at 1e-3: 9.0 / 0.7 / 0.84; 8 at 3e-3:
@@ -40,9 +42,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer = "adamw"  # local optimizer: "adamw" or "adafactor" (T5's; federated/optimizers.py)
     c.weight_decay = 0.01  # decoupled (Adafactor: weight_decay_rate; 0 = none)
     c.eval_every = 1  # validate the cohort every this many rounds (drives recommendation)
-    c.eval_batch_size = 32
+    c.eval_batch_size = 32  # examples per batch when validating the cohort
     c.max_eval_examples = 64  # per client per validation (0: the whole split)
-    c.checkpoint_every = 1
+    c.checkpoint_every = 1  # save the run state every this many rounds (and at a SIGTERM / SIGINT)
     # a diverged client update (NaN/inf, or over max_update_ratio) is always left out of aggregation;
     # "stop": end the run (exit 3), "exclude": record it in metrics.jsonl (`nonfinite_clients`,
     # `exploding_clients`) and go on
@@ -58,13 +60,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.source = "embedded"  # "embedded" (shipped WordNet benchmark) or "tfds" (AG News/SQuAD/XSum)
     c.data.dir = ""  # tfds: the prepared data dir; embedded: "" = the copy inside the package
     c.data.tokenizer = ""  # a spiece.model; "": the embedded one, or the HF checkpoint's (model.init="hf")
-    c.data.num_clients = 30
+    c.data.num_clients = 30  # N clients, split over the three tasks by task_ratios
     c.data.task_ratios = (1.0, 1.0, 1.0)  # clients per task (TC, RC, TS), relative
     c.data.alpha = 0.5  # Dirichlet label skew of the TD settings [ASSUMPTION]
     c.data.train_examples_per_task = 3000  # 0: all (CPU scale keeps a slice of each task)
     c.data.eval_examples_per_task = 600  # validation and test examples per task (0: all)
-    c.data.max_input_len = 64
-    c.data.max_target_len = 16
+    c.data.max_input_len = 64  # tokens per input (longer inputs are cut)
+    c.data.max_target_len = 16  # tokens per target, and the length of greedy decoding
     c.data.min_examples = 2  # per client and split
 
     c.model = ml_collections.ConfigDict()
@@ -96,26 +98,26 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.remat = ""
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.label_smoothing = 0.1
-    c.loss.lb_loss_weight = 0.001
-    c.loss.z_loss_weight = 0.001
+    c.loss.label_smoothing = 0.1  # of the cross-entropy
+    c.loss.lb_loss_weight = 0.001  # Switch load-balancing loss weight
+    c.loss.z_loss_weight = 0.001  # router z-loss weight
 
     c.memory = ml_collections.ConfigDict()
     # Client budgets drawn uniformly from {low, low+step, ..., high}. relative=True: fractions of the
     # global model's training memory (CPU scale); False: GB (paper: 18..24 GB for switch-base-32).
     c.memory.relative = True
-    c.memory.budget_low = 0.45
-    c.memory.budget_high = 0.7
-    c.memory.budget_step = 0.05
+    c.memory.budget_low = 0.45  # smallest budget (a fraction, or GB when relative=False)
+    c.memory.budget_high = 0.7  # largest budget
+    c.memory.budget_step = 0.05  # spacing of the budgets drawn between them
     c.memory.mem_fraction = 0.8  # alpha of Eq. 3 [ASSUMPTION]
 
     c.stage1 = ml_collections.ConfigDict()
-    c.stage1.rounds = 5
-    c.stage1.rank = 8
-    c.stage1.alpha = 16.0
-    c.stage1.learning_rate = 1e-3
-    c.stage1.local_steps = 4
-    c.stage1.min_experts_per_layer = 1
+    c.stage1.rounds = 5  # Stage 1: LoRA fine-tuning rounds before measuring expert activations
+    c.stage1.rank = 8  # LoRA rank
+    c.stage1.alpha = 16.0  # LoRA alpha (scale alpha / rank)
+    c.stage1.learning_rate = 1e-3  # of the LoRA fine-tuning
+    c.stage1.local_steps = 4  # LoRA steps per Stage 1 round
+    c.stage1.min_experts_per_layer = 1  # a sub-MoE keeps at least this many experts in every layer
 
     c.stage2 = ml_collections.ConfigDict()
     c.stage2.patience = 2  # rounds without improvement before a recommendation [ASSUMPTION]
@@ -128,11 +130,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.random_moe.experts_per_layer = 4  # paper: 8 of 32; CPU scale: 4 of 16
 
     c.fedprox = ml_collections.ConfigDict()
-    c.fedprox.mu = 0.01
+    c.fedprox.mu = 0.01  # weight of FedProx's proximal term (mu / 2) ||w - w_global||^2
 
     c.eval = ml_collections.ConfigDict()
     c.eval.test_examples = 0  # per client on its test split (0: all it holds)
-    c.eval.batch_size = 64
+    c.eval.batch_size = 64  # examples per batch in the final test evaluation
     c.eval.global_model = True  # also score the full global model on every client's test split
     c.eval.unseen_local_steps = 4  # clients never sampled: fine-tune this many steps, then test (0: off)
     c.eval.predictions = 4  # per client and model: decoded test predictions kept in predictions.jsonl
@@ -144,6 +146,41 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.enabled = True  # shard the cohort over all devices when there is more than one
     c.mesh.experts = 1  # size of the expert-parallel mesh axis
     return c
+
+
+def field_docs(source_of=None) -> dict[str, str]:
+    """`{flattened key: its documentation}`, read from the comments beside and above each assignment in
+    the source of `source_of` (default: `default_config`), so the schema's comments are its one set of
+    docs. A key without a comment maps to ""."""
+    import inspect
+
+    docs, block = {}, []
+    for line in inspect.getsource(source_of or default_config).splitlines():
+        text = line.strip()
+        if text.startswith("#"):
+            block.append(text.lstrip("# ").strip())
+            continue
+        match = re.match(r"c\.([\w.]+)\s*=\s*(.*)$", text)
+        if match and "ConfigDict()" not in match.group(2):
+            inline = match.group(2).split("  # ", 1)[1].strip() if "  # " in match.group(2) else ""
+            docs[match.group(1)] = " ".join([*block, inline]).strip()
+        block = []
+    return docs
+
+
+def describe_config(config=None) -> str:
+    """Every field of `config` (default: `default_config()`) with its value and its documentation
+    (`field_docs`); fields that may change when a run is resumed are marked."""
+    config = default_config() if config is None else config
+    docs, values = field_docs(), flatten(config)
+    lines = []
+    for key in [*(k for k in docs if k in values), *sorted(set(values) - set(docs))]:  # schema order
+        value = values[key]
+        mark = "  [may change on resume]" if is_resumable(key) else ""
+        lines.append(f"{key} = {value!r}{mark}")
+        if docs.get(key):
+            lines += [f"    {part}" for part in textwrap.wrap(docs[key], 96)]
+    return "\n".join(lines)
 
 
 # Keys that may change when a run is resumed (everything else defines the run).

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from fedmoe_jax.federated.loop import make_round_step
 from fedmoe_jax.federated.preemption import RunInterrupted, StopSignals
-from fedmoe_jax.federated.trainer import FederatedTrainer
+from fedmoe_jax.federated.trainer import FederatedTrainer, say_compiling
 
 
 def stack_runs(trees: Sequence[Any]) -> Any:
@@ -103,6 +103,8 @@ class RunGroup:
         with tqdm(total=target, initial=min(self.round, target), unit="round",
                   desc=f"{self.trainers[0].algorithm.name} x{len(self.trainers)} runs",
                   disable=not progress) as bar:
+            if self.round < target:
+                say_compiling(bar, self.round + 1)
             while self.round < target:
                 self._stop_if_requested(stop)
                 rows = self.run_round()

@@ -580,6 +580,8 @@ class FederatedTrainer:
         target = self.settings.num_rounds if num_rounds is None else num_rounds
         with tqdm(total=target, initial=self.server.round, desc=self.algorithm.name, unit="round",
                   disable=not progress) as bar:
+            if self.server.round < target:
+                say_compiling(bar, self.server.round + 1)
             while self.server.round < target:
                 self.stop_if_requested(stop)
                 row = self.run_round()
@@ -592,5 +594,13 @@ class FederatedTrainer:
         return self.history
 
 
+def say_compiling(bar, round_num: int) -> None:
+    """Say, on the progress bar and in the log, that the first round of an invocation compiles its
+    programs (its wait is not a hang; later rounds of the same sub-MoE width reuse them)."""
+    message = "compiling the round program (once per sub-MoE width; kept in the compilation cache)"
+    log.info("round %d: %s", round_num, message)
+    bar.set_postfix_str(message)
+
+
 __all__ = ["DivergedAggregate", "FederatedTrainer", "NonFiniteUpdate", "PreparedRound", "RunSettings",
-           "TrainedRound"]
+           "TrainedRound", "say_compiling"]

@@ -135,7 +135,7 @@ def print_predictions(run_dirs: Sequence[str], task: str | None = None, model: s
     """Print `render` of the runs' `model` predictions (optionally one `task` / `client`) on stdout; the exit
     status: 0, or 2 (one line on stderr) when `n` < 1, a run has no predictions or none match."""
     if n < 1:
-        print("predictions: -n must be >= 1", file=sys.stderr)
+        print("error: -n must be >= 1", file=sys.stderr)
         return 2
     runs: dict[str, list] = {}
     try:
@@ -144,10 +144,10 @@ def print_predictions(run_dirs: Sequence[str], task: str | None = None, model: s
             label = label if label not in runs else f"{label} ({run_dir})"
             runs[label] = select(load(run_dir), task, model, client)
     except PredictionsError as e:
-        print(f"predictions: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if not any(runs.values()):
-        print(f"predictions: no {model!r} predictions match (task {task}, client {client}); "
+        print(f"error: no {model!r} predictions match (task {task}, client {client}); "
               "try --model=own or drop --task / --client", file=sys.stderr)
         return 2
     sys.stdout.write(render(runs, n))

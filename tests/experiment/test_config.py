@@ -226,3 +226,16 @@ def test_unwritable_workdir(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="not writable"):
         prepare_workdir(default_config(), str(blocker / "run"))
+
+
+def test_every_field_is_documented_and_config_help_lists_them():
+    """`--config_help` (describe_config) prints every field, its value and the schema's comment."""
+    from fedmoe_jax.experiment.config import default_config, describe_config, field_docs, flatten
+
+    docs, keys = field_docs(), set(flatten(default_config()))
+    assert set(docs) == keys and all(docs.values()), sorted(k for k in keys if not docs.get(k))
+    config = default_config()
+    config.num_rounds = 7
+    text = describe_config(config)
+    assert "num_rounds = 7  [may change on resume]\n    federated rounds (Stage 2)" in text
+    assert "seed = 0\n    run seed" in text and text.index("method =") < text.index("data.source =")

@@ -68,6 +68,7 @@ def test_run_writes_every_artifact(tiny_run):
                  "stage1.npz", "budgets.json", "checkpoints", "tensorboard"):
         assert os.path.exists(os.path.join(workdir, name)), name
     assert "devices: 1 x cpu; mesh: none" in first.stderr
+    assert "round 1: compiling the round program" in first.stderr  # the first round's wait is explained
     assert "summary.json" in first.stdout
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     assert summary["method"] == "fedmoe" and summary["rounds"] == 4
@@ -267,6 +268,13 @@ def test_a_damaged_latest_checkpoint_is_replaced_and_kept(tiny_run, tmp_path):
     assert "skipping corrupt checkpoint step 4" in res.stderr
     assert sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()) == [3, 4, 5]
     assert checkpoint_leaves(str(workdir), 4) == good
+
+
+def test_config_help_lists_the_fields_of_the_given_config():
+    res = cli(f"--config={TINY}", "--config.num_rounds=7", "--config_help")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "num_rounds = 7  [may change on resume]\n    federated rounds" in res.stdout
+    assert "model.name = 'switch-tiny-4'" in res.stdout
 
 
 def test_seed_workdirs():

@@ -55,7 +55,7 @@ def test_paper_dryrun_bad_flags_exit_2(dryrun, tmp_path, capsys, argv, message):
         dryrun.main(dryrun.parse(["paper_dryrun.py", f"--out={tmp_path / 'x.json'}"] + TINY + reset + argv))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("paper_dryrun: error:") and message in err and "\n" not in err
+    assert err.startswith("error: ") and message in err and "\n" not in err
     with pytest.raises(SystemExit) as e:
         dryrun.parse(["paper_dryrun.py", "--device_memory_gb=lots"])
     assert e.value.code == 2

@@ -333,7 +333,7 @@ def test_cli_invalid_spec_exits_2_with_one_line(fake, tmp_path, argv, message):
     proc = cli(*[a.format(**fmt) for a in argv])
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sweep: error: ") and message in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert not os.path.exists(root)
 
 

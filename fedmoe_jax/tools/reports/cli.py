@@ -23,17 +23,17 @@ def run_report(root: str, out: str | None = None, baselines: Sequence[str] = DEF
         try:  # before any work: a bad --compare must not leave a half-written report
             load_table1(compare)
         except ValueError as e:
-            print(f"report: --compare: {e}", file=sys.stderr)
+            print(f"error: --compare: {e}", file=sys.stderr)
             return 2
     try:
         exported = loading.export_runs(root, export_runs) if export_runs else None
     except ValueError as e:  # the export directory lies inside RUNS_ROOT
-        print(f"report: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         result = build_report(root, out, baselines, compare)
     except loading.NoRunsError:
-        print(f"report: no {SUMMARY_FILE} under {root!r}; pass the directory that holds the run "
+        print(f"error: no {SUMMARY_FILE} under {root!r}; pass the directory that holds the run "
               f"directories written by `python -m fedmoe_jax.main ... --workdir=DIR`", file=sys.stderr)
         return 2
     if exported is not None:
