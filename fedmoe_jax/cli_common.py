@@ -35,6 +35,10 @@ def exit_if_disk_full(error: BaseException) -> None:
     if not isinstance(error, DiskFull):
         error = DiskFull(getattr(error, "filename", None) or "the run's files", error)
     print(f"error: {error}", file=sys.stderr, flush=True)
+    # writes still in flight in orbax's threads go on failing as the process ends, each printing a
+    # traceback straight to the stderr descriptor: the line above has said it all
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stderr.fileno())
     sys.exit(DISK_FULL_EXIT)
 
 

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -163,6 +162,23 @@ def _first_line(error: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _state_bytes(state: PyTree) -> int:
+    """Bytes this process writes for `state`: each array once (a global array's share per process)."""
+    per_process = max(jax.process_count(), 1)
+    return int(sum(getattr(x, "nbytes", 0) // per_process for x in jax.tree.leaves(state)))
+
+
+def _check_free_space(directory: str, round: int, need: int) -> None:
+    """`DiskFull` before anything is written when the disk holding `directory` has less free space than
+    a step of `need` bytes takes (plus 10 % and 64 KiB for orbax's metadata): the common case of a full
+    disk ends with one line and no partial step. A disk that fills during the write is caught by
+    `_disk_full_as_one_error`."""
+    free = shutil.disk_usage(directory).free
+    if free < need * 1.1 + (1 << 16):
+        raise DiskFull(f"the checkpoint of round {round} in {directory} (about {need / 1e6:.1f} MB; "
+                       f"{free / 1e6:.1f} MB free)", "No space left on device")
+
+
 class _DropDiskFullRecords(logging.Filter):
     """Drops the log records (with their tracebacks) orbax's writer threads emit for a full disk:
     the `DiskFull` raised in their place says it once."""
@@ -173,40 +189,24 @@ class _DropDiskFullRecords(logging.Filter):
 
 @contextlib.contextmanager
 def _disk_full_as_one_error(directory: str, round: int | None):
-    """A full disk while writing checkpoint `round` becomes one `DiskFull`; the step's partial
-    temporary folder is removed (its space is freed) and earlier steps are untouched."""
+    """A disk that fills while checkpoint `round` is written becomes one `DiskFull`; the step's partial
+    temporary folder is removed (its space is freed) and earlier steps are untouched. (Tensorstore's
+    writes still in flight print "Event loop is closed" tracebacks straight to stderr afterwards; the
+    command lines silence stderr once they have printed the one line, `cli_common.exit_if_disk_full`.)"""
     quiet = _DropDiskFullRecords()
     absl_log = logging.getLogger("absl")
     absl_log.addFilter(quiet)
-    hook = sys.excepthook
-    sys.excepthook = _quiet_closed_loop(hook)
-    failed = False
     try:
         yield
     except Exception as error:
         if not is_disk_full(error):
             raise
-        failed = True
         for name in os.listdir(directory):
             if name.split(".")[0] == str(round) and "tmp" in name:
                 shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
         raise DiskFull(f"the checkpoint of round {round} in {directory}", error) from None
     finally:
         absl_log.removeFilter(quiet)
-        if not failed:  # after a failed write, the writes still in flight go on failing noisily
-            sys.excepthook = hook
-
-
-def _quiet_closed_loop(hook):
-    """`sys.excepthook` without the "Event loop is closed" errors tensorstore's callbacks raise (and
-    print through the hook) for the writes still in flight after one failed and orbax's event loop
-    closed; anything else goes to `hook`."""
-    def quiet(kind, value, tb):
-        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-            return
-        hook(kind, value, tb)
-
-    return quiet
 
 
 class RunCheckpointer:
@@ -262,6 +262,8 @@ class RunCheckpointer:
         integrity: dict[str, Any] = {"format": 1, "leaves": _leaf_records(state),
                                      "meta_sha256": _json_sha(meta)}
         integrity["sha256"] = _json_sha(integrity)
+        _check_free_space(self.directory, round, _state_bytes(state) + len(json.dumps(meta))
+                          + len(json.dumps(integrity)))
         with _disk_full_as_one_error(self.directory, round):
             saved = self._manager.save(
                 round,
