@@ -37,8 +37,10 @@ def exit_if_disk_full(error: BaseException) -> None:
     print(f"error: {error}", file=sys.stderr, flush=True)
     # writes still in flight in orbax's threads go on failing as the process ends, each printing a
     # traceback straight to the stderr descriptor: the line above has said it all
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stderr.fileno())
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # a stderr without a descriptor (captured): nothing to do
+        pass
     sys.exit(DISK_FULL_EXIT)
 
 
