@@ -6,11 +6,11 @@
 Every run writes a few decoded test predictions per client (`eval.predictions`, default 4) to
 `predictions.jsonl` next to its summary (`fedmoe_jax.experiment.write_predictions`). This module
 reads them and prints Markdown: per run and task, how degenerate the outputs are (share of empty
-predictions, of distinct ones, the most common one), then per example (client, test id) its
-references and every run's prediction. Runs of one setting and seed partition the data the same
-way whatever the method, so an example lines up across methods: the way to see *what* a near-zero
-score is (empty outputs, one label repeated, a copied input span, ...). `print_predictions` is what
-`experiments/predictions.py` runs.
+predictions, of distinct ones, of RC and TS outputs that are a TC class name, the most common one),
+then per example (client, test id) its references and every run's prediction. Runs of one setting
+and seed partition the data the same way whatever the method, so an example lines up across methods:
+the way to see *what* a near-zero score is (empty outputs, one label repeated, a copied input span,
+...). `print_predictions` is what `experiments/predictions.py` runs.
 """
 
 from __future__ import annotations
@@ -65,7 +65,10 @@ def select(records: Sequence[Mapping[str, Any]], task: str | None = None, model:
 def diagnostics(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per task: `kept` predictions, `empty` and `distinct` (fractions of kept), `top` (the most
     common prediction) and `top_share`, `exact` (fraction equal to one of its references after
-    stripping)."""
+    stripping), and for RC and TS `tc_label`: the label-collapse share, the fraction of predictions
+    that are a TC class name (any reference of the TC records, case and spaces aside: a federated model
+    answering every task with a topic label); None for TC itself or without TC records."""
+    labels = {x.strip().lower() for r in records if r["task"] == "tc" for x in r["references"]}
     out: dict[str, dict[str, Any]] = {}
     for task in sorted({r["task"] for r in records}):
         preds = [r["prediction"].strip() for r in records if r["task"] == task]
@@ -74,7 +77,9 @@ def diagnostics(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any
         top, count = Counter(preds).most_common(1)[0]
         out[task] = {"kept": len(preds), "empty": sum(p == "" for p in preds) / len(preds),
                      "distinct": len(set(preds)) / len(preds), "top": top, "top_share": count / len(preds),
-                     "exact": sum(exact) / len(preds)}
+                     "exact": sum(exact) / len(preds),
+                     "tc_label": (sum(p.lower() in labels for p in preds) / len(preds)
+                                  if task != "tc" and labels else None)}
     return out
 
 
@@ -106,17 +111,20 @@ def quote(text: str | None, limit: int = 160) -> str:
     return f"`{text}`" if text.strip() else "(empty)"
 
 
+DIAGNOSTICS_HEADER = "Kept | Empty | Distinct | Exact | TC label | Most common (share)"
+
+
 def diagnostics_cells(d: Mapping[str, Any], limit: int = 60) -> str:
-    """The Kept | Empty | Distinct | Exact | Most common (share) cells of one `diagnostics` entry."""
-    return (f"{d['kept']} | {d['empty']:.0%} | {d['distinct']:.0%} | {d['exact']:.0%} | "
+    """The `DIAGNOSTICS_HEADER` cells of one `diagnostics` entry (TC label: "-" where undefined)."""
+    share = "-" if d.get("tc_label") is None else f"{d['tc_label']:.0%}"
+    return (f"{d['kept']} | {d['empty']:.0%} | {d['distinct']:.0%} | {d['exact']:.0%} | {share} | "
             f"{quote(d['top'], limit)} ({d['top_share']:.0%})")
 
 
 def render(runs: Mapping[str, Sequence[Mapping[str, Any]]], n: int = 5) -> str:
     """Markdown: a diagnostics table, then the examples side by side."""
     lines = ["## Diagnostics", "",
-             "| Run | Task | Kept | Empty | Distinct | Exact match | Most common (share) |",
-             "|---|---|---|---|---|---|---|"]
+             f"| Run | Task | {DIAGNOSTICS_HEADER} |", "|---|---|---|---|---|---|---|---|"]
     for label, recs in runs.items():
         for task, d in diagnostics(recs).items():
             lines.append(f"| {label} | {task} | {diagnostics_cells(d)} |")
