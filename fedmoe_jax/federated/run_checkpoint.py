@@ -209,6 +209,36 @@ def _disk_full_as_one_error(directory: str, round: int | None):
         absl_log.removeFilter(quiet)
 
 
+def read_step_part(directory: str | os.PathLike, step: int, part: str) -> tuple[PyTree, dict]:
+    """`(tree, meta)`: the `part` of checkpoint step `step`'s state in `directory` (a top-level key of
+    a saved dict, e.g. "params"), restored without a target (NumPy arrays, plain containers) and
+    verified leaf by leaf against the step's integrity record, as `restore_latest` verifies. Read
+    only: no `CheckpointManager` is opened, so a process still writing to `directory` is undisturbed.
+    For one part of a state whose other parts (optimizer states) the caller cannot rebuild.
+    `CheckpointError` when the step is missing or damaged."""
+    root = os.path.join(os.path.abspath(os.fspath(directory)), str(step))
+    try:
+        with open(os.path.join(root, "meta", "metadata")) as f:
+            meta = json.load(f)
+        with open(os.path.join(root, "integrity", "metadata")) as f:
+            integrity = json.load(f)
+        body = {k: v for k, v in integrity.items() if k != "sha256"}
+        if integrity.get("sha256") != _json_sha(body) or body.get("meta_sha256") != _json_sha(meta):
+            raise _Corrupt("meta or integrity record does not match its checksum")
+        state = ocp.StandardCheckpointer().restore(os.path.join(root, "state"))
+        tree = jax.tree.map(np.asarray, state[part])
+    except Exception as e:  # noqa: BLE001 - any failure makes the step unusable
+        raise CheckpointError(f"checkpoint step {step} in {directory} is missing or damaged "
+                              f"({_first_line(e)})") from None
+    prefix = f"[{part!r}]"
+    want = {r[0]: r for r in body["leaves"] if r[0].startswith(prefix)}
+    have = {r[0]: r for r in _leaf_records({part: tree})}
+    if set(want) != set(have) or any(want[k][3] not in (None, have[k][3]) for k in want):
+        raise CheckpointError(f"checkpoint step {step} in {directory}: {part} does not match its integrity "
+                              "record")
+    return tree, meta
+
+
 class RunCheckpointer:
     """Saves and restores a run's `(round, state, meta)` in `directory` (one orbax step per round).
 

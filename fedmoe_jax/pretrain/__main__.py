@@ -6,6 +6,13 @@
 Prints one summary line; the workdir gets `pretrain.json` and `pretrain_loss.png`, the model lives in
 the cache (`config.cache_dir`). Bad input exits with status 2 and one line on stderr; SIGTERM / SIGINT
 checkpoint the pretraining and exit with 143 / 130, and the same command resumes it.
+
+    python -m fedmoe_jax.pretrain --config=configs/pretrain.py --workdir=DIR --config.steps=30000 \
+        --export_step=7000
+
+exports the unfinished pretraining of that config at its checkpoint of step 7000 to DIR as a Hugging
+Face model with its tokenizer (`cache.export_partial_step`), training nothing: a model to probe
+(`--config.model.init=hf --config.model.path=DIR`) while the pretraining goes on.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Pretraining config file, e.g. configs/pretrain.py (ml_collections).")
 flags.DEFINE_string("workdir", None, "Report directory: pretrain.json, pretrain_loss.png.")
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+flags.DEFINE_integer("export_step", 0, "Instead of pretraining: write this config's unfinished pretraining "
+                     "at its checkpoint of this step to --workdir as a Hugging Face model (0: off).",
+                     lower_bound=0)
 
 SCHEMA, EXAMPLE = "configs/pretrain.py", "configs/pretrain.py"
 
@@ -31,13 +41,17 @@ def main(argv: list[str]) -> None:
                            "where pretrain.json and the loss plot go")
     from fedmoe_jax.errors import ConfigError
     from fedmoe_jax.federated.preemption import RunInterrupted
-    from fedmoe_jax.pretrain.cli import run_pretrain
+    from fedmoe_jax.federated.run_checkpoint import CheckpointError
+    from fedmoe_jax.pretrain.cli import export_pretraining, run_pretrain
 
     if "progress" in config:
         config.progress = config.progress and FLAGS.progress
     try:
+        if FLAGS.export_step:
+            export_pretraining(config, FLAGS.export_step, FLAGS.workdir)  # prints one line
+            return
         run_pretrain(config, FLAGS.workdir)  # prints its own summary line
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         fail(str(e))
     except RunInterrupted as e:  # SIGTERM / SIGINT: checkpointed at the next step
         print(f"interrupted: {e}", file=sys.stderr, flush=True)

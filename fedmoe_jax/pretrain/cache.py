@@ -158,7 +158,7 @@ def _build_entry(path: str, key: dict[str, Any], trained: SwitchConfig, config: 
         # HF needs an absolute capacity; a None capacity is restored from RUNTIME_FIELDS on load.
         saved = trained if trained.expert_capacity is not None else trained.replace(
             expert_capacity=max(hp["input_len"], hp["target_len"]))
-        save_hf_switch(saved, params, tmp)
+        save_hf_switch(saved, params, tmp, tokenizer=tokenizer)  # with spiece.model: loadable as init="hf"
         tail = history[-min(len(history), 20):]
         info = {
             "key": key,
@@ -280,6 +280,39 @@ def pretrained_entry(
             _build_entry(path, key, trained, config, tokenizer, data_dir, progress)
             params, info = _load_entry(path, key, trained)
     return params, {**info, "path": path, "cached": cached, "shipped": False}
+
+
+def export_partial_step(config: SwitchConfig, steps: int, cache_dir: str, seed: int, step: int, out: str,
+                        *, tokenizer=None, data_dir: str | None = None, **pretrain_kwargs: Any) -> dict:
+    """Write the params of an unfinished pretraining at checkpoint `step` (the entry `pretrained_entry`
+    would build for these arguments; its `.partial` folder) to `out` as a Hugging Face directory with the
+    tokenizer's `spiece.model`, and `out/pretrain_partial.json` (entry, step, key, loss history so far):
+    a model that `model.init="hf"` runs start from, to measure how far pretraining has come before it
+    ends. Returns that JSON. ValueError (one line) when the step is not there."""
+    from fedmoe_jax.checkpoints import save_hf_switch
+    from fedmoe_jax.federated.run_checkpoint import read_step_part
+
+    if tokenizer is None:
+        from fedmoe_jax.data import embedded_tokenizer
+
+        tokenizer = embedded_tokenizer(data_dir)
+    key = cache_key(config, steps, seed, tokenizer, data_dir, **pretrain_kwargs)
+    hp = key["hyperparameters"]
+    trained = train_config(config, hp["dropout_rate"], hp["capacity_factor"])
+    name = entry_name(key)
+    partial = partial_dir(os.path.join(cache_dir, name))
+    available = sorted(int(n) for n in os.listdir(partial) if n.isdigit()) if os.path.isdir(partial) else []
+    if step not in available:
+        raise ValueError(f"no pretraining checkpoint of step {step} for {name} in {cache_dir} (steps there: "
+                         f"{', '.join(map(str, available)) or 'none'})")
+    params, meta = read_step_part(partial, step, "params")  # read only: a live pretraining goes on
+    saved = trained if trained.expert_capacity is not None else trained.replace(
+        expert_capacity=max(hp["input_len"], hp["target_len"]))
+    save_hf_switch(saved, params, out, tokenizer=tokenizer)
+    info = {"entry": name, "step": step, "of_steps": steps, "key": key, "loss_history": meta["history"]}
+    with open(os.path.join(out, "pretrain_partial.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    return info
 
 
 class PretrainedModelMissing(ValueError):

@@ -15,8 +15,9 @@ import numpy as np
 from fedmoe_jax.errors import ConfigError
 from fedmoe_jax.federated.optimizers import OPTIMIZERS
 from fedmoe_jax.federated.preemption import StopSignals
+from fedmoe_jax.federated.run_checkpoint import CheckpointError
 from fedmoe_jax.models.switch import NAMED_CONFIGS, SwitchConfig, get_config
-from fedmoe_jax.pretrain.cache import DEFAULT_CACHE_DIR, SHIPPED_DIR, pretrained_entry
+from fedmoe_jax.pretrain.cache import DEFAULT_CACHE_DIR, SHIPPED_DIR, export_partial_step, pretrained_entry
 from fedmoe_jax.pretrain.train import DEFAULTS, MIN_INPUT_GAP
 
 
@@ -148,3 +149,25 @@ def run_pretrain(config, workdir: str) -> dict:
           f"{'' if gap >= MIN_INPUT_GAP else ' (too little: the decoder ignores the encoder)'}; "
           f"checkpoint {summary['checkpoint']}")
     return summary
+
+
+def export_pretraining(config, step: int, out: str) -> dict:
+    """`cache.export_partial_step` for a `configs/pretrain.py` config: its unfinished pretraining at
+    checkpoint `step` -> `out` (a Hugging Face directory with the tokenizer, `pretrain_partial.json`).
+    A missing step is a `ConfigError` naming the steps there."""
+    _validate(config)
+    cfg = model_config(config)
+    kwargs = {k: config[k] for k in DEFAULTS if k in config}
+    try:
+        info = export_partial_step(cfg, int(config.steps), config.get("cache_dir") or DEFAULT_CACHE_DIR,
+                                   int(config.seed), step, out, data_dir=config.get("data_dir") or None,
+                                   **kwargs)
+    except CheckpointError:
+        raise
+    except ValueError as e:  # the step is not there
+        raise ConfigError(str(e)) from None
+    history = info["loss_history"]
+    tail = history[-min(len(history), 100):]
+    print(f"exported {info['entry']} at step {step} of {info['of_steps']} to {out} (loss over the last "
+          f"{len(tail)} steps {float(np.mean(tail)):.3f})", flush=True)
+    return info

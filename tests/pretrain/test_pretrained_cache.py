@@ -49,7 +49,8 @@ def test_cache_hit_miss_and_rebuild(tmp_path, monkeypatch, caplog, tok, tiny):
     path = info["path"]
     assert os.path.basename(path).startswith("d32-l2x2-e4-v4096-s6-")
     assert len(os.path.basename(path).rsplit("-", 1)[1]) == 12
-    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "pretrain.json"]
+    # with its tokenizer: the entry loads whole as a Hugging Face directory (model.init="hf")
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "pretrain.json", "spiece.model"]
     assert os.path.exists(path + ".lock")
     assert not [f for f in os.listdir(cache) if ".tmp-" in f or ".partial" in f]  # nothing left over
     meta = json.loads(open(os.path.join(path, "pretrain.json")).read())
@@ -227,3 +228,39 @@ def test_parallel_builders_train_once(tmp_path, monkeypatch, tok, tiny):
     assert not errors and calls == [6]
     assert sorted(r[1]["cached"] for r in results) == [False, True]
     assert_same(results[0][0], results[1][0])
+
+
+def test_an_unfinished_pretraining_exports_a_step_as_a_hugging_face_model(tmp_path, monkeypatch, tok, tiny):
+    """Pretraining stopped at step 7 (checkpoints every 5): step 7 exports as an HF directory with the
+    tokenizer and the loss history so far, its params those of the verified checkpoint; a missing step
+    names the steps there, a damaged one is refused."""
+    import signal
+
+    from fedmoe_jax.checkpoints import load_hf_switch
+    from fedmoe_jax.data.tokenizer import Tokenizer
+    from fedmoe_jax.federated.preemption import RunInterrupted
+    from fedmoe_jax.federated.run_checkpoint import CheckpointError, read_step_part
+    from fedmoe_jax.pretrain import train
+
+    original, calls = pt.pretrain, []
+    monkeypatch.setattr(pt, "pretrain", lambda *a, **k: original(*a, **{**k, "checkpoint_every": 5}))
+    monkeypatch.setattr(train, "requested_stop",
+                        lambda: calls.append(1) or (signal.SIGTERM if len(calls) == 7 else None))
+    cache = str(tmp_path / "cache")
+    with pytest.raises(RunInterrupted):
+        pt.pretrained_entry(tiny, 12, cache, progress=False, tokenizer=tok, shipped_dir=None, **FAST)
+    out = str(tmp_path / "step7")
+    info = pt.export_partial_step(tiny, 12, cache, 0, 7, out, tokenizer=tok, **FAST)
+    assert info["step"] == 7 and info["of_steps"] == 12 and len(info["loss_history"]) == 7
+    config, params = load_hf_switch(out)
+    partial = pt.partial_dir(os.path.join(cache, info["entry"]))
+    saved, _ = read_step_part(partial, 7, "params")
+    assert_same(jax.tree.map(np.asarray, params), saved)
+    assert config.num_experts == tiny.num_experts
+    assert Tokenizer.from_pretrained(out).encode("a federated test") == tok.encode("a federated test")
+    with pytest.raises(ValueError, match="no pretraining checkpoint of step 6 .* \\(steps there: 5, 7\\)"):
+        pt.export_partial_step(tiny, 12, cache, 0, 6, str(tmp_path / "x"), tokenizer=tok, **FAST)
+    with open(os.path.join(partial, "5", "integrity", "metadata"), "w") as f:
+        f.write("{}")
+    with pytest.raises(CheckpointError, match="step 5 .* is missing or damaged"):
+        pt.export_partial_step(tiny, 12, cache, 0, 5, str(tmp_path / "y"), tokenizer=tok, **FAST)
