@@ -151,15 +151,20 @@ _DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os_error_c
                    "os_error_code='122'")
 
 
+def says_disk_full(text: str) -> bool:
+    """Whether an error message or log line says the disk or quota is full."""
+    return any(t in text.lower() for t in _DISK_FULL_TEXT)
+
+
 def is_disk_full(error: BaseException) -> bool:
     """Whether `error` (or an exception it was raised from) says the disk or quota is full: an
-    `OSError` with `ENOSPC` / `EDQUOT`, or any error whose text says so."""
+    `OSError` with `ENOSPC` / `EDQUOT`, or any error whose text says so (`says_disk_full`)."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if any(t in str(error).lower() for t in _DISK_FULL_TEXT):
+        if says_disk_full(str(error)):
             return True
         error = error.__cause__ or error.__context__
     return False

@@ -231,5 +231,4 @@ def _run_seeds(config, configs, workdirs, progress, start) -> list[dict[str, Any
 
 
 __all__ = ["evaluate_final", "finished_summary", "mean_scores", "run_experiment", "run_experiments",
-           "vectorizable",
-           "write_results"]
+           "vectorizable", "write_results"]

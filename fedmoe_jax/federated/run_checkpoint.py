@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fedmoe_jax.files import DiskFull, is_disk_full
+from fedmoe_jax.files import DiskFull, is_disk_full, says_disk_full
 
 PyTree = Any
 
@@ -184,7 +184,7 @@ class _DropDiskFullRecords(logging.Filter):
     the `DiskFull` raised in their place says it once."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not is_disk_full(Exception(record.getMessage()))
+        return not says_disk_full(record.getMessage())
 
 
 @contextlib.contextmanager

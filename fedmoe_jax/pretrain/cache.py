@@ -134,6 +134,27 @@ def _load_entry(path: str, key: dict[str, Any], trained: SwitchConfig) -> tuple[
     return jax.tree.map(lambda x: np.asarray(x, dtype), params), info
 
 
+def _hf_config(trained: SwitchConfig, hp: dict[str, Any]) -> SwitchConfig:
+    """The config an entry is saved with: HF needs an absolute expert capacity, so a None capacity is
+    written as the longest sequence (and restored from RUNTIME_FIELDS on load)."""
+    if trained.expert_capacity is not None:
+        return trained
+    return trained.replace(expert_capacity=max(hp["input_len"], hp["target_len"]))
+
+
+def _entry_of(config: SwitchConfig, steps: int, seed: int, tokenizer, data_dir: str | None,
+              pretrain_kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any], SwitchConfig, str]:
+    """`(tokenizer, key, trained config, entry name)` of the entry these arguments name (tokenizer
+    None: the embedded one of `data_dir`)."""
+    if tokenizer is None:
+        from fedmoe_jax.data import embedded_tokenizer
+
+        tokenizer = embedded_tokenizer(data_dir)
+    key = cache_key(config, steps, seed, tokenizer, data_dir, **pretrain_kwargs)
+    hp = key["hyperparameters"]
+    return tokenizer, key, train_config(config, hp["dropout_rate"], hp["capacity_factor"]), entry_name(key)
+
+
 def _build_entry(path: str, key: dict[str, Any], trained: SwitchConfig, config: SwitchConfig,
                  tokenizer, data_dir, progress: bool) -> None:
     from fedmoe_jax.checkpoints import save_hf_switch
@@ -155,10 +176,8 @@ def _build_entry(path: str, key: dict[str, Any], trained: SwitchConfig, config: 
                     MIN_INPUT_GAP)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
-        # HF needs an absolute capacity; a None capacity is restored from RUNTIME_FIELDS on load.
-        saved = trained if trained.expert_capacity is not None else trained.replace(
-            expert_capacity=max(hp["input_len"], hp["target_len"]))
-        save_hf_switch(saved, params, tmp, tokenizer=tokenizer)  # with spiece.model: loadable as init="hf"
+        # with spiece.model: loadable as init="hf"
+        save_hf_switch(_hf_config(trained, hp), params, tmp, tokenizer=tokenizer)
         tail = history[-min(len(history), 20):]
         info = {
             "key": key,
@@ -235,18 +254,11 @@ def pretrained_entry(
     `cached` (True when it was loaded without training) and `shipped` (True when it came from
     `shipped_dir`, which is looked up first; None skips it). `build=False`: `PretrainedModelMissing`
     instead of pretraining when the model is neither shipped nor cached."""
-    if tokenizer is None:
-        from fedmoe_jax.data import embedded_tokenizer
-
-        tokenizer = embedded_tokenizer(data_dir)
-    key = cache_key(config, steps, seed, tokenizer, data_dir, **pretrain_kwargs)
-    hp = key["hyperparameters"]
-    trained = train_config(config, hp["dropout_rate"], hp["capacity_factor"])
+    tokenizer, key, trained, name = _entry_of(config, steps, seed, tokenizer, data_dir, pretrain_kwargs)
     from fedmoe_jax.checkpoints.hf_switch import config_to_hf
 
     config_to_hf(trained.replace(expert_capacity=trained.expert_capacity or 1))  # ValueError early
     os.makedirs(cache_dir, exist_ok=True)
-    name = entry_name(key)
     if shipped_dir and os.path.isdir(os.path.join(shipped_dir, name)):
         shipped = os.path.join(shipped_dir, name)
         try:
@@ -292,23 +304,14 @@ def export_partial_step(config: SwitchConfig, steps: int, cache_dir: str, seed: 
     from fedmoe_jax.checkpoints import save_hf_switch
     from fedmoe_jax.federated.run_checkpoint import read_step_part
 
-    if tokenizer is None:
-        from fedmoe_jax.data import embedded_tokenizer
-
-        tokenizer = embedded_tokenizer(data_dir)
-    key = cache_key(config, steps, seed, tokenizer, data_dir, **pretrain_kwargs)
-    hp = key["hyperparameters"]
-    trained = train_config(config, hp["dropout_rate"], hp["capacity_factor"])
-    name = entry_name(key)
+    tokenizer, key, trained, name = _entry_of(config, steps, seed, tokenizer, data_dir, pretrain_kwargs)
     partial = partial_dir(os.path.join(cache_dir, name))
     available = sorted(int(n) for n in os.listdir(partial) if n.isdigit()) if os.path.isdir(partial) else []
     if step not in available:
         raise ValueError(f"no pretraining checkpoint of step {step} for {name} in {cache_dir} (steps there: "
                          f"{', '.join(map(str, available)) or 'none'})")
     params, meta = read_step_part(partial, step, "params")  # read only: a live pretraining goes on
-    saved = trained if trained.expert_capacity is not None else trained.replace(
-        expert_capacity=max(hp["input_len"], hp["target_len"]))
-    save_hf_switch(saved, params, out, tokenizer=tokenizer)
+    save_hf_switch(_hf_config(trained, key["hyperparameters"]), params, out, tokenizer=tokenizer)
     info = {"entry": name, "step": step, "of_steps": steps, "key": key, "loss_history": meta["history"]}
     with open(os.path.join(out, "pretrain_partial.json"), "w") as f:
         json.dump(info, f, indent=1)

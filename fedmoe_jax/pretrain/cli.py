@@ -74,6 +74,12 @@ def _validate(config) -> None:
             raise ConfigError(f"config.data_dir={data_dir!r} is invalid: {e}") from None
 
 
+def _checked(config) -> tuple[SwitchConfig, dict]:
+    """A validated config's model and the pretraining hyperparameters it sets (`train.DEFAULTS` keys)."""
+    _validate(config)
+    return model_config(config), {k: config[k] for k in DEFAULTS if k in config}
+
+
 def _plot(path: str, history: list[float], title: str) -> None:
     import matplotlib
 
@@ -102,9 +108,7 @@ def run_pretrain(config, workdir: str) -> dict:
     Writes `workdir/pretrain.json` (final loss, steps/s, checkpoint path, whether it came from the
     cache, the loss history) and `workdir/pretrain_loss.png`; returns the summary dict.
     """
-    _validate(config)
-    cfg = model_config(config)
-    kwargs = {k: config[k] for k in DEFAULTS if k in config}
+    cfg, kwargs = _checked(config)
     os.makedirs(workdir, exist_ok=True)
     start = time.time()
     with StopSignals():  # SIGTERM / SIGINT: checkpoint the pretraining, exit; the same command resumes
@@ -155,9 +159,7 @@ def export_pretraining(config, step: int, out: str) -> dict:
     """`cache.export_partial_step` for a `configs/pretrain.py` config: its unfinished pretraining at
     checkpoint `step` -> `out` (a Hugging Face directory with the tokenizer, `pretrain_partial.json`).
     A missing step is a `ConfigError` naming the steps there."""
-    _validate(config)
-    cfg = model_config(config)
-    kwargs = {k: config[k] for k in DEFAULTS if k in config}
+    cfg, kwargs = _checked(config)
     try:
         info = export_partial_step(cfg, int(config.steps), config.get("cache_dir") or DEFAULT_CACHE_DIR,
                                    int(config.seed), step, out, data_dir=config.get("data_dir") or None,
