@@ -2,7 +2,7 @@
 heterogeneous partitions, per-client token arrays, and the SentencePiece tokenizer."""
 
 from fedmoe_jax.data.client_arrays import FederatedData
-from fedmoe_jax.data.embedded import embedded_tokenizer, load_embedded, load_embedded_benchmark
+from fedmoe_jax.data.embedded import benchmark_dir, embedded_tokenizer, load_embedded, load_embedded_benchmark
 from fedmoe_jax.data.partition import Partition, assign_tasks, make_partition
 from fedmoe_jax.data.tasks import (
     PRIMARY_METRIC,
@@ -23,6 +23,7 @@ __all__ = [
     "TaskData",
     "Tokenizer",
     "assign_tasks",
+    "benchmark_dir",
     "embedded_tokenizer",
     "load_embedded",
     "load_embedded_benchmark",

@@ -1,9 +1,11 @@
-"""The embedded WordNet benchmark shipped in the package: TC / RC / TS `TaskData` and its tokenizer.
+"""The benchmarks shipped in the package: TC / RC / TS `TaskData` and their tokenizers.
 
-Works offline on a fresh install: the files live in `fedmoe_jax/data/embedded/` (built by
-`fedmoe_jax.data.wordnet`) and are read with `importlib.resources`; each is checked against the
-SHA-256 in `manifest.json`. `data_dir` (or the environment variable `FEDMOE_JAX_EMBEDDED_DIR`)
-points the loaders at another copy, e.g. a fresh rebuild.
+Works offline on a fresh install. Two folders of the same format: `fedmoe_jax/data/benchmark/`
+(`benchmark_dir()`: WordNet + Debian, built by `fedmoe_jax.data.benchmark`; the experiments' default)
+and `fedmoe_jax/data/embedded/` (the original WordNet-only benchmark, built by `fedmoe_jax.data.wordnet`;
+these loaders' default folder). Files are read with `importlib.resources`; each is checked against
+the SHA-256 in `manifest.json`. `data_dir` (or the environment variable `FEDMOE_JAX_EMBEDDED_DIR`)
+points the loaders at another copy, e.g. `benchmark_dir()` or a fresh rebuild.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ def embedded_dir(data_dir: PathLike = None) -> Traversable:
     if data_dir is not None:
         return pathlib.Path(data_dir)
     return importlib.resources.files("fedmoe_jax.data").joinpath("embedded")
+
+
+def benchmark_dir() -> str:
+    """The package's copy of the WordNet + Debian benchmark (`data.source="benchmark"`)."""
+    return str(importlib.resources.files("fedmoe_jax.data").joinpath("benchmark"))
 
 
 def load_manifest(data_dir: PathLike = None) -> dict:

@@ -132,6 +132,18 @@ def missing_inputs(config: ml_collections.ConfigDict) -> list[str]:
     return out
 
 
+SHIPPED_SOURCES = ("benchmark", "embedded")  # data.source values read from a folder of the package's format
+
+
+def shipped_data_dir(config: ml_collections.ConfigDict) -> str | None:
+    """The folder a shipped-format benchmark is read from: `data.dir`, else the package's copy
+    (`benchmark`: `fedmoe_jax/data/benchmark/`; `embedded`: None, the loaders' default)."""
+    from fedmoe_jax.data import benchmark_dir
+
+    d = config.data
+    return d.dir or (benchmark_dir() if d.source == "benchmark" else None)
+
+
 def load_tokenizer(config: ml_collections.ConfigDict):
     from fedmoe_jax.data import embedded_tokenizer
     from fedmoe_jax.data.tokenizer import SPIECE_FILE, Tokenizer
@@ -140,8 +152,8 @@ def load_tokenizer(config: ml_collections.ConfigDict):
         return Tokenizer.from_file(config.data.tokenizer)
     if config.model.init == "hf":
         return Tokenizer.from_file(os.path.join(config.model.path, SPIECE_FILE))
-    if config.data.source == "embedded":
-        return embedded_tokenizer(config.data.dir or None)
+    if config.data.source in SHIPPED_SOURCES:
+        return embedded_tokenizer(shipped_data_dir(config))
     raise ConfigError("data.source='tfds' with a non-HF model needs data.tokenizer (a spiece.model path)")
 
 
@@ -153,15 +165,23 @@ def load_task_data(config: ml_collections.ConfigDict) -> dict:
     d = config.data
     limit = {"train": d.train_examples_per_task or None, "validation": d.eval_examples_per_task or None,
              "test": d.eval_examples_per_task or None}
-    if d.source == "embedded":
+    if d.source in SHIPPED_SOURCES:
         from fedmoe_jax.data import load_embedded_benchmark
 
-        bench = load_embedded_benchmark(data_dir=d.dir or None)
+        bench = load_embedded_benchmark(data_dir=shipped_data_dir(config))
         return {t: {s: subsample(data, limit[s], (TASKS.index(t), SPLITS.index(s)))
                     for s, data in splits.items()} for t, splits in bench.items()}
     from fedmoe_jax.data.tfds_sources import load_tfds_task
 
     return {t: {s: load_tfds_task(t, s, d.dir, max_examples=limit[s]) for s in SPLITS} for t in TASKS}
+
+
+def pretrain_steps(config: ml_collections.ConfigDict) -> int:
+    """`model.pretrain_steps`, or (0) the steps of the models shipped for `data.source`."""
+    from fedmoe_jax.pretrain import BENCHMARK_STEPS, DEFAULT_STEPS
+
+    return config.model.pretrain_steps or (BENCHMARK_STEPS if config.data.source == "benchmark"
+                                           else DEFAULT_STEPS)
 
 
 def subsample(data, limit: int | None, stream: tuple[int, ...]):
@@ -248,17 +268,12 @@ def initial_params(config: ml_collections.ConfigDict, cfg, full_model_baseline: 
                               "use the checkpoint's own spiece.model")
         return loaded_cfg, params
     if m.init == "pretrained":
-        from fedmoe_jax.pretrain import (
-            DEFAULT_CACHE_DIR,
-            DEFAULT_STEPS,
-            PretrainedModelMissing,
-            pretrained_params,
-        )
+        from fedmoe_jax.pretrain import DEFAULT_CACHE_DIR, PretrainedModelMissing, pretrained_params
 
         try:
-            # the model pretrained on this run's embedded corpus and tokenizer (`data.dir`)
-            corpus = config.data.dir if config.data.source == "embedded" and config.data.dir else None
-            params = pretrained_params(cfg, steps=m.pretrain_steps or DEFAULT_STEPS,
+            # the model pretrained on this run's shipped corpus and tokenizer (`data.source`, `data.dir`)
+            corpus = shipped_data_dir(config) if config.data.source in SHIPPED_SOURCES else None
+            params = pretrained_params(cfg, steps=pretrain_steps(config),
                                        cache_dir=m.path or DEFAULT_CACHE_DIR, seed=0, progress=progress,
                                        build=m.build_pretrained, data_dir=corpus)
         except PretrainedModelMissing as e:

@@ -23,6 +23,8 @@ SETTINGS = {
     "enforced_hetero_t": ("enforced", "T"),
     "enforced_hetero_td": ("enforced", "TD"),
 }
+# data.source values: the two benchmarks shipped in the package, or prepared TFDS datasets
+DATA_SOURCES = ("benchmark", "embedded", "tfds")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -57,9 +59,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.memory_cap_gb = 0.0
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "embedded"  # "embedded" (shipped WordNet benchmark) or "tfds" (AG News/SQuAD/XSum)
-    c.data.dir = ""  # tfds: the prepared data dir; embedded: "" = the copy inside the package
-    c.data.tokenizer = ""  # a spiece.model; "": the embedded one, or the HF checkpoint's (model.init="hf")
+    # "benchmark" (shipped: WordNet topics, WordNet reading, Debian package summaries; docs/data.md),
+    # "embedded" (shipped: the original WordNet-only benchmark) or "tfds" (AG News / SQuAD / XSum)
+    c.data.source = "embedded"
+    c.data.dir = ""  # tfds: the prepared data dir; benchmark / embedded: "" = the copy inside the package
+    c.data.tokenizer = ""  # a spiece.model; "": the shipped data's, or the HF checkpoint's (model.init="hf")
     c.data.num_clients = 30  # N clients, split over the three tasks by task_ratios
     c.data.task_ratios = (1.0, 1.0, 1.0)  # clients per task (TC, RC, TS), relative
     c.data.alpha = 0.5  # Dirichlet label skew of the TD settings [ASSUMPTION]
@@ -74,7 +78,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.init = "pretrained"  # "pretrained" (our pretraining, cached), "hf" (local HF dir), "random"
     c.model.path = ""  # hf: the checkpoint dir; pretrained: cache dir ("" = runs/pretrained)
     c.model.baseline_path = ""  # hf: the full-model baselines' checkpoint (paper: switch-base-8)
-    c.model.pretrain_steps = 0  # pretraining steps if the cached model is missing (0: pretrain.DEFAULT_STEPS)
+    # pretraining steps (they name the model) of init="pretrained"; 0: the shipped models' (benchmark:
+    # pretrain.BENCHMARK_STEPS = 30,000; embedded: pretrain.DEFAULT_STEPS = 3,000)
+    c.model.pretrain_steps = 0
     # init="pretrained": pretrain the model when it is neither shipped nor cached. False: exit 2 instead
     # (a reproduction that must start from the shipped bytes, not a rebuild that differs in the last bits).
     c.model.build_pretrained = True
@@ -275,7 +281,7 @@ def validate(config) -> None:
         ("on_nonfinite", c.on_nonfinite in ("exclude", "stop"), "use 'exclude' or 'stop'"),
         ("max_update_ratio", c.max_update_ratio >= 0, "use >= 0 (0: no ratio check)"),
         ("optimizer", c.optimizer in OPTIMIZERS, f"use one of {', '.join(OPTIMIZERS)}"),
-        ("data.source", c.data.source in ("embedded", "tfds"), "use 'embedded' or 'tfds'"),
+        ("data.source", c.data.source in DATA_SOURCES, f"use one of {', '.join(map(repr, DATA_SOURCES))}"),
         ("data.dir", c.data.source != "tfds" or bool(c.data.dir),
          "data.source='tfds' needs the prepared TFDS dir (python -m fedmoe_jax.data.tfds_sources prepare)"),
         ("data.task_ratios", len(c.data.task_ratios) == 3 and min(c.data.task_ratios) > 0,

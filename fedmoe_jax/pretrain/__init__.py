@@ -1,4 +1,4 @@
-"""Pretraining of the CPU-scale Switch Transformer (T5 span corruption on the embedded corpus), cached.
+"""Pretraining of the CPU-scale Switch Transformer (T5 span corruption on a shipped corpus), cached.
 
     python -m fedmoe_jax.pretrain --config=configs/pretrain.py --workdir=runs/pretrain
 
@@ -8,6 +8,7 @@ the measurements: docs/pretraining.md. The span corruption itself is `fedmoe_jax
 """
 
 from fedmoe_jax.pretrain.cache import (
+    BENCHMARK_STEPS,
     DEFAULT_CACHE_DIR,
     DEFAULT_STEPS,
     ENTRY_FILE,
@@ -36,6 +37,7 @@ from fedmoe_jax.pretrain.train import (
 )
 
 __all__ = [
+    "BENCHMARK_STEPS",
     "DEFAULTS",
     "DEFAULT_CACHE_DIR",
     "DEFAULT_STEPS",

@@ -9,8 +9,11 @@ from fedmoe_jax.algorithms.memory import max_expert_totals
 from fedmoe_jax.experiment.build import (
     client_budgets,
     load_task_data,
+    load_tokenizer,
     params_fingerprint,
+    pretrain_steps,
     runtime_overrides,
+    shipped_data_dir,
     subsample,
 )
 from fedmoe_jax.experiment.config import ConfigError, default_config
@@ -31,6 +34,44 @@ def test_subsample_is_a_seed_independent_random_sample():
     assert list(again.inputs) == list(first.inputs)
     whole = data["rc"]["test"]
     assert subsample(whole, None, (1, 2)) is whole and subsample(whole, 10**6, (1, 2)) is whole
+
+
+def test_data_sources_read_their_shipped_folders_and_name_their_models(monkeypatch):
+    """`data.source`: "benchmark" reads fedmoe_jax/data/benchmark (10 coarse topics, Debian summaries)
+    with its own tokenizer and 30,000-step models; "embedded" the WordNet-only folder (45 categories,
+    3,000-step models); `data.dir` replaces either folder."""
+    from fedmoe_jax import pretrain
+    from fedmoe_jax.data import benchmark_dir, embedded_tokenizer
+    from fedmoe_jax.data.benchmark import COARSE_NAMES
+    from fedmoe_jax.data.span_corruption import tokenizer_fingerprint
+    from fedmoe_jax.experiment import initial_params
+    from fedmoe_jax.experiment.build import model_config
+
+    c = default_config()
+    c.data.train_examples_per_task, c.data.eval_examples_per_task = 40, 20
+    bench, wordnet = c.copy_and_resolve_references(), c.copy_and_resolve_references()
+    bench.data.source, wordnet.data.source = "benchmark", "embedded"
+    assert shipped_data_dir(bench) == benchmark_dir() and shipped_data_dir(wordnet) is None
+    assert (pretrain_steps(bench), pretrain_steps(wordnet)) == (30000, 3000)
+    data, old = load_task_data(bench), load_task_data(wordnet)
+    assert data["tc"]["train"].label_names == COARSE_NAMES and len(old["tc"]["train"].label_names) == 45
+    assert all(x.startswith("summarize: ") for x in data["ts"]["test"].inputs)
+    assert set(data["ts"]["test"].inputs).isdisjoint(old["ts"]["test"].inputs)
+    tokens = {k: tokenizer_fingerprint(load_tokenizer(cfg)) for k, cfg in (("b", bench), ("e", wordnet))}
+    assert tokens == {"b": tokenizer_fingerprint(embedded_tokenizer(benchmark_dir())),
+                      "e": tokenizer_fingerprint(embedded_tokenizer())}
+    # an explicit data.dir wins (here: the benchmark's folder under source="embedded")
+    wordnet.data.dir = benchmark_dir()
+    assert shipped_data_dir(wordnet) == benchmark_dir() and pretrain_steps(wordnet) == 3000
+    # the model looked up is pretrained on the source's corpus and tokenizer for its steps
+    looked_up = []
+    monkeypatch.setattr(pretrain, "pretrained_params", lambda cfg, steps, data_dir, **kw: looked_up.append(
+        (steps, data_dir)) or {})
+    for config in (bench, wordnet, default_config()):
+        initial_params(config, model_config(config, load_tokenizer(config), False), False, progress=False)
+    assert looked_up == [(30000, benchmark_dir()), (3000, benchmark_dir()), (3000, None)]
+    bench.model.pretrain_steps = 7
+    assert pretrain_steps(bench) == 7
 
 
 class _Memory:
