@@ -45,7 +45,9 @@ class Method:
     factory; full_model: trains every expert of the full-model baseline model (`model.baseline_*`),
     not sub-MoEs; aggregates: False when clients train personal models without a server (its
     `Algorithm.aggregates`; such runs of several seeds go one after another); checks: extra config
-    rules `config -> [(key, ok, fix)]` (`experiment.config.validate`)."""
+    rules `config -> [(key, ok, fix)]` (`experiment.config.validate`); fine_tune_steps: `config -> k`,
+    the local steps each client fine-tunes its final model on its own training data before the
+    personalized test (`experiment.run.evaluate_final`; None: tested as trained)."""
 
     name: str
     label: str
@@ -53,6 +55,7 @@ class Method:
     full_model: bool = False
     aggregates: bool = True
     checks: Callable[[Any], list[tuple[str, bool, str]]] | None = None
+    fine_tune_steps: Callable[[Any], int] | None = None
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -128,6 +131,10 @@ for _method in (
     Method("scaffold", "SCAFFOLD", lambda ctx: SCAFFOLD(ctx.config.learning_rate, ctx.config.local_steps),
            full_model=True),
     Method("fedavg", "FedAvg", lambda ctx: Algorithm(), full_model=True),
+    # The personalized-FL baseline the paper omits: FedAvg, then every client fine-tunes its copy of the
+    # final global model (the same run as fedavg's with the same seed, so the pair isolates the fine-tuning)
+    Method("fedavg_ft", "FedAvg + FT", lambda ctx: Algorithm(), full_model=True,
+           fine_tune_steps=lambda config: config.fedavg_ft.local_steps or config.local_steps),
     Method("local", "Local only", lambda ctx: LocalOnly(), full_model=True, aggregates=False),
     Method("fedmoe", "FedMoE", _fedmoe(adjust=True), checks=_references_checks),
     Method("fedmoe_no_stage1", "FedMoE w/o stage1", _fedmoe_no_stage1, checks=_references_checks),

@@ -138,6 +138,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.fedprox = ml_collections.ConfigDict()
     c.fedprox.mu = 0.01  # weight of FedProx's proximal term (mu / 2) ||w - w_global||^2
 
+    c.fedavg_ft = ml_collections.ConfigDict()
+    # FedAvg + FT: local steps each client fine-tunes the final global model on its own training data
+    # before its test (0: local_steps, one round's worth) [ASSUMPTION: not in the paper]
+    c.fedavg_ft.local_steps = 0
+
     c.eval = ml_collections.ConfigDict()
     c.eval.test_examples = 0  # per client on its test split (0: all it holds)
     c.eval.batch_size = 64  # examples per batch in the final test evaluation
@@ -321,6 +326,7 @@ def validate(config) -> None:
         ("stage2.patience", c.stage2.patience >= 1, "use >= 1"),
         ("stage2.num_references", 1 <= c.stage2.num_references, "use >= 1"),
         ("fedprox.mu", c.fedprox.mu >= 0, "use >= 0"),
+        ("fedavg_ft.local_steps", c.fedavg_ft.local_steps >= 0, "use >= 0 (0: local_steps)"),
         ("eval.test_examples", c.eval.test_examples >= 0, "use >= 0 (0: all)"),
         ("eval.batch_size", c.eval.batch_size >= 1, "use >= 1"),
         ("eval.unseen_local_steps", c.eval.unseen_local_steps >= 0, "use >= 0 (0: off)"),

@@ -51,16 +51,23 @@ log = logging.getLogger("fedmoe_jax")
 
 
 def evaluate_final(exp: Experiment) -> dict[str, Any]:
-    """Personalized test scores, and optionally the global model and the never-sampled clients."""
+    """Personalized test scores (after the method's fine-tuning, if it has one: FedAvg + FT), and
+    optionally the global model and the never-sampled clients."""
     t, e = exp.trainer, exp.config.eval
     kw = dict(max_examples=e.test_examples or None, batch_size=e.batch_size, predictions=e.predictions)
-    out = {"test": t.evaluate("test", **kw)}
+    out = {"test": t.evaluate("test", local_steps=fine_tune_steps(exp.config), **kw)}
     if e.global_model and t.algorithm.aggregates:
         out["global_test"] = t.evaluate("test", model="global", **kw)
     unseen = t.unseen_clients()
     if e.unseen_local_steps and len(unseen):
         out["unseen_test"] = t.evaluate("test", clients=unseen, local_steps=e.unseen_local_steps, **kw)
     return out
+
+
+def fine_tune_steps(config: ml_collections.ConfigDict) -> int:
+    """The local steps each client fine-tunes before the personalized test (0: the method has none)."""
+    steps = get_method(config.method).fine_tune_steps
+    return steps(config) if steps else 0
 
 
 def write_predictions(path: str, trainer, evaluation: dict[str, Any]) -> None:
@@ -91,6 +98,8 @@ def write_results(exp: Experiment, evaluation: dict[str, Any], seconds: float) -
                       for k, r in evaluation["test"]["clients"].items()},
         wall_seconds=seconds, config=config.to_dict(), init_fingerprint=exp.init_fingerprint,
     )
+    if fine_tune_steps(config):
+        summary["fine_tune_steps"] = fine_tune_steps(config)
     for key in ("global_test", "unseen_test"):
         if key in evaluation:
             summary[key] = mean_scores(evaluation[key])

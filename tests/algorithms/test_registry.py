@@ -28,10 +28,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_the_papers_methods_are_registered_with_their_kind():
-    assert method_names()[:8] == ("random_moe", "fedprox", "scaffold", "fedavg", "local", "fedmoe",
-                                  "fedmoe_no_stage1", "fedmoe_no_stage2")  # Table 1's rows, ablations
+    # Table 1's rows (baselines, FedMoE), then the ablations
+    assert method_names()[:9] == ("random_moe", "fedprox", "scaffold", "fedavg", "fedavg_ft", "local",
+                                  "fedmoe", "fedmoe_no_stage1", "fedmoe_no_stage2")
     full = {name for name in method_names() if get_method(name).full_model}
-    assert full >= {"fedprox", "scaffold", "fedavg", "local"} and not full & {"fedmoe", "random_moe"}
+    assert full >= {"fedprox", "scaffold", "fedavg", "fedavg_ft", "local"}
+    assert not full & {"fedmoe", "random_moe"}
+    assert [name for name in method_names() if get_method(name).fine_tune_steps] == ["fedavg_ft"]
     assert method_labels()["random_moe"] == "randomMoE"
     assert [name for name in method_names() if not get_method(name).aggregates] == ["local"]
     with pytest.raises(ValueError, match="unknown method 'fedmo'.*fedmoe"):
