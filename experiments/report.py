@@ -1,14 +1,14 @@
 r"""Paper-style report (Table 1 / Table 2 analogues, CVI, time-to-target, figures) from run directories.
 
     python experiments/report.py RUNS_ROOT [--out DIR] [--baseline-methods random_moe,fedprox,scaffold] \
-        [--export-runs DIR] [--compare EARLIER_REPORT]
+        [--export-runs DIR] [--compare EARLIER_REPORT] [--floor BASELINES_JSON]
 
 Finds every `summary.json` under RUNS_ROOT (runs of `python -m fedmoe_jax.main ... --workdir=DIR`) and
 writes `report.md`, `table1.json`, `table2.json`, `report.json` and `figures/*.png` to DIR (default
 RUNS_ROOT/report). `--export-runs DIR` also copies each run's summary, metrics, expert maps and
 config (no checkpoints) to DIR, from which the same report can be rebuilt (`results/` is made so).
-Exit status 2 (one line on stderr) for a bad flag, when RUNS_ROOT holds no run, DIR lies inside it or
-`--compare` is not a report. See `fedmoe_jax.tools.reports`.
+Exit status 2 (one line on stderr) for a bad flag, when RUNS_ROOT holds no run, DIR lies inside it,
+`--compare` is not a report or `--floor` not a baselines.json. See `fedmoe_jax.tools.reports`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ flags.DEFINE_list("baseline-methods", list(DEFAULT_BASELINES),
                   "Comma-separated baselines FedMoE is compared with (average improvement, time-to-target).")
 flags.DEFINE_string("export-runs", None, "Also copy each run's summary, metrics, expert maps and config (no "
                     "checkpoints) to this directory, e.g. to commit them; the report can be rebuilt from it.")
+flags.DEFINE_string("floor", None, "A baselines.json of experiments/baselines.py (or its folder) on the "
+                    "runs' data: its best trivial baseline per task becomes Table 1's floor row.")
 flags.DEFINE_string("compare", None, "An earlier report directory (or its table1.json): adds how every "
                     "Table 1 cell moved from it and which FedMoE-vs-baseline directions flipped.")
 FLAGS = flags.FLAGS
@@ -33,7 +35,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         fail(f"expected one RUNS_ROOT (a directory holding run directories), got {argv[1:]}")
     return run_report(argv[1], out=FLAGS.out, baselines=FLAGS["baseline-methods"].value,
-                      export_runs=FLAGS["export-runs"].value, compare=FLAGS.compare)
+                      export_runs=FLAGS["export-runs"].value, compare=FLAGS.compare, floor=FLAGS.floor)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ differ in more than the seed (a sweep's hyperparameter axis) are separate rows, 
 differ: `fedmoe[stage2.patience=1]` (`assign_variants`); the paper comparisons use the plain rows.
 
 - `report.md`: Table 1 and Table 2 analogues, average improvement, CVI, time-to-target, the paper's
-  directions, whether clients' experts follow their tasks (`task_separation`), figures, notes;
+  directions, the reference points beyond the paper (and, with `floor`, the trivial baselines' floor),
+  whether clients' experts follow their tasks (`task_separation`), figures, notes;
 - `table1.json`: `{setting: {method: {"TC", "RC", "TS", "comm_gb", "mem_gb", "seeds", ...extras}}}`;
 - `table2.json`: `{setting: {method: {"TC", "RC", "TS", "experts_start_mean", ..., "seeds"}}}`;
 - `report.json`: average improvement, CVI, time-to-target speedups, the paper's Table-1 directions (with
@@ -35,7 +36,9 @@ Definitions where the paper is silent, all written into the report:
 Modules: `names` (tasks, settings, methods and their row order), `cells` (numbers in and out of table
 cells), `loading` (run directories), `analysis` (the paper's metrics), `tables` (Table 1 / Table 2
 analogues, average improvement, CVI, time-to-target), `separation` (Stage 1), `replay` (Stage 2),
-`paper` (the paper's numbers and the comparison with them), `compare` (an earlier report), `outputs`
+`paper` (the paper's numbers and the comparison with them), `reference_points` (FedAvg, FedAvg + FT and
+local training against FedMoE, global vs personalized models, the trivial baselines' floor), `compare`
+(an earlier report), `outputs`
 (kept predictions), `figures`, `markdown`, `build` (`build_report`) and `cli` (`run_report`, what
 `experiments/report.py` runs).
 """
@@ -80,16 +83,28 @@ from fedmoe_jax.tools.reports.paper import (
     render_paper_comparison,
     render_paper_table2,
 )
+from fedmoe_jax.tools.reports.reference_points import (
+    REFERENCE_METHODS,
+    floor_check,
+    global_vs_personal,
+    load_floor,
+    reference_comparison,
+    render_floor,
+    render_global_vs_personal,
+    render_reference_comparison,
+)
 from fedmoe_jax.tools.reports.replay import render_stage2_trials, replay_stale_trials, stage2_trials
 from fedmoe_jax.tools.reports.separation import render_task_separation, stage1_measured, task_separation
 from fedmoe_jax.tools.reports.tables import curve, cvi, improvement, table1, table2, time_to_target
 
 __all__ = [
-    "PAPER_TABLE1", "RUN_FILES", "NoRunsError", "Notes", "Run", "assign_variants",
+    "PAPER_TABLE1", "REFERENCE_METHODS", "RUN_FILES", "NoRunsError", "Notes", "Run", "assign_variants",
     "at_a_glance", "average_improvement", "build_report", "coefficient_of_variation", "compare_tables",
-    "composite_variation_index", "curve", "cvi", "export_runs", "find_summaries", "group_runs", "improvement",
-    "load_runs", "load_table1", "mean_std", "method_name", "paired_difference", "paper_claims",
-    "paper_comparison", "paper_table2_comparison", "render_comparison", "render_paper_claims",
+    "composite_variation_index", "curve", "cvi", "export_runs", "find_summaries", "floor_check",
+    "global_vs_personal", "group_runs", "improvement", "load_floor", "load_runs", "load_table1", "mean_std",
+    "method_name", "paired_difference", "paper_claims",
+    "paper_comparison", "paper_table2_comparison", "reference_comparison", "render_comparison",
+    "render_floor", "render_global_vs_personal", "render_paper_claims", "render_reference_comparison",
     "render_paper_comparison", "render_paper_table2", "render_stage2_trials", "render_task_separation",
     "replay_stale_trials", "rounds_to_target", "run_report", "setting_name", "split_method",
     "stage1_measured", "stage2_trials", "table1", "table2", "task_activation", "task_separation",

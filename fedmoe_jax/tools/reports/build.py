@@ -22,16 +22,24 @@ from fedmoe_jax.tools.reports.markdown import render_markdown
 from fedmoe_jax.tools.reports.names import DEFAULT_BASELINES, METHOD, MISSING, _method_rank
 from fedmoe_jax.tools.reports.outputs import output_diagnostics
 from fedmoe_jax.tools.reports.paper import paper_claims, paper_comparison, paper_table2_comparison
+from fedmoe_jax.tools.reports.reference_points import (
+    floor_check,
+    global_vs_personal,
+    load_floor,
+    reference_comparison,
+)
 from fedmoe_jax.tools.reports.replay import stage2_trials
 from fedmoe_jax.tools.reports.separation import task_separation
 from fedmoe_jax.tools.reports.tables import cvi, improvement, table1, table2, time_to_target
 
 
 def build_report(root: str, out: str | None = None, baselines: Sequence[str] = DEFAULT_BASELINES,
-                 compare: str | None = None) -> dict[str, Any]:
+                 compare: str | None = None, floor: str | None = None) -> dict[str, Any]:
     """Reads every run under `root`, writes the report to `out` (default `root/report`), returns its data.
-    `compare`: an earlier report directory (or its table1.json) to show how each cell moved from it."""
+    `compare`: an earlier report directory (or its table1.json) to show how each cell moved from it;
+    `floor`: a `baselines.json` (or its folder) whose best trivial baseline per task is Table 1's floor."""
     earlier = load_table1(compare) if compare else None
+    floor_row = load_floor(floor) if floor else None
     if not os.path.isdir(root) or not find_summaries(root):
         raise NoRunsError(root)
     out = out or os.path.join(root, "report")
@@ -63,6 +71,9 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     claims = paper_claims(t1, gains, cvis, ttt)
     outputs = output_diagnostics(groups)
     moved = compare_tables(t1, earlier, baselines) if earlier is not None else None
+    references = reference_comparison(t1)
+    global_scores = global_vs_personal(t1)
+    below = floor_check(t1, floor_row) if floor_row is not None else None
     os.makedirs(out, exist_ok=True)
     figs = figures(groups, ttt, out, notes)
     write_json(os.path.join(out, "table1.json"), t1, finite=True)
@@ -72,12 +83,14 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
               "task_separation": separation, "paper_table2_comparison": against_table2,
               "stage2_trials": trials, "paper_claims": claims,
               "initial_models": initial_models, "outputs": outputs, "figures": [rel for _, rel in figs],
-              "notes": list(notes)}
+              "reference_points": references, "global_vs_personal": global_scores,
+              "floor": floor_row, "below_floor": below, "notes": list(notes)}
     if moved is not None:
         result["compared_with"] = {"path": compare, **moved}
     write_json(os.path.join(out, "report.json"), result, finite=True)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(render_markdown(root, runs, t1, t2, gains, cvis, ttt, figs, baselines, notes,
                                 against_paper, outputs, (compare, moved) if moved is not None else None,
-                                separation, against_table2, trials, claims))
+                                separation, against_table2, trials, claims,
+                                beyond=(references, global_scores, floor_row, below)))
     return {**result, "out": out, "table1": t1, "table2": t2}

@@ -1,5 +1,5 @@
 """What `python experiments/report.py RUNS_ROOT [--out DIR] [--baseline-methods a,b,c] [--export-runs DIR]
-[--compare REPORT]` does once its flags are parsed (the flags live in the script)."""
+[--compare REPORT] [--floor BASELINES_JSON]` does once its flags are parsed (the flags live in the script)."""
 
 from __future__ import annotations
 
@@ -12,26 +12,30 @@ from fedmoe_jax.tools.reports import loading
 from fedmoe_jax.tools.reports.build import build_report
 from fedmoe_jax.tools.reports.compare import load_table1
 from fedmoe_jax.tools.reports.names import DEFAULT_BASELINES
+from fedmoe_jax.tools.reports.reference_points import load_floor
 
 
 def run_report(root: str, out: str | None = None, baselines: Sequence[str] = DEFAULT_BASELINES,
-               export_runs: str | None = None, compare: str | None = None) -> int:
+               export_runs: str | None = None, compare: str | None = None, floor: str | None = None) -> int:
     """Write the report of the runs under `root` to `out` (default ROOT/report); the exit status: 0, or 2
-    (one line on stderr) when `root` holds no run, `export_runs` lies inside it or `compare` is bad."""
+    (one line on stderr) when `root` holds no run, `export_runs` lies inside it, or `compare` or `floor`
+    is bad."""
     baselines = [b.strip() for b in baselines if b.strip()]
-    if compare:
-        try:  # before any work: a bad --compare must not leave a half-written report
-            load_table1(compare)
-        except ValueError as e:
-            print(f"error: --compare: {e}", file=sys.stderr)
-            return 2
+    # before any work: a bad --compare or --floor must not leave a half-written report
+    for flag, value, check in (("compare", compare, load_table1), ("floor", floor, load_floor)):
+        if value:
+            try:
+                check(value)
+            except ValueError as e:
+                print(f"error: --{flag}: {e}", file=sys.stderr)
+                return 2
     try:
         exported = loading.export_runs(root, export_runs) if export_runs else None
     except ValueError as e:  # the export directory lies inside RUNS_ROOT
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        result = build_report(root, out, baselines, compare)
+        result = build_report(root, out, baselines, compare, floor)
     except loading.NoRunsError:
         print(f"error: no {SUMMARY_FILE} under {root!r}; pass the directory that holds the run "
               f"directories written by `python -m fedmoe_jax.main ... --workdir=DIR`", file=sys.stderr)

@@ -20,6 +20,11 @@ from fedmoe_jax.tools.reports.names import (
 )
 from fedmoe_jax.tools.reports.outputs import render_outputs
 from fedmoe_jax.tools.reports.paper import render_paper_claims, render_paper_comparison, render_paper_table2
+from fedmoe_jax.tools.reports.reference_points import (
+    render_floor,
+    render_global_vs_personal,
+    render_reference_comparison,
+)
 from fedmoe_jax.tools.reports.replay import render_stage2_trials
 from fedmoe_jax.tools.reports.separation import render_task_separation
 from fedmoe_jax.tools.reports.tables import SMALL_DENOMINATOR
@@ -114,7 +119,11 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
                     notes: Sequence[str], against_paper: Mapping, outputs: Mapping | None = None,
                     compared: tuple[str, Mapping] | None = None, separation: Mapping | None = None,
                     against_table2: Mapping | None = None, trials: Mapping | None = None,
-                    claims: Sequence[Mapping[str, Any]] | None = None) -> str:
+                    claims: Sequence[Mapping[str, Any]] | None = None,
+                    beyond: tuple[Mapping, Mapping, Mapping | None, Mapping | None] | None = None) -> str:
+    """The whole `report.md`; `beyond`: (reference comparison, global vs personal, floor, below floor),
+    `reference_points`' results."""
+    references, global_scores, floor, below = beyond or ({}, {}, None, None)
     methods_seen = sorted({m for ms in t1.values() for m in ms}, key=_method_rank)
     lines = [
         "# FedMoE report",
@@ -139,6 +148,9 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
             seeds = str(row["seeds"]) if row else "0"
             lines.append(f"| {method_name(method)} | " + " | ".join(_score_cells(row))
                          + f" | {comm} | {mem} | {seeds} |")
+        if floor is not None:
+            lines.append("| *Floor: best trivial baseline* | " + " | ".join(
+                f"*{floor[COLUMNS[t]]['value']:.2f}*" for t in TASKS) + f" | {MISSING} | {MISSING} | — |")
         lines.append("")
         if setting in gains:
             g = gains[setting]
@@ -173,6 +185,13 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
                      "(see Notes).")
     lines += ["", "## Against the paper: Table 1 directions", ""]
     lines += render_paper_comparison(against_paper)
+    lines += ["", "## Beyond the paper: reference points, global models, the floor", ""]
+    lines += render_reference_comparison(references)
+    lines += ["", "### Personalized vs global model", ""]
+    lines += render_global_vs_personal(global_scores)
+    if floor is not None:
+        lines += ["", "### The floor", ""]
+        lines += render_floor(floor, below)
     if compared is not None:
         lines += ["", "## Against an earlier report", ""]
         lines += render_comparison(compared[1], compared[0])

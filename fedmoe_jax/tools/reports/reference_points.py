@@ -1,0 +1,138 @@
+"""What FedMoE is judged against beyond the paper's Table 1: the reference points the paper leaves out
+(FedAvg, FedAvg + FT, local training: seed-paired differences with 95 % intervals), each method's
+personalized models against its global model, and each task's floor, the best trivial baseline
+(`fedmoe_jax.tools.baselines`, read from the `baselines.json` that `experiments/baselines.py` writes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fedmoe_jax.data.tasks import PRIMARY_METRIC
+from fedmoe_jax.tools.reports.cells import _fmt, _num
+from fedmoe_jax.tools.reports.names import COLUMNS, METHOD, MISSING, TASKS, method_name, setting_name
+from fedmoe_jax.tools.reports.paper import paired_difference
+
+REFERENCE_METHODS = ("fedavg", "fedavg_ft", "local")
+BASELINES_FILE = "baselines.json"
+
+
+def reference_comparison(t1: Mapping[str, Mapping[str, Mapping]],
+                         references: Sequence[str] = REFERENCE_METHODS) -> dict[str, dict[str, dict]]:
+    """`{setting: {reference: {"TC" | "RC" | "TS": entry}}}`: FedMoE minus the reference method, where both
+    ran. An entry holds `diff` (of the seed means), `paired` (`paper.paired_difference` of the per-seed
+    scores) and `significant` (its 95 % interval excludes 0; None with fewer than two paired seeds)."""
+    out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    for setting, rows in t1.items():
+        if METHOD not in rows:
+            continue
+        ours, per = rows[METHOD], {}
+        for ref in references:
+            if ref not in rows:
+                continue
+            per[ref] = {}
+            for col in COLUMNS.values():
+                f, b = ours.get(col), rows[ref].get(col)
+                p = paired_difference(ours.get(f"{col}_by_seed"), rows[ref].get(f"{col}_by_seed"))
+                significant = None if p is None or p["ci"] is None else p["ci"][0] > 0 or p["ci"][1] < 0
+                per[ref][col] = {"diff": None if f is None or b is None else f - b, "paired": p,
+                                 "significant": significant}
+        if per:
+            out[setting] = per
+    return out
+
+
+def render_reference_comparison(cmp: Mapping[str, Mapping[str, Mapping[str, Mapping]]]) -> list[str]:
+    """Markdown lines: per setting, FedMoE minus each reference point per task with its interval."""
+    if not cmp:
+        return [f"No setting has FedMoE runs next to {', '.join(map(method_name, REFERENCE_METHODS))}."]
+    lines = ["FedMoE minus each reference point the paper leaves out (seed means; `[lo, hi]` the paired "
+             "95 % t-interval, `k/n` the seeds where FedMoE is above; **bold** where the interval "
+             "excludes 0).", ""]
+    for setting, per in cmp.items():
+        lines += [f"### {setting_name(setting)}", "", "| vs | TC | RC | TS |", "|---|---|---|---|"]
+        for ref, cells in per.items():
+            lines.append(f"| {method_name(ref)} | " + " | ".join(_difference_cell(cells[c]) for c in
+                                                                    COLUMNS.values()) + " |")
+        lines.append("")
+    return lines
+
+
+def _difference_cell(e: Mapping[str, Any]) -> str:
+    if e["diff"] is None:
+        return MISSING
+    text, p = f"{e['diff']:+.2f}", e["paired"]
+    if p is not None and p["ci"] is not None:
+        text += f" [{p['ci'][0]:+.2f}, {p['ci'][1]:+.2f}] {p['better']}/{len(p['seeds'])}"
+    return f"**{text}**" if e["significant"] else text
+
+
+def global_vs_personal(t1: Mapping[str, Mapping[str, Mapping]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """`{setting: {method: {"TC": (personal, global), ...}}}` for the methods whose runs also scored the
+    full global model on every client's test split (`eval.global_model`; not local training)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for setting, rows in t1.items():
+        per = {m: {c: (row.get(c), row.get(f"global_{c}")) for c in COLUMNS.values()}
+               for m, row in rows.items()
+               if any(row.get(f"global_{c}") is not None for c in COLUMNS.values())}
+        if per:
+            out[setting] = per
+    return out
+
+
+def render_global_vs_personal(table: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
+    if not table:
+        return ["No run scored its global model (`eval.global_model`)."]
+    lines = ["Each client's own model (the personalized score of Table 1) / the full global model on the "
+             "same test split, seed means.", ""]
+    for setting, per in table.items():
+        lines += [f"### {setting_name(setting)}", "", "| Method | TC | RC | TS |", "|---|---|---|---|"]
+        for method, cells in per.items():
+            lines.append(f"| {method_name(method)} | " + " | ".join(
+                f"{_fmt(own)} / {_fmt(glob)}" for own, glob in cells.values()) + " |")
+        lines.append("")
+    return lines
+
+
+def load_floor(path: str) -> dict[str, dict[str, Any]]:
+    """The floor of each task from a `baselines.json` (or the folder holding one): `{"TC": {"baseline":
+    name, "value": percent}, ...}`, the trivial baseline with the best primary metric. `ValueError` (one
+    line) when the file is missing, unreadable or not a baselines file."""
+    file = os.path.join(path, BASELINES_FILE) if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            baselines = json.load(f)["baselines"]
+        floor = {}
+        for task in TASKS:
+            scores = {name: _num(b.get(PRIMARY_METRIC[task])) for name, b in baselines[task].items()}
+            name = max((n for n, v in scores.items() if v is not None), key=scores.get)
+            floor[COLUMNS[task]] = {"baseline": name, "value": scores[name]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{file} is not a readable {BASELINES_FILE} of experiments/baselines.py "
+                         f"({type(e).__name__}: {e}); write one with `python experiments/baselines.py "
+                         "--config=... --out=DIR`") from None
+    return floor
+
+
+def floor_check(t1: Mapping[str, Mapping[str, Mapping]], floor: Mapping[str, Mapping[str, Any]]
+                ) -> dict[str, dict[str, list[str]]]:
+    """`{setting: {method: [columns whose seed-mean score is at or below the floor]}}` (every method)."""
+    return {setting: {m: [c for c in COLUMNS.values()
+                          if row.get(c) is not None and row[c] <= floor[c]["value"]]
+                      for m, row in rows.items()} for setting, rows in t1.items()}
+
+
+def render_floor(floor: Mapping[str, Mapping[str, Any]], below: Mapping[str, Mapping[str, list[str]]]
+                 ) -> list[str]:
+    """Markdown lines: the floor row and, per setting, the methods at or below it."""
+    named = ", ".join(f"{c} {e['value']:.2f} ({e['baseline'].replace('_', ' ')})" for c, e in floor.items())
+    lines = [f"The best trivial baseline of each task on the benchmark's test examples "
+             f"(`experiments/baselines.py`): {named}. A score at or below it has measured nothing.", "",
+             "| Setting | At or below the floor |", "|---|---|"]
+    for setting, per in below.items():
+        cells = [f"{method_name(m)} ({', '.join(cols)})" for m, cols in per.items() if cols]
+        lines.append(f"| {setting_name(setting)} | {'; '.join(cells) or 'none'} |")
+    return lines

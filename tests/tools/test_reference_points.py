@@ -1,0 +1,103 @@
+"""The report beyond the paper, by hand: FedMoE against FedAvg / FedAvg + FT / local training with
+seed-paired intervals, personalized vs global scores, and the trivial baselines' floor (`--floor`)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedmoe_jax.tools import reports
+
+
+def _row(tc, rc, ts, global_scores=None):
+    row = {}
+    for col, by_seed in (("TC", tc), ("RC", rc), ("TS", ts)):
+        row[col], row[f"{col}_by_seed"] = float(np.mean(list(by_seed.values()))), by_seed
+    for col, v in (global_scores or {}).items():
+        row[f"global_{col}"] = v
+    return row
+
+
+def test_reference_comparison_pairs_seeds_and_marks_significance():
+    """FedMoE minus FedAvg + FT. TC diffs 10, 11, 9: mean 10, CI 10 +- 2.484138 (t_{0.975,2} 4.302653 *
+    s 1 / sqrt 3), significant, 3/3 above. RC diffs -1, -2, -3: CI -2 +- 2.484138 holds 0. TS: one seed."""
+    table = {"standard_hetero_t": {
+        "fedmoe": _row({"0": 20.0, "1": 22.0, "2": 24.0}, {"0": 1.0, "1": 1.0, "2": 1.0}, {"0": 5.0}),
+        "fedavg_ft": _row({"0": 10.0, "1": 11.0, "2": 15.0}, {"0": 2.0, "1": 3.0, "2": 4.0}, {"0": 1.0}),
+        "fedprox": _row({"0": 1.0}, {"0": 1.0}, {"0": 1.0})},  # a paper baseline: not a reference point
+        "enforced_hetero_t": {"fedavg": _row({"0": 1.0}, {"0": 1.0}, {"0": 1.0})}}  # no FedMoE: left out
+    cmp = reports.reference_comparison(table)
+    assert list(cmp) == ["standard_hetero_t"] and list(cmp["standard_hetero_t"]) == ["fedavg_ft"]
+    tc, rc, ts = (cmp["standard_hetero_t"]["fedavg_ft"][c] for c in ("TC", "RC", "TS"))
+    assert tc["diff"] == pytest.approx(10.0) and tc["significant"] is True
+    assert tc["paired"]["ci"] == pytest.approx((10.0 - 2.484138, 10.0 + 2.484138), abs=1e-5)
+    assert rc["diff"] == pytest.approx(-2.0) and rc["significant"] is False and rc["paired"]["better"] == 0
+    assert ts["diff"] == pytest.approx(4.0) and ts["significant"] is None and ts["paired"]["ci"] is None
+    lines = reports.render_reference_comparison(cmp)
+    assert "| FedAvg + FT | **+10.00 [+7.52, +12.48] 3/3** | -2.00 [-4.48, +0.48] 0/3 | +4.00 |" in lines
+    assert "No setting has FedMoE runs" in reports.render_reference_comparison({})[0]
+
+
+def test_global_vs_personal_lists_the_methods_that_scored_their_global_model():
+    table = {"standard_hetero_t": {
+        "fedavg_ft": _row({"0": 30.0}, {"0": 40.0}, {"0": 5.0}, {"TC": 20.0, "RC": 35.0, "TS": 4.0}),
+        "local": _row({"0": 10.0}, {"0": 10.0}, {"0": 1.0})}}
+    got = reports.global_vs_personal(table)
+    assert got == {"standard_hetero_t": {"fedavg_ft": {"TC": (30.0, 20.0), "RC": (40.0, 35.0),
+                                                       "TS": (5.0, 4.0)}}}
+    lines = reports.render_global_vs_personal(got)
+    assert "| FedAvg + FT | 30.00 / 20.00 | 40.00 / 35.00 | 5.00 / 4.00 |" in lines
+
+
+def _baselines_file(path):
+    path.write_text(json.dumps({"baselines": {
+        "tc": {"majority": {"accuracy": 18.8}, "naive_bayes": {"accuracy": 64.7}},
+        "rc": {"rarest_context_word": {"f1": 63.4, "exact_match": 61.8}},
+        "ts": {"lead": {"rouge2": 13.0, "rouge1": 31.6}, "constant": {"rouge2": 4.7, "rouge1": 40.0}}}}))
+    return path
+
+
+def test_the_floor_is_the_best_baseline_of_each_task_by_its_primary_metric(tmp_path):
+    floor = reports.load_floor(str(_baselines_file(tmp_path / "baselines.json")))
+    assert floor == {"TC": {"baseline": "naive_bayes", "value": 64.7},
+                     "RC": {"baseline": "rarest_context_word", "value": 63.4},
+                     "TS": {"baseline": "lead", "value": 13.0}}  # ROUGE-2 decides, not ROUGE-1
+    assert reports.load_floor(str(tmp_path)) == floor  # the folder holding it
+    table = {"standard_hetero_t": {"fedmoe": _row({"0": 70.0}, {"0": 63.4}, {"0": 12.0}),
+                                   "fedprox": _row({"0": 80.0}, {"0": 70.0}, {"0": 20.0})}}
+    below = reports.floor_check(table, floor)
+    assert below == {"standard_hetero_t": {"fedmoe": ["RC", "TS"], "fedprox": []}}  # equal counts as at
+    lines = reports.render_floor(floor, below)
+    assert "| Standard-Hetero-T | FedMoE (RC, TS) |" in lines
+    assert "TC 64.70 (naive bayes)" in lines[0]
+    (tmp_path / "bad.json").write_text('{"baselines": {"tc": {}}}')
+    for bad in (tmp_path / "bad.json", tmp_path / "nowhere.json"):
+        with pytest.raises(ValueError, match="not a readable baselines.json") as e:
+            reports.load_floor(str(bad))
+        assert "\n" not in str(e.value)
+
+
+def test_cli_floor_adds_the_row_and_a_bad_floor_exits_2_before_writing(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for method, scores in (("fedmoe", (70.0, 60.0, 14.0)), ("fedavg_ft", (65.0, 50.0, 12.0))):
+        (root / method).mkdir(parents=True)
+        summary = {"method": method, "setting": "standard_hetero_t", "seed": 0, "rounds": 1,
+                   "test": dict(zip(("tc_accuracy", "rc_f1", "ts_rouge2"), scores)),
+                   "global_test": {"tc_accuracy": 1.0, "rc_f1": 2.0, "ts_rouge2": 3.0}}
+        (root / method / "summary.json").write_text(json.dumps(summary))
+    floor = _baselines_file(tmp_path / "baselines.json")
+    assert reports.run_report(str(root), out=str(tmp_path / "a"), floor=str(floor)) == 0
+    text = (tmp_path / "a" / "report.md").read_text()
+    assert "| *Floor: best trivial baseline* | *64.70* | *63.40* | *13.00* |" in text
+    assert "| Standard-Hetero-T | FedAvg + FT (RC, TS); FedMoE (RC) |" in text  # Table 1 order
+    assert "| FedAvg + FT | +5.00 | +10.00 | +2.00 |" in text
+    assert "| FedMoE | 70.00 / 1.00 | 60.00 / 2.00 | 14.00 / 3.00 |" in text
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["below_floor"]["standard_hetero_t"]["fedmoe"] == ["RC"]
+    assert reports.run_report(str(root), out=str(tmp_path / "b")) == 0  # without --floor: no floor row
+    assert "Floor" not in (tmp_path / "b" / "report.md").read_text().split("## Beyond")[0]
+    capsys.readouterr()
+    assert reports.run_report(str(root), out=str(tmp_path / "c"), floor=str(tmp_path / "nowhere")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --floor: ") and "experiments/baselines.py" in err[0]
+    assert not (tmp_path / "c").exists()
