@@ -101,3 +101,21 @@ def test_cli_floor_adds_the_row_and_a_bad_floor_exits_2_before_writing(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --floor: ") and "experiments/baselines.py" in err[0]
     assert not (tmp_path / "c").exists()
+
+
+def test_in_plain_words_says_ahead_behind_tested_and_floor():
+    from fedmoe_jax.tools.reports.markdown import in_plain_words
+
+    one = {"standard_hetero_t": {"fedmoe": {**_row({"0": 70.0}, {"0": 60.0}, {"0": 14.0}), "seeds": 1},
+                                 "random_moe": {**_row({"0": 65.0}, {"0": 62.5}, {"0": 14.0}), "seeds": 1}}}
+    clear = {"standard_hetero_t": {"fedmoe": [], "random_moe": []}}
+    lines = in_plain_words(one, ["random_moe", "fedprox"], clear)
+    assert lines[0] == "## In plain words"
+    assert lines[2] == ("- Standard-Hetero-T, FedMoE against randomMoE: ahead on TC +5.0; behind on RC -2.5 "
+                        "(points). One seed each: these differences are not tested; only a grid of seeds "
+                        "decides them. Every score is above the trivial-baseline floor.")
+    three = {"enforced_hetero_td": {m: {**row, "seeds": 3} for m, row in one["standard_hetero_t"].items()}}
+    text = in_plain_words(three, ["random_moe"], {"enforced_hetero_td": {"fedmoe": ["RC"]}})[2]
+    assert "3 seeds each" in text and text.endswith("At or below the trivial-baseline floor: FedMoE (RC).")
+    assert in_plain_words({"standard_hetero_t": {"fedprox": one["standard_hetero_t"]["random_moe"]}},
+                          ["fedprox"]) == []  # no FedMoE row: nothing to say

@@ -11,6 +11,7 @@ from fedmoe_jax.tools.reports.loading import Run
 from fedmoe_jax.tools.reports.names import (
     COLUMNS,
     FULL_CURVE,
+    METHOD,
     MISSING,
     SETTING_NAMES,
     TASKS,
@@ -114,6 +115,39 @@ def at_a_glance(against_paper: Mapping, against_table2: Mapping, claims: Sequenc
     return ["## At a glance", "", *out, ""] if out else []
 
 
+def in_plain_words(t1: Mapping[str, Mapping[str, Mapping]], baselines: Sequence[str],
+                   below: Mapping[str, Mapping[str, list[str]]] | None = None) -> list[str]:
+    """Markdown bullet lines, one per setting: where FedMoE is ahead of / behind each baseline (seed means),
+    whether any difference was tested (two or more paired seeds), and who sits at or below the floor."""
+    out = []
+    for setting, rows in t1.items():
+        if METHOD not in rows:
+            continue
+        ours, parts = rows[METHOD], []
+        for b in baselines:
+            if b not in rows:
+                continue
+            diffs = {c: ours[c] - rows[b][c] for c in COLUMNS.values()
+                     if ours.get(c) is not None and rows[b].get(c) is not None}
+            ahead = [f"{c} {d:+.1f}" for c, d in diffs.items() if d > 0]
+            behind = [f"{c} {d:+.1f}" for c, d in diffs.items() if d < 0]
+            said = [f"{word} on {', '.join(cols)}"
+                    for word, cols in (("ahead", ahead), ("behind", behind)) if cols]
+            parts.append(f"{method_name(b)}: " + ("; ".join(said) or "level"))
+        if not parts:
+            continue
+        seeds = min([ours.get("seeds", 0)] + [rows[b].get("seeds", 0) for b in baselines if b in rows])
+        line = f"- {setting_name(setting)}, FedMoE against " + " | ".join(parts) + " (points). "
+        line += ("One seed each: these differences are not tested; only a grid of seeds decides them."
+                 if seeds < 2 else f"{seeds} seeds each: \"Against the paper\" says which are significant.")
+        if below is not None and setting in below:
+            low = [f"{method_name(m)} ({', '.join(c)})" for m, c in below[setting].items() if c]
+            line += (" At or below the trivial-baseline floor: " + "; ".join(low) + "." if low
+                     else " Every score is above the trivial-baseline floor.")
+        out.append(line)
+    return ["## In plain words", "", *out, ""] if out else []
+
+
 def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, gains: Mapping, cvis: Mapping,
                     ttt: Mapping, figs: Sequence[tuple[str, str]], baselines: Sequence[str],
                     notes: Sequence[str], against_paper: Mapping, outputs: Mapping | None = None,
@@ -132,6 +166,7 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
         f"Baselines for the comparisons: {', '.join(method_name(b) for b in baselines)}. "
         "Definitions at the end; \"—\" marks missing data (see Notes).",
         "",
+        *in_plain_words(t1, baselines, below),
         *at_a_glance(against_paper, against_table2 or {}, claims or [], separation or {}, trials or {}),
         "## Table 1 analogue: end-to-end performance",
         "",
