@@ -119,3 +119,22 @@ def test_in_plain_words_says_ahead_behind_tested_and_floor():
     assert "3 seeds each" in text and text.endswith("At or below the trivial-baseline floor: FedMoE (RC).")
     assert in_plain_words({"standard_hetero_t": {"fedprox": one["standard_hetero_t"]["random_moe"]}},
                           ["fedprox"]) == []  # no FedMoE row: nothing to say
+
+
+def test_seeds_to_add_names_undecided_gaps_above_half_their_spread():
+    """Three paired seeds. TC diffs 1, 3, 5: mean 3, s 2, CI 3 +- 4.968 holds 0 and 3 > 1: wanted.
+    RC diffs 10, 11, 9: decided (CI 10 +- 2.48). TS diffs 1, -1, 0.5: mean 0.17 < s/2 = 0.53: noise, not
+    wanted. Against randomMoE with five seeds: never wanted."""
+    table = {"standard_hetero_t": {
+        "fedmoe": _row({"0": 11.0, "1": 13.0, "2": 15.0}, {"0": 20.0, "1": 22.0, "2": 24.0},
+                       {"0": 2.0, "1": 1.0, "2": 1.5}),
+        "fedprox": _row({"0": 10.0, "1": 10.0, "2": 10.0}, {"0": 10.0, "1": 11.0, "2": 15.0},
+                        {"0": 1.0, "1": 2.0, "2": 1.0}),
+        "random_moe": _row({"0": 10.0, "1": 10.0, "2": 10.0}, {"0": 1.0}, {"0": 1.0})}}
+    table["standard_hetero_t"]["fedmoe"]["TC_by_seed"].update({"3": 12.0, "4": 14.0})
+    table["standard_hetero_t"]["random_moe"]["TC_by_seed"].update({"3": 10.0, "4": 9.0})
+    wanted = reports.seeds_to_add(table, ["fedprox", "random_moe", "scaffold"])
+    assert wanted == {"standard_hetero_t": [{"baseline": "fedprox", "task": "TC", "seeds": 3,
+                                             "mean": pytest.approx(3.0), "spread": pytest.approx(2.0)}]}
+    assert "| Standard-Hetero-T | FedProx | TC | 3 | +3.00 | 2.00 |" in reports.render_seeds_to_add(wanted)
+    assert reports.render_seeds_to_add({})[0].startswith("None:")

@@ -92,6 +92,8 @@ from fedmoe_jax.tools.reports.reference_points import (
     render_floor,
     render_global_vs_personal,
     render_reference_comparison,
+    render_seeds_to_add,
+    seeds_to_add,
 )
 from fedmoe_jax.tools.reports.replay import render_stage2_trials, replay_stale_trials, stage2_trials
 from fedmoe_jax.tools.reports.separation import render_task_separation, stage1_measured, task_separation
@@ -105,8 +107,9 @@ __all__ = [
     "method_name", "paired_difference", "paper_claims",
     "paper_comparison", "paper_table2_comparison", "reference_comparison", "render_comparison",
     "render_floor", "render_global_vs_personal", "render_paper_claims", "render_reference_comparison",
+    "render_seeds_to_add",
     "render_paper_comparison", "render_paper_table2", "render_stage2_trials", "render_task_separation",
-    "replay_stale_trials", "rounds_to_target", "run_report", "setting_name", "split_method",
+    "replay_stale_trials", "rounds_to_target", "run_report", "seeds_to_add", "setting_name", "split_method",
     "stage1_measured", "stage2_trials", "table1", "table2", "task_activation", "task_separation",
     "time_to_target", "time_to_target_speedup", "variant_method",
 ]

@@ -23,10 +23,12 @@ from fedmoe_jax.tools.reports.names import DEFAULT_BASELINES, METHOD, MISSING, _
 from fedmoe_jax.tools.reports.outputs import output_diagnostics
 from fedmoe_jax.tools.reports.paper import paper_claims, paper_comparison, paper_table2_comparison
 from fedmoe_jax.tools.reports.reference_points import (
+    REFERENCE_METHODS,
     floor_check,
     global_vs_personal,
     load_floor,
     reference_comparison,
+    seeds_to_add,
 )
 from fedmoe_jax.tools.reports.replay import stage2_trials
 from fedmoe_jax.tools.reports.separation import task_separation
@@ -72,6 +74,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     outputs = output_diagnostics(groups)
     moved = compare_tables(t1, earlier, baselines) if earlier is not None else None
     references = reference_comparison(t1)
+    more_seeds = seeds_to_add(t1, [*baselines, *(r for r in REFERENCE_METHODS if r not in baselines)])
     global_scores = global_vs_personal(t1)
     below = floor_check(t1, floor_row) if floor_row is not None else None
     os.makedirs(out, exist_ok=True)
@@ -84,7 +87,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
               "stage2_trials": trials, "paper_claims": claims,
               "initial_models": initial_models, "outputs": outputs, "figures": [rel for _, rel in figs],
               "reference_points": references, "global_vs_personal": global_scores,
-              "floor": floor_row, "below_floor": below, "notes": list(notes)}
+              "floor": floor_row, "below_floor": below, "seeds_to_add": more_seeds, "notes": list(notes)}
     if moved is not None:
         result["compared_with"] = {"path": compare, **moved}
     write_json(os.path.join(out, "report.json"), result, finite=True)
@@ -92,5 +95,5 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
         f.write(render_markdown(root, runs, t1, t2, gains, cvis, ttt, figs, baselines, notes,
                                 against_paper, outputs, (compare, moved) if moved is not None else None,
                                 separation, against_table2, trials, claims,
-                                beyond=(references, global_scores, floor_row, below)))
+                                beyond=(references, global_scores, floor_row, below, more_seeds)))
     return {**result, "out": out, "table1": t1, "table2": t2}

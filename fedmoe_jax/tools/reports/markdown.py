@@ -25,6 +25,7 @@ from fedmoe_jax.tools.reports.reference_points import (
     render_floor,
     render_global_vs_personal,
     render_reference_comparison,
+    render_seeds_to_add,
 )
 from fedmoe_jax.tools.reports.replay import render_stage2_trials
 from fedmoe_jax.tools.reports.separation import render_task_separation
@@ -154,10 +155,11 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
                     compared: tuple[str, Mapping] | None = None, separation: Mapping | None = None,
                     against_table2: Mapping | None = None, trials: Mapping | None = None,
                     claims: Sequence[Mapping[str, Any]] | None = None,
-                    beyond: tuple[Mapping, Mapping, Mapping | None, Mapping | None] | None = None) -> str:
-    """The whole `report.md`; `beyond`: (reference comparison, global vs personal, floor, below floor),
-    `reference_points`' results."""
-    references, global_scores, floor, below = beyond or ({}, {}, None, None)
+                    beyond: tuple[Mapping, Mapping, Mapping | None, Mapping | None, Mapping] | None = None
+                    ) -> str:
+    """The whole `report.md`; `beyond`: (reference comparison, global vs personal, floor, below floor,
+    seeds to add), `reference_points`' results."""
+    references, global_scores, floor, below, more_seeds = beyond or ({}, {}, None, None, {})
     methods_seen = sorted({m for ms in t1.values() for m in ms}, key=_method_rank)
     lines = [
         "# FedMoE report",
@@ -227,6 +229,8 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
     if floor is not None:
         lines += ["", "### The floor", ""]
         lines += render_floor(floor, below)
+    lines += ["", "### Seeds to add", ""]
+    lines += render_seeds_to_add(more_seeds)
     if compared is not None:
         lines += ["", "## Against an earlier report", ""]
         lines += render_comparison(compared[1], compared[0])

@@ -1,7 +1,8 @@
 """What FedMoE is judged against beyond the paper's Table 1: the reference points the paper leaves out
 (FedAvg, FedAvg + FT, local training: seed-paired differences with 95 % intervals), each method's
-personalized models against its global model, and each task's floor, the best trivial baseline
-(`fedmoe_jax.tools.baselines`, read from the `baselines.json` that `experiments/baselines.py` writes).
+personalized models against its global model, each task's floor, the best trivial baseline
+(`fedmoe_jax.tools.baselines`, read from the `baselines.json` that `experiments/baselines.py` writes),
+and the undecided directions that more seeds may decide (`seeds_to_add`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from fedmoe_jax.data.tasks import PRIMARY_METRIC
 from fedmoe_jax.tools.reports.cells import _fmt, _num
 from fedmoe_jax.tools.reports.names import COLUMNS, METHOD, MISSING, TASKS, method_name, setting_name
@@ -18,6 +21,7 @@ from fedmoe_jax.tools.reports.paper import paired_difference
 
 REFERENCE_METHODS = ("fedavg", "fedavg_ft", "local")
 BASELINES_FILE = "baselines.json"
+MAX_SEEDS = 5  # seeds are added to an undecided direction until it is decided or this many are in
 
 
 def reference_comparison(t1: Mapping[str, Mapping[str, Mapping]],
@@ -68,6 +72,46 @@ def _difference_cell(e: Mapping[str, Any]) -> str:
     if p is not None and p["ci"] is not None:
         text += f" [{p['ci'][0]:+.2f}, {p['ci'][1]:+.2f}] {p['better']}/{len(p['seeds'])}"
     return f"**{text}**" if e["significant"] else text
+
+
+def seeds_to_add(t1: Mapping[str, Mapping[str, Mapping]], baselines: Sequence[str],
+                 max_seeds: int = MAX_SEEDS) -> dict[str, list[dict[str, Any]]]:
+    """`{setting: [direction, ...]}`: the FedMoE-vs-baseline task directions that more seeds may decide.
+    A direction qualifies when its paired 95 % interval includes 0, fewer than `max_seeds` seeds pair,
+    and the mean paired difference is larger than half its seed spread (|mean| > s / 2, s the sample
+    standard deviation of the per-seed differences): a gap that is there but not yet resolved. Each
+    direction: `baseline`, `task` ("TC" ...), `seeds`, `mean`, `spread`."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for setting, rows in t1.items():
+        if METHOD not in rows:
+            continue
+        wanted = []
+        for b in baselines:
+            for col in COLUMNS.values():
+                p = paired_difference(rows[METHOD].get(f"{col}_by_seed"),
+                                      (rows.get(b) or {}).get(f"{col}_by_seed"))
+                if p is None or p["ci"] is None or len(p["seeds"]) >= max_seeds:
+                    continue
+                spread = float(np.std(p["diffs"], ddof=1))
+                if p["ci"][0] <= 0 <= p["ci"][1] and abs(p["mean"]) > spread / 2:
+                    wanted.append({"baseline": b, "task": col, "seeds": len(p["seeds"]), "mean": p["mean"],
+                                   "spread": spread})
+        if wanted:
+            out[setting] = wanted
+    return out
+
+
+def render_seeds_to_add(wanted: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    if not wanted:
+        return ["None: every FedMoE-vs-baseline direction with a gap above half its seed spread is decided "
+                f"at 95 % (or has {MAX_SEEDS} seeds)."]
+    lines = [f"Undecided directions whose mean paired gap exceeds half its seed spread: add seeds to these "
+             f"settings (FedMoE and the named baselines) until decided or {MAX_SEEDS} seeds are in.", "",
+             "| Setting | Baseline | Task | Seeds | Mean gap | Spread |", "|---|---|---|---|---|---|"]
+    for setting, directions in wanted.items():
+        lines += [f"| {setting_name(setting)} | {method_name(d['baseline'])} | {d['task']} | {d['seeds']} | "
+                  f"{d['mean']:+.2f} | {d['spread']:.2f} |" for d in directions]
+    return lines
 
 
 def global_vs_personal(t1: Mapping[str, Mapping[str, Mapping]]) -> dict[str, dict[str, dict[str, Any]]]:
