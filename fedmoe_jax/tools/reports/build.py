@@ -81,7 +81,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     figs = figures(groups, ttt, out, notes)
     write_json(os.path.join(out, "table1.json"), t1, finite=True)
     write_json(os.path.join(out, "table2.json"), t2, finite=True)
-    result = {"root": os.path.abspath(root), "runs": [r.rel for r in runs], "average_improvement": gains,
+    result = {"root": root, "runs": [r.rel for r in runs], "average_improvement": gains,
               "cvi": cvis, "time_to_target": ttt, "paper_comparison": against_paper,
               "task_separation": separation, "paper_table2_comparison": against_table2,
               "stage2_trials": trials, "paper_claims": claims,
