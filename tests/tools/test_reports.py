@@ -214,7 +214,7 @@ def test_missing_data_and_duplicates_become_notes(built):
     t1 = result["table1"]
     assert "fedprox" not in t1["enforced_hetero_t"]  # absent method: no row in the JSON ...
     md = (out / "report.md").read_text()
-    section = md.split("Enforced-Hetero-T")[1].split("###")[0]
+    section = md.split("### (c) Enforced-Hetero-T")[1].split("###")[0]
     assert "| FedProx | — | — | — | — | — | 0 |" in section  # ... and "—" in the Markdown
     notes = result["notes"]
     assert "enforced_hetero_t: no runs of fedprox (shown as —)" in notes
