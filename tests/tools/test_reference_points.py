@@ -112,11 +112,14 @@ def test_in_plain_words_says_ahead_behind_tested_and_floor():
     lines = in_plain_words(one, ["random_moe", "fedprox"], clear)
     assert lines[0] == "## In plain words"
     assert lines[2] == ("- Standard-Hetero-T, FedMoE against randomMoE: ahead on TC +5.0; behind on RC -2.5 "
-                        "(points). One seed each: these differences are not tested; only a grid of seeds "
-                        "decides them. Every score is above the trivial-baseline floor.")
-    three = {"enforced_hetero_td": {m: {**row, "seeds": 3} for m, row in one["standard_hetero_t"].items()}}
+                        "(seed means, points). Fewer than two paired seeds: these differences are not "
+                        "tested; only a grid of seeds decides them. Every score is above the "
+                        "trivial-baseline floor.")
+    seeds = {"0": 1.0, "1": 2.0, "2": 3.0}
+    three = {"enforced_hetero_td": {"fedmoe": _row(seeds, seeds, {**seeds, "3": 9.0}),
+                                    "random_moe": _row(seeds, seeds, {**seeds, "4": 9.0})}}
     text = in_plain_words(three, ["random_moe"], {"enforced_hetero_td": {"fedmoe": ["RC"]}})[2]
-    assert "3 seeds each" in text and text.endswith("At or below the trivial-baseline floor: FedMoE (RC).")
+    assert "3+ paired seeds" in text and text.endswith("At or below the trivial-baseline floor: FedMoE (RC).")
     assert in_plain_words({"standard_hetero_t": {"fedprox": one["standard_hetero_t"]["random_moe"]}},
                           ["fedprox"]) == []  # no FedMoE row: nothing to say
 

@@ -20,7 +20,12 @@ from fedmoe_jax.tools.reports.names import (
     setting_name,
 )
 from fedmoe_jax.tools.reports.outputs import render_outputs
-from fedmoe_jax.tools.reports.paper import render_paper_claims, render_paper_comparison, render_paper_table2
+from fedmoe_jax.tools.reports.paper import (
+    paired_difference,
+    render_paper_claims,
+    render_paper_comparison,
+    render_paper_table2,
+)
 from fedmoe_jax.tools.reports.reference_points import (
     render_floor,
     render_global_vs_personal,
@@ -137,10 +142,13 @@ def in_plain_words(t1: Mapping[str, Mapping[str, Mapping]], baselines: Sequence[
             parts.append(f"{method_name(b)}: " + ("; ".join(said) or "level"))
         if not parts:
             continue
-        seeds = min([ours.get("seeds", 0)] + [rows[b].get("seeds", 0) for b in baselines if b in rows])
-        line = f"- {setting_name(setting)}, FedMoE against " + " | ".join(parts) + " (points). "
-        line += ("One seed each: these differences are not tested; only a grid of seeds decides them."
-                 if seeds < 2 else f"{seeds} seeds each: \"Against the paper\" says which are significant.")
+        paired = [len(p["seeds"]) for b in baselines if b in rows for c in COLUMNS.values()
+                  if (p := paired_difference(ours.get(f"{c}_by_seed"), rows[b].get(f"{c}_by_seed")))]
+        seeds = min(paired, default=0)
+        line = f"- {setting_name(setting)}, FedMoE against " + " | ".join(parts) + " (seed means, points). "
+        line += ("Fewer than two paired seeds: these differences are not tested; only a grid of seeds "
+                 "decides them." if seeds < 2 else f"{seeds}+ paired seeds: the comparison sections below "
+                 "say which are significant.")
         if below is not None and setting in below:
             low = [f"{method_name(m)} ({', '.join(c)})" for m, c in below[setting].items() if c]
             line += (" At or below the trivial-baseline floor: " + "; ".join(low) + "." if low

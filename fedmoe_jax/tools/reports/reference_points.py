@@ -27,8 +27,9 @@ MAX_SEEDS = 5  # seeds are added to an undecided direction until it is decided o
 def reference_comparison(t1: Mapping[str, Mapping[str, Mapping]],
                          references: Sequence[str] = REFERENCE_METHODS) -> dict[str, dict[str, dict]]:
     """`{setting: {reference: {"TC" | "RC" | "TS": entry}}}`: FedMoE minus the reference method, where both
-    ran. An entry holds `diff` (of the seed means), `paired` (`paper.paired_difference` of the per-seed
-    scores) and `significant` (its 95 % interval excludes 0; None with fewer than two paired seeds)."""
+    ran. An entry holds `diff` (the mean paired difference; without paired seeds, of the seed means),
+    `paired` (`paper.paired_difference` of the per-seed scores) and `significant` (its 95 % interval
+    excludes 0; None with fewer than two paired seeds)."""
     out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for setting, rows in t1.items():
         if METHOD not in rows:
@@ -42,8 +43,9 @@ def reference_comparison(t1: Mapping[str, Mapping[str, Mapping]],
                 f, b = ours.get(col), rows[ref].get(col)
                 p = paired_difference(ours.get(f"{col}_by_seed"), rows[ref].get(f"{col}_by_seed"))
                 significant = None if p is None or p["ci"] is None else p["ci"][0] > 0 or p["ci"][1] < 0
-                per[ref][col] = {"diff": None if f is None or b is None else f - b, "paired": p,
-                                 "significant": significant}
+                # the paired mean where seeds pair (it matches its interval), else the seed means' gap
+                diff = p["mean"] if p is not None else None if f is None or b is None else f - b
+                per[ref][col] = {"diff": diff, "paired": p, "significant": significant}
         if per:
             out[setting] = per
     return out
@@ -57,7 +59,7 @@ def render_reference_comparison(cmp: Mapping[str, Mapping[str, Mapping[str, Mapp
              "95 % t-interval, `k/n` the seeds where FedMoE is above; **bold** where the interval "
              "excludes 0).", ""]
     for setting, per in cmp.items():
-        lines += [f"### {setting_name(setting)}", "", "| vs | TC | RC | TS |", "|---|---|---|---|"]
+        lines += [f"#### {setting_name(setting)}", "", "| vs | TC | RC | TS |", "|---|---|---|---|"]
         for ref, cells in per.items():
             lines.append(f"| {method_name(ref)} | " + " | ".join(_difference_cell(cells[c]) for c in
                                                                     COLUMNS.values()) + " |")
@@ -133,7 +135,7 @@ def render_global_vs_personal(table: Mapping[str, Mapping[str, Mapping[str, Any]
     lines = ["Each client's own model (the personalized score of Table 1) / the full global model on the "
              "same test split, seed means.", ""]
     for setting, per in table.items():
-        lines += [f"### {setting_name(setting)}", "", "| Method | TC | RC | TS |", "|---|---|---|---|"]
+        lines += [f"#### {setting_name(setting)}", "", "| Method | TC | RC | TS |", "|---|---|---|---|"]
         for method, cells in per.items():
             lines.append(f"| {method_name(method)} | " + " | ".join(
                 f"{_fmt(own)} / {_fmt(glob)}" for own, glob in cells.values()) + " |")
