@@ -137,10 +137,13 @@ SHIPPED_SOURCES = ("benchmark", "embedded")  # data.source values read from a fo
 
 def shipped_data_dir(config: ml_collections.ConfigDict) -> str | None:
     """The folder a shipped-format benchmark is read from: `data.dir`, else the package's copy
-    (`benchmark`: `fedmoe_jax/data/benchmark/`; `embedded`: None, the loaders' default)."""
+    (`benchmark`: `fedmoe_jax/data/benchmark/`; `embedded`: None, the loaders' default). None for a
+    source of another format (tfds), whose pretrained model is the embedded corpus's."""
     from fedmoe_jax.data import benchmark_dir
 
     d = config.data
+    if d.source not in SHIPPED_SOURCES:
+        return None
     return d.dir or (benchmark_dir() if d.source == "benchmark" else None)
 
 
@@ -272,10 +275,9 @@ def initial_params(config: ml_collections.ConfigDict, cfg, full_model_baseline: 
 
         try:
             # the model pretrained on this run's shipped corpus and tokenizer (`data.source`, `data.dir`)
-            corpus = shipped_data_dir(config) if config.data.source in SHIPPED_SOURCES else None
             params = pretrained_params(cfg, steps=pretrain_steps(config),
                                        cache_dir=m.path or DEFAULT_CACHE_DIR, seed=0, progress=progress,
-                                       build=m.build_pretrained, data_dir=corpus)
+                                       build=m.build_pretrained, data_dir=shipped_data_dir(config))
         except PretrainedModelMissing as e:
             raise ConfigError(f"{e}: restore it (a partial checkout?), or pass "
                               "--config.model.build_pretrained=True to pretrain it here") from None

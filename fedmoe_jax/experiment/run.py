@@ -98,8 +98,8 @@ def write_results(exp: Experiment, evaluation: dict[str, Any], seconds: float) -
                       for k, r in evaluation["test"]["clients"].items()},
         wall_seconds=seconds, config=config.to_dict(), init_fingerprint=exp.init_fingerprint,
     )
-    if fine_tune_steps(config):
-        summary["fine_tune_steps"] = fine_tune_steps(config)
+    if steps := fine_tune_steps(config):
+        summary["fine_tune_steps"] = steps
     for key in ("global_test", "unseen_test"):
         if key in evaluation:
             summary[key] = mean_scores(evaluation[key])

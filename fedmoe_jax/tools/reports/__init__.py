@@ -75,6 +75,7 @@ from fedmoe_jax.tools.reports.names import (
 )
 from fedmoe_jax.tools.reports.paper import (
     PAPER_TABLE1,
+    excludes_zero,
     paired_difference,
     paper_claims,
     paper_comparison,
@@ -102,9 +103,9 @@ from fedmoe_jax.tools.reports.tables import curve, cvi, improvement, table1, tab
 __all__ = [
     "PAPER_TABLE1", "REFERENCE_METHODS", "RUN_FILES", "NoRunsError", "Notes", "Run", "assign_variants",
     "at_a_glance", "average_improvement", "build_report", "coefficient_of_variation", "compare_tables",
-    "composite_variation_index", "curve", "cvi", "export_runs", "find_summaries", "floor_check",
-    "global_vs_personal", "group_runs", "improvement", "load_floor", "load_runs", "load_table1", "mean_std",
-    "method_name", "paired_difference", "paper_claims",
+    "composite_variation_index", "curve", "cvi", "excludes_zero", "export_runs", "find_summaries",
+    "floor_check", "global_vs_personal", "group_runs", "improvement", "load_floor", "load_runs",
+    "load_table1", "mean_std", "method_name", "paired_difference", "paper_claims",
     "paper_comparison", "paper_table2_comparison", "reference_comparison", "render_comparison",
     "render_floor", "render_global_vs_personal", "render_paper_claims", "render_reference_comparison",
     "render_seeds_to_add",

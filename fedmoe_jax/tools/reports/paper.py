@@ -79,6 +79,14 @@ def paired_difference(ours: Mapping[str, float] | None, base: Mapping[str, float
             "worse": int((d < 0).sum()), "ci": ci}
 
 
+def excludes_zero(paired: Mapping[str, Any] | None) -> bool | None:
+    """Whether a `paired_difference`'s 95 % interval excludes 0 (a significant difference); None without
+    an interval (no or one paired seed)."""
+    if paired is None or paired["ci"] is None:
+        return None
+    return paired["ci"][0] > 0 or paired["ci"][1] < 0
+
+
 def _direction(low: float, high: float) -> int | None:
     """+1 / -1 when FedMoE minus the baseline has that sign over the whole range, else None."""
     if low > 0 and high > 0:
@@ -129,12 +137,10 @@ def paper_comparison(table: Mapping[str, Mapping[str, Mapping]], baselines: Sequ
                 if metric in COLUMNS.values():
                     p = paired_difference(ours[METHOD].get(f"{metric}_by_seed"),
                                           ours.get(b, {}).get(f"{metric}_by_seed"))
-                    agree = significant = None
+                    agree = None
                     if p is not None and paper_better is not None:
                         agree = p["better"] if paper_better else p["worse"]  # scores: higher is better
-                    if p is not None and p["ci"] is not None:
-                        significant = p["ci"][0] > 0 or p["ci"][1] < 0
-                    entry[b].update(paired=p, seeds_agree=agree, significant=significant)
+                    entry[b].update(paired=p, seeds_agree=agree, significant=excludes_zero(p))
             out[setting][metric] = entry
     return out
 

@@ -17,7 +17,7 @@ import numpy as np
 from fedmoe_jax.data.tasks import PRIMARY_METRIC
 from fedmoe_jax.tools.reports.cells import _fmt, _num
 from fedmoe_jax.tools.reports.names import COLUMNS, METHOD, MISSING, TASKS, method_name, setting_name
-from fedmoe_jax.tools.reports.paper import paired_difference
+from fedmoe_jax.tools.reports.paper import excludes_zero, paired_difference
 
 REFERENCE_METHODS = ("fedavg", "fedavg_ft", "local")
 BASELINES_FILE = "baselines.json"
@@ -42,10 +42,9 @@ def reference_comparison(t1: Mapping[str, Mapping[str, Mapping]],
             for col in COLUMNS.values():
                 f, b = ours.get(col), rows[ref].get(col)
                 p = paired_difference(ours.get(f"{col}_by_seed"), rows[ref].get(f"{col}_by_seed"))
-                significant = None if p is None or p["ci"] is None else p["ci"][0] > 0 or p["ci"][1] < 0
                 # the paired mean where seeds pair (it matches its interval), else the seed means' gap
                 diff = p["mean"] if p is not None else None if f is None or b is None else f - b
-                per[ref][col] = {"diff": diff, "paired": p, "significant": significant}
+                per[ref][col] = {"diff": diff, "paired": p, "significant": excludes_zero(p)}
         if per:
             out[setting] = per
     return out
@@ -92,10 +91,10 @@ def seeds_to_add(t1: Mapping[str, Mapping[str, Mapping]], baselines: Sequence[st
             for col in COLUMNS.values():
                 p = paired_difference(rows[METHOD].get(f"{col}_by_seed"),
                                       (rows.get(b) or {}).get(f"{col}_by_seed"))
-                if p is None or p["ci"] is None or len(p["seeds"]) >= max_seeds:
-                    continue
+                if excludes_zero(p) is not False or len(p["seeds"]) >= max_seeds:
+                    continue  # decided, or no interval yet
                 spread = float(np.std(p["diffs"], ddof=1))
-                if p["ci"][0] <= 0 <= p["ci"][1] and abs(p["mean"]) > spread / 2:
+                if abs(p["mean"]) > spread / 2:
                     wanted.append({"baseline": b, "task": col, "seeds": len(p["seeds"]), "mean": p["mean"],
                                    "spread": spread})
         if wanted:
