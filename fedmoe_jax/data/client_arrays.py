@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from fedmoe_jax.data.partition import Partition
-from fedmoe_jax.data.tasks import SPLITS, TaskData, check_split, read_items
+from fedmoe_jax.data.tasks import SPLITS, TASKS, TaskData, check_split, read_items
 from fedmoe_jax.data.tokenizer import Tokenizer
 
 PAD_CLIENT = -1  # a client id in a cohort that stands for an all-masked padding client
@@ -199,7 +199,8 @@ class FederatedData:
     def client_arrays(self, client: int, split: str = "train") -> dict[str, np.ndarray]:
         """A client's whole split in index order, padded (copies; batches use the same gather).
 
-        inputs, input_mask `<int32>[n, S]`; targets, target_mask `<int32>[n, T]`; example_ids `[n]`.
+        inputs, input_mask `<int32>[n, S]`; targets, target_mask `<int32>[n, T]`; example_ids `[n]`;
+        task `[n]` (the client's task, its index in `TASKS`).
         """
         ids = self.partition.client_indices(client, check_split(split))
         return self._gather(self.partition.task_of(client), split, ids.astype(np.int64))
@@ -213,6 +214,7 @@ class FederatedData:
             "targets": targets,
             "target_mask": target_mask,
             "example_ids": np.where(ids >= 0, ids, -1).astype(np.int32),
+            "task": np.full(np.shape(ids), TASKS.index(task), np.int32),
         }
 
     def max_steps(self, batch_size: int, epochs: int = 1, split: str = "train") -> int:
@@ -246,7 +248,8 @@ class FederatedData:
 
         Returns inputs, input_mask `<int32>[C, steps, B, S]`; targets, target_mask `<int32>[C, steps, B, T]`;
         example_mask `<bool>[C, steps, B]`; step_mask `<bool>[C, steps]`; example_ids `<int32>[C, steps, B]`
-        (index into the task's split, -1 for padding); client_ids, num_examples (distinct examples,
+        (index into the task's split, -1 for padding); task `<int32>[C, steps, B]` (each client's task as
+        its index in `TASKS`, padding included); client_ids, num_examples (distinct examples,
         the aggregation weight) and num_steps (real steps), each `<int32>[C]`.
         """
         split = check_split(split)
@@ -353,6 +356,7 @@ class FederatedData:
             "targets": np.zeros((C, steps, B, T), np.int32),
             "target_mask": np.zeros((C, steps, B, T), np.int32),
             "example_ids": np.full((C, steps, B), -1, np.int32),
+            "task": np.zeros((C, steps, B), np.int32),  # padding rows too: a client's batches are one task
         }
         real_steps = np.zeros(C, np.int32)
         for i, (c, order) in enumerate(zip(clients, orders)):
@@ -365,6 +369,7 @@ class FederatedData:
             order_ids = np.where(order >= 0, ids[np.maximum(order, 0)], -1)
             for k, v in self._gather(self.partition.task_of(c), split, order_ids).items():
                 out[k][i, : len(order)] = v
+            out["task"][i] = TASKS.index(self.partition.task_of(c))
         out["example_mask"] = out["example_ids"] >= 0
         out["step_mask"] = np.arange(steps) < real_steps[:, None]
         out["client_ids"] = clients.astype(np.int32)

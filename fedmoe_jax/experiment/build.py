@@ -291,6 +291,14 @@ def initial_params(config: ml_collections.ConfigDict, cfg, full_model_baseline: 
 # ---------------------------------------------------------------------------------------------
 # Method
 # ---------------------------------------------------------------------------------------------
+def decoding(config: ml_collections.ConfigDict):
+    """The `Decoding` of every evaluation: greedy, or beam search with a length penalty per task
+    (`decoding.*`)."""
+    from fedmoe_jax.models.decoding import Decoding
+
+    return Decoding(config.decoding.num_beams, tuple(float(p) for p in config.decoding.length_penalty))
+
+
 def loss_config(config: ml_collections.ConfigDict):
     """The `LossConfig` of local training and Stage 1 (label smoothing, load-balance and z-loss)."""
     from fedmoe_jax.federated.client import LossConfig
@@ -455,7 +463,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None, progress: bool
         trainer = FederatedTrainer(cfg, params, data, tokenizer, algorithm, optimizer, settings,
                                    loss_config(config),
                                    mesh=mesh, workdir=workdir, checkpoint_every=config.checkpoint_every,
-                                   run_meta={"config": defining}, run_meta_defaults={"config": schema})
+                                   run_meta={"config": defining}, run_meta_defaults={"config": schema},
+                                   decoding=decoding(config))
     except ConfigError:
         raise
     except ValueError as e:  # the library's input checks: one line naming the problem and the fix

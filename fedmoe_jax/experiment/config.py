@@ -153,6 +153,14 @@ def default_config() -> ml_collections.ConfigDict:
     # metrics.jsonl's full_val_score*, the curve of time-to-target (0: off)
     c.eval.full_every = 5
 
+    c.decoding = ml_collections.ConfigDict()
+    # How every evaluation generates (in-round validation, which Stage 2 reads, and the final test):
+    # 1 greedy, > 1 beam search [ASSUMPTION: the paper does not say; greedy as HF generate by default]
+    c.decoding.num_beams = 1
+    # per task (TC, RC, TS): beam search ranks finished outputs by log-probability / length ** this
+    # (> 0 favours longer outputs; greedy ignores it)
+    c.decoding.length_penalty = (1.0, 1.0, 1.0)
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.enabled = True  # shard the cohort over all devices when there is more than one
     c.mesh.experts = 1  # size of the expert-parallel mesh axis
@@ -332,6 +340,10 @@ def validate(config) -> None:
         ("eval.unseen_local_steps", c.eval.unseen_local_steps >= 0, "use >= 0 (0: off)"),
         ("eval.predictions", c.eval.predictions >= 0, "use >= 0 (0: none)"),
         ("eval.full_every", c.eval.full_every >= 0, "use >= 0 (0: off)"),
+        ("decoding.num_beams", c.decoding.num_beams >= 1, "use >= 1 (1: greedy)"),
+        ("decoding.length_penalty", len(c.decoding.length_penalty) == 3
+         and all(math.isfinite(p) for p in c.decoding.length_penalty),
+         "use three finite numbers (TC, RC, TS)"),
         ("mesh.experts", c.mesh.experts >= 1, "use >= 1"),
     ]
     if experts is not None:

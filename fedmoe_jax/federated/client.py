@@ -31,11 +31,14 @@ Array = jax.Array
 PyTree = Any
 
 BATCH_KEYS = ("inputs", "input_mask", "targets", "target_mask", "example_mask")
+# read when present: each example's task (index in `fedmoe_jax.data.tasks.TASKS`), for per-task decoding
+OPTIONAL_BATCH_KEYS = ("task",)
 
 
 def model_batch(batches: Mapping[str, Any]) -> dict[str, Any]:
-    """The arrays local training and evaluation read from `FederatedData` batches (`BATCH_KEYS`)."""
-    return {k: batches[k] for k in BATCH_KEYS}
+    """The arrays local training and evaluation read from `FederatedData` batches (`BATCH_KEYS`, and
+    `OPTIONAL_BATCH_KEYS` where the batches have them)."""
+    return {k: batches[k] for k in BATCH_KEYS + OPTIONAL_BATCH_KEYS if k in BATCH_KEYS or k in batches}
 
 
 def expert_update_mask(params: Mapping[str, Any], layout: MoELayout, valid: Array) -> dict:

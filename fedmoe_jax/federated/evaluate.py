@@ -2,7 +2,7 @@
 
 Per client: a teacher-forced pass gives the loss and the routing statistics (the activation
 probabilities p[L, E] that FedMoE's Stage 1 and expert recommendation use, padding excluded), and
-greedy decoding with the KV cache gives predictions scored with the task's metric
+greedy or beam decoding with the KV cache (`Decoding`) gives predictions scored with the task's metric
 (`fedmoe_jax.data.tasks.task_scores`). The model work is one jitted program per slot width, vmapped
 over clients; only detokenisation and text metrics run in Python.
 
@@ -22,16 +22,18 @@ from fedmoe_jax.data.tasks import PRIMARY_METRIC, task_scores
 from fedmoe_jax.data.tokenizer import Tokenizer
 from fedmoe_jax.federated.client import model_batch
 from fedmoe_jax.federated.model import FederatedModel, as_federated_model
+from fedmoe_jax.models.decoding import Decoding
 from fedmoe_jax.models.switch import SwitchConfig
 
 Array = jax.Array
 
 
-def client_eval_fn(model: FederatedModel | SwitchConfig, max_length: int, decode: bool = True
-                   ) -> Callable[..., tuple]:
+def client_eval_fn(model: FederatedModel | SwitchConfig, max_length: int, decode: bool = True,
+                   decoding: Decoding | None = None) -> Callable[..., tuple]:
     """One client, unjitted: `(params, batches [K, B, ..], valid [L, E]) -> (loss, stats [L, ..],
-    tokens [K, B, T'] or None)` from `model.evaluate` on each batch; see `make_cohort_eval`."""
-    model = as_federated_model(model)
+    tokens [K, B, T'] or None)` from `model.evaluate` on each batch; see `make_cohort_eval`.
+    `decoding` (a `SwitchConfig` model only): greedy (None) or beam search."""
+    model = as_federated_model(model, decoding=decoding)
 
     def one_client(params, batches, valid):
         def step(_, batch):
@@ -46,15 +48,15 @@ def client_eval_fn(model: FederatedModel | SwitchConfig, max_length: int, decode
     return one_client
 
 
-def make_cohort_eval(model: FederatedModel | SwitchConfig, max_length: int, decode: bool = True
-                     ) -> Callable[..., tuple]:
+def make_cohort_eval(model: FederatedModel | SwitchConfig, max_length: int, decode: bool = True,
+                     decoding: Decoding | None = None) -> Callable[..., tuple]:
     """`(params [C,..], batches [C, K, B, ..], valid [C, L, E]) -> (loss [C], stats, tokens)`.
 
-    `model` is the narrow model (E = slots). `tokens` are greedy predictions `[C, K, B, T']`
-    with `T' = max_length` (None with `decode=False`); `stats` sums routing statistics over real
-    examples `[C, L, ...]`.
+    `model` is the narrow model (E = slots). `tokens` are the predictions `[C, K, B, T']` of
+    `decoding` (greedy by default) with `T' = max_length` (None with `decode=False`); `stats` sums
+    routing statistics over real examples `[C, L, ...]`.
     """
-    one_client = client_eval_fn(model, max_length, decode)
+    one_client = client_eval_fn(model, max_length, decode, decoding)
     cohort_eval = jax.jit(jax.vmap(one_client))
 
     def evaluate(params, batches, valid):

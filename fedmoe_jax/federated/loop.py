@@ -40,6 +40,7 @@ from fedmoe_jax.federated.submodel import (
     gather_submodel,
     zero_cohort_sums,
 )
+from fedmoe_jax.models.decoding import Decoding
 from fedmoe_jax.models.moe import RoutingStats
 from fedmoe_jax.models.switch import SwitchConfig
 
@@ -199,10 +200,11 @@ def make_round_step(
     memory_cap: int | None = None,
     eval_max_length: int | None = None,
     max_update_ratio: float = 0.0,
+    decoding: Decoding | None = None,
 ) -> Callable[..., RoundOutput]:
     """Build `round_step(params, indices, valid, batches, step_mask, weights, rngs, extra=None,
     eval_batches=None)` for `model`: any `FederatedModel` (a `SwitchConfig` is trained as
-    `SwitchMoE(config, loss_config)`); one program per narrowed model `model.narrow(valid)`.
+    `SwitchMoE(config, loss_config, decoding)`); one program per narrowed model `model.narrow(valid)`.
 
     Args of `round_step`:
       params: global parameters (E experts per MoE layer), replicated.
@@ -212,8 +214,9 @@ def make_round_step(
       rngs: `[C]` per-client keys. extra: per-client algorithm state `[C, ...]` or None.
       eval_batches: None, or `[C, K', B, ...]` validation batches (`cohort_eval_batches`): each client's
         trained sub-MoE is then validated inside the round, right after its sub-cohort trained
-        (`client_eval_fn`: loss, routing statistics, greedy tokens of `eval_max_length`), so the
-        trained models need not leave the program (`RoundOutput.evaluation`).
+        (`client_eval_fn`: loss, routing statistics, the tokens `decoding` (default greedy) generates
+        up to `eval_max_length`), so the trained models need not leave the program
+        (`RoundOutput.evaluation`).
     With a mesh, C must be a multiple of the `clients` axis size (see `padded_cohort_size`).
     `return_clients=True` also returns the trained narrow sub-MoEs (for validating each client's own
     model, the paper's Algorithm 1). `chunk_size` trains the cohort in sub-cohorts of that many clients
@@ -230,7 +233,7 @@ def make_round_step(
     """
     if runs and mesh is not None:
         raise ValueError("runs=True vmaps whole rounds on one device; pass mesh=None")
-    model = as_federated_model(model, loss_config)
+    model = as_federated_model(model, loss_config, decoding)
     # (narrow model, chunk, validating in the round) -> compiled round
     compiled: dict[tuple[FederatedModel, int | None, bool], Callable] = {}
 

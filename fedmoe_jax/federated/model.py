@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import numpy as np
 
+from fedmoe_jax.models.decoding import Decoding
 from fedmoe_jax.models.moe import RoutingStats
 from fedmoe_jax.models.objective import LossConfig, SwitchMoE
 from fedmoe_jax.models.switch import SwitchConfig
@@ -59,13 +60,15 @@ class FederatedModel(MoELayout, Protocol):
              ) -> tuple[Array, tuple[dict[str, Array], RoutingStats]]: ...
 
 
-def as_federated_model(model: FederatedModel | SwitchConfig, loss_config: LossConfig | None = None
-                       ) -> FederatedModel:
-    """`model` itself, or a `SwitchConfig` wrapped as `SwitchMoE(config, loss_config)`."""
+def as_federated_model(model: FederatedModel | SwitchConfig, loss_config: LossConfig | None = None,
+                       decoding: Decoding | None = None) -> FederatedModel:
+    """`model` itself, or a `SwitchConfig` wrapped as `SwitchMoE(config, loss_config, decoding)`."""
     if isinstance(model, SwitchConfig):
-        return SwitchMoE(model, loss_config or LossConfig())
+        return SwitchMoE(model, loss_config or LossConfig(), decoding or Decoding())
     if loss_config is not None and loss_config != LossConfig():
         raise ValueError("loss_config applies to a SwitchConfig; a FederatedModel brings its own loss")
+    if decoding is not None and decoding != Decoding():
+        raise ValueError("decoding applies to a SwitchConfig; a FederatedModel brings its own evaluate")
     if not isinstance(model, FederatedModel):
         raise TypeError(f"{type(model).__name__} is not a FederatedModel: it needs num_experts, "
                         "num_moe_layers, moe_layer_paths, narrow(valid) and loss(params, batch, "

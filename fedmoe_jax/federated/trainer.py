@@ -61,6 +61,7 @@ from fedmoe_jax.federated.submodel import (
     narrow_config,
     param_bytes,
 )
+from fedmoe_jax.models.decoding import Decoding
 from fedmoe_jax.models.switch import SwitchConfig
 
 PyTree = Any
@@ -87,8 +88,10 @@ class FederatedTrainer:
         checkpoint_every: int = 1,
         run_meta: dict[str, Any] | None = None,
         run_meta_defaults: dict[str, Any] | None = None,
+        decoding: Decoding = Decoding(),
     ):
-        """`workdir`: where checkpoints (`checkpoints/`), `metrics.jsonl` and TensorBoard events go;
+        """`decoding`: how every evaluation generates (greedy by default, or beam search).
+        `workdir`: where checkpoints (`checkpoints/`), `metrics.jsonl` and TensorBoard events go;
         an existing run there is resumed (refused if `run_meta` or the data differ). `run_meta`:
         JSON fields that define the run (e.g. the model config), checked on resume;
         `run_meta_defaults`: what their fields default to (a field absent from an older checkpoint
@@ -116,14 +119,14 @@ class FederatedTrainer:
                                            return_clients=algorithm.needs_client_params,
                                            memory_cap=settings.memory_cap_bytes,
                                            eval_max_length=data.target_len,
-                                           max_update_ratio=settings.max_update_ratio)
+                                           max_update_ratio=settings.max_update_ratio, decoding=decoding)
         if not algorithm.aggregates:
             self._personal_step = make_personal_step(config, optimizer, loss_config, algorithm.hooks, mesh,
                                                      memory_cap=settings.memory_cap_bytes,
                                                      max_update_ratio=settings.max_update_ratio)
         self._evaluators: dict[SwitchConfig, Any] = {}
         self._fine_tuners: dict[SwitchConfig, Any] = {}
-        self._optimizer, self._loss_config = optimizer, loss_config
+        self._optimizer, self._loss_config, self.decoding = optimizer, loss_config, decoding
         self._root = jax.random.key(settings.seed)
         self.dense_bytes, self.expert_bytes = param_bytes(params, config)
         self.history: list[dict[str, Any]] = []
@@ -187,7 +190,7 @@ class FederatedTrainer:
         """The cohort evaluation program for gathered sub-MoEs `valid [C, L, S]` (one per narrow model)."""
         narrow = narrow_config(self.config, valid)
         if narrow not in self._evaluators:
-            self._evaluators[narrow] = make_cohort_eval(narrow, self.data.target_len)
+            self._evaluators[narrow] = make_cohort_eval(narrow, self.data.target_len, decoding=self.decoding)
         return self._evaluators[narrow]
 
     def _next_cohort(self) -> tuple[np.ndarray, np.ndarray, int]:

@@ -1,6 +1,6 @@
 """Pure Flax (linen) modules: the MoE layer and the Switch Transformer."""
 
-from fedmoe_jax.models.decoding import DecodeOutput, beam_search, greedy_decode
+from fedmoe_jax.models.decoding import DecodeOutput, Decoding, beam_search, greedy_decode
 from fedmoe_jax.models.moe import (
     MASK_VALUE,
     Experts,
@@ -26,6 +26,7 @@ __all__ = [
     "MASK_VALUE",
     "NAMED_CONFIGS",
     "DecodeOutput",
+    "Decoding",
     "Experts",
     "MoELayer",
     "Router",

@@ -19,6 +19,7 @@ V vocab, K beams, L MoE layers, E experts.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
@@ -354,3 +355,41 @@ def beam_search(
     input_ids, attention_mask, expert_mask = _check_inputs(model, input_ids, attention_mask, expert_mask)
     return _beam(model, params, input_ids, attention_mask, expert_mask,
                  jnp.float32(length_penalty), num_beams=num_beams, max_length=max_length)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """How evaluation generates: greedy search (`num_beams=1`, the default) or beam search of
+    `num_beams` beams whose finished hypotheses are ranked by `sum_log_probs / length **
+    length_penalty` (> 0 favours longer outputs; greedy search ignores it). `length_penalty` is one
+    number, or one per task (a tuple indexed by the batch's task id, as T5 decodes summaries with
+    its own settings). Hashable, so it keys compiled programs."""
+
+    num_beams: int = 1
+    length_penalty: float | tuple[float, ...] = 1.0
+
+    def __post_init__(self):
+        _check_positive_int(self.num_beams, "num_beams")
+        penalties = self.length_penalty if isinstance(self.length_penalty, tuple) else (self.length_penalty,)
+        if not penalties or any(isinstance(p, bool) or not isinstance(p, int | float | np.floating)
+                                or not math.isfinite(p) for p in penalties):
+            raise ValueError(f"length_penalty must be a finite number or a tuple of them (one per task), "
+                             f"got {self.length_penalty!r}")
+
+    def __call__(self, model: SwitchTransformer, params: Any, input_ids: Array,
+                 attention_mask: Array | None = None, max_length: int = 20,
+                 expert_mask: Array | None = None, task: Array | None = None) -> DecodeOutput:
+        """`greedy_decode` or `beam_search` of `input_ids [B, S]` (arguments as theirs); `task`: the
+        batch's task id (a scalar, traced under `vmap`), needed with per-task length penalties."""
+        if self.num_beams == 1:
+            return greedy_decode(model, params, input_ids, attention_mask, max_length, expert_mask)
+        max_length = _check_positive_int(max_length, "max_length")
+        input_ids, attention_mask, expert_mask = _check_inputs(model, input_ids, attention_mask, expert_mask)
+        if isinstance(self.length_penalty, tuple):
+            if task is None:
+                raise ValueError("per-task length penalties need the batch's task (batches with 'task')")
+            penalty = jnp.asarray(self.length_penalty, jnp.float32)[task]
+        else:
+            penalty = jnp.float32(self.length_penalty)
+        return _beam(model, params, input_ids, attention_mask, expert_mask, penalty,
+                     num_beams=self.num_beams, max_length=max_length)

@@ -5,7 +5,7 @@ inputs shifted right, label-smoothed cross-entropy plus the load-balance and z-l
 layers. Every loop that trains a Switch model (federated rounds, Stage 1's LoRA rounds, pretraining)
 calls it. `SwitchMoE` wraps a `SwitchConfig` with its loss weights into the small object the federated
 engine trains (`fedmoe_jax.federated.model.FederatedModel`): where the MoE layers are, how to narrow the
-model to S expert slots, the loss, and evaluation with greedy decoding.
+model to S expert slots, the loss, and evaluation with greedy or beam decoding (`Decoding`).
 
 Shape letters: B batch, S_in input tokens, T target tokens, L MoE layers, E experts (or slots).
 """
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedmoe_jax.models.decoding import greedy_decode
+from fedmoe_jax.models.decoding import Decoding
 from fedmoe_jax.models.moe import RoutingStats
 from fedmoe_jax.models.switch import (
     SwitchConfig,
@@ -115,10 +115,12 @@ def narrow_config(config: SwitchConfig, valid: np.ndarray) -> SwitchConfig:
 @dataclasses.dataclass(frozen=True)
 class SwitchMoE:
     """A Switch Transformer as the federated engine trains it (`FederatedModel`); hashable, so it keys
-    compiled programs. `config.num_experts` is E for the global model, S for a narrowed one."""
+    compiled programs. `config.num_experts` is E for the global model, S for a narrowed one;
+    `decoding`: how `evaluate` generates (greedy by default)."""
 
     config: SwitchConfig
     loss_config: LossConfig = LossConfig()
+    decoding: Decoding = Decoding()
 
     @property
     def num_experts(self) -> int:
@@ -145,13 +147,14 @@ class SwitchMoE:
     def evaluate(self, params: PyTree, batch: Mapping[str, Array], expert_mask: Array,
                  max_length: int = 0) -> tuple[Array, Array, RoutingStats, Array | None]:
         """Deterministic evaluation of one batch: `(loss_sum, num_tokens, routing [L, E], tokens)`, the
-        unsmoothed cross-entropy summed over real target tokens, and with `max_length > 0` greedy
-        predictions `tokens [B, max_length]` (else None)."""
+        unsmoothed cross-entropy summed over real target tokens, and with `max_length > 0` the
+        predictions `tokens [B, max_length]` of `self.decoding` (else None)."""
         model = SwitchTransformer(self.config)
         out, enc, dec = seq2seq_apply(model, params, batch, expert_mask)
         n_tokens = dec.sum()
         loss_sum = cross_entropy(out.logits, batch["targets"], dec) * n_tokens
-        tokens = (greedy_decode(model, params, batch["inputs"], enc, max_length, expert_mask).tokens
+        task = batch["task"][0] if "task" in batch else None  # a client's batch is one task
+        tokens = (self.decoding(model, params, batch["inputs"], enc, max_length, expert_mask, task).tokens
                   if max_length else None)
         return loss_sum, n_tokens, out.routing, tokens
 

@@ -93,6 +93,7 @@ def reference_arrays(fed, client, split):
         "targets": targets[:, :T],
         "target_mask": target_mask[:, :T],
         "example_ids": idx,
+        "task": np.full(len(idx), TASKS.index(task)),
     }
 
 
@@ -233,7 +234,8 @@ def test_build_reads_only_examples_some_client_holds(fed, tok):
 def _rows(batch, i):
     """Client row i of a cohort batch: its valid examples, flattened over steps in order."""
     m = batch["example_mask"][i]
-    return {k: batch[k][i][m] for k in ("inputs", "input_mask", "targets", "target_mask", "example_ids")}
+    keys = ("inputs", "input_mask", "targets", "target_mask", "example_ids", "task")
+    return {k: batch[k][i][m] for k in keys}
 
 
 @PROPS
@@ -299,6 +301,11 @@ def test_client_batches_do_not_depend_on_the_cohort(fed):
         for k in ("inputs", "input_mask", "targets", "target_mask", "example_ids", "example_mask"):
             np.testing.assert_array_equal(other[k][i, :steps], alone[k][0, :steps])
             assert np.all(other[k][i, steps:] == (-1 if k == "example_ids" else 0))
+    # every row of a client, padding included, carries its task (per-task decoding reads row 0)
+    other = fed.cohort_batches([PAD_CLIENT, 1, 7], 5, 0, 4)
+    for i, c in enumerate([1, 7], start=1):
+        assert np.all(other["task"][i] == TASKS.index(fed.partition.task_of(c)))
+    assert np.all(other["task"][0] == 0)
     # With a fixed number of steps the rows are identical, shapes included.
     a = fed.cohort_batches([7], 5, 0, 4, num_steps=6)
     b = fed.cohort_batches([3, 7], 5, 0, 4, num_steps=6)

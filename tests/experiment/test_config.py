@@ -107,6 +107,9 @@ def test_parse_setting_arg():
     ("model.init", "hub", "init"),
     ("model.remat", "all", "model.remat"),
     ("data.task_ratios", (1.0, 0.0, 1.0), "task_ratios"),
+    ("decoding.num_beams", 0, "decoding.num_beams"),
+    ("decoding.length_penalty", (1.0, 2.0), "decoding.length_penalty.*three"),
+    ("decoding.length_penalty", (1.0, float("nan"), 1.0), "length_penalty=.* is not finite"),
 ])
 def test_inconsistent_values_are_named(key, value, match):
     c = default_config()

@@ -17,8 +17,9 @@ from fedmoe_jax.federated import expert_slots, gather_submodel
 from fedmoe_jax.federated.client import make_local_train
 from fedmoe_jax.federated.loop import make_round_step
 from fedmoe_jax.federated.model import FederatedModel, as_federated_model
-from fedmoe_jax.models import MoELayer
+from fedmoe_jax.models import Decoding, MoELayer
 from fedmoe_jax.models.moe import RoutingStats
+from fedmoe_jax.models.objective import LossConfig
 
 VOCAB, D, LAYERS, EXPERTS = 32, 16, 2, 4
 
@@ -93,6 +94,12 @@ def test_own_model_is_a_federated_model():
     assert isinstance(DecoderLM(), FederatedModel) and as_federated_model(DecoderLM()) == DecoderLM()
     with pytest.raises(TypeError, match="not a FederatedModel"):
         as_federated_model(object())
+    # loss and decoding settings belong to a SwitchConfig: a model of one's own brings its own
+    with pytest.raises(ValueError, match="its own loss"):
+        as_federated_model(DecoderLM(), LossConfig(label_smoothing=0.0))
+    with pytest.raises(ValueError, match="its own evaluate"):
+        as_federated_model(DecoderLM(), decoding=Decoding(num_beams=2))
+    assert as_federated_model(DecoderLM(), LossConfig(), Decoding()) == DecoderLM()
 
 
 def test_vmapped_sub_moe_round_matches_a_client_by_client_loop(setup):

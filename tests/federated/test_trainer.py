@@ -182,6 +182,38 @@ def test_global_model_and_unseen_client_evaluation(small_run):
         trainer.evaluate("test", model="best")
 
 
+def test_test_evaluation_beam_searches_each_client_with_its_tasks_length_penalty(small_run):
+    """`FederatedTrainer(decoding=...)` against the slow obvious path: every kept prediction equals
+    `beam_search` of the global model on that example with the length penalty of its client's task."""
+    from fedmoe_jax.data.tasks import TASKS
+    from fedmoe_jax.models import Decoding, SwitchTransformer, beam_search, greedy_decode
+
+    config, params, fed, tok = small_run
+    # the untrained model never says EOS: call EOS a token it emits often, so outputs end at different
+    # lengths and the length penalty decides between them
+    arrays = fed.client_arrays(0, "test")
+    free = np.asarray(greedy_decode(SwitchTransformer(config), params, arrays["inputs"], arrays["input_mask"],
+                                    fed.target_len).tokens)
+    config = config.replace(eos_token_id=int(np.bincount(free[:, 2:].ravel()).argmax()))
+    penalties = (0.0, 1.0, 3.0)
+    run = RunSettings(num_rounds=1, cohort_size=3, batch_size=4, local_steps=2, eval_batch_size=4)
+    trainer = FederatedTrainer(config, params, fed, tok, RandomMoE(experts_per_layer=4),
+                               optax.adamw(3e-3, eps=1e-3), run, decoding=Decoding(2, penalties))
+    clients = np.array([0, 2, 4])
+    assert sorted(fed.partition.task_of(k) for k in clients) == sorted(TASKS)
+    result = trainer.evaluate("test", clients=clients, batch_size=4, model="global", predictions=100)
+    model = SwitchTransformer(config)
+    for k in clients:
+        arrays = fed.client_arrays(int(k), "test")
+        out = beam_search(model, params, arrays["inputs"], arrays["input_mask"], num_beams=2,
+                          max_length=fed.target_len,
+                          length_penalty=penalties[TASKS.index(fed.partition.task_of(int(k)))])
+        want = dict(zip(arrays["example_ids"].tolist(), tok.decode(np.asarray(out.tokens))))
+        kept = result["clients"][int(k)]["examples"]
+        assert len(kept) == len(want)
+        assert {e["id"]: e["prediction"] for e in kept} == want
+
+
 def test_summary_reports_comm_experts_memory_and_scores(small_run):
     from fedmoe_jax.algorithms.memory import MemoryModel
 

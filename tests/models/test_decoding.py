@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from fedmoe_jax.models.decoding import beam_search, greedy_decode
+from fedmoe_jax.models.decoding import Decoding, beam_search, greedy_decode
 from fedmoe_jax.models.switch import SwitchTransformer, get_config
 
 N = 8  # generated tokens; <= expert_capacity, so a teacher-forced forward drops no decoder token
@@ -137,6 +137,34 @@ def test_single_beam_without_length_penalty_is_greedy(tiny):
     np.testing.assert_array_equal(np.asarray(beam.tokens), np.asarray(greedy.tokens))
     np.testing.assert_array_equal(np.asarray(beam.lengths), np.asarray(greedy.lengths))
     np.testing.assert_allclose(np.asarray(beam.scores), np.asarray(greedy.scores), atol=1e-5)
+
+
+def test_decoding_is_greedy_or_beam_search(tiny):
+    """`Decoding` (what evaluation is configured with) calls greedy search for one beam, else beam
+    search with its length penalty; bad settings fail when it is made, not inside a program."""
+    model, params, ids, mask = (tiny[k] for k in ("model", "params", "ids", "mask"))
+    greedy = greedy_decode(model, params, ids, mask, max_length=N)
+    np.testing.assert_array_equal(np.asarray(Decoding()(model, params, ids, mask, N).tokens),
+                                  np.asarray(greedy.tokens))
+    for beams, penalty in ((2, 0.0), (3, 2.0)):
+        want = beam_search(model, params, ids, mask, num_beams=beams, max_length=N, length_penalty=penalty)
+        got = Decoding(beams, penalty)(model, params, ids, mask, N)
+        np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+        np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores))
+    per_task = Decoding(2, (0.0, 2.0))  # a penalty per task id, picked by the batch's task
+    for task, penalty in ((0, 0.0), (1, 2.0)):
+        want = beam_search(model, params, ids, mask, num_beams=2, max_length=N, length_penalty=penalty)
+        got = per_task(model, params, ids, mask, N, task=jnp.int32(task))
+        np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    with pytest.raises(ValueError, match="need the batch's task"):
+        per_task(model, params, ids, mask, N)
+    assert Decoding(3, 2.0) == Decoding(3, 2.0) and hash(Decoding(3, 2.0)) == hash(Decoding(3, 2.0))
+    for kwargs, match in ((dict(num_beams=0), "num_beams"), (dict(num_beams=True), "num_beams"),
+                          (dict(length_penalty=float("inf")), "length_penalty"),
+                          (dict(length_penalty=(1.0, float("nan"))), "length_penalty"),
+                          (dict(length_penalty=()), "length_penalty")):
+        with pytest.raises(ValueError, match=match):
+            Decoding(**kwargs)
 
 
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
