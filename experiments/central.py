@@ -28,6 +28,8 @@ flags.DEFINE_integer("eval_points", 4, "Validation points along the way (the las
                      lower_bound=1)
 flags.DEFINE_enum("model", "moe", ["moe", "baseline"], "moe: the MoE FedMoE and randomMoE fine-tune; "
                   "baseline: the full-model baselines' smaller MoE.")
+flags.DEFINE_multi_string("decoding", [], "BEAMS:PENALTY or BEAMS:TC,RC,TS: also score the final model on "
+                          "validation and test with this decoding (repeatable), without training again.")
 flags.DEFINE_bool("progress", True, "Print each validation point.")
 flags.DEFINE_string("out", "", "Also write central.json and central.md into this directory.")
 FLAGS = flags.FLAGS
@@ -36,7 +38,7 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     run_tool(argv, lambda: run_central(FLAGS.config, overrides=FLAGS.set, out=FLAGS.out, steps=FLAGS.steps,
                                        eval_points=FLAGS.eval_points, progress=FLAGS.progress,
-                                       model=FLAGS.model), (SpecError, ConfigError))
+                                       model=FLAGS.model, decodings=FLAGS.decoding), (SpecError, ConfigError))
 
 
 if __name__ == "__main__":

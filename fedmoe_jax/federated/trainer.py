@@ -113,20 +113,13 @@ class FederatedTrainer:
         server_opt = server_optimizer or optax.sgd(1.0)
         self._server_init, self._server_update = make_server_update(config, server_opt)
         self.server = ServerState(params, self._server_init(params), 0, algorithm.init_server_extra(params))
-        # the cohort is validated inside the round program: its trained sub-MoEs leave the device only
-        # for an algorithm that needs them (at paper scale they would not fit beside the round)
-        self._round_step = make_round_step(config, optimizer, loss_config, algorithm.hooks, mesh,
-                                           return_clients=algorithm.needs_client_params,
-                                           memory_cap=settings.memory_cap_bytes,
-                                           eval_max_length=data.target_len,
-                                           max_update_ratio=settings.max_update_ratio, decoding=decoding)
+        self._optimizer, self._loss_config = optimizer, loss_config
+        self.set_decoding(decoding)
         if not algorithm.aggregates:
             self._personal_step = make_personal_step(config, optimizer, loss_config, algorithm.hooks, mesh,
                                                      memory_cap=settings.memory_cap_bytes,
                                                      max_update_ratio=settings.max_update_ratio)
-        self._evaluators: dict[SwitchConfig, Any] = {}
         self._fine_tuners: dict[SwitchConfig, Any] = {}
-        self._optimizer, self._loss_config, self.decoding = optimizer, loss_config, decoding
         self._root = jax.random.key(settings.seed)
         self.dense_bytes, self.expert_bytes = param_bytes(params, config)
         self.history: list[dict[str, Any]] = []
@@ -180,6 +173,21 @@ class FederatedTrainer:
             self._checkpointer.close()
         if self._writer is not None:
             self._writer.close()
+
+    def set_decoding(self, decoding: Decoding) -> None:
+        """Generate with `decoding` from now on, in rounds and evaluations (e.g. to score a finished
+        run's model under several decodings; a run's own decoding is part of its config)."""
+        self.decoding = decoding
+        # the cohort is validated inside the round program: its trained sub-MoEs leave the device only
+        # for an algorithm that needs them (at paper scale they would not fit beside the round)
+        s = self.settings
+        self._round_step = make_round_step(self.config, self._optimizer, self._loss_config,
+                                           self.algorithm.hooks, self.mesh,
+                                           return_clients=self.algorithm.needs_client_params,
+                                           memory_cap=s.memory_cap_bytes,
+                                           eval_max_length=self.data.target_len,
+                                           max_update_ratio=s.max_update_ratio, decoding=decoding)
+        self._evaluators: dict[SwitchConfig, Any] = {}
 
     # ------------------------------------------------------------------------------------------
     def sub_moe_bytes(self, expert_maps: np.ndarray) -> np.ndarray:

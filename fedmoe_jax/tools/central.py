@@ -8,7 +8,9 @@ in all (`num_rounds x cohort_size x local_steps`: the same number of examples se
 optimizer state. It is then scored as runs score the global model: every client's own test split
 (`FederatedTrainer.evaluate(model="global")`, the config's `eval.test_examples` per client), averaged
 per task. At `eval_points` evenly spaced steps it is also scored on the clients' validation splits,
-so the curve shows whether the budget over- or under-trains.
+so the curve shows whether the budget over- or under-trains. `decodings` score the final model again
+on both splits under other decodings (`Decoding`: beams and a length penalty per task), without
+training again: how to choose `decoding.*` on validation for every method at once.
 
     python experiments/central.py --config=configs/cpu.py:standard_hetero_t --out=results/benchmark/x
 """
@@ -64,12 +66,13 @@ MODELS = {"moe": "random_moe", "baseline": "fedavg"}
 
 
 def central_ceiling(config, steps: int = 0, eval_points: int = 4, chunk: int = 50,
-                    progress: bool = True, model: str = "moe") -> dict[str, Any]:
+                    progress: bool = True, model: str = "moe", decodings: Sequence = ()) -> dict[str, Any]:
     """Train and score the central model of experiment config `config` (`steps` = 0: one run's
     compute; `eval_points` >= 1 validation points, the last at the end; `model`: "moe", the config's
     MoE that FedMoE and randomMoE fine-tune, or "baseline", the full-model baselines' MoE). Returns the
-    settings, the validation curve (`curve`: step, seconds, per-task scores) and the final `test`
-    scores."""
+    settings, the validation curve (`curve`: step, seconds, per-task scores), the final `test` scores
+    and, per `Decoding` in `decodings`, the final model's `validation` and `test` scores under it
+    (`decodings`: num_beams, length_penalty per task)."""
     import jax
     import jax.numpy as jnp
 
@@ -129,10 +132,19 @@ def central_ceiling(config, steps: int = 0, eval_points: int = 4, chunk: int = 5
             if progress:
                 print(f"central: step {done}/{steps}: {curve[-1]}", flush=True)
     test = evaluate("test", params)
+    rescored = []
+    for d in decodings:
+        trainer.set_decoding(d)
+        penalty = d.length_penalty if isinstance(d.length_penalty, tuple) else (d.length_penalty,) * 3
+        rescored.append({"num_beams": d.num_beams, "length_penalty": list(penalty),
+                         "validation": evaluate("validation", params), "test": evaluate("test", params)})
+        if progress:
+            print(f"central: decoding {rescored[-1]}", flush=True)
     return {"steps": steps, "batch_size": config.batch_size, "examples": int(len(arrays["inputs"])),
             "epochs": steps * config.batch_size / len(arrays["inputs"]), "model": config.model.name,
             "which_model": model, "num_experts": trainer.config.num_experts, "init": config.model.init,
-            "seconds": round(time.time() - start, 1), "curve": curve, "loss_history": losses, "test": test}
+            "seconds": round(time.time() - start, 1), "curve": curve, "loss_history": losses, "test": test,
+            "decoding": config.decoding.to_dict(), "decodings": rescored}
 
 
 def markdown(result: dict[str, Any], heading: str = "") -> str:
@@ -148,22 +160,51 @@ def markdown(result: dict[str, Any], heading: str = "") -> str:
         lines.append(f"| {row['step']} | {row['train_loss']:.3f} | "
                      + " | ".join(f"{row.get(m, float('nan')):.1f}" for m in metrics) + " |")
     lines += ["", "Test: " + ", ".join(f"{m} {result['test'][m]:.1f}" for m in metrics)]
+    if result.get("decodings"):
+        lines += ["", "The final model under other decodings (length penalty per task: TC, RC, TS):", "",
+                  "| beams | length penalty | " + " | ".join(f"validation {m}" for m in metrics) + " | "
+                  + " | ".join(f"test {m}" for m in metrics) + " |",
+                  "|---:|---|" + "---:|" * (2 * len(metrics))]
+        for row in result["decodings"]:
+            lines.append(f"| {row['num_beams']} | {', '.join(f'{p:g}' for p in row['length_penalty'])} | "
+                         + " | ".join(f"{row[s].get(m, float('nan')):.1f}" for s in ("validation", "test")
+                                      for m in metrics) + " |")
     return "\n".join(lines) + "\n"
 
 
+def parse_decoding(text: str):
+    """"BEAMS:P" (one length penalty for every task) or "BEAMS:P_TC,P_RC,P_TS" -> `Decoding`;
+    `ConfigError` naming the format otherwise."""
+    from fedmoe_jax.errors import ConfigError
+    from fedmoe_jax.models.decoding import Decoding
+
+    try:
+        beams, penalties = text.split(":")
+        values = tuple(float(p) for p in penalties.split(","))
+        if len(values) not in (1, len(TASKS)):
+            raise ValueError
+        return Decoding(int(beams), values * len(TASKS) if len(values) == 1 else values)
+    except ValueError:
+        raise ConfigError(f"--decoding={text!r}: use BEAMS:PENALTY or BEAMS:TC,RC,TS with BEAMS >= 1 and "
+                          "finite penalties, e.g. 4:1.0 or 4:1,1,2") from None
+
+
 def run_central(config: str, overrides: Sequence[str] = (), out: str = "", steps: int = 0,
-                eval_points: int = 4, progress: bool = True, model: str = "moe") -> dict[str, Any]:
-    """`central_ceiling` of "FILE[:ARG]" with KEY=VALUE `overrides`; prints the Markdown and writes
-    `out/central.json` and `out/central.md` when given. A config that fails to load, a bad override
-    or an invalid config raises `SpecError` / `ConfigError` before any training."""
+                eval_points: int = 4, progress: bool = True, model: str = "moe",
+                decodings: Sequence[str] = ()) -> dict[str, Any]:
+    """`central_ceiling` of "FILE[:ARG]" with KEY=VALUE `overrides` and `decodings` ("BEAMS:P..."
+    strings, `parse_decoding`); prints the Markdown and writes `out/central.json` and `out/central.md`
+    when given. A config that fails to load, a bad override, an invalid config or a bad decoding raises
+    `SpecError` / `ConfigError` before any training."""
     from fedmoe_jax.experiment.config import validate
     from fedmoe_jax.files import write_report
     from fedmoe_jax.tools.sweeps import config_from_spec
 
     cfg = config_from_spec(config, overrides)
     validate(cfg)
+    parsed = [parse_decoding(d) for d in decodings]
     result = {"config": config, "overrides": list(overrides),
-              **central_ceiling(cfg, steps, eval_points, progress=progress, model=model)}
+              **central_ceiling(cfg, steps, eval_points, progress=progress, model=model, decodings=parsed)}
     text = markdown(result, f"Central ceiling (`{config}`{' ' + ' '.join(overrides) if overrides else ''})")
     print(text)
     if out:
