@@ -346,15 +346,25 @@ def beam_search(
     Returns:
       `DecodeOutput(tokens [B, T], lengths [B], scores [B])` of the best hypothesis per row.
     """
+    if not _is_finite_number(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+    return _checked_beam(model, params, input_ids, attention_mask, num_beams, max_length,
+                         jnp.float32(length_penalty), expert_mask)
+
+
+def _is_finite_number(value: Any) -> bool:
+    number = not isinstance(value, bool) and isinstance(value, int | float | np.floating)
+    return number and math.isfinite(value)
+
+
+def _checked_beam(model, params, input_ids, attention_mask, num_beams, max_length, length_penalty: Array,
+                  expert_mask) -> DecodeOutput:
+    """`beam_search` with a (possibly traced) scalar `length_penalty`, arguments checked."""
     max_length = _check_positive_int(max_length, "max_length")
     num_beams = _check_positive_int(num_beams, "num_beams")
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, int | float | np.floating) or (
-        not math.isfinite(length_penalty)
-    ):
-        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
     input_ids, attention_mask, expert_mask = _check_inputs(model, input_ids, attention_mask, expert_mask)
-    return _beam(model, params, input_ids, attention_mask, expert_mask,
-                 jnp.float32(length_penalty), num_beams=num_beams, max_length=max_length)
+    return _beam(model, params, input_ids, attention_mask, expert_mask, length_penalty, num_beams=num_beams,
+                 max_length=max_length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,8 +381,7 @@ class Decoding:
     def __post_init__(self):
         _check_positive_int(self.num_beams, "num_beams")
         penalties = self.length_penalty if isinstance(self.length_penalty, tuple) else (self.length_penalty,)
-        if not penalties or any(isinstance(p, bool) or not isinstance(p, int | float | np.floating)
-                                or not math.isfinite(p) for p in penalties):
+        if not penalties or not all(_is_finite_number(p) for p in penalties):
             raise ValueError(f"length_penalty must be a finite number or a tuple of them (one per task), "
                              f"got {self.length_penalty!r}")
 
@@ -383,13 +392,11 @@ class Decoding:
         batch's task id (a scalar, traced under `vmap`), needed with per-task length penalties."""
         if self.num_beams == 1:
             return greedy_decode(model, params, input_ids, attention_mask, max_length, expert_mask)
-        max_length = _check_positive_int(max_length, "max_length")
-        input_ids, attention_mask, expert_mask = _check_inputs(model, input_ids, attention_mask, expert_mask)
         if isinstance(self.length_penalty, tuple):
             if task is None:
                 raise ValueError("per-task length penalties need the batch's task (batches with 'task')")
             penalty = jnp.asarray(self.length_penalty, jnp.float32)[task]
         else:
             penalty = jnp.float32(self.length_penalty)
-        return _beam(model, params, input_ids, attention_mask, expert_mask, penalty,
-                     num_beams=self.num_beams, max_length=max_length)
+        return _checked_beam(model, params, input_ids, attention_mask, self.num_beams, max_length, penalty,
+                             expert_mask)
