@@ -269,9 +269,13 @@ def test_expert_parallel_mesh_equals_unsharded(setup):
 
 def test_validation_inside_the_round_equals_validating_the_returned_clients(setup):
     """The fast path (each sub-cohort's trained sub-MoEs validated inside the round, none returned)
-    against the slow one (the round returns every trained sub-MoE, `make_cohort_eval` validates them)."""
+    against the slow one (the round returns every trained sub-MoE, `make_cohort_eval` validates them),
+    both decoding with beam search and a length penalty per client's task (greedy is the default every
+    other round test runs); and the slow obvious path: `beam_search` of each trained client alone."""
     from fedmoe_jax.federated.evaluate import make_cohort_eval
     from fedmoe_jax.federated.submodel import narrow_config
+    from fedmoe_jax.models.decoding import Decoding, beam_search
+    from fedmoe_jax.models.objective import batch_masks
 
     config, params, maps, batches = setup
     tx = optax.sgd(0.1)
@@ -280,52 +284,25 @@ def test_validation_inside_the_round_equals_validating_the_returned_clients(setu
     keys = jax.random.wrap_key_data(jnp.asarray(rngs))
     rng = np.random.default_rng(5)
     eval_batches = jax.tree.map(lambda *a: np.stack(a), *[make_batches(rng, k=2) for _ in cohort])
-    fast = make_round_step(config, tx, chunk_size=2, eval_max_length=4)(
+    tasks = np.array([2, 0, 1, 2])  # each client searched with its task's length penalty
+    eval_batches["task"] = np.broadcast_to(tasks[:, None, None], eval_batches["example_mask"].shape)
+    penalties = (0.0, 1.0, 2.0)
+    beams = Decoding(num_beams=3, length_penalty=penalties)
+    fast = make_round_step(config, tx, chunk_size=2, eval_max_length=4, decoding=beams)(
         params, idx, valid, stacked, step_mask, weights, keys, None, eval_batches)
     assert fast.client_params is None
     slow = make_round_step(config, tx, chunk_size=2, return_clients=True)(
         params, idx, valid, stacked, step_mask, weights, keys)
-    loss, stats, tokens = make_cohort_eval(narrow_config(config, valid), 4)(slow.client_params, eval_batches,
-                                                                           valid)
+    narrow = narrow_config(config, valid)
+    loss, stats, tokens = make_cohort_eval(narrow, 4, decoding=beams)(slow.client_params, eval_batches, valid)
     np.testing.assert_allclose(np.asarray(fast.evaluation[0]), np.asarray(loss), rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(fast.evaluation[1].tokens_per_expert),
                                   np.asarray(stats.tokens_per_expert))
     np.testing.assert_array_equal(np.asarray(fast.evaluation[2]), np.asarray(tokens))
-    assert np.asarray(tokens).shape == (4, 2, eval_batches["inputs"].shape[2], 4)
-    with pytest.raises(ValueError, match="eval_max_length"):
-        make_round_step(config, tx, chunk_size=2)(params, idx, valid, stacked, step_mask, weights, keys, None,
-                                                 eval_batches)
-
-
-def test_beam_search_validation_equals_each_client_searched_alone(setup):
-    """Beam-search evaluation (`Decoding`) inside the round and in `make_cohort_eval` (vmapped over the
-    cohort) against the slow obvious path: `beam_search` of each trained client's narrowed model."""
-    from fedmoe_jax.federated.evaluate import make_cohort_eval
-    from fedmoe_jax.federated.submodel import narrow_config
-    from fedmoe_jax.models.decoding import Decoding, beam_search
-    from fedmoe_jax.models.objective import batch_masks
-
-    config, params, maps, batches = setup
-    tx = optax.sgd(0.1)
-    cohort = np.array([0, 1])
-    idx, valid, stacked, step_mask, weights, rngs = cohort_inputs(maps, batches, cohort, 4)
-    keys = jax.random.wrap_key_data(jnp.asarray(rngs))
-    rng = np.random.default_rng(5)
-    eval_batches = jax.tree.map(lambda *a: np.stack(a), *[make_batches(rng, k=1) for _ in cohort])
-    tasks = np.array([2, 0])  # TS and TC clients: each searched with its task's length penalty
-    eval_batches["task"] = np.broadcast_to(tasks[:, None, None], eval_batches["example_mask"].shape)
-    penalties = (0.0, 1.0, 2.0)
-    beams = Decoding(num_beams=3, length_penalty=penalties)
-    fast = make_round_step(config, tx, eval_max_length=4, decoding=beams)(
-        params, idx, valid, stacked, step_mask, weights, keys, None, eval_batches)
-    slow = make_round_step(config, tx, return_clients=True)(params, idx, valid, stacked, step_mask, weights,
-                                                           keys)
-    narrow = narrow_config(config, valid)
-    evaluate = make_cohort_eval(narrow, 4, decoding=beams)
-    tokens = np.asarray(evaluate(slow.client_params, eval_batches, valid)[2])
-    np.testing.assert_array_equal(np.asarray(fast.evaluation[2]), tokens)
+    tokens = np.asarray(tokens)
+    assert tokens.shape == (4, 2, eval_batches["inputs"].shape[2], 4)
     model = SwitchTransformer(narrow)
-    for i in range(len(cohort)):
+    for i in (0, 1):
         client = jax.tree.map(lambda a, i=i: a[i], slow.client_params)
         batch = jax.tree.map(lambda a, i=i: a[i, 0], eval_batches)
         want = beam_search(model, client, batch["inputs"], batch_masks(batch)[0], num_beams=3, max_length=4,
@@ -333,6 +310,9 @@ def test_beam_search_validation_equals_each_client_searched_alone(setup):
         np.testing.assert_array_equal(tokens[i, 0], np.asarray(want.tokens))
     greedy = np.asarray(make_cohort_eval(narrow, 4)(slow.client_params, eval_batches, valid)[2])
     assert not np.array_equal(greedy, tokens)  # the beams found other outputs somewhere
+    with pytest.raises(ValueError, match="eval_max_length"):
+        make_round_step(config, tx, chunk_size=2)(params, idx, valid, stacked, step_mask, weights, keys, None,
+                                                 eval_batches)
 
 
 def test_evaluation_program_equals_the_round_and_fits_the_memory_cap(setup):
