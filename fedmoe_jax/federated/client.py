@@ -38,7 +38,8 @@ OPTIONAL_BATCH_KEYS = ("task",)
 def model_batch(batches: Mapping[str, Any]) -> dict[str, Any]:
     """The arrays local training and evaluation read from `FederatedData` batches (`BATCH_KEYS`, and
     `OPTIONAL_BATCH_KEYS` where the batches have them)."""
-    return {k: batches[k] for k in BATCH_KEYS + OPTIONAL_BATCH_KEYS if k in BATCH_KEYS or k in batches}
+    present = [k for k in OPTIONAL_BATCH_KEYS if k in batches]
+    return {k: batches[k] for k in BATCH_KEYS + tuple(present)}
 
 
 def expert_update_mask(params: Mapping[str, Any], layout: MoELayout, valid: Array) -> dict:

@@ -135,7 +135,8 @@ def central_ceiling(config, steps: int = 0, eval_points: int = 4, chunk: int = 5
     rescored = []
     for d in decodings:
         trainer.set_decoding(d)
-        penalty = d.length_penalty if isinstance(d.length_penalty, tuple) else (d.length_penalty,) * 3
+        one = not isinstance(d.length_penalty, tuple)
+        penalty = (d.length_penalty,) * len(TASKS) if one else d.length_penalty
         rescored.append({"num_beams": d.num_beams, "length_penalty": list(penalty),
                          "validation": evaluate("validation", params), "test": evaluate("test", params)})
         if progress:
