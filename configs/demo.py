@@ -1,8 +1,8 @@
 """`make demo`: a Standard-Hetero-T comparison at CPU scale, small enough for 10 minutes on 2 cores.
 
 The structure of configs/cpu.py (pretrained switch-small-16, 16 experts vs 4 for the full-model
-baselines, modular aggregation, Stage 1 + Stage 2) with fewer rounds and examples, still on the
-original WordNet benchmark. ARG: the method (fedmoe, random_moe, fedprox, ...).
+baselines, modular aggregation, Stage 1 + Stage 2) with fewer clients (15, 5 per task), rounds and
+evaluation examples. ARG: the method (fedmoe, random_moe, fedprox, ...).
 
     python -m fedmoe_jax.main --config=configs/demo.py:random_moe --workdir=runs/demo/random_moe
 """
@@ -20,10 +20,7 @@ def get_config(method: str = "fedmoe"):
     c.learning_rate = 2e-3
     c.max_eval_examples = 16
     c.data.num_clients = 15
-    # the original WordNet benchmark and its 3,000-step models, as timed; the benchmark's models with
-    # configs/cpu.py's 4-beam evaluation need the demo re-sized to stay under 10 minutes
-    c.data.source = "embedded"
-    # the pretrained models that ship with the package: nothing to build
+    # the pretrained models that ship with the package (configs/cpu.py's): nothing to build
     c.model.build_pretrained = False
     c.data.train_examples_per_task = 1500
     c.data.eval_examples_per_task = 200

@@ -150,18 +150,11 @@ def test_shipped_entry_comes_first_and_a_broken_one_falls_back_to_the_cache(tmp_
 
 
 def test_cpu_scale_configs_start_from_the_shipped_models(tmp_path, monkeypatch):
-    """configs/cpu.py's two models (switch-small-16 and the baselines' 4-expert sibling, pretrained on
-    the benchmark) ship with the package, as do the original WordNet benchmark's two: no machine trains
-    them (a rebuild elsewhere differs in the last bits), and nothing else ships."""
+    """configs/cpu.py's two models (switch-small-16 and the baselines' 4-expert sibling) ship with the
+    package: no machine trains them (a rebuild elsewhere differs in the last bits)."""
     from fedmoe_jax.algorithms.registry import get_method
     from fedmoe_jax.checkpoints import load_hf_switch
-    from fedmoe_jax.experiment.build import (
-        initial_params,
-        load_tokenizer,
-        model_config,
-        pretrain_steps,
-        shipped_data_dir,
-    )
+    from fedmoe_jax.experiment.build import initial_params, load_tokenizer, model_config
 
     def no_training(*args, **kwargs):
         raise AssertionError("the CPU-scale configs trained a model instead of loading the shipped one")
@@ -173,31 +166,19 @@ def test_cpu_scale_configs_start_from_the_shipped_models(tmp_path, monkeypatch):
         config = module.get_config(f"standard_hetero_t,{method}")
         full = get_method(method).full_model
         cfg = model_config(config, load_tokenizer(config), full)
-        steps = pretrain_steps(config)  # the benchmark's 30,000, as experiments resolve it
-        params, info = pt.pretrained_entry(cfg, steps, str(tmp_path), progress=False,
-                                           data_dir=shipped_data_dir(config))
+        params, info = pt.pretrained_entry(cfg, config.model.pretrain_steps or pt.DEFAULT_STEPS,
+                                           str(tmp_path), progress=False)
         assert info["shipped"] and os.path.dirname(info["path"]) == pt.SHIPPED_DIR, info["path"]
         assert cfg.num_experts == (config.model.baseline_num_experts if full else 16)
         _, direct = load_hf_switch(info["path"])
         np.testing.assert_array_equal(params["shared"]["embedding"], direct["shared"]["embedding"])
         assert_same(initial_params(config, cfg, full, progress=False)[1], params)
         seen.add(os.path.basename(info["path"]))
-        assert steps == pt.BENCHMARK_STEPS and info["key"]["hyperparameters"]["steps"] == steps
         # compute-only fields (remat) name the same model: switching them never retrains it
-        tokenizer = load_tokenizer(config)
+        steps = config.model.pretrain_steps or pt.DEFAULT_STEPS
         for remat in ("full", "dots"):
             other = cfg.replace(remat=remat)
-            key = pt.cache_key(other, steps, tokenizer=tokenizer, data_dir=shipped_data_dir(config))
-            assert pt.entry_name(key) == os.path.basename(info["path"])
-    # the original WordNet benchmark's two 3,000-step models ship too (data.source="embedded")
-    for method in ("fedmoe", "fedprox"):
-        config = module.get_config(f"standard_hetero_t,{method}")
-        config.data.source = "embedded"
-        cfg = model_config(config, load_tokenizer(config), get_method(method).full_model)
-        _, info = pt.pretrained_entry(cfg, pretrain_steps(config), str(tmp_path), progress=False,
-                                      data_dir=shipped_data_dir(config))
-        assert info["shipped"] and info["key"]["hyperparameters"]["steps"] == pt.DEFAULT_STEPS
-        seen.add(os.path.basename(info["path"]))
+            assert pt.entry_name(pt.cache_key(other, steps)) == os.path.basename(info["path"])
     assert sorted(seen) == sorted(os.listdir(pt.SHIPPED_DIR))
 
 
