@@ -150,11 +150,19 @@ def test_shipped_entry_comes_first_and_a_broken_one_falls_back_to_the_cache(tmp_
 
 
 def test_cpu_scale_configs_start_from_the_shipped_models(tmp_path, monkeypatch):
-    """configs/cpu.py's two models (switch-small-16 and the baselines' 4-expert sibling) ship with the
-    package: no machine trains them (a rebuild elsewhere differs in the last bits)."""
+    """configs/cpu.py's two models (switch-small-16 and the baselines' 4-expert sibling, pretrained on
+    the original WordNet benchmark) ship with the package, as does the 16-expert model pretrained on the
+    benchmark (`data.source="benchmark"`): no machine trains them (a rebuild elsewhere differs in the
+    last bits), and nothing else ships."""
     from fedmoe_jax.algorithms.registry import get_method
     from fedmoe_jax.checkpoints import load_hf_switch
-    from fedmoe_jax.experiment.build import initial_params, load_tokenizer, model_config
+    from fedmoe_jax.experiment.build import (
+        initial_params,
+        load_tokenizer,
+        model_config,
+        pretrain_steps,
+        shipped_data_dir,
+    )
 
     def no_training(*args, **kwargs):
         raise AssertionError("the CPU-scale configs trained a model instead of loading the shipped one")
@@ -162,23 +170,29 @@ def test_cpu_scale_configs_start_from_the_shipped_models(tmp_path, monkeypatch):
     monkeypatch.setattr(pt, "pretrain", no_training)
     module = load_config_file("cpu")
     seen = set()
-    for method in ("fedmoe", "fedprox"):
-        config = module.get_config(f"standard_hetero_t,{method}")
-        full = get_method(method).full_model
-        cfg = model_config(config, load_tokenizer(config), full)
-        params, info = pt.pretrained_entry(cfg, config.model.pretrain_steps or pt.DEFAULT_STEPS,
-                                           str(tmp_path), progress=False)
-        assert info["shipped"] and os.path.dirname(info["path"]) == pt.SHIPPED_DIR, info["path"]
-        assert cfg.num_experts == (config.model.baseline_num_experts if full else 16)
-        _, direct = load_hf_switch(info["path"])
-        np.testing.assert_array_equal(params["shared"]["embedding"], direct["shared"]["embedding"])
-        assert_same(initial_params(config, cfg, full, progress=False)[1], params)
-        seen.add(os.path.basename(info["path"]))
-        # compute-only fields (remat) name the same model: switching them never retrains it
-        steps = config.model.pretrain_steps or pt.DEFAULT_STEPS
-        for remat in ("full", "dots"):
-            other = cfg.replace(remat=remat)
-            assert pt.entry_name(pt.cache_key(other, steps)) == os.path.basename(info["path"])
+    for source, methods, steps in (("embedded", ("fedmoe", "fedprox"), pt.DEFAULT_STEPS),
+                                   ("benchmark", ("fedmoe",), pt.BENCHMARK_STEPS)):
+        for method in methods:
+            config = module.get_config(f"standard_hetero_t,{method}")
+            config.data.source = source
+            full = get_method(method).full_model
+            tokenizer = load_tokenizer(config)
+            cfg = model_config(config, tokenizer, full)
+            assert pretrain_steps(config) == steps  # as experiments resolve it
+            params, info = pt.pretrained_entry(cfg, steps, str(tmp_path), progress=False,
+                                               data_dir=shipped_data_dir(config))
+            assert info["shipped"] and os.path.dirname(info["path"]) == pt.SHIPPED_DIR, info["path"]
+            assert info["key"]["hyperparameters"]["steps"] == steps
+            assert cfg.num_experts == (config.model.baseline_num_experts if full else 16)
+            _, direct = load_hf_switch(info["path"])
+            np.testing.assert_array_equal(params["shared"]["embedding"], direct["shared"]["embedding"])
+            assert_same(initial_params(config, cfg, full, progress=False)[1], params)
+            seen.add(os.path.basename(info["path"]))
+            # compute-only fields (remat) name the same model: switching them never retrains it
+            for remat in ("full", "dots"):
+                key = pt.cache_key(cfg.replace(remat=remat), steps, tokenizer=tokenizer,
+                                   data_dir=shipped_data_dir(config))
+                assert pt.entry_name(key) == os.path.basename(info["path"])
     assert sorted(seen) == sorted(os.listdir(pt.SHIPPED_DIR))
 
 
