@@ -176,11 +176,10 @@ def test_cpu_scale_configs_start_from_the_shipped_models(tmp_path, monkeypatch):
             config = module.get_config(f"standard_hetero_t,{method}")
             config.data.source = source
             full = get_method(method).full_model
-            tokenizer = load_tokenizer(config)
+            tokenizer, data_dir = load_tokenizer(config), shipped_data_dir(config)
             cfg = model_config(config, tokenizer, full)
             assert pretrain_steps(config) == steps  # as experiments resolve it
-            params, info = pt.pretrained_entry(cfg, steps, str(tmp_path), progress=False,
-                                               data_dir=shipped_data_dir(config))
+            params, info = pt.pretrained_entry(cfg, steps, str(tmp_path), progress=False, data_dir=data_dir)
             assert info["shipped"] and os.path.dirname(info["path"]) == pt.SHIPPED_DIR, info["path"]
             assert info["key"]["hyperparameters"]["steps"] == steps
             assert cfg.num_experts == (config.model.baseline_num_experts if full else 16)
@@ -190,8 +189,7 @@ def test_cpu_scale_configs_start_from_the_shipped_models(tmp_path, monkeypatch):
             seen.add(os.path.basename(info["path"]))
             # compute-only fields (remat) name the same model: switching them never retrains it
             for remat in ("full", "dots"):
-                key = pt.cache_key(cfg.replace(remat=remat), steps, tokenizer=tokenizer,
-                                   data_dir=shipped_data_dir(config))
+                key = pt.cache_key(cfg.replace(remat=remat), steps, tokenizer=tokenizer, data_dir=data_dir)
                 assert pt.entry_name(key) == os.path.basename(info["path"])
     assert sorted(seen) == sorted(os.listdir(pt.SHIPPED_DIR))
 
