@@ -8,7 +8,8 @@ writes `report.md`, `table1.json`, `table2.json`, `report.json` and `figures/*.p
 RUNS_ROOT/report). `--export-runs DIR` also copies each run's summary, metrics, expert maps and
 config (no checkpoints) to DIR, from which the same report can be rebuilt (`results/` is made so).
 Exit status 2 (one line on stderr) for a bad flag, when RUNS_ROOT holds no run, DIR lies inside it,
-`--compare` is not a report or `--floor` not a baselines.json. See `fedmoe_jax.tools.reports`.
+`--compare` is not a report, or `--floor` is not a baselines.json or was measured on other test data
+than the runs'. See `fedmoe_jax.tools.reports`.
 """
 
 from __future__ import annotations

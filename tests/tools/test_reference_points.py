@@ -141,3 +141,35 @@ def test_seeds_to_add_names_undecided_gaps_above_half_their_spread():
                                              "mean": pytest.approx(3.0), "spread": pytest.approx(2.0)}]}
     assert "| Standard-Hetero-T | FedProx | TC | 3 | +3.00 | 2.00 |" in reports.render_seeds_to_add(wanted)
     assert reports.render_seeds_to_add({})[0].startswith("None:")
+
+
+def test_a_floor_measured_on_other_test_data_exits_2_before_anything_is_written(tmp_path, capsys):
+    """The floor's baselines.json names the data it measured (source, folder, test examples per task);
+    runs scored on other data would be judged against the wrong floor: one line, exit 2, no report and
+    no export. Runs written without a config cannot be checked and pass."""
+    root = tmp_path / "runs"
+    data = {"source": "benchmark", "dir": "", "eval_examples_per_task": 600}
+    for method, source in (("fedmoe", "benchmark"), ("fedavg", "embedded")):
+        (root / method).mkdir(parents=True)
+        (root / method / "summary.json").write_text(json.dumps({
+            "method": method, "setting": "standard_hetero_t", "seed": 0, "rounds": 1,
+            "test": {"tc_accuracy": 70.0, "rc_f1": 60.0, "ts_rouge2": 14.0},
+            "config": {"data": {**data, "source": source}}}))
+    floor = json.loads(_baselines_file(tmp_path / "baselines.json").read_text())
+    floor.update(source="benchmark", data_dir="", examples_per_task={"train": 3000, "eval": 600})
+    (tmp_path / "baselines.json").write_text(json.dumps(floor))
+    assert reports.floor_data_mismatches(str(tmp_path), [{"config": {"data": data}}, {}]) == []
+    assert reports.floor_data_mismatches(str(tmp_path), [{"config": {"data": {**data, "dir": "x"}}}]) == [
+        'data.dir: the floor\'s "", the runs\' "x"']
+    capsys.readouterr()
+    code = reports.run_report(str(root), out=str(tmp_path / "out"), floor=str(tmp_path),
+                              export_runs=str(tmp_path / "exported"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --floor: ")
+    assert 'data.source: the floor\'s "benchmark", the runs\' "benchmark", "embedded"' in err[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "exported").exists()
+    with pytest.raises(reports.FloorMismatchError):  # the library entry point refuses too
+        reports.build_report(str(root), str(tmp_path / "out"), floor=str(tmp_path))
+    assert not (tmp_path / "out").exists()
+    (root / "fedavg" / "summary.json").unlink()
+    assert reports.run_report(str(root), out=str(tmp_path / "out"), floor=str(tmp_path)) == 0

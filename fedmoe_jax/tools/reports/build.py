@@ -3,8 +3,9 @@ and `figures/*.png` (the package doc says what each holds)."""
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedmoe_jax.files import write_json
@@ -25,6 +26,7 @@ from fedmoe_jax.tools.reports.paper import paper_claims, paper_comparison, paper
 from fedmoe_jax.tools.reports.reference_points import (
     REFERENCE_METHODS,
     floor_check,
+    floor_data_mismatches,
     global_vs_personal,
     load_floor,
     reference_comparison,
@@ -33,6 +35,32 @@ from fedmoe_jax.tools.reports.reference_points import (
 from fedmoe_jax.tools.reports.replay import stage2_trials
 from fedmoe_jax.tools.reports.separation import task_separation
 from fedmoe_jax.tools.reports.tables import cvi, improvement, table1, table2, time_to_target
+
+
+class FloorMismatchError(ValueError):
+    """`--floor`'s baselines were measured on other test data than the runs were scored on."""
+
+
+def read_summaries(root: str) -> list[dict[str, Any]]:
+    """Every `summary.json` under `root`, parsed (unreadable ones skipped: `load_runs` notes them)."""
+    summaries = []
+    for path in find_summaries(root) if os.path.isdir(root) else []:
+        try:
+            with open(path) as f:
+                summaries.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    return summaries
+
+
+def check_floor_data(floor: str, summaries: Sequence[Mapping[str, Any]]) -> None:
+    """`FloorMismatchError` (one line) when the floor's `baselines.json` measured other test data than
+    the runs were scored on."""
+    mismatches = floor_data_mismatches(floor, summaries)
+    if mismatches:
+        raise FloorMismatchError(f"{floor} was measured on other data than the runs ({'; '.join(mismatches)}"
+                                 "); measure the floor with `python experiments/baselines.py` on the runs' "
+                                 "config and overrides")
 
 
 def build_report(root: str, out: str | None = None, baselines: Sequence[str] = DEFAULT_BASELINES,
@@ -49,6 +77,8 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     runs = load_runs(root, notes)
     if not runs:
         raise NoRunsError(root)
+    if floor:  # a floor measured on other test data would mislabel every cell: refuse before writing
+        check_floor_data(floor, [r.summary for r in runs])
     groups = group_runs(runs)
     initial_models = check_initial_models(runs, notes)
     baselines = [b for b in baselines if b != METHOD]

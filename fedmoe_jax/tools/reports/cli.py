@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from fedmoe_jax.files import SUMMARY_FILE
 from fedmoe_jax.tools.reports import loading
-from fedmoe_jax.tools.reports.build import build_report
+from fedmoe_jax.tools.reports.build import FloorMismatchError, build_report, check_floor_data, read_summaries
 from fedmoe_jax.tools.reports.compare import load_table1
 from fedmoe_jax.tools.reports.names import DEFAULT_BASELINES
 from fedmoe_jax.tools.reports.reference_points import load_floor
@@ -29,6 +29,12 @@ def run_report(root: str, out: str | None = None, baselines: Sequence[str] = DEF
             except ValueError as e:
                 print(f"error: --{flag}: {e}", file=sys.stderr)
                 return 2
+    if floor:  # and on the runs' own test data, before the export copies anything
+        try:
+            check_floor_data(floor, read_summaries(root))
+        except FloorMismatchError as e:
+            print(f"error: --floor: {e}", file=sys.stderr)
+            return 2
     try:
         exported = loading.export_runs(root, export_runs) if export_runs else None
     except ValueError as e:  # the export directory lies inside RUNS_ROOT

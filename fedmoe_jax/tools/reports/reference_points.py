@@ -162,6 +162,26 @@ def load_floor(path: str) -> dict[str, dict[str, Any]]:
     return floor
 
 
+def floor_data_mismatches(path: str, summaries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What sets the runs' test data apart from the data `baselines.json` (or its folder) measured the
+    floor on: one phrase per differing field (`data.source`, `data.dir`, `data.eval_examples_per_task`)
+    with the values seen, empty when every run matches. Runs whose summary carries no config (written
+    by an older version) cannot be checked and are skipped."""
+    file = os.path.join(path, BASELINES_FILE) if os.path.isdir(path) else path
+    with open(file) as f:
+        measured = json.load(f)
+    want = {"source": measured.get("source"), "dir": measured.get("data_dir"),
+            "eval_examples_per_task": (measured.get("examples_per_task") or {}).get("eval")}
+    seen: dict[str, set] = {k: set() for k in want}
+    for summary in summaries:
+        data = (summary.get("config") or {}).get("data")
+        if isinstance(data, Mapping):
+            for k in want:
+                seen[k].add(json.dumps(data.get(k)))
+    return [f"data.{k}: the floor's {json.dumps(v)}, the runs' {', '.join(sorted(seen[k]))}"
+            for k, v in want.items() if v is not None and seen[k] - {json.dumps(v)}]
+
+
 def floor_check(t1: Mapping[str, Mapping[str, Mapping]], floor: Mapping[str, Mapping[str, Any]]
                 ) -> dict[str, dict[str, list[str]]]:
     """`{setting: {method: [columns whose seed-mean score is at or below the floor]}}` (every method)."""
