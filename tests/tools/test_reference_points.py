@@ -49,6 +49,16 @@ def test_global_vs_personal_lists_the_methods_that_scored_their_global_model():
     assert "| FedAvg + FT | 30.00 / 20.00 | 40.00 / 35.00 | 5.00 / 4.00 |" in lines
 
 
+def test_global_vs_personal_pairs_the_seeds_that_scored_both():
+    """Seeds 0, 1, 2 scored personal TC 10, 20, 30; only 0 and 1 scored the global model (5, 15): the
+    pair is (15, 10) over seeds 0 and 1, not (20, 10) over different seed sets."""
+    row = _row({"0": 10.0, "1": 20.0, "2": 30.0}, {"0": 1.0}, {"2": 3.0})
+    row.update(global_TC=10.0, global_TC_by_seed={"0": 5.0, "1": 15.0},
+               global_RC=2.0, global_RC_by_seed={"0": 2.0}, global_TS=None, global_TS_by_seed={})
+    got = reports.global_vs_personal({"standard_hetero_t": {"fedavg": row}})["standard_hetero_t"]["fedavg"]
+    assert got == {"TC": (15.0, 10.0), "RC": (1.0, 2.0), "TS": (None, None)}
+
+
 def _baselines_file(path):
     path.write_text(json.dumps({"baselines": {
         "tc": {"majority": {"accuracy": 18.8}, "naive_bayes": {"accuracy": 64.7}},

@@ -115,12 +115,26 @@ def render_seeds_to_add(wanted: Mapping[str, Sequence[Mapping[str, Any]]]) -> li
     return lines
 
 
+def _paired_means(row: Mapping[str, Any], col: str) -> tuple[float | None, float | None]:
+    """(personal, global) means of `col` over the seeds that scored both; the row's own means when it
+    carries no per-seed scores."""
+    own, glob = row.get(f"{col}_by_seed"), row.get(f"global_{col}_by_seed")
+    if not isinstance(own, Mapping) or not isinstance(glob, Mapping):
+        return row.get(col), row.get(f"global_{col}")
+    seeds = [s for s in own if s in glob]
+    if not seeds:
+        return None, None
+    return float(np.mean([own[s] for s in seeds])), float(np.mean([glob[s] for s in seeds]))
+
+
 def global_vs_personal(t1: Mapping[str, Mapping[str, Mapping]]) -> dict[str, dict[str, dict[str, Any]]]:
     """`{setting: {method: {"TC": (personal, global), ...}}}` for the methods whose runs also scored the
-    full global model on every client's test split (`eval.global_model`; not local training)."""
+    full global model on every client's test split (`eval.global_model`; not local training). Both are
+    means over the same seeds, those that scored both (a seed without its global score is left out of the
+    personal mean too)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for setting, rows in t1.items():
-        per = {m: {c: (row.get(c), row.get(f"global_{c}")) for c in COLUMNS.values()}
+        per = {m: {c: _paired_means(row, c) for c in COLUMNS.values()}
                for m, row in rows.items()
                if any(row.get(f"global_{c}") is not None for c in COLUMNS.values())}
         if per:

@@ -78,7 +78,8 @@ def table1(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes) -> dict[
                 if any(isinstance(r.summary.get(block), Mapping) for r in runs):
                     extra = _task_scores([r for r in runs if isinstance(r.summary.get(block), Mapping)],
                                          block, None)
-                    row.update({f"{prefix}_{c}": extra[c] for c in COLUMNS.values()})
+                    for c in COLUMNS.values():
+                        row[f"{prefix}_{c}"], row[f"{prefix}_{c}_by_seed"] = extra[c], extra[f"{c}_by_seed"]
             table[setting][method] = row
             rounds = sorted({r.summary.get("rounds") for r in runs}, key=str)
             if len(rounds) > 1:
