@@ -60,8 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     # "benchmark" (shipped: WordNet topics, WordNet reading, Debian package summaries; docs/data.md),
-    # "embedded" (shipped: the original WordNet-only benchmark) or "tfds" (AG News / SQuAD / XSum)
-    c.data.source = "embedded"
+    # "embedded" (shipped: the original WordNet-only benchmark, kept as an option) or "tfds"
+    # (AG News / SQuAD / XSum)
+    c.data.source = "benchmark"
     c.data.dir = ""  # tfds: the prepared data dir; benchmark / embedded: "" = the copy inside the package
     c.data.tokenizer = ""  # a spiece.model; "": the shipped data's, or the HF checkpoint's (model.init="hf")
     c.data.num_clients = 30  # N clients, split over the three tasks by task_ratios

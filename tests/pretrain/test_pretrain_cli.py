@@ -10,10 +10,10 @@ import pytest
 from conftest import xla_flags
 from pretraining_helpers import FAST, ROOT, load_config_file
 
-from fedmoe_jax.data import embedded_tokenizer
+from fedmoe_jax.data import benchmark_dir, embedded_tokenizer
 from fedmoe_jax.models import get_config
 from fedmoe_jax.pretrain import cli as pt
-from fedmoe_jax.pretrain.cache import DEFAULT_STEPS
+from fedmoe_jax.pretrain.cache import BENCHMARK_STEPS
 from fedmoe_jax.pretrain.train import DEFAULTS
 
 
@@ -26,7 +26,10 @@ def test_run_pretrain_writes_summary_and_plot(tmp_path, tok):
     config = load_config_file("pretrain").get_config()
     # a pretraining config, not an experiment's: no method, no rounds
     assert "method" not in config and "num_rounds" not in config and config.model.name == "switch-small-16"
-    assert config.steps == DEFAULT_STEPS and config.cache_dir == "runs/pretrained"
+    # its defaults build the benchmark's shipped models
+    assert config.steps == BENCHMARK_STEPS and config.cache_dir == "runs/pretrained"
+    assert config.data_dir == benchmark_dir()
+    config.data_dir = ""  # the small embedded corpus: seconds
     assert {k: config[k] for k in DEFAULTS} == DEFAULTS
     config.model.name = "switch-tiny-4"
     config.model.vocab_size = tok.vocab_size

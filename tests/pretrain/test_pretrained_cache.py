@@ -151,9 +151,9 @@ def test_shipped_entry_comes_first_and_a_broken_one_falls_back_to_the_cache(tmp_
 
 def test_cpu_scale_configs_start_from_the_shipped_models(tmp_path, monkeypatch):
     """configs/cpu.py's two models (switch-small-16 and the baselines' 4-expert sibling, pretrained on
-    the original WordNet benchmark) ship with the package, as does the 16-expert model pretrained on the
-    benchmark (`data.source="benchmark"`): no machine trains them (a rebuild elsewhere differs in the
-    last bits), and nothing else ships."""
+    the benchmark) ship with the package, as do the original WordNet benchmark's two: no machine trains
+    them (a rebuild elsewhere differs in the last bits), and nothing else ships; `make demo` uses the
+    benchmark's two."""
     from fedmoe_jax.algorithms.registry import get_method
     from fedmoe_jax.checkpoints import load_hf_switch
     from fedmoe_jax.experiment.build import (
@@ -171,7 +171,7 @@ def test_cpu_scale_configs_start_from_the_shipped_models(tmp_path, monkeypatch):
     module = load_config_file("cpu")
     seen = set()
     for source, methods, steps in (("embedded", ("fedmoe", "fedprox"), pt.DEFAULT_STEPS),
-                                   ("benchmark", ("fedmoe",), pt.BENCHMARK_STEPS)):
+                                   ("benchmark", ("fedmoe", "fedprox"), pt.BENCHMARK_STEPS)):
         for method in methods:
             config = module.get_config(f"standard_hetero_t,{method}")
             config.data.source = source
@@ -192,6 +192,17 @@ def test_cpu_scale_configs_start_from_the_shipped_models(tmp_path, monkeypatch):
                 key = pt.cache_key(cfg.replace(remat=remat), steps, tokenizer=tokenizer, data_dir=data_dir)
                 assert pt.entry_name(key) == os.path.basename(info["path"])
     assert sorted(seen) == sorted(os.listdir(pt.SHIPPED_DIR))
+    # `make demo` (configs/demo.py) starts its three methods from configs/cpu.py's benchmark models
+    demo, benchmark_models = load_config_file("demo"), set()
+    for method in ("fedmoe", "random_moe", "fedprox"):
+        config = demo.get_config(method)
+        assert config.data.source == "benchmark" and not config.model.build_pretrained
+        cfg = model_config(config, load_tokenizer(config), get_method(method).full_model)
+        _, info = pt.pretrained_entry(cfg, pretrain_steps(config), str(tmp_path), progress=False,
+                                      data_dir=shipped_data_dir(config))
+        assert info["shipped"] and info["key"]["hyperparameters"]["steps"] == pt.BENCHMARK_STEPS
+        benchmark_models.add(os.path.basename(info["path"]))
+    assert len(benchmark_models) == 2 and benchmark_models <= seen
 
 
 def test_build_false_refuses_to_pretrain_a_missing_model(tmp_path, tiny, tok, monkeypatch):
