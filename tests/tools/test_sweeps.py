@@ -588,3 +588,7 @@ def test_shipped_specs_expand_to_valid_configs(name, monkeypatch):
     if name == "cpu_reproduction.json":  # the grid: 4 settings x 9 methods x 3 seeds on the benchmark
         assert len(runs) == 108
         assert {"fedmoe", "fedavg_ft"} <= {r.params["method"] for r in runs}
+        # seed outside method: a grid stopped part-way holds whole seeds of its first setting, every
+        # method paired, rather than three seeds of a few methods
+        assert [(r.arg, r.params["seed"]) for r in runs[:9]] == [("standard_hetero_t", 0)] * 9
+        assert len({r.params["method"] for r in runs[:9]}) == 9
