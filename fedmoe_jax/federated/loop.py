@@ -393,7 +393,7 @@ def make_personal_step(
     `make_round_step`. `"auto"`: the whole cohort at once, or under `memory_cap` (bytes per device) the
     largest sub-cohort whose compiled step fits (`fit_under_cap`, candidates from `auto_chunk_size`
     down; `personal_step.memory_needs` keeps `{cohort: {chunk: bytes}}`). Unlike a round, "auto" makes
-    no CPU sub-cohorts: `results/cpu_reproduction`'s `local` runs trained the whole cohort at once."""
+    no CPU sub-cohorts: `results/cpu_reproduction_wordnet`'s `local` runs trained the whole cohort at once."""
     model = as_federated_model(model, loss_config)
     all_experts = jnp.ones((model.num_moe_layers, model.num_experts), bool)
     local_train = make_local_train(model.narrow(all_experts), optimizer, hooks=hooks)
