@@ -189,6 +189,21 @@ class FederatedTrainer:
                                            max_update_ratio=s.max_update_ratio, decoding=decoding)
         self._evaluators: dict[SwitchConfig, Any] = {}
 
+    def set_local_optimizer(self, optimizer: optax.GradientTransformation) -> None:
+        """Train locally with `optimizer` from now on, in rounds and in `evaluate(local_steps=)` (e.g. to
+        fine-tune a finished run's model at another learning rate; a run's own optimizer is part of its
+        config and its checkpoints do not hold the clients' optimizer states, which start fresh each
+        round)."""
+        self._optimizer = optimizer
+        if not self.algorithm.aggregates:
+            s = self.settings
+            self._personal_step = make_personal_step(self.config, optimizer, self._loss_config,
+                                                     self.algorithm.hooks, self.mesh,
+                                                     memory_cap=s.memory_cap_bytes,
+                                                     max_update_ratio=s.max_update_ratio)
+        self._fine_tuners = {}
+        self.set_decoding(self.decoding)  # rebuilds the round program with the new optimizer
+
     # ------------------------------------------------------------------------------------------
     def sub_moe_bytes(self, expert_maps: np.ndarray) -> np.ndarray:
         """Bytes of each client's sub-MoE `[C]` (what goes down and comes back up in a round)."""

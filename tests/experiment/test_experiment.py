@@ -227,5 +227,41 @@ def test_fedavg_ft_is_fedavg_then_each_client_fine_tunes_before_its_test(tmp_pat
     # the fine-tuned models answer differently from the global model on some kept test example
     assert any(v != records[k + ("global",)] for k, v in own.items())
     assert get_config("fedavg_ft").fedavg_ft.local_steps == 0  # 0: one round's local_steps
+    _check_fine_tune_curve(tmp_path, tuned)
     assert fine_tune_steps(get_config("fedavg_ft")) == get_config().local_steps
     assert fine_tune_steps(get_config("fedavg")) == 0
+
+
+def _check_fine_tune_curve(run_dir, tuned):
+    """`fine_tune_curve` of the finished FedAvg + FT run: 0 steps score the global model (the run's
+    `global_test`), the run's own 3 steps reproduce its `test` exactly, another learning rate changes
+    the fine-tuned models' test losses and not the untuned ones, and the run directory is left byte
+    for byte."""
+    import hashlib
+
+    from fedmoe_jax.errors import ConfigError
+    from fedmoe_jax.tools.fine_tune_curve import curve_table, fine_tune_curve
+
+    def digest():
+        return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+    before = digest()
+    curve = fine_tune_curve(str(run_dir), [0, 3])
+    scores = [{k: v for k, v in row.items() if k not in ("steps", "clients")} for row in curve["curve"]]
+    assert scores == [tuned["global_test"], tuned["test"]]
+    assert curve["run_fine_tune_steps"] == 3 and curve["learning_rate"] == tuned["config"]["learning_rate"]
+    assert "| 3 |" in curve_table(curve)
+    slow = fine_tune_curve(str(run_dir), [0, 3], learning_rate=1e-6)
+    losses = [{c: r["loss"] for c, r in row["clients"].items()} for row in (*curve["curve"], *slow["curve"])]
+    assert losses[2] == losses[0] and losses[3] != losses[1]  # 0 steps: the rate does not matter
+    assert digest() == before
+    with pytest.raises(ConfigError, match="step counts >= 0"):
+        fine_tune_curve(str(run_dir), [-1])
+    unfinished = run_dir / "unfinished"  # after the digest: the run directory is not read again
+    unfinished.mkdir()
+    (unfinished / "config.json").write_bytes((run_dir / "config.json").read_bytes())
+    with pytest.raises(ConfigError, match="holds no finished run"):
+        fine_tune_curve(str(unfinished), [0])
+    with pytest.raises(ConfigError, match="has no config.json"):
+        fine_tune_curve(str(unfinished / "nothing"), [0])
