@@ -3,7 +3,6 @@ and `figures/*.png` (the package doc says what each holds)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,18 +38,6 @@ from fedmoe_jax.tools.reports.tables import cvi, improvement, table1, table2, ti
 
 class FloorMismatchError(ValueError):
     """`--floor`'s baselines were measured on other test data than the runs were scored on."""
-
-
-def read_summaries(root: str) -> list[dict[str, Any]]:
-    """Every `summary.json` under `root`, parsed (unreadable ones skipped: `load_runs` notes them)."""
-    summaries = []
-    for path in find_summaries(root) if os.path.isdir(root) else []:
-        try:
-            with open(path) as f:
-                summaries.append(json.load(f))
-        except (OSError, ValueError):
-            continue
-    return summaries
 
 
 def check_floor_data(floor: str, summaries: Sequence[Mapping[str, Any]]) -> None:

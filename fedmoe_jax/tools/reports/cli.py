@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from fedmoe_jax.files import SUMMARY_FILE
 from fedmoe_jax.tools.reports import loading
-from fedmoe_jax.tools.reports.build import FloorMismatchError, build_report, check_floor_data, read_summaries
+from fedmoe_jax.tools.reports.build import FloorMismatchError, build_report, check_floor_data
 from fedmoe_jax.tools.reports.compare import load_table1
 from fedmoe_jax.tools.reports.names import DEFAULT_BASELINES
 from fedmoe_jax.tools.reports.reference_points import load_floor
@@ -31,7 +31,7 @@ def run_report(root: str, out: str | None = None, baselines: Sequence[str] = DEF
                 return 2
     if floor:  # and on the runs' own test data, before the export copies anything
         try:
-            check_floor_data(floor, read_summaries(root))
+            check_floor_data(floor, [r.summary for r in loading.load_runs(root, loading.Notes())])
         except FloorMismatchError as e:
             print(f"error: --floor: {e}", file=sys.stderr)
             return 2

@@ -156,11 +156,16 @@ def render_global_vs_personal(table: Mapping[str, Mapping[str, Mapping[str, Any]
     return lines
 
 
+def _baselines_file(path: str) -> str:
+    """`path` itself, or the `baselines.json` inside it when it is a folder."""
+    return os.path.join(path, BASELINES_FILE) if os.path.isdir(path) else path
+
+
 def load_floor(path: str) -> dict[str, dict[str, Any]]:
     """The floor of each task from a `baselines.json` (or the folder holding one): `{"TC": {"baseline":
     name, "value": percent}, ...}`, the trivial baseline with the best primary metric. `ValueError` (one
     line) when the file is missing, unreadable or not a baselines file."""
-    file = os.path.join(path, BASELINES_FILE) if os.path.isdir(path) else path
+    file = _baselines_file(path)
     try:
         with open(file) as f:
             baselines = json.load(f)["baselines"]
@@ -181,8 +186,7 @@ def floor_data_mismatches(path: str, summaries: Sequence[Mapping[str, Any]]) -> 
     floor on: one phrase per differing field (`data.source`, `data.dir`, `data.eval_examples_per_task`)
     with the values seen, empty when every run matches. Runs whose summary carries no config (written
     by an older version) cannot be checked and are skipped."""
-    file = os.path.join(path, BASELINES_FILE) if os.path.isdir(path) else path
-    with open(file) as f:
+    with open(_baselines_file(path)) as f:  # readable: `load_floor` checked it first
         measured = json.load(f)
     want = {"source": measured.get("source"), "dir": measured.get("data_dir"),
             "eval_examples_per_task": (measured.get("examples_per_task") or {}).get("eval")}
