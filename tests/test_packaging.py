@@ -50,3 +50,13 @@ def test_make_installs_with_the_constraints():
     makefile = open(os.path.join(ROOT, "Makefile")).read()
     installs = [line for line in makefile.splitlines() if "$(PIP) install" in line]
     assert installs and all("-c constraints.txt" in line for line in installs)
+
+
+def test_make_demo_reads_only_committed_results():
+    """`make demo` prints the full grid's plain words from a committed report: every results/ file the
+    Makefile names is in the repository (a fresh clone has no other)."""
+    import re
+
+    makefile = open(os.path.join(ROOT, "Makefile")).read()
+    named = set(re.findall(r"results/[\w./-]+\.md", makefile))
+    assert named and all(os.path.isfile(os.path.join(ROOT, p)) for p in named), named
