@@ -69,6 +69,11 @@ def fine_tune_curve(run_dir: str, steps: Sequence[int], learning_rate: float | N
     if finished_summary(run_dir, config.num_rounds) is None:
         raise ConfigError(f"{run_dir} holds no finished run (no {SUMMARY_FILE} after "
                           f"{config.num_rounds} rounds); finish it first")
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    rounds = [int(n) for n in os.listdir(checkpoints) if n.isdigit()] if os.path.isdir(checkpoints) else []
+    if max(rounds, default=-1) < config.num_rounds:  # before `build`, which would run Stage 1 again
+        raise ConfigError(f"{run_dir} has no checkpoint of its final round {config.num_rounds} (exported "
+                          "runs keep none); pass the run directory the run itself wrote")
     e = config.eval
     with tempfile.TemporaryDirectory(prefix="fine_tune_curve-") as tmp:
         workdir = os.path.join(tmp, "run")

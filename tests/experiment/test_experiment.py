@@ -263,5 +263,8 @@ def _check_fine_tune_curve(run_dir, tuned):
     (unfinished / "config.json").write_bytes((run_dir / "config.json").read_bytes())
     with pytest.raises(ConfigError, match="holds no finished run"):
         fine_tune_curve(str(unfinished), [0])
+    (unfinished / "summary.json").write_bytes((run_dir / "summary.json").read_bytes())
+    with pytest.raises(ConfigError, match="has no checkpoint of its final round 1"):
+        fine_tune_curve(str(unfinished), [0])  # an exported run: its config and summary, no checkpoints
     with pytest.raises(ConfigError, match="has no config.json"):
         fine_tune_curve(str(unfinished / "nothing"), [0])
