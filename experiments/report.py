@@ -1,7 +1,7 @@
 r"""Paper-style report (Table 1 / Table 2 analogues, CVI, time-to-target, figures) from run directories.
 
     python experiments/report.py RUNS_ROOT [--out DIR] [--baseline-methods random_moe,fedprox,scaffold] \
-        [--export-runs DIR] [--compare EARLIER_REPORT] [--floor BASELINES_JSON]
+        [--export-runs DIR] [--compare EARLIER_REPORT] [--floor BASELINES_JSON] [--seeds-spec FILE]
 
 Finds every `summary.json` under RUNS_ROOT (runs of `python -m fedmoe_jax.main ... --workdir=DIR`) and
 writes `report.md`, `table1.json`, `table2.json`, `report.json` and `figures/*.png` to DIR (default
@@ -9,7 +9,9 @@ RUNS_ROOT/report). `--export-runs DIR` also copies each run's summary, metrics, 
 config (no checkpoints) to DIR, from which the same report can be rebuilt (`results/` is made so).
 Exit status 2 (one line on stderr) for a bad flag, when RUNS_ROOT holds no run, DIR lies inside it,
 `--compare` is not a report, or `--floor` is not a baselines.json or was measured on other test data
-than the runs'. See `fedmoe_jax.tools.reports`.
+than the runs'. `--seeds-spec FILE` also writes the sweep spec of the next paired seed the report's
+"Seeds to add" asks for (`fedmoe_jax.tools.sweeps.more_seeds`; RUNS_ROOT must be a sweep's root).
+See `fedmoe_jax.tools.reports`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ flags.DEFINE_string("floor", None, "A baselines.json of experiments/baselines.py
                     "runs' data: its best trivial baseline per task becomes Table 1's floor row.")
 flags.DEFINE_string("compare", None, "An earlier report directory (or its table1.json): adds how every "
                     "Table 1 cell moved from it and which FedMoE-vs-baseline directions flipped.")
+flags.DEFINE_string("seeds-spec", None, "Also write the sweep spec (JSON) of the next paired seed of FedMoE "
+                    "and each baseline it is undecided against (RUNS_ROOT: a sweep's root, with sweep.json).")
 FLAGS = flags.FLAGS
 
 
@@ -36,7 +40,8 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         fail(f"expected one RUNS_ROOT (a directory holding run directories), got {argv[1:]}")
     return run_report(argv[1], out=FLAGS.out, baselines=FLAGS["baseline-methods"].value,
-                      export_runs=FLAGS["export-runs"].value, compare=FLAGS.compare, floor=FLAGS.floor)
+                      export_runs=FLAGS["export-runs"].value, compare=FLAGS.compare, floor=FLAGS.floor,
+                      seeds_spec=FLAGS["seeds-spec"].value)
 
 
 if __name__ == "__main__":

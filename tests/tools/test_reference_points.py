@@ -183,3 +183,35 @@ def test_a_floor_measured_on_other_test_data_exits_2_before_anything_is_written(
     assert not (tmp_path / "out").exists()
     (root / "fedavg" / "summary.json").unlink()
     assert reports.run_report(str(root), out=str(tmp_path / "out"), floor=str(tmp_path)) == 0
+
+
+def test_cli_seeds_spec_writes_the_next_seed_and_refuses_runs_no_sweep_made(tmp_path, capsys):
+    """FedMoE vs randomMoE TC, seeds 0 and 1: diffs +2, +6 (mean 4 > spread 2.83 / 2, 95 % interval
+    4 +- 25.4 holds 0): seed 2 of both is wanted, and the spec of the grid's recorded sweep runs it."""
+    from fedmoe_jax.tools import sweeps
+
+    root = tmp_path / "runs"
+    for method, tcs in (("fedmoe", (62.0, 66.0)), ("random_moe", (60.0, 60.0))):
+        for seed, tc in enumerate(tcs):
+            (root / f"{method}{seed}").mkdir(parents=True)
+            summary = {"method": method, "setting": "standard_hetero_t", "seed": seed, "rounds": 1,
+                       "test": {"tc_accuracy": tc, "rc_f1": 50.0, "ts_rouge2": 10.0}}
+            (root / f"{method}{seed}" / "summary.json").write_text(json.dumps(summary))
+    capsys.readouterr()
+    spec_file = tmp_path / "more.json"
+    assert reports.run_report(str(root), out=str(tmp_path / "a"), baselines=["random_moe"],
+                              seeds_spec=str(spec_file)) == 2  # no sweep.json under the root
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --seeds-spec: ") and "sweep.json" in err[0]
+    assert not (tmp_path / "a").exists() and not spec_file.exists()
+    grid = sweeps.spec_from_dict({"config": "configs/cpu.py", "args": ["standard_hetero_t"],
+                                  "grid": {"seed": [0, 1], "method": ["fedmoe", "random_moe"]},
+                                  "set": {"model.build_pretrained": False}, "root": str(root)})
+    sweeps.write_sweep_json(grid, [])
+    assert reports.run_report(str(root), out=str(tmp_path / "a"), baselines=["random_moe"],
+                              seeds_spec=str(spec_file)) == 0
+    spec = sweeps.load_spec(str(spec_file))
+    assert spec.args == ["standard_hetero_t"]
+    assert spec.grid == {"seed": [2], "method": ["fedmoe", "random_moe"]}
+    assert spec.set == {"model.build_pretrained": False} and spec.root == str(root / "more_seeds")
+    assert "python experiments/sweep.py --spec=" in capsys.readouterr().out

@@ -592,3 +592,37 @@ def test_shipped_specs_expand_to_valid_configs(name, monkeypatch):
         # method paired, rather than three seeds of a few methods
         assert [(r.arg, r.params["seed"]) for r in runs[:9]] == [("standard_hetero_t", 0)] * 9
         assert len({r.params["method"] for r in runs[:9]}) == 9
+
+
+def test_more_seeds_spec_runs_exactly_the_next_paired_seeds(fake):
+    """From a recorded grid (3 settings x 4 methods x seeds 0-2) and a report's wanted directions, the
+    spec runs the next seed of FedMoE and of the baselines named in each wanted setting, nothing else;
+    one above the grid's own seeds even where a setting has fewer; same config and overrides."""
+    from fedmoe_jax.tools.sweeps.more_seeds import MORE_SEEDS_DIR, more_seeds_spec, spec_document
+    from fedmoe_jax.tools.sweeps.results import write_sweep_json
+
+    cfg, runner, _, root = fake
+    grid = sweep.spec_from_dict({
+        "config": cfg, "args": ["standard_hetero_t", "standard_hetero_td", "enforced_hetero_t"],
+        "grid": {"seed": [0, 1, 2], "method": ["fedmoe", "random_moe", "fedprox", "scaffold"]},
+        "set": {"num_rounds": 20}, "root": root, "runner": runner})
+    os.makedirs(root)
+    write_sweep_json(grid, [])
+    enforced = [{"baseline": "fedprox", "task": "RC"}, {"baseline": "scaffold", "task": "TS"},
+                {"baseline": "fedprox", "task": "TS"}]
+    wanted = {"standard_hetero_t": [{"baseline": "random_moe", "task": "TC"}], "enforced_hetero_t": enforced}
+    spec = more_seeds_spec(root, wanted, {"standard_hetero_t": [0, 1], "enforced_hetero_t": [0, 1, 2, 3]})
+    assert spec.root == os.path.join(root, MORE_SEEDS_DIR) and spec.set == {"num_rounds": 20}
+    names = sorted(r.name for r in sweep.expand(sweep.spec_from_dict({**spec.to_dict(), "runner": runner})))
+    assert names == sorted([
+        "standard_hetero_t/method=fedmoe,seed=3", "standard_hetero_t/method=random_moe,seed=3",
+        "enforced_hetero_t/method=fedmoe,seed=4", "enforced_hetero_t/method=fedprox,seed=4",
+        "enforced_hetero_t/method=scaffold,seed=4"])
+    assert "runner" not in spec_document(spec)
+    assert more_seeds_spec(root, {}, {}) is None
+    with pytest.raises(SpecError, match="runs no method fedavg"):
+        more_seeds_spec(root, {"standard_hetero_t": [{"baseline": "fedavg"}]}, {"standard_hetero_t": [0]})
+    with pytest.raises(SpecError, match="has no ARG 'enforced_hetero_td'"):
+        more_seeds_spec(root, {"enforced_hetero_td": [{"baseline": "fedprox"}]}, {"enforced_hetero_td": [0]})
+    with pytest.raises(SpecError, match="sweep.json not found"):
+        more_seeds_spec(os.path.join(root, "elsewhere"), wanted, {})

@@ -13,8 +13,9 @@ not filesystem-safe get a short hash) and one command
 command is run again, which resumes it. Invalid specs raise `SpecError` (one line) before anything runs.
 
 Modules: `values` (flag values, run names, `SpecError`), `spec` (the spec, its runs and processes),
-`configs` (overrides checked before launching), `runner` (`run_sweep`) and `results` (`sweep.json`,
-`results.csv`, `results.md`). The command line is `experiments/sweep.py`.
+`configs` (overrides checked before launching), `runner` (`run_sweep`), `results` (`sweep.json`,
+`results.csv`, `results.md`) and `more_seeds` (the next paired seed a report asks for, as a spec). The
+command line is `experiments/sweep.py`.
 """
 
 from fedmoe_jax.tools.sweeps.configs import (
@@ -24,6 +25,7 @@ from fedmoe_jax.tools.sweeps.configs import (
     fedmoe_validator,
     load_config,
 )
+from fedmoe_jax.tools.sweeps.more_seeds import MORE_SEEDS_DIR, more_seeds_spec, spec_document
 from fedmoe_jax.tools.sweeps.results import (
     RESULTS_CSV,
     RESULTS_MD,
@@ -31,6 +33,7 @@ from fedmoe_jax.tools.sweeps.results import (
     collect,
     read_sweep_json,
     spec_for_collect,
+    write_sweep_json,
     write_tables,
 )
 from fedmoe_jax.tools.sweeps.runner import (
@@ -67,11 +70,13 @@ from fedmoe_jax.tools.sweeps.values import (
 )
 
 __all__ = [
-    "DEFAULT_ROOT", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_INVALID", "LOG", "RESULTS_CSV", "RESULTS_MD",
+    "DEFAULT_ROOT", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_INVALID", "LOG", "MORE_SEEDS_DIR", "RESULTS_CSV",
+    "RESULTS_MD",
     "SWEEP_JSON", "Job", "Run", "SpecError", "SweepReport", "SweepSpec", "apply_overrides",
     "config_from_spec", "check_configs",
     "child_env", "collect", "core_shares", "default_runner", "expand", "fedmoe_validator", "format_cli_value",
     "jobs", "load_config", "load_spec", "parse_exclude_flag", "parse_grid_flag", "parse_set_flag",
-    "parse_value", "read_sweep_json", "run_name", "run_sweep", "spec_for_collect", "spec_from_dict",
-    "spec_from_flags", "split_top_level", "write_tables",
+    "more_seeds_spec", "parse_value", "read_sweep_json", "run_name", "run_sweep", "spec_document",
+    "spec_for_collect", "spec_from_dict", "spec_from_flags", "split_top_level", "write_sweep_json",
+    "write_tables",
 ]
