@@ -27,6 +27,7 @@ RUN_CONFIG_FILE = "config.json"  # the resolved config (`experiment.prepare_work
 SUMMARY_FILE = "summary.json"  # final scores, comm, memory, expert counts; written last
 EXPERTS_FILE = "experts.npz"  # expert maps and activation probabilities per client
 PREDICTIONS_FILE = "predictions.jsonl"  # a few decoded test predictions per client
+STAGE1_FILE = "stage1.npz"  # FedMoE's Stage 1: activation probabilities, maps (`experiment.fedmoe_start`)
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:

@@ -31,6 +31,7 @@ from fedmoe_jax.experiment.config import (
 from fedmoe_jax.federated.optimizers import make_optimizer
 from fedmoe_jax.files import (
     RUN_CONFIG_FILE,
+    STAGE1_FILE,
     json_kind,
     save_npz,
     write_json,
@@ -320,7 +321,7 @@ def fedmoe_start(config, cfg, params, data, memory, budgets, workdir, progress):
     """Stage 1 (LoRA rounds, p on validation, Eq. 3 search), cached in `workdir/stage1.npz`."""
     from fedmoe_jax.algorithms.fedmoe.stage1 import initial_maps, run_stage1, stage1_eligible
 
-    path = None if workdir is None else os.path.join(workdir, "stage1.npz")
+    path = None if workdir is None else os.path.join(workdir, STAGE1_FILE)
     if path is not None and os.path.exists(path):
         try:
             with np.load(path) as z:

@@ -8,10 +8,11 @@ own k reproduces its summary exactly (same batches, same keys: `FederatedTrainer
 `learning_rate` the fine-tuning uses that rate instead of the run's (the same optimizer otherwise): a
 diagnostic of how much the result depends on it, never a tuned baseline.
 
-The run directory is only read: the run is rebuilt from a copy of it (config, partition, Stage-1 file,
-checkpoints) in a temporary directory.
+The run directory is only read: the run is rebuilt in a temporary directory from a copy of what it
+needs (config, partition, budgets, Stage-1 file, metrics and the final round's checkpoint).
 
-    python experiments/fine_tune_curve.py RUN_DIR --steps=0,6,12,24 [--learning_rate=1e-4] [--out=F]
+    python experiments/fine_tune_curve.py --run=RUN_DIR --steps=0,6,12,24 [--learning_rate=1e-4] \
+        [--out=DIR]
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ from typing import Any
 import ml_collections
 
 from fedmoe_jax.errors import ConfigError
-from fedmoe_jax.files import PREDICTIONS_FILE, RUN_CONFIG_FILE, SUMMARY_FILE
+from fedmoe_jax.files import PREDICTIONS_FILE, RUN_CONFIG_FILE, STAGE1_FILE, SUMMARY_FILE
 
 # what the rebuilt run does not need (the summary would make it a finished run to the copy's reader)
 _NOT_COPIED = ("tensorboard", PREDICTIONS_FILE, SUMMARY_FILE)
 
 
 def read_run_config(run_dir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote to `run_dir/config.json` (ConfigError if absent or unreadable)."""
+    """The resolved config a run wrote to `run_dir/config.json`, keys added to the schema since at their
+    defaults, validated (ConfigError, one line, if absent, unreadable or not a run's config)."""
+    from fedmoe_jax.experiment.config import default_config, validate
+
     path = os.path.join(run_dir, RUN_CONFIG_FILE)
     try:
         with open(path) as f:
@@ -43,9 +47,44 @@ def read_run_config(run_dir: str) -> ml_collections.ConfigDict:
                           "run") from None
     except (OSError, ValueError):
         raise ConfigError(f"{path} is unreadable; restore it from the run's copy") from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{path} holds no run config; restore it from the run's copy")
-    return ml_collections.ConfigDict(saved)
+    if not isinstance(saved, dict) or not {"method", "setting", "seed", "num_rounds"} <= set(saved):
+        raise ConfigError(f"{path} is not a run's config (no method, setting, seed and num_rounds); pass the "
+                          "directory of a finished run")
+    config = ml_collections.ConfigDict(_over(default_config().to_dict(), saved))
+    try:
+        validate(config)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return config
+
+
+def _over(default: dict, saved: dict) -> dict:
+    """`saved` laid over `default`, nested dicts merged (a key only `default` has keeps its value)."""
+    out = dict(default)
+    for k, v in saved.items():
+        out[k] = _over(default[k], v) if isinstance(v, dict) and isinstance(default.get(k), dict) else v
+    return out
+
+
+def _copy_run(run_dir: str, workdir: str, final_round: int) -> None:
+    """What rebuilding `run_dir`'s final state needs, copied to `workdir`: every top-level file but the
+    summary and predictions, and only the final round's checkpoint step."""
+    os.makedirs(os.path.join(workdir, "checkpoints"))
+    for name in os.listdir(run_dir):
+        src = os.path.join(run_dir, name)
+        if os.path.isfile(src) and name not in _NOT_COPIED:
+            shutil.copy2(src, os.path.join(workdir, name))
+    step = str(final_round)
+    shutil.copytree(os.path.join(run_dir, "checkpoints", step), os.path.join(workdir, "checkpoints", step))
+
+
+def check_out_dir(out: str) -> None:
+    """ConfigError (one line) unless `out` is, or can be made as, a writable folder (nothing is created)."""
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out={out}: {probe} is not a writable folder; pass another --out")
 
 
 def fine_tune_curve(run_dir: str, steps: Sequence[int], learning_rate: float | None = None,
@@ -55,7 +94,7 @@ def fine_tune_curve(run_dir: str, steps: Sequence[int], learning_rate: float | N
 
     Returns {"run", "method", "setting", "seed", "learning_rate", "run_fine_tune_steps", "curve": [
     {"steps": k, "tc_accuracy": .., "rc_f1": .., "ts_rouge2": .., "clients": {id: {"score", "loss"}}}, ...]}
-    (the loss: the client's mean test loss per target token, which moves even where a score does not).
+    (the loss: the client's mean test loss, which moves even where a score does not).
     ConfigError (one line) for a directory that holds no finished run or a negative step count."""
     from fedmoe_jax.experiment.build import build
     from fedmoe_jax.experiment.run import fine_tune_steps, finished_summary, mean_scores
@@ -66,23 +105,31 @@ def fine_tune_curve(run_dir: str, steps: Sequence[int], learning_rate: float | N
     if learning_rate is not None and not learning_rate > 0:
         raise ConfigError(f"learning_rate={learning_rate}; use > 0, or leave it out for the run's own")
     config = read_run_config(run_dir)
-    if finished_summary(run_dir, config.num_rounds) is None:
+    summary = finished_summary(run_dir, config.num_rounds)
+    if summary is None:
         raise ConfigError(f"{run_dir} holds no finished run (no {SUMMARY_FILE} after "
                           f"{config.num_rounds} rounds); finish it first")
     checkpoints = os.path.join(run_dir, "checkpoints")
     rounds = [int(n) for n in os.listdir(checkpoints) if n.isdigit()] if os.path.isdir(checkpoints) else []
-    if max(rounds, default=-1) < config.num_rounds:  # before `build`, which would run Stage 1 again
+    final = max(rounds, default=-1)
+    if final < config.num_rounds:  # checked before `build`, which would run Stage 1 again
         raise ConfigError(f"{run_dir} has no checkpoint of its final round {config.num_rounds} (exported "
                           "runs keep none); pass the run directory the run itself wrote")
+    if "stage1" in summary and not os.path.isfile(os.path.join(run_dir, STAGE1_FILE)):
+        raise ConfigError(f"{run_dir} has no {STAGE1_FILE} (its Stage 1 would be run again, differently); "
+                          "pass the run directory the run itself wrote")
     e = config.eval
     with tempfile.TemporaryDirectory(prefix="fine_tune_curve-") as tmp:
         workdir = os.path.join(tmp, "run")
-        shutil.copytree(run_dir, workdir, ignore=shutil.ignore_patterns(*_NOT_COPIED))
-        trainer = build(config, workdir, progress).trainer
+        _copy_run(run_dir, workdir, final)
+        try:
+            trainer = build(config, workdir, progress).trainer
+        except ConfigError as err:  # about the copy: name the run directory instead
+            raise ConfigError(str(err).replace(workdir, run_dir)) from None
         try:
             if trainer.server.round < config.num_rounds:
-                raise ConfigError(f"{run_dir}'s latest checkpoint is round {trainer.server.round} of "
-                                  f"{config.num_rounds}; its final model is not there")
+                raise ConfigError(f"{run_dir}'s checkpoint of round {final} is damaged; its final model "
+                                  "is not there")
             if learning_rate is not None:
                 trainer.set_local_optimizer(make_optimizer(config.optimizer, learning_rate,
                                                            config.weight_decay))
@@ -120,6 +167,8 @@ def run_fine_tune_curve(run_dir: str, steps: Sequence[int], learning_rate: float
     `.md` (nothing is written before the curve is measured)."""
     from fedmoe_jax.files import write_report
 
+    if out:
+        check_out_dir(out)
     result = fine_tune_curve(run_dir, steps, learning_rate, progress)
     text = curve_table(result)
     print(text)

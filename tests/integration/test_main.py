@@ -417,3 +417,24 @@ def test_eight_devices_give_the_same_run(tiny_run, tmp_path):
     summary = json.load(open(os.path.join(tmp_path / "eight", "summary.json")))
     for key in ("test", "experts_end", "recommendation"):
         assert summary[key] == reference["summary"][key], key
+
+
+@tiny_run_group
+def test_fine_tune_curve_of_a_fedmoe_run_starts_at_its_scores(tiny_run, tmp_path):
+    """FedMoE's final sub-MoEs after 0 fine-tuning steps score exactly the run's summary (`evaluate` of
+    the rebuilt run from a copy of its final checkpoint); a copy without Stage 1's file is refused
+    before anything is rebuilt (its Stage 1 would run again)."""
+    import shutil
+
+    from fedmoe_jax.errors import ConfigError
+    from fedmoe_jax.tools.fine_tune_curve import fine_tune_curve
+
+    workdir = tiny_run[0]
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    row = fine_tune_curve(workdir, [0])["curve"][0]
+    assert {k: v for k, v in row.items() if k not in ("steps", "clients")} == summary["test"]
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    os.remove(copy / "stage1.npz")
+    with pytest.raises(ConfigError, match="has no stage1.npz"):
+        fine_tune_curve(str(copy), [0])
