@@ -40,8 +40,9 @@ demo: $(VENV)/.installed
 		--floor=$(DEMO_DIR)/floor
 	@awk '/^### \(a\)/{p=1; print; next} p&&/^##/{exit} p' $(DEMO_DIR)/report/report.md
 	@awk '/^## In plain words/{p=1; next} p&&/^##/{exit} p&&NF' $(DEMO_DIR)/report/report.md
-	@echo; echo "Beside it, the full CPU-scale grid (configs/cpu.py: 2x the rounds, 1.5x the local steps, all 9 methods," \
-		"3 seeds; results/cpu_reproduction/README.md):"
+	@echo; echo "Beside it, the full CPU-scale grid (configs/cpu.py: 2x the rounds, 1.5x the local steps;" \
+		"results/cpu_reproduction/README.md), so far" \
+		"$$(awk 'NR==3{sub(/ under [^:]*:/, ":"); sub(/\. .*/, "."); print}' results/cpu_reproduction/report/report.md)"
 	@awk '/^## In plain words/{p=1; next} p&&/^##/{exit} p&&NF' results/cpu_reproduction/report/report.md
 	@echo "Report: $(DEMO_DIR)/report/report.md; figures: $(DEMO_DIR)/report/figures/;" \
 		"per-round logs: $(DEMO_DIR)/<method>/metrics.jsonl (TensorBoard: $(DEMO_DIR)/<method>/tensorboard)"

@@ -179,3 +179,17 @@ def write_report(folder: str | os.PathLike, stem: str, result: Any, markdown: st
     atomic_write(os.path.join(folder, f"{stem}.json"), text + "\n")
     atomic_write(os.path.join(folder, f"{stem}.md"), markdown)
 
+
+
+def unwritable(path: str | os.PathLike, folder: bool = False) -> str | None:
+    """Why `path` cannot be written (a file; with `folder`, a folder, made if missing), or None if it can.
+    Checked before long work, so a bad output path fails before it, not after; nothing is created."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path) != folder and os.path.exists(path):
+        return f"{path} is {'a file' if folder else 'a folder'}"
+    probe = path if folder else os.path.dirname(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not a writable folder"
+    return None

@@ -84,3 +84,17 @@ def test_is_disk_full_reads_errno_text_and_causes():
     message = str(DiskFull("metrics.jsonl", OSError(errno.EDQUOT, "Disk quota exceeded")))
     assert message == ("the disk is full (Disk quota exceeded) while writing metrics.jsonl; free space and "
                        "run the same command again: the checkpoints of earlier rounds are intact")
+
+
+def test_unwritable_says_why_and_creates_nothing(tmp_path):
+    from fedmoe_jax.files import unwritable
+
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_folder").mkdir()
+    assert unwritable(tmp_path / "new" / "deeper", folder=True) is None  # made later, by the writer
+    assert unwritable(tmp_path / "a_folder", folder=True) is None
+    assert unwritable(tmp_path / "spec.json") is None and unwritable(tmp_path / "a_file") is None
+    assert unwritable(tmp_path / "a_file", folder=True).endswith("a_file is a file")
+    assert unwritable(tmp_path / "a_folder").endswith("a_folder is a folder")
+    assert unwritable(tmp_path / "a_file" / "x.json").endswith("a_file is not a writable folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder"]

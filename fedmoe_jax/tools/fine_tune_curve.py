@@ -78,15 +78,6 @@ def _copy_run(run_dir: str, workdir: str, final_round: int) -> None:
     shutil.copytree(os.path.join(run_dir, "checkpoints", step), os.path.join(workdir, "checkpoints", step))
 
 
-def check_out_dir(out: str) -> None:
-    """ConfigError (one line) unless `out` is, or can be made as, a writable folder (nothing is created)."""
-    probe = os.path.abspath(out)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out={out}: {probe} is not a writable folder; pass another --out")
-
-
 def fine_tune_curve(run_dir: str, steps: Sequence[int], learning_rate: float | None = None,
                     progress: bool = False) -> dict[str, Any]:
     """Per-task mean test scores (and each client's score) of `run_dir`'s final model after each of
@@ -165,10 +156,10 @@ def run_fine_tune_curve(run_dir: str, steps: Sequence[int], learning_rate: float
                         out: str = "", progress: bool = False) -> dict[str, Any]:
     """`fine_tune_curve`, printed as Markdown and, with `out`, written to `out/fine_tune_curve.json` and
     `.md` (nothing is written before the curve is measured)."""
-    from fedmoe_jax.files import write_report
+    from fedmoe_jax.files import unwritable, write_report
 
-    if out:
-        check_out_dir(out)
+    if out and (why := unwritable(out, folder=True)):
+        raise ConfigError(f"--out={out}: {why}; pass another --out")
     result = fine_tune_curve(run_dir, steps, learning_rate, progress)
     text = curve_table(result)
     print(text)

@@ -209,6 +209,9 @@ def test_cli_seeds_spec_writes_the_next_seed_and_refuses_runs_no_sweep_made(tmp_
                                   "set": {"model.build_pretrained": False}, "root": str(root)})
     sweeps.write_sweep_json(grid, [])
     assert reports.run_report(str(root), out=str(tmp_path / "a"), baselines=["random_moe"],
+                              seeds_spec=str(tmp_path)) == 2  # a folder, not a file
+    assert "is a folder" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert reports.run_report(str(root), out=str(tmp_path / "a"), baselines=["random_moe"],
                               seeds_spec=str(spec_file)) == 0
     spec = sweeps.load_spec(str(spec_file))
     assert spec.args == ["standard_hetero_t"]

@@ -626,3 +626,15 @@ def test_more_seeds_spec_runs_exactly_the_next_paired_seeds(fake):
         more_seeds_spec(root, {"enforced_hetero_td": [{"baseline": "fedprox"}]}, {"enforced_hetero_td": [0]})
     with pytest.raises(SpecError, match="sweep.json not found"):
         more_seeds_spec(os.path.join(root, "elsewhere"), wanted, {})
+
+    # a grid with another axis and an exclude over it: the axis is kept, the exclude too where it applies
+    ablation = sweep.spec_from_dict({**grid.to_dict(), "grid": {**grid.grid, "fedprox.mu": [0.01, 0.1]},
+                                     "exclude": [{"method": "fedmoe", "fedprox.mu": 0.1},
+                                                 {"arg": "standard_hetero_td", "seed": 2}]})
+    write_sweep_json(ablation, [])
+    spec = more_seeds_spec(root, {"standard_hetero_t": [{"baseline": "fedprox"}]}, {"standard_hetero_t": [0]})
+    assert spec.exclude == [{"method": "fedmoe", "fedprox.mu": 0.1}]
+    assert sorted(r.name for r in sweep.expand(spec)) == [
+        "standard_hetero_t/fedprox.mu=0.01,method=fedmoe,seed=3",
+        "standard_hetero_t/fedprox.mu=0.01,method=fedprox,seed=3",
+        "standard_hetero_t/fedprox.mu=0.1,method=fedprox,seed=3"]

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fedmoe_jax.files import SUMMARY_FILE, write_json
+from fedmoe_jax.files import SUMMARY_FILE, unwritable, write_json
 from fedmoe_jax.tools.reports import loading
 from fedmoe_jax.tools.reports.build import FloorMismatchError, build_report, check_floor_data
 from fedmoe_jax.tools.reports.compare import load_table1
@@ -16,7 +16,7 @@ from fedmoe_jax.tools.reports.names import DEFAULT_BASELINES, METHOD
 from fedmoe_jax.tools.reports.reference_points import load_floor
 from fedmoe_jax.tools.sweeps.more_seeds import more_seeds_spec, spec_document
 from fedmoe_jax.tools.sweeps.results import spec_for_collect
-from fedmoe_jax.tools.sweeps.spec import SpecError
+from fedmoe_jax.tools.sweeps.spec import SpecError, expand
 
 
 def run_report(root: str, out: str | None = None, baselines: Sequence[str] = DEFAULT_BASELINES,
@@ -25,7 +25,9 @@ def run_report(root: str, out: str | None = None, baselines: Sequence[str] = DEF
     """Write the report of the runs under `root` to `out` (default ROOT/report); with `seeds_spec`, also
     the sweep spec of the next paired seed its *Seeds to add* asks for (`more_seeds_spec`). The exit
     status: 0, or 2 (one line on stderr) when `root` holds no run, `export_runs` lies inside it,
-    `compare` or `floor` is bad, or `seeds_spec` is asked of runs no sweep recorded."""
+    `compare` or `floor` is bad, or `seeds_spec` cannot be written or is asked of runs no sweep recorded
+    (all checked before anything is written), or when the recorded sweep cannot express the seeds the
+    report asks for (a setting not among its ARGs, a baseline it never ran: the report stays written)."""
     baselines = [b.strip() for b in baselines if b.strip()]
     # before any work: a bad --compare or --floor must not leave a half-written report
     for flag, value, check in (("compare", compare, load_table1), ("floor", floor, load_floor)):
@@ -44,6 +46,8 @@ def run_report(root: str, out: str | None = None, baselines: Sequence[str] = DEF
     if seeds_spec:  # the spec is built from the grid's own sweep.json: it must be there
         try:
             spec_for_collect(root)
+            if why := unwritable(seeds_spec):
+                raise SpecError(f"{why}; pass another file")
         except SpecError as e:
             print(f"error: --seeds-spec: {e}", file=sys.stderr)
             return 2
@@ -79,8 +83,8 @@ def write_seeds_spec(root: str, result: dict, path: str) -> int:
         print(f"no seeds to add: {path} not written (every direction with a gap is decided or has 5 seeds)")
         return 0
     write_json(path, spec_document(spec))
-    runs = sum(1 + len({d["baseline"] for d in wanted[s]}) for s in wanted)
-    print(f"wrote {path}: {runs} run(s), the next seed of FedMoE and the baselines it is undecided against "
-          f"in {len(wanted)} setting(s); run it with `python experiments/sweep.py --spec={path}`")
+    print(f"wrote {path}: {len(expand(spec))} run(s), the next seed of FedMoE and the baselines it is "
+          f"undecided against in {len(wanted)} setting(s); run it with `python experiments/sweep.py "
+          f"--spec={path}`")
     return 0
 

@@ -14,19 +14,21 @@ at five seeds):
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fedmoe_jax.tools.sweeps.results import spec_for_collect
-from fedmoe_jax.tools.sweeps.spec import SpecError, SweepSpec
+from fedmoe_jax.tools.sweeps.spec import SpecError, SweepSpec, _matches
 
 MORE_SEEDS_DIR = "more_seeds"
 
 
 def more_seeds_spec(root: str, wanted: Mapping[str, Sequence[Mapping[str, Any]]],
                     seeds: Mapping[str, Iterable[int]], method: str = "fedmoe") -> SweepSpec | None:
-    """A spec running the next seed of `method` and of every baseline `wanted[setting]` names, for each
+    """A spec running the next seed of `method` and of every baseline `wanted[setting]` names (with the
+    recorded grid's other axes and those of its excludes that still apply), for each
     setting of `wanted` (`{setting: [{"baseline": name, ...}, ...]}`, as `seeds_to_add` returns it):
     one above both the seeds `method` already has there (`seeds[setting]`) and the recorded grid's own
     seed axis (a seed the grid will still run is never asked for twice). None when nothing is wanted.
@@ -53,10 +55,14 @@ def more_seeds_spec(root: str, wanted: Mapping[str, Sequence[Mapping[str, Any]]]
     exclude = [{"arg": s, "method": b} for s in settings for b in baselines
                if b not in {d["baseline"] for d in wanted[s]}]
     exclude += [{"arg": s, "seed": x} for s in settings for x in all_seeds if x != next_seed[s]]
-    grid = {k: v for k, v in base.grid.items() if k not in ("seed", "method")}
-    return SweepSpec(config=base.config, args=settings, grid={**grid, "seed": all_seeds,
-                                                              "method": [method, *baselines]},
-                     set=dict(base.set), exclude=exclude, root=os.path.join(root, MORE_SEEDS_DIR))
+    grid = {**{k: v for k, v in base.grid.items() if k not in ("seed", "method")},
+            "seed": all_seeds, "method": [method, *baselines]}
+    # the grid's own excludes (other axes' combinations it never ran) where they still apply
+    points = [(arg, dict(zip(grid, values))) for arg in settings
+              for values in itertools.product(*grid.values())]
+    exclude += [e for e in base.exclude if any(_matches(e, arg, params) for arg, params in points)]
+    return SweepSpec(config=base.config, args=settings, grid=grid, set=dict(base.set), exclude=exclude,
+                     root=os.path.join(root, MORE_SEEDS_DIR), vectorize_seeds=base.vectorize_seeds)
 
 
 def spec_document(spec: SweepSpec) -> dict[str, Any]:
