@@ -268,3 +268,19 @@ def _check_fine_tune_curve(run_dir, tuned):
         fine_tune_curve(str(unfinished), [0])  # an exported run: its config and summary, no checkpoints
     with pytest.raises(ConfigError, match="has no config.json"):
         fine_tune_curve(str(unfinished / "nothing"), [0])
+
+
+def test_fine_tune_curve_of_personal_models_follows_the_learning_rate(tmp_path):
+    """Local training keeps personal models (no server): `set_local_optimizer` reaches their fine-tuning
+    too. 0 steps score the run's own test result whatever the rate; 2 steps at two rates differ."""
+    from configs.tiny import get_config
+    from fedmoe_jax.experiment import run_experiment
+    from fedmoe_jax.tools.fine_tune_curve import fine_tune_curve
+
+    config = get_config("local")
+    config.num_rounds, config.eval.unseen_local_steps, config.mesh.enabled = 1, 0, False
+    summary = run_experiment(config, str(tmp_path), progress=False)
+    own, slow = (fine_tune_curve(str(tmp_path), [0, 2], learning_rate=lr) for lr in (None, 1e-6))
+    assert {k: v for k, v in own["curve"][0].items() if k not in ("steps", "clients")} == summary["test"]
+    losses = [{c: r["loss"] for c, r in row["clients"].items()} for row in (*own["curve"], *slow["curve"])]
+    assert losses[2] == losses[0] and losses[3] != losses[1]
