@@ -65,9 +65,11 @@ def select(records: Sequence[Mapping[str, Any]], task: str | None = None, model:
 def diagnostics(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per task: `kept` predictions, `empty` and `distinct` (fractions of kept), `top` (the most
     common prediction) and `top_share`, `exact` (fraction equal to one of its references after
-    stripping), and for RC and TS `tc_label`: the label-collapse share, the fraction of predictions
+    stripping), for RC and TS `tc_label`: the label-collapse share, the fraction of predictions
     that are a TC class name (any reference of the TC records, case and spaces aside: a federated model
-    answering every task with a topic label); None for TC itself or without TC records."""
+    answering every task with a topic label; None for TC itself), and for every task `off_task`: the
+    share of outputs in another task's form (RC and TS: `tc_label`; TC: the fraction that is no TC
+    class name, e.g. a word or a sentence). Both None without TC records."""
     labels = {x.strip().lower() for r in records if r["task"] == "tc" for x in r["references"]}
     out: dict[str, dict[str, Any]] = {}
     for task in sorted({r["task"] for r in records}):
@@ -75,11 +77,11 @@ def diagnostics(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any
         exact = [r["prediction"].strip() in {x.strip() for x in r["references"]}
                  for r in records if r["task"] == task]
         top, count = Counter(preds).most_common(1)[0]
+        is_label = sum(p.lower() in labels for p in preds) / len(preds) if labels else None
         out[task] = {"kept": len(preds), "empty": sum(p == "" for p in preds) / len(preds),
                      "distinct": len(set(preds)) / len(preds), "top": top, "top_share": count / len(preds),
-                     "exact": sum(exact) / len(preds),
-                     "tc_label": (sum(p.lower() in labels for p in preds) / len(preds)
-                                  if task != "tc" and labels else None)}
+                     "exact": sum(exact) / len(preds), "tc_label": None if task == "tc" else is_label,
+                     "off_task": None if is_label is None else (1 - is_label if task == "tc" else is_label)}
     return out
 
 
@@ -111,12 +113,12 @@ def quote(text: str | None, limit: int = 160) -> str:
     return f"`{text}`" if text.strip() else "(empty)"
 
 
-DIAGNOSTICS_HEADER = "Kept | Empty | Distinct | Exact | TC label | Most common (share)"
+DIAGNOSTICS_HEADER = "Kept | Empty | Distinct | Exact | Off task | Most common (share)"
 
 
 def diagnostics_cells(d: Mapping[str, Any], limit: int = 60) -> str:
-    """The `DIAGNOSTICS_HEADER` cells of one `diagnostics` entry (TC label: "-" where undefined)."""
-    share = "-" if d.get("tc_label") is None else f"{d['tc_label']:.0%}"
+    """The `DIAGNOSTICS_HEADER` cells of one `diagnostics` entry (off task: "-" where undefined)."""
+    share = "-" if d.get("off_task") is None else f"{d['off_task']:.0%}"
     return (f"{d['kept']} | {d['empty']:.0%} | {d['distinct']:.0%} | {d['exact']:.0%} | {share} | "
             f"{quote(d['top'], limit)} ({d['top_share']:.0%})")
 

@@ -34,22 +34,25 @@ B = [rec(0, "ts", 2, "a dog", ["a dog"]), rec(1, "tc", 5, "verb.motion", ["noun.
 def test_diagnostics_by_hand():
     d = predictions.diagnostics(predictions.select(A))
     assert d["tc"] == {"kept": 3, "empty": 0.0, "distinct": pytest.approx(1 / 3), "top": "noun.animal",
-                       "top_share": 1.0, "exact": pytest.approx(2 / 3), "tc_label": None}
+                       "top_share": 1.0, "exact": pytest.approx(2 / 3), "tc_label": None, "off_task": 0.0}
     assert d["ts"]["empty"] == 0.5 and d["ts"]["exact"] == 0.0 and d["ts"]["distinct"] == 1.0
-    assert d["ts"]["tc_label"] == 0.0  # "the cat" and "" are no TC class
+    assert d["ts"]["tc_label"] == d["ts"]["off_task"] == 0.0  # "the cat" and "" are no TC class
 
 
 def test_label_collapse_share_by_hand():
     """TC classes are the TC records' references (noun.animal, verb.motion); 2 of the 3 TS outputs and 1
-    of the 2 RC outputs are one of them, case and spaces aside."""
+    of the 2 RC outputs are one of them, case and spaces aside; 2 of the 3 TC outputs are none (off task)."""
     records = [rec(1, "tc", 5, "x", ["noun.animal"]), rec(1, "tc", 6, "x", ["verb.motion"]),
+               rec(1, "tc", 7, "Verb.Motion", ["verb.motion"]),
                rec(0, "ts", 1, " Noun.Animal ", ["the cat"]), rec(0, "ts", 2, "verb.motion", ["a dog"]),
                rec(0, "ts", 3, "a dog", ["a dog"]), rec(2, "rc", 4, "verb.motion", ["run"]),
                rec(2, "rc", 5, "run", ["run"])]
     d = predictions.diagnostics(records)
     assert d["ts"]["tc_label"] == pytest.approx(2 / 3) and d["rc"]["tc_label"] == 0.5
-    assert d["tc"]["tc_label"] is None
-    assert predictions.diagnostics([r for r in records if r["task"] != "tc"])["ts"]["tc_label"] is None
+    assert d["tc"]["tc_label"] is None and d["tc"]["off_task"] == pytest.approx(2 / 3)
+    assert d["ts"]["off_task"] == d["ts"]["tc_label"] and d["rc"]["off_task"] == 0.5
+    without_tc = predictions.diagnostics([r for r in records if r["task"] != "tc"])["ts"]
+    assert without_tc["tc_label"] is None and without_tc["off_task"] is None
 
 
 def test_side_by_side_aligns_examples_and_marks_missing_ones():
@@ -98,6 +101,6 @@ def test_quote_flattens_escapes_and_cuts():
     assert predictions.quote("abcdef", limit=4) == "`abc…`"
     assert predictions.quote("  ") == "(empty)" and predictions.quote(None) == "(not kept)"
     d = {"kept": 4, "empty": 0.25, "distinct": 0.5, "exact": 0.0, "top": "x|y", "top_share": 0.75,
-         "tc_label": 0.5}
+         "off_task": 0.5}
     assert predictions.diagnostics_cells(d) == "4 | 25% | 50% | 0% | 50% | `x\\|y` (75%)"
-    assert predictions.diagnostics_cells({**d, "tc_label": None}) == "4 | 25% | 50% | 0% | - | `x\\|y` (75%)"
+    assert predictions.diagnostics_cells({**d, "off_task": None}) == "4 | 25% | 50% | 0% | - | `x\\|y` (75%)"

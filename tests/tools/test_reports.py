@@ -371,7 +371,7 @@ def test_output_diagnostics_pool_the_seeds_own_predictions(built):
     ts = result["outputs"]["standard_hetero_t"]["fedmoe"]["ts"]  # "", "", "a b", "a b"; global ignored
     # no TC predictions were kept, so no TC class names to count: the label-collapse share is undefined
     assert ts == {"kept": 4, "empty": 0.5, "distinct": 0.5, "top": "", "top_share": 0.5, "exact": 0.5,
-                  "tc_label": None}
+                  "tc_label": None, "off_task": None}
     assert set(result["outputs"]) == {"standard_hetero_t"}  # the other runs kept no predictions
     md = (out / "report.md").read_text()
     assert "| FedMoE | TS | 4 | 50% | 50% | 50% | - | (empty) (50%) |" in md

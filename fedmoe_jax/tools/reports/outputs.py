@@ -34,9 +34,10 @@ def render_outputs(outputs: Mapping[str, Mapping[str, Mapping[str, Mapping[str, 
     if not outputs:
         return ["No run kept test predictions (`predictions.jsonl`, written by runs since 2026-12-03)."]
     lines = ["The personalized test predictions each run kept (`eval.predictions` per client, seeds pooled): "
-             "share empty, share distinct, share equal to a reference, share of RC / TS outputs that are a "
-             "TC class name (label collapse: one task's labels answering the others), and the most common "
-             "output. `python experiments/predictions.py RUN_DIR ...` shows them side by side.", ""]
+             "share empty, share distinct, share equal to a reference, share *off task* (in another task's "
+             "form: RC / TS outputs that are a TC class name, TC outputs that are none; the collapse "
+             "measure: one task's answers given to another), and the most common output. "
+             "`python experiments/predictions.py RUN_DIR ...` shows them side by side.", ""]
     for setting, methods in outputs.items():
         lines += [f"### {setting_name(setting)}", "",
                   f"| Method | Task | {predictions.DIAGNOSTICS_HEADER} |", "|" + "---|" * 8]
