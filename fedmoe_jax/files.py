@@ -180,7 +180,6 @@ def write_report(folder: str | os.PathLike, stem: str, result: Any, markdown: st
     atomic_write(os.path.join(folder, f"{stem}.md"), markdown)
 
 
-
 def unwritable(path: str | os.PathLike, folder: bool = False) -> str | None:
     """Why `path` cannot be written (a file; with `folder`, a folder, made if missing), or None if it can.
     Checked before long work, so a bad output path fails before it, not after; nothing is created."""

@@ -113,13 +113,8 @@ class FederatedTrainer:
         server_opt = server_optimizer or optax.sgd(1.0)
         self._server_init, self._server_update = make_server_update(config, server_opt)
         self.server = ServerState(params, self._server_init(params), 0, algorithm.init_server_extra(params))
-        self._optimizer, self._loss_config = optimizer, loss_config
-        self.set_decoding(decoding)
-        if not algorithm.aggregates:
-            self._personal_step = make_personal_step(config, optimizer, loss_config, algorithm.hooks, mesh,
-                                                     memory_cap=settings.memory_cap_bytes,
-                                                     max_update_ratio=settings.max_update_ratio)
-        self._fine_tuners: dict[SwitchConfig, Any] = {}
+        self._loss_config, self.decoding = loss_config, decoding
+        self.set_local_optimizer(optimizer)  # the round program, the personal step, the fine-tuners
         self._root = jax.random.key(settings.seed)
         self.dense_bytes, self.expert_bytes = param_bytes(params, config)
         self.history: list[dict[str, Any]] = []
@@ -201,7 +196,7 @@ class FederatedTrainer:
                                                      self.algorithm.hooks, self.mesh,
                                                      memory_cap=s.memory_cap_bytes,
                                                      max_update_ratio=s.max_update_ratio)
-        self._fine_tuners = {}
+        self._fine_tuners: dict[SwitchConfig, Any] = {}
         self.set_decoding(self.decoding)  # rebuilds the round program with the new optimizer
 
     # ------------------------------------------------------------------------------------------

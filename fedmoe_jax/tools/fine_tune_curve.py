@@ -29,8 +29,8 @@ import ml_collections
 from fedmoe_jax.errors import ConfigError
 from fedmoe_jax.files import PREDICTIONS_FILE, RUN_CONFIG_FILE, STAGE1_FILE, SUMMARY_FILE
 
-# what the rebuilt run does not need (the summary would make it a finished run to the copy's reader)
-_NOT_COPIED = ("tensorboard", PREDICTIONS_FILE, SUMMARY_FILE)
+# top-level files the rebuilt run does not need (the summary would make the copy a finished run)
+_NOT_COPIED = (PREDICTIONS_FILE, SUMMARY_FILE)
 
 
 def read_run_config(run_dir: str) -> ml_collections.ConfigDict:
