@@ -1,5 +1,6 @@
 """The report beyond the paper, by hand: FedMoE against FedAvg / FedAvg + FT / local training with
-seed-paired intervals, personalized vs global scores, and the trivial baselines' floor (`--floor`)."""
+seed-paired intervals, personalized vs global scores, what the plain words say (the floor itself:
+`test_floor.py`)."""
 
 import json
 
@@ -59,60 +60,6 @@ def test_global_vs_personal_pairs_the_seeds_that_scored_both():
     assert got == {"TC": (15.0, 10.0), "RC": (1.0, 2.0), "TS": (None, None)}
 
 
-def _baselines_file(path):
-    path.write_text(json.dumps({"baselines": {
-        "tc": {"majority": {"accuracy": 18.8}, "naive_bayes": {"accuracy": 64.7}},
-        "rc": {"rarest_context_word": {"f1": 63.4, "exact_match": 61.8}},
-        "ts": {"lead": {"rouge2": 13.0, "rouge1": 31.6}, "constant": {"rouge2": 4.7, "rouge1": 40.0}}}}))
-    return path
-
-
-def test_the_floor_is_the_best_baseline_of_each_task_by_its_primary_metric(tmp_path):
-    floor = reports.load_floor(str(_baselines_file(tmp_path / "baselines.json")))
-    assert floor == {"TC": {"baseline": "naive_bayes", "value": 64.7},
-                     "RC": {"baseline": "rarest_context_word", "value": 63.4},
-                     "TS": {"baseline": "lead", "value": 13.0}}  # ROUGE-2 decides, not ROUGE-1
-    assert reports.load_floor(str(tmp_path)) == floor  # the folder holding it
-    table = {"standard_hetero_t": {"fedmoe": _row({"0": 70.0}, {"0": 63.4}, {"0": 12.0}),
-                                   "fedprox": _row({"0": 80.0}, {"0": 70.0}, {"0": 20.0})}}
-    below = reports.floor_check(table, floor)
-    assert below == {"standard_hetero_t": {"fedmoe": ["RC", "TS"], "fedprox": []}}  # equal counts as at
-    lines = reports.render_floor(floor, below)
-    assert "| Standard-Hetero-T | FedMoE (RC, TS) |" in lines
-    assert "TC 64.70 (naive bayes)" in lines[0]
-    (tmp_path / "bad.json").write_text('{"baselines": {"tc": {}}}')
-    for bad in (tmp_path / "bad.json", tmp_path / "nowhere.json"):
-        with pytest.raises(ValueError, match="not a readable baselines.json") as e:
-            reports.load_floor(str(bad))
-        assert "\n" not in str(e.value)
-
-
-def test_cli_floor_adds_the_row_and_a_bad_floor_exits_2_before_writing(tmp_path, capsys):
-    root = tmp_path / "runs"
-    for method, scores in (("fedmoe", (70.0, 60.0, 14.0)), ("fedavg_ft", (65.0, 50.0, 12.0))):
-        (root / method).mkdir(parents=True)
-        summary = {"method": method, "setting": "standard_hetero_t", "seed": 0, "rounds": 1,
-                   "test": dict(zip(("tc_accuracy", "rc_f1", "ts_rouge2"), scores)),
-                   "global_test": {"tc_accuracy": 1.0, "rc_f1": 2.0, "ts_rouge2": 3.0}}
-        (root / method / "summary.json").write_text(json.dumps(summary))
-    floor = _baselines_file(tmp_path / "baselines.json")
-    assert reports.run_report(str(root), out=str(tmp_path / "a"), floor=str(floor)) == 0
-    text = (tmp_path / "a" / "report.md").read_text()
-    assert "| *Floor: best trivial baseline* | *64.70* | *63.40* | *13.00* |" in text
-    assert "| Standard-Hetero-T | FedAvg + FT (RC, TS); FedMoE (RC) |" in text  # Table 1 order
-    assert "| FedAvg + FT | +5.00 | +10.00 | +2.00 |" in text
-    assert "| FedMoE | 70.00 / 1.00 | 60.00 / 2.00 | 14.00 / 3.00 |" in text
-    report = json.loads((tmp_path / "a" / "report.json").read_text())
-    assert report["below_floor"]["standard_hetero_t"]["fedmoe"] == ["RC"]
-    assert reports.run_report(str(root), out=str(tmp_path / "b")) == 0  # without --floor: no floor row
-    assert "Floor" not in (tmp_path / "b" / "report.md").read_text().split("## Beyond")[0]
-    capsys.readouterr()
-    assert reports.run_report(str(root), out=str(tmp_path / "c"), floor=str(tmp_path / "nowhere")) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --floor: ") and "experiments/baselines.py" in err[0]
-    assert not (tmp_path / "c").exists()
-
-
 def test_in_plain_words_says_ahead_behind_tested_and_floor():
     from fedmoe_jax.tools.reports.markdown import in_plain_words
 
@@ -151,38 +98,6 @@ def test_seeds_to_add_names_undecided_gaps_above_half_their_spread():
                                              "mean": pytest.approx(3.0), "spread": pytest.approx(2.0)}]}
     assert "| Standard-Hetero-T | FedProx | TC | 3 | +3.00 | 2.00 |" in reports.render_seeds_to_add(wanted)
     assert reports.render_seeds_to_add({})[0].startswith("None:")
-
-
-def test_a_floor_measured_on_other_test_data_exits_2_before_anything_is_written(tmp_path, capsys):
-    """The floor's baselines.json names the data it measured (source, folder, test examples per task);
-    runs scored on other data would be judged against the wrong floor: one line, exit 2, no report and
-    no export. Runs written without a config cannot be checked and pass."""
-    root = tmp_path / "runs"
-    data = {"source": "benchmark", "dir": "", "eval_examples_per_task": 600}
-    for method, source in (("fedmoe", "benchmark"), ("fedavg", "embedded")):
-        (root / method).mkdir(parents=True)
-        (root / method / "summary.json").write_text(json.dumps({
-            "method": method, "setting": "standard_hetero_t", "seed": 0, "rounds": 1,
-            "test": {"tc_accuracy": 70.0, "rc_f1": 60.0, "ts_rouge2": 14.0},
-            "config": {"data": {**data, "source": source}}}))
-    floor = json.loads(_baselines_file(tmp_path / "baselines.json").read_text())
-    floor.update(source="benchmark", data_dir="", examples_per_task={"train": 3000, "eval": 600})
-    (tmp_path / "baselines.json").write_text(json.dumps(floor))
-    assert reports.floor_data_mismatches(str(tmp_path), [{"config": {"data": data}}, {}]) == []
-    assert reports.floor_data_mismatches(str(tmp_path), [{"config": {"data": {**data, "dir": "x"}}}]) == [
-        'data.dir: the floor\'s "", the runs\' "x"']
-    capsys.readouterr()
-    code = reports.run_report(str(root), out=str(tmp_path / "out"), floor=str(tmp_path),
-                              export_runs=str(tmp_path / "exported"))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: --floor: ")
-    assert 'data.source: the floor\'s "benchmark", the runs\' "benchmark", "embedded"' in err[0]
-    assert not (tmp_path / "out").exists() and not (tmp_path / "exported").exists()
-    with pytest.raises(reports.FloorMismatchError):  # the library entry point refuses too
-        reports.build_report(str(root), str(tmp_path / "out"), floor=str(tmp_path))
-    assert not (tmp_path / "out").exists()
-    (root / "fedavg" / "summary.json").unlink()
-    assert reports.run_report(str(root), out=str(tmp_path / "out"), floor=str(tmp_path)) == 0
 
 
 def test_cli_seeds_spec_writes_the_next_seed_and_refuses_runs_no_sweep_made(tmp_path, capsys):

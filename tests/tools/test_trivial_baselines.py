@@ -74,20 +74,64 @@ def test_cli_writes_json_and_markdown_on_a_config(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+class Partition:
+    """A hand-made partition: `train` / `test` map each client of each task to its example indices."""
+
+    def __init__(self, task, train, test):
+        self.task, self.train, self.test = task, train, test
+
+    def clients_of(self, task):
+        return np.array(sorted(self.train)) if task == self.task else np.array([], np.int64)
+
+    def client_indices(self, client, split="train"):
+        return np.array((self.train if split == "train" else self.test)[client], np.int64)
+
+
 def test_label_skew_by_hand():
-    """Two TC clients, each holding one class: client entropy 0 against the task's ln 2, and each
-    client's own majority label is right on its own test examples."""
+    """Two TC clients, each holding one class: client entropy 0 against the task's ln 2."""
     train = tc(["a", "b", "c", "d"], ["x", "x", "y", "y"])
     test = tc(["e", "f", "g"], ["x", "y", "x"])
+    skew = b.label_skew({"tc": {"train": train, "test": test}},
+                        Partition("tc", {0: [0, 1], 1: [2, 3]}, {0: [0, 2], 1: [1]}))["tc"]
+    assert skew == {"labels": 2, "task_entropy": pytest.approx(np.log(2)), "client_entropy": 0.0}
 
-    class TwoClients:
-        def clients_of(self, task):
-            return np.array([0, 1])
 
-        def client_indices(self, client, split="train"):
-            own = {"train": ([0, 1], [2, 3]), "test": ([0, 2], [1])}
-            return np.array(own[split][client])
+def test_client_baselines_score_each_client_on_its_own_examples_by_hand():
+    """Client 0 trained on three x examples, client 1 on two y; every test word is unseen, so naive
+    Bayes answers by its prior alone. The pooled prior (x 3/5) says x everywhere: client 0 (one x) 100,
+    client 1 (two y) 0, mean 50 -- while the whole test split gives 1/3. Each client's own prior
+    (add-one: client 1 x 1/4, y 3/4) and its own majority label get both clients right: 100. Client 2
+    holds no test example and is left out, as runs leave it out."""
+    train = tc(["cat", "dog", "cow", "stock", "bond", "fur"], ["x", "x", "x", "y", "y", "x"])
+    test = tc(["zebra", "yak", "emu"], ["x", "y", "y"])
+    data = {"tc": {"train": train, "validation": test, "test": test}}
+    part = Partition("tc", {0: [0, 1, 2], 1: [3, 4], 2: [5]}, {0: [0], 1: [1, 2], 2: []})
+    got = b.client_baselines(data, part)["tc"]
+    assert {k: v["accuracy"] for k, v in got.items()} == {
+        "majority": 50.0, "naive_bayes": 50.0, "client_majority": 100.0, "naive_bayes_client_prior": 100.0}
+    assert b.trivial_baselines(data)["tc"]["naive_bayes"]["accuracy"] == pytest.approx(100 / 3)
+    nb = b.fit_naive_bayes(train, test)
+    assert nb.predict(test) == ["x", "x", "x"]
+    assert nb.predict(test, np.log(np.array([1 / 4, 3 / 4]))) == ["y", "y", "y"]
 
-    skew = b.label_skew({"tc": {"train": train, "test": test}}, TwoClients())["tc"]
-    assert skew["task_entropy"] == pytest.approx(np.log(2)) and skew["client_entropy"] == 0.0
-    assert skew["client_majority"] == 100.0 and skew["labels"] == 2
+
+def test_cli_scores_the_partition_of_each_seed_and_refuses_bad_seeds(tmp_path):
+    res = subprocess.run([sys.executable, "experiments/baselines.py", "--config=configs/tiny.py",
+                          "--set=setting=standard_hetero_td", "--seeds=0,1", f"--out={tmp_path}"],
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    clients = json.loads((tmp_path / "baselines.json").read_text())["clients"]
+    assert clients["partition"] == "TD" and clients["seeds"] == [0, 1]
+    assert set(clients["baselines"]["tc"]) == {"majority", "naive_bayes", "client_majority",
+                                               "naive_bayes_client_prior"}
+    for task, per in clients["baselines"].items():  # the mean over seeds of each seed's value
+        for name, scores in per.items():
+            metric = {"tc": "accuracy", "rc": "f1", "ts": "rouge2"}[task]
+            seeds = [clients["by_seed"][x][task][name] for x in ("0", "1")]
+            assert scores[metric] == pytest.approx(np.mean(seeds))
+    assert "| tc | naive_bayes_client_prior | accuracy |" in (tmp_path / "baselines.md").read_text()
+    bad = subprocess.run([sys.executable, "experiments/baselines.py", "--config=configs/tiny.py",
+                          "--seeds=0,x", f"--out={tmp_path / 'bad'}"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and "--seeds=0,x" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()

@@ -50,11 +50,20 @@ from fedmoe_jax.tools.reports.analysis import (
     rounds_to_target,
     time_to_target_speedup,
 )
-from fedmoe_jax.tools.reports.build import FloorMismatchError, build_report
+from fedmoe_jax.tools.reports.build import build_report
 from fedmoe_jax.tools.reports.cells import mean_std
 from fedmoe_jax.tools.reports.cli import run_report
 from fedmoe_jax.tools.reports.compare import compare_tables, load_table1, render_comparison
 from fedmoe_jax.tools.reports.figures import task_activation
+from fedmoe_jax.tools.reports.floor import (
+    FloorMismatchError,
+    check_floor_data,
+    floor_check,
+    floor_data_mismatches,
+    floors_by_setting,
+    load_floor,
+    render_floor,
+)
 from fedmoe_jax.tools.reports.loading import (
     RUN_FILES,
     NoRunsError,
@@ -86,12 +95,8 @@ from fedmoe_jax.tools.reports.paper import (
 )
 from fedmoe_jax.tools.reports.reference_points import (
     REFERENCE_METHODS,
-    floor_check,
-    floor_data_mismatches,
     global_vs_personal,
-    load_floor,
     reference_comparison,
-    render_floor,
     render_global_vs_personal,
     render_reference_comparison,
     render_seeds_to_add,
@@ -106,8 +111,8 @@ __all__ = [
     "assign_variants",
     "at_a_glance", "average_improvement", "build_report", "coefficient_of_variation", "compare_tables",
     "composite_variation_index", "curve", "cvi", "excludes_zero", "export_runs", "find_summaries",
-    "floor_check", "floor_data_mismatches", "global_vs_personal", "group_runs", "improvement", "load_floor",
-    "load_runs",
+    "check_floor_data", "floor_check", "floor_data_mismatches", "floors_by_setting", "global_vs_personal",
+    "group_runs", "improvement", "load_floor", "load_runs",
     "load_table1", "mean_std", "method_name", "paired_difference", "paper_claims",
     "paper_comparison", "paper_table2_comparison", "reference_comparison", "render_comparison",
     "render_floor", "render_global_vs_personal", "render_paper_claims", "render_reference_comparison",

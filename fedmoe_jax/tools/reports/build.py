@@ -4,12 +4,13 @@ and `figures/*.png` (the package doc says what each holds)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from fedmoe_jax.files import write_json
 from fedmoe_jax.tools.reports.compare import compare_tables, load_table1
 from fedmoe_jax.tools.reports.figures import figures
+from fedmoe_jax.tools.reports.floor import check_floor_data, floor_check, floors_by_setting, load_floor
 from fedmoe_jax.tools.reports.loading import (
     NoRunsError,
     Notes,
@@ -24,10 +25,7 @@ from fedmoe_jax.tools.reports.outputs import output_diagnostics
 from fedmoe_jax.tools.reports.paper import paper_claims, paper_comparison, paper_table2_comparison
 from fedmoe_jax.tools.reports.reference_points import (
     REFERENCE_METHODS,
-    floor_check,
-    floor_data_mismatches,
     global_vs_personal,
-    load_floor,
     reference_comparison,
     seeds_to_add,
 )
@@ -36,27 +34,16 @@ from fedmoe_jax.tools.reports.separation import task_separation
 from fedmoe_jax.tools.reports.tables import cvi, improvement, table1, table2, time_to_target
 
 
-class FloorMismatchError(ValueError):
-    """`--floor`'s baselines were measured on other test data than the runs were scored on."""
-
-
-def check_floor_data(floor: str, summaries: Sequence[Mapping[str, Any]]) -> None:
-    """`FloorMismatchError` (one line) when the floor's `baselines.json` measured other test data than
-    the runs were scored on."""
-    mismatches = floor_data_mismatches(floor, summaries)
-    if mismatches:
-        raise FloorMismatchError(f"{floor} was measured on other data than the runs ({'; '.join(mismatches)}"
-                                 "); measure the floor with `python experiments/baselines.py` on the runs' "
-                                 "config and overrides")
-
-
 def build_report(root: str, out: str | None = None, baselines: Sequence[str] = DEFAULT_BASELINES,
-                 compare: str | None = None, floor: str | None = None) -> dict[str, Any]:
+                 compare: str | None = None, floor: str | Sequence[str] | None = None) -> dict[str, Any]:
     """Reads every run under `root`, writes the report to `out` (default `root/report`), returns its data.
     `compare`: an earlier report directory (or its table1.json) to show how each cell moved from it;
-    `floor`: a `baselines.json` (or its folder) whose best trivial baseline per task is Table 1's floor."""
+    `floor`: `baselines.json` files (or their folders; one per partition, `floors_by_setting`) whose
+    best trivial baseline per task is each setting's floor row in Table 1."""
     earlier = load_table1(compare) if compare else None
-    floor_row = load_floor(floor) if floor else None
+    floor = [floor] if isinstance(floor, str) else list(floor or [])
+    for path in floor:
+        load_floor(path)  # unreadable: refused before anything is read or written
     if not os.path.isdir(root) or not find_summaries(root):
         raise NoRunsError(root)
     out = out or os.path.join(root, "report")
@@ -67,6 +54,10 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     if floor:  # a floor measured on other test data would mislabel every cell: refuse before writing
         check_floor_data(floor, [r.summary for r in runs])
     groups = group_runs(runs)
+    floors = floors_by_setting(floor, list(groups)) if floor else None
+    for setting in groups if floors is not None else ():
+        if setting not in floors:
+            notes.add(f"{setting}: no floor given (--floor: a baselines.json of its partition)")
     initial_models = check_initial_models(runs, notes)
     baselines = [b for b in baselines if b != METHOD]
     seen = {r.method for r in runs}
@@ -93,7 +84,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     references = reference_comparison(t1)
     more_seeds = seeds_to_add(t1, [*baselines, *(r for r in REFERENCE_METHODS if r not in baselines)])
     global_scores = global_vs_personal(t1)
-    below = floor_check(t1, floor_row) if floor_row is not None else None
+    below = floor_check(t1, floors) if floors is not None else None
     os.makedirs(out, exist_ok=True)
     figs = figures(groups, ttt, out, notes)
     write_json(os.path.join(out, "table1.json"), t1, finite=True)
@@ -104,7 +95,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
               "stage2_trials": trials, "paper_claims": claims,
               "initial_models": initial_models, "outputs": outputs, "figures": [rel for _, rel in figs],
               "reference_points": references, "global_vs_personal": global_scores,
-              "floor": floor_row, "below_floor": below, "seeds_to_add": more_seeds, "notes": list(notes)}
+              "floor": floors, "below_floor": below, "seeds_to_add": more_seeds, "notes": list(notes)}
     if moved is not None:
         result["compared_with"] = {"path": compare, **moved}
     write_json(os.path.join(out, "report.json"), result, finite=True)
@@ -112,5 +103,5 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
         f.write(render_markdown(root, runs, t1, t2, gains, cvis, ttt, figs, baselines, notes,
                                 against_paper, outputs, (compare, moved) if moved is not None else None,
                                 separation, against_table2, trials, claims,
-                                beyond=(references, global_scores, floor_row, below, more_seeds)))
+                                beyond=(references, global_scores, floors, below, more_seeds)))
     return {**result, "out": out, "table1": t1, "table2": t2}

@@ -1,5 +1,5 @@
 """What `python experiments/report.py RUNS_ROOT [--out DIR] [--baseline-methods a,b,c] [--export-runs DIR]
-[--compare REPORT] [--floor BASELINES_JSON] [--seeds-spec FILE]` does once its flags are parsed (the flags
+[--compare REPORT] [--floor BASELINES_JSON ...] [--seeds-spec FILE]` does once its flags are parsed (the flags
 live in the script)."""
 
 from __future__ import annotations
@@ -10,17 +10,18 @@ from collections.abc import Sequence
 
 from fedmoe_jax.files import SUMMARY_FILE, unwritable, write_json
 from fedmoe_jax.tools.reports import loading
-from fedmoe_jax.tools.reports.build import FloorMismatchError, build_report, check_floor_data
+from fedmoe_jax.tools.reports.build import build_report
 from fedmoe_jax.tools.reports.compare import load_table1
+from fedmoe_jax.tools.reports.floor import FloorMismatchError, check_floor_data, load_floor
 from fedmoe_jax.tools.reports.names import DEFAULT_BASELINES, METHOD
-from fedmoe_jax.tools.reports.reference_points import load_floor
 from fedmoe_jax.tools.sweeps.more_seeds import more_seeds_spec, spec_document
 from fedmoe_jax.tools.sweeps.results import spec_for_collect
 from fedmoe_jax.tools.sweeps.spec import SpecError, expand
 
 
 def run_report(root: str, out: str | None = None, baselines: Sequence[str] = DEFAULT_BASELINES,
-               export_runs: str | None = None, compare: str | None = None, floor: str | None = None,
+               export_runs: str | None = None, compare: str | None = None,
+               floor: str | Sequence[str] | None = None,
                seeds_spec: str | None = None) -> int:
     """Write the report of the runs under `root` to `out` (default ROOT/report); with `seeds_spec`, also
     the sweep spec of the next paired seed its *Seeds to add* asks for (`more_seeds_spec`). The exit
@@ -29,8 +30,10 @@ def run_report(root: str, out: str | None = None, baselines: Sequence[str] = DEF
     (all checked before anything is written), or when the recorded sweep cannot express the seeds the
     report asks for (a setting not among its ARGs, a baseline it never ran: the report stays written)."""
     baselines = [b.strip() for b in baselines if b.strip()]
+    floor = [floor] if isinstance(floor, str) else list(floor or [])
     # before any work: a bad --compare or --floor must not leave a half-written report
-    for flag, value, check in (("compare", compare, load_table1), ("floor", floor, load_floor)):
+    checks = [("compare", compare, load_table1)] + [("floor", path, load_floor) for path in floor]
+    for flag, value, check in checks:
         if value:
             try:
                 check(value)

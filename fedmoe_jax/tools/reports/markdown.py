@@ -7,6 +7,7 @@ from typing import Any
 
 from fedmoe_jax.tools.reports.cells import _fmt, _fmt_size, _tally
 from fedmoe_jax.tools.reports.compare import render_comparison
+from fedmoe_jax.tools.reports.floor import render_floor
 from fedmoe_jax.tools.reports.loading import Run
 from fedmoe_jax.tools.reports.names import (
     COLUMNS,
@@ -27,7 +28,6 @@ from fedmoe_jax.tools.reports.paper import (
     render_paper_table2,
 )
 from fedmoe_jax.tools.reports.reference_points import (
-    render_floor,
     render_global_vs_personal,
     render_reference_comparison,
     render_seeds_to_add,
@@ -193,9 +193,10 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
             seeds = str(row["seeds"]) if row else "0"
             lines.append(f"| {method_name(method)} | " + " | ".join(_score_cells(row))
                          + f" | {comm} | {mem} | {seeds} |")
-        if floor is not None:
+        if floor is not None and setting in floor:
             lines.append("| *Floor: best trivial baseline* | " + " | ".join(
-                f"*{floor[COLUMNS[t]]['value']:.2f}*" for t in TASKS) + f" | {MISSING} | {MISSING} | — |")
+                f"*{floor[setting][COLUMNS[t]]['value']:.2f}*" for t in TASKS)
+                + f" | {MISSING} | {MISSING} | — |")
         lines.append("")
         if setting in gains:
             g = gains[setting]

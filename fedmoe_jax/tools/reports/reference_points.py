@@ -1,26 +1,21 @@
 """What FedMoE is judged against beyond the paper's Table 1: the reference points the paper leaves out
 (FedAvg, FedAvg + FT, local training: seed-paired differences with 95 % intervals), each method's
-personalized models against its global model, each task's floor, the best trivial baseline
-(`fedmoe_jax.tools.baselines`, read from the `baselines.json` that `experiments/baselines.py` writes),
-and the undecided directions that more seeds may decide (`seeds_to_add`).
+personalized models against its global model, and the undecided directions that more seeds may
+decide (`seeds_to_add`). Each task's floor, the best trivial baseline: `floor`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from fedmoe_jax.data.tasks import PRIMARY_METRIC
-from fedmoe_jax.tools.reports.cells import _fmt, _num
-from fedmoe_jax.tools.reports.names import COLUMNS, METHOD, MISSING, TASKS, method_name, setting_name
+from fedmoe_jax.tools.reports.cells import _fmt
+from fedmoe_jax.tools.reports.names import COLUMNS, METHOD, MISSING, method_name, setting_name
 from fedmoe_jax.tools.reports.paper import excludes_zero, paired_difference
 
 REFERENCE_METHODS = ("fedavg", "fedavg_ft", "local")
-BASELINES_FILE = "baselines.json"
 MAX_SEEDS = 5  # seeds are added to an undecided direction until it is decided or this many are in
 
 
@@ -153,69 +148,4 @@ def render_global_vs_personal(table: Mapping[str, Mapping[str, Mapping[str, Any]
             lines.append(f"| {method_name(method)} | " + " | ".join(
                 f"{_fmt(own)} / {_fmt(glob)}" for own, glob in cells.values()) + " |")
         lines.append("")
-    return lines
-
-
-def _baselines_file(path: str) -> str:
-    """`path` itself, or the `baselines.json` inside it when it is a folder."""
-    return os.path.join(path, BASELINES_FILE) if os.path.isdir(path) else path
-
-
-def load_floor(path: str) -> dict[str, dict[str, Any]]:
-    """The floor of each task from a `baselines.json` (or the folder holding one): `{"TC": {"baseline":
-    name, "value": percent}, ...}`, the trivial baseline with the best primary metric. `ValueError` (one
-    line) when the file is missing, unreadable or not a baselines file."""
-    file = _baselines_file(path)
-    try:
-        with open(file) as f:
-            baselines = json.load(f)["baselines"]
-        floor = {}
-        for task in TASKS:
-            scores = {name: _num(b.get(PRIMARY_METRIC[task])) for name, b in baselines[task].items()}
-            name = max((n for n, v in scores.items() if v is not None), key=scores.get)
-            floor[COLUMNS[task]] = {"baseline": name, "value": scores[name]}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{file} is not a readable {BASELINES_FILE} of experiments/baselines.py "
-                         f"({type(e).__name__}: {e}); write one with `python experiments/baselines.py "
-                         "--config=... --out=DIR`") from None
-    return floor
-
-
-def floor_data_mismatches(path: str, summaries: Sequence[Mapping[str, Any]]) -> list[str]:
-    """What sets the runs' test data apart from the data `baselines.json` (or its folder) measured the
-    floor on: one phrase per differing field (`data.source`, `data.dir`, `data.eval_examples_per_task`)
-    with the values seen, empty when every run matches. Runs whose summary carries no config (written
-    by an older version) cannot be checked and are skipped."""
-    with open(_baselines_file(path)) as f:  # readable: `load_floor` checked it first
-        measured = json.load(f)
-    want = {"source": measured.get("source"), "dir": measured.get("data_dir"),
-            "eval_examples_per_task": (measured.get("examples_per_task") or {}).get("eval")}
-    seen: dict[str, set] = {k: set() for k in want}
-    for summary in summaries:
-        data = (summary.get("config") or {}).get("data")
-        if isinstance(data, Mapping):
-            for k in want:
-                seen[k].add(json.dumps(data.get(k)))
-    return [f"data.{k}: the floor's {json.dumps(v)}, the runs' {', '.join(sorted(seen[k]))}"
-            for k, v in want.items() if v is not None and seen[k] - {json.dumps(v)}]
-
-
-def floor_check(t1: Mapping[str, Mapping[str, Mapping]], floor: Mapping[str, Mapping[str, Any]]
-                ) -> dict[str, dict[str, list[str]]]:
-    """`{setting: {method: [columns whose seed-mean score is at or below the floor]}}` (every method)."""
-    return {setting: {m: [c for c in COLUMNS.values()
-                          if row.get(c) is not None and row[c] <= floor[c]["value"]]
-                      for m, row in rows.items()} for setting, rows in t1.items()}
-
-
-def render_floor(floor: Mapping[str, Mapping[str, Any]], below: Mapping[str, Mapping[str, list[str]]]
-                 ) -> list[str]:
-    """Markdown lines: the floor row and, per setting, the methods at or below it."""
-    named = ", ".join(f"{c} {e['value']:.2f} ({e['baseline'].replace('_', ' ')})" for c, e in floor.items())
-    lines = [f"The best trivial baseline of each task on the benchmark's test examples "
-             f"(`experiments/baselines.py`): {named}. A score at or below it has measured nothing.", "",
-             "| Setting | At or below the floor |", "|---|---|"]
-    for setting, per in below.items():
-        cells = [f"{method_name(m)} ({', '.join(cols)})" for m, cols in per.items() if cols]
-        lines.append(f"| {setting_name(setting)} | {'; '.join(cells) or 'none'} |")
     return lines

@@ -1,0 +1,171 @@
+"""The floor of Table 1: each task's best trivial baseline (`fedmoe_jax.tools.baselines`), read from the
+`baselines.json` files that `experiments/baselines.py` writes, one per partition of the runs.
+
+A file written with the clients' scores (`clients`: each client on its own test examples, the mean
+over the task's clients and over the grid's seeds, as runs are scored) is the floor of every setting
+with its partition (T or TD: the Standard and Enforced settings share one); its values include the
+baselines that use a client's own training labels. A file without them (an older one) holds the
+baselines on the whole test split and is the floor of every setting. A setting that two files claim is
+refused: pass one file per partition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fedmoe_jax.data.tasks import PRIMARY_METRIC
+from fedmoe_jax.tools.reports.cells import _num
+from fedmoe_jax.tools.reports.names import COLUMNS, TASKS, method_name, setting_name
+
+BASELINES_FILE = "baselines.json"
+
+
+class FloorMismatchError(ValueError):
+    """`--floor`'s baselines were measured on other test data than the runs were scored on."""
+
+
+def _baselines_file(path: str) -> str:
+    """`path` itself, or the `baselines.json` inside it when it is a folder."""
+    return os.path.join(path, BASELINES_FILE) if os.path.isdir(path) else path
+
+
+def _read(path: str) -> dict[str, Any]:
+    file = _baselines_file(path)
+    try:
+        with open(file) as f:
+            doc = json.load(f)
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+        _best(doc)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{file} is not a readable {BASELINES_FILE} of experiments/baselines.py "
+                         f"({type(e).__name__}: {e}); write one with `python experiments/baselines.py "
+                         "--config=... --out=DIR`") from None
+    return doc
+
+
+def _best(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per Table 1 column, the baseline with the best primary metric: of the clients' scores when the
+    file has them, else of the whole test split's."""
+    clients = doc.get("clients")
+    baselines = clients["baselines"] if clients is not None else doc["baselines"]
+    floor = {}
+    for task in TASKS:
+        scores = {name: _num(b.get(PRIMARY_METRIC[task])) for name, b in baselines[task].items()}
+        name = max((n for n, v in scores.items() if v is not None), key=scores.get)
+        floor[COLUMNS[task]] = {"baseline": name, "value": scores[name]}
+    return floor
+
+
+def load_floor(path: str) -> dict[str, dict[str, Any]]:
+    """The floor of each task from a `baselines.json` (or the folder holding one): `{"TC": {"baseline":
+    name, "value": percent}, ...}`, the trivial baseline with the best primary metric (scored as runs
+    are when the file holds the clients' scores). `ValueError` (one line) when the file is missing,
+    unreadable or not a baselines file."""
+    return _best(_read(path))
+
+
+def floor_partition(path: str) -> str | None:
+    """The partition ("T" / "TD") whose settings `path`'s floor belongs to; None for a file without the
+    clients' scores (the floor of every setting)."""
+    clients = _read(path).get("clients")
+    return None if clients is None else str(clients["partition"])
+
+
+def _partition_of(setting: str) -> str | None:
+    from fedmoe_jax.experiment.config import SETTINGS
+
+    return SETTINGS[setting][1] if setting in SETTINGS else None
+
+
+def floors_by_setting(paths: Sequence[str], settings: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """`{setting: {"TC": {"baseline", "value"}, ..., "file": path}}` for each of `settings` that one
+    of the `paths` is the floor of (see the module docstring); settings without one are left out.
+    `ValueError` (one line) for an unreadable file or a setting that two files claim."""
+    claims: dict[str, list[str]] = {}
+    for path in paths:
+        partition = floor_partition(path)
+        for setting in settings:
+            if partition is None or partition == _partition_of(setting):
+                claims.setdefault(setting, []).append(path)
+    twice = {s: ps for s, ps in claims.items() if len(ps) > 1}
+    if twice:
+        s, ps = next(iter(twice.items()))
+        raise ValueError(f"{' and '.join(ps)} are both the floor of {s}; pass one baselines.json per "
+                         "partition (T, TD), each written with --seeds by experiments/baselines.py")
+    return {s: {**load_floor(ps[0]), "file": ps[0]} for s, ps in claims.items()}
+
+
+def floor_data_mismatches(path: str, summaries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What sets the runs' test data apart from the data `baselines.json` (or its folder) measured the
+    floor on: one phrase per differing field (`data.source`, `data.dir`, `data.eval_examples_per_task`,
+    and for a file with the clients' scores `data.num_clients`, plus `data.alpha` for a TD partition)
+    with the values seen, empty when every run matches. Runs whose summary carries no config (written
+    by an older version) cannot be checked and are skipped; runs of a setting the file is not the
+    floor of are not its business."""
+    measured = _read(path)
+    want = {"source": measured.get("source"), "dir": measured.get("data_dir"),
+            "eval_examples_per_task": (measured.get("examples_per_task") or {}).get("eval")}
+    clients = measured.get("clients")
+    if clients is not None:
+        want["num_clients"] = clients.get("num_clients")
+        if clients.get("partition") == "TD":
+            want["alpha"] = clients.get("alpha")
+    seen: dict[str, set] = {k: set() for k in want}
+    for summary in summaries:
+        setting = summary.get("setting")
+        if clients is not None and isinstance(setting, str) and _partition_of(setting) not in (
+                None, clients.get("partition")):
+            continue
+        data = (summary.get("config") or {}).get("data")
+        if isinstance(data, Mapping):
+            for k in want:
+                seen[k].add(json.dumps(data.get(k)))
+    return [f"data.{k}: the floor's {json.dumps(v)}, the runs' {', '.join(sorted(seen[k]))}"
+            for k, v in want.items() if v is not None and seen[k] - {json.dumps(v)}]
+
+
+def check_floor_data(floors: str | Sequence[str], summaries: Sequence[Mapping[str, Any]]) -> None:
+    """`FloorMismatchError` (one line) when a floor's `baselines.json` measured other test data than
+    the runs of its settings were scored on, or two files claim one setting."""
+    paths = [floors] if isinstance(floors, str) else list(floors)
+    for path in paths:
+        mismatches = floor_data_mismatches(path, summaries)
+        if mismatches:
+            raise FloorMismatchError(f"{path} was measured on other data than the runs "
+                                     f"({'; '.join(mismatches)}); measure the floor with "
+                                     "`python experiments/baselines.py` on the runs' config and overrides")
+    settings = sorted({s for s in (x.get("setting") for x in summaries) if isinstance(s, str)})
+    try:
+        floors_by_setting(paths, settings)
+    except ValueError as e:
+        raise FloorMismatchError(str(e)) from None
+
+
+def floor_check(t1: Mapping[str, Mapping[str, Mapping]], floors: Mapping[str, Mapping[str, Mapping[str, Any]]]
+                ) -> dict[str, dict[str, list[str]]]:
+    """`{setting: {method: [columns whose seed-mean score is at or below the setting's floor]}}` (every
+    method of every setting with a floor)."""
+    return {setting: {m: [c for c in COLUMNS.values()
+                          if row.get(c) is not None and row[c] <= floors[setting][c]["value"]]
+                      for m, row in rows.items()} for setting, rows in t1.items() if setting in floors}
+
+
+def render_floor(floors: Mapping[str, Mapping[str, Any]], below: Mapping[str, Mapping[str, list[str]]]
+                 ) -> list[str]:
+    """Markdown lines: each setting's floor and the methods at or below it."""
+    lines = ["The best trivial baseline of each task (`experiments/baselines.py`), scored as the runs are "
+             "where its file holds the clients' scores (each client on its own test examples, mean over "
+             "clients and seeds); a personalized one (`client_...`, `..._client_prior`) uses the client's "
+             "own training labels. A score at or below it has measured nothing.", "",
+             "| Setting | Floor | At or below the floor |", "|---|---|---|"]
+    for setting, per in below.items():
+        f = floors[setting]
+        named = ", ".join(f"{c} {f[c]['value']:.2f} ({f[c]['baseline'].replace('_', ' ')})"
+                          for c in COLUMNS.values())
+        cells = [f"{method_name(m)} ({', '.join(cols)})" for m, cols in per.items() if cols]
+        lines.append(f"| {setting_name(setting)} | {named} | {'; '.join(cells) or 'none'} |")
+    return lines
