@@ -76,7 +76,22 @@ def test_in_plain_words_says_ahead_behind_tested_and_floor():
     three = {"enforced_hetero_td": {"fedmoe": _row(seeds, seeds, {**seeds, "3": 9.0}),
                                     "random_moe": _row(seeds, seeds, {**seeds, "4": 9.0})}}
     text = in_plain_words(three, ["random_moe"], {"enforced_hetero_td": {"fedmoe": ["RC"]}})[2]
-    assert "3+ paired seeds" in text and text.endswith("At or below the trivial-baseline floor: FedMoE (RC).")
+    assert "randomMoE: level" in text and "3+ paired seeds: no difference is significant" in text
+    assert text.endswith("At or below the trivial-baseline floor: FedMoE (RC).")
+    # TC: FedMoE - randomMoE = 5, 6, 7 (mean 6, 95 % interval 6 +- 4.302653 / sqrt 3 = [3.52, 8.48]:
+    # significant); RC: -1, +1, 0 (means equal: level); TS: -1, 3, 1 (mean 1, interval 1 +- 4.97: not).
+    # FedAvg + FT, a reference point: TC -10, -9, -8 (significant); its RC and TS means equal FedMoE's.
+    def by_seed(*values):
+        return dict(zip(("0", "1", "2"), map(float, values)))
+
+    fed = _row(by_seed(10, 12, 14), by_seed(1, 2, 3), by_seed(1, 5, 3))
+    rand = _row(by_seed(5, 6, 7), by_seed(2, 1, 3), by_seed(2, 2, 2))
+    ft = _row(by_seed(20, 21, 22), by_seed(1, 2, 3), by_seed(1, 5, 3))
+    text = in_plain_words({"standard_hetero_t": {"fedmoe": fed, "random_moe": rand, "fedavg_ft": ft}},
+                          ["random_moe"])[2]
+    assert text == ("- Standard-Hetero-T, FedMoE against randomMoE: ahead on TC +6.0†, TS +1.0 | "
+                    "FedAvg + FT: behind on TC -9.0† (seed means, points). 3+ paired seeds: † marks the 2 "
+                    "differences whose paired 95 % interval excludes 0; the others are undecided.")
     assert in_plain_words({"standard_hetero_t": {"fedprox": one["standard_hetero_t"]["random_moe"]}},
                           ["fedprox"]) == []  # no FedMoE row: nothing to say
 

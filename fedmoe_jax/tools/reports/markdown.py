@@ -22,12 +22,14 @@ from fedmoe_jax.tools.reports.names import (
 )
 from fedmoe_jax.tools.reports.outputs import render_outputs
 from fedmoe_jax.tools.reports.paper import (
+    excludes_zero,
     paired_difference,
     render_paper_claims,
     render_paper_comparison,
     render_paper_table2,
 )
 from fedmoe_jax.tools.reports.reference_points import (
+    REFERENCE_METHODS,
     render_global_vs_personal,
     render_reference_comparison,
     render_seeds_to_add,
@@ -123,32 +125,43 @@ def at_a_glance(against_paper: Mapping, against_table2: Mapping, claims: Sequenc
 
 def in_plain_words(t1: Mapping[str, Mapping[str, Mapping]], baselines: Sequence[str],
                    below: Mapping[str, Mapping[str, list[str]]] | None = None) -> list[str]:
-    """Markdown bullet lines, one per setting: where FedMoE is ahead of / behind each baseline (seed means),
-    whether any difference was tested (two or more paired seeds), and who sits at or below the floor."""
+    """Markdown bullet lines, one per setting: where FedMoE is ahead of / behind each baseline and each
+    reference point the paper leaves out (seed means), which differences are significant (the paired
+    95 % interval excludes 0, marked †; the rest undecided), and who sits at or below the floor."""
     out = []
+    against = [*baselines, *(r for r in REFERENCE_METHODS if r not in baselines)]
     for setting, rows in t1.items():
         if METHOD not in rows:
             continue
-        ours, parts = rows[METHOD], []
-        for b in baselines:
-            if b not in rows:
+        ours, parts, seeds, marked = rows[METHOD], [], [], 0
+        for b in against:
+            if b not in rows or b == METHOD:
                 continue
-            diffs = {c: ours[c] - rows[b][c] for c in COLUMNS.values()
-                     if ours.get(c) is not None and rows[b].get(c) is not None}
-            ahead = [f"{c} {d:+.1f}" for c, d in diffs.items() if d > 0]
-            behind = [f"{c} {d:+.1f}" for c, d in diffs.items() if d < 0]
-            said = [f"{word} on {', '.join(cols)}"
-                    for word, cols in (("ahead", ahead), ("behind", behind)) if cols]
-            parts.append(f"{method_name(b)}: " + ("; ".join(said) or "level"))
+            said = {"ahead": [], "behind": []}
+            for c in COLUMNS.values():
+                p = paired_difference(ours.get(f"{c}_by_seed"), rows[b].get(f"{c}_by_seed"))
+                if p is not None:
+                    seeds.append(len(p["seeds"]))
+                if ours.get(c) is None or rows[b].get(c) is None or ours[c] == rows[b][c]:
+                    continue
+                d = ours[c] - rows[b][c]
+                sig = excludes_zero(p) is True
+                marked += sig
+                said["ahead" if d > 0 else "behind"].append(f"{c} {d:+.1f}{'†' if sig else ''}")
+            words = [f"{word} on {', '.join(cols)}" for word, cols in said.items() if cols]
+            parts.append(f"{method_name(b)}: " + ("; ".join(words) or "level"))
         if not parts:
             continue
-        paired = [len(p["seeds"]) for b in baselines if b in rows for c in COLUMNS.values()
-                  if (p := paired_difference(ours.get(f"{c}_by_seed"), rows[b].get(f"{c}_by_seed")))]
-        seeds = min(paired, default=0)
         line = f"- {setting_name(setting)}, FedMoE against " + " | ".join(parts) + " (seed means, points). "
-        line += ("Fewer than two paired seeds: these differences are not tested; only a grid of seeds "
-                 "decides them." if seeds < 2 else f"{seeds}+ paired seeds: the comparison sections below "
-                 "say which are significant.")
+        n = min(seeds, default=0)
+        if n < 2:
+            line += ("Fewer than two paired seeds: these differences are not tested; only a grid of seeds "
+                     "decides them.")
+        elif marked:
+            line += (f"{n}+ paired seeds: † marks the {marked} differences whose paired 95 % interval "
+                     "excludes 0; the others are undecided.")
+        else:
+            line += f"{n}+ paired seeds: no difference is significant at 95 %; all are undecided."
         if below is not None and setting in below:
             low = [f"{method_name(m)} ({', '.join(c)})" for m, c in below[setting].items() if c]
             line += (" At or below the trivial-baseline floor: " + "; ".join(low) + "." if low
