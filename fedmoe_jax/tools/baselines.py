@@ -11,10 +11,14 @@ test split with the task's own metric (`fedmoe_jax.data.tasks.task_scores`):
 - TS: `lead` (the first N words of the document, N picked on validation); `constant` (per label, the
   most common first K words of the training targets, K picked on validation: "of or relating to").
 
-`trivial_baselines(data)` returns `{task: {baseline: {metric: value, ..., "setting": ...}}}`;
-`label_skew(data, partition)` measures how far a partition's clients are from their task's labels;
-`python experiments/baselines.py --config=configs/cpu.py --out=results/benchmark` writes it as JSON
-and Markdown.
+`trivial_baselines(data)` returns `{task: {baseline: {metric: value, ..., "setting": ...}}}`, scored on
+the whole test split; `client_baselines(data, partition)` scores the same baselines as runs are scored
+(each client on its own test examples, the mean over the task's clients), plus two TC baselines that
+use the client's own training labels (`client_majority`, `naive_bayes_client_prior`): the floor of a
+partition whose clients hold unequal shares and few classes (the -TD settings). `label_skew(data,
+partition)` measures how far a partition's clients are from their task's labels. `python
+experiments/baselines.py --config=configs/cpu.py --seeds=0,1,2 --out=DIR` writes it all as JSON and
+Markdown. The sklearn naive Bayes is used as is; `NaiveBayes.predict` only swaps its class prior.
 """
 
 from __future__ import annotations
