@@ -12,10 +12,10 @@ test split with the task's own metric (`fedmoe_jax.data.tasks.task_scores`):
   most common first K words of the training targets, K picked on validation: "of or relating to").
 
 `trivial_baselines(data)` returns `{task: {baseline: {metric: value, ..., "setting": ...}}}`, scored on
-the whole test split; `client_baselines(data, partition)` scores the same baselines as runs are scored
-(each client on its own test examples, the mean over the task's clients), plus two TC baselines that
-use the client's own training labels (`client_majority`, `naive_bayes_client_prior`): the floor of a
-partition whose clients hold unequal shares and few classes (the -TD settings). `label_skew(data,
+the whole test split; `client_scores(data, partition)` scores them client by client, as runs are
+scored, with two TC baselines that use the client's own training labels (`client_majority`,
+`naive_bayes_client_prior`), and `client_baselines` averages those over each task's clients: the floor
+of a partition whose clients hold unequal shares and few classes (the -TD settings). `label_skew(data,
 partition)` measures how far a partition's clients are from their task's labels. `python
 experiments/baselines.py --config=configs/cpu.py --seeds=0,1,2 --out=DIR` writes it all as JSON and
 Markdown. The sklearn naive Bayes is used as is; `NaiveBayes.predict` only swaps its class prior.
@@ -212,44 +212,55 @@ def trivial_baselines(data: Mapping[str, Mapping[str, TaskData]],
             for task, per in fitted.items()}
 
 
-def client_baselines(data: Mapping[str, Mapping[str, TaskData]], partition,
-                     fitted: Mapping[str, Mapping[str, Fitted]] | None = None
-                     ) -> dict[str, dict[str, dict[str, float]]]:
-    """The baselines scored as runs score a method: each client on its own test examples, the mean
-    over the task's clients (unweighted; clients without test examples left out), so a partition whose
-    clients hold different numbers of examples (the -TD settings) gets its own floor.
-    `{task: {baseline: {metric: value}}}`: every baseline of `fit_all` plus two for TC that use the
-    client's own training labels, what a personalized method can learn from them:
+def client_scores(data: Mapping[str, Mapping[str, TaskData]], partition,
+                  fitted: Mapping[str, Mapping[str, Fitted]] | None = None
+                  ) -> dict[str, dict[str, dict[int, dict[str, float]]]]:
+    """The baselines scored as runs score a method, client by client: `{task: {baseline: {client:
+    {metric: value}}}}`, each client on its own test examples (clients without any left out, as runs
+    leave them out). Every baseline of `fit_all`, plus two for TC that use the client's own training
+    labels, what a personalized method can learn from them:
 
     - `client_majority`: the client's most common training label for each of its examples;
     - `naive_bayes_client_prior`: naive Bayes with the word likelihoods of the whole training split
       (word counts are sums over clients: one round of federated averaging) and the class prior of
       the client's own training labels, add-one smoothed (a class it never saw keeps some mass)."""
     fitted = fit_all(data) if fitted is None else fitted
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    out: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
     for task, per in fitted.items():
         train, test = data[task]["train"], data[task]["test"]
-        clients = [(c, partition.client_indices(c, "test")) for c in partition.clients_of(task)]
+        clients = [(int(c), partition.client_indices(c, "test")) for c in partition.clients_of(task)]
         clients = [(c, idx) for c, idx in clients if len(idx)]
         if not clients:
             continue
-        scores = {name: [_score(task, [f.predictions[i] for i in idx], test.take(idx)) for _, idx in clients]
-                  for name, f in per.items()}
+        rows = {name: {c: _score(task, [f.predictions[i] for i in idx], test.take(idx)) for c, idx in clients}
+                for name, f in per.items()}
         if task == "tc":
             nb = per["naive_bayes"].model
             classes = [train.label_names.index(str(k)) for k in nb.model.classes_]
-            scores["client_majority"], scores["naive_bayes_client_prior"] = [], []
+            rows["client_majority"], rows["naive_bayes_client_prior"] = {}, {}
             for c, idx in clients:
                 own = np.bincount(train.labels[partition.client_indices(c)], minlength=train.num_labels)
                 mine = test.take(idx)
                 guess = train.label_names[own.argmax()] if own.sum() else ""
-                scores["client_majority"].append(_score("tc", [guess] * len(mine), mine))
+                rows["client_majority"][c] = _score("tc", [guess] * len(mine), mine)
                 counts = own[classes].astype(np.float64) + 1.0
-                scores["naive_bayes_client_prior"].append(
-                    _score("tc", nb.predict(mine, np.log(counts / counts.sum())), mine))
-        out[task] = {name: {m: float(np.mean([r[m] for r in rows])) for m in rows[0]}
-                     for name, rows in scores.items()}
+                rows["naive_bayes_client_prior"][c] = _score(
+                    "tc", nb.predict(mine, np.log(counts / counts.sum())), mine)
+        out[task] = rows
     return out
+
+
+def client_baselines(data: Mapping[str, Mapping[str, TaskData]], partition,
+                     fitted: Mapping[str, Mapping[str, Fitted]] | None = None,
+                     scores: Mapping[str, Mapping[str, Mapping[int, Mapping[str, float]]]] | None = None
+                     ) -> dict[str, dict[str, dict[str, float]]]:
+    """`client_scores` (or `scores`, if at hand) averaged over each task's clients, unweighted as runs
+    average them: `{task: {baseline: {metric: value}}}`. A partition whose clients hold unequal shares
+    and few classes (the -TD settings) gets its own floor."""
+    scores = client_scores(data, partition, fitted) if scores is None else scores
+    return {task: {name: {m: float(np.mean([r[m] for r in per_client.values()]))
+                          for m in next(iter(per_client.values()))}
+                   for name, per_client in per.items()} for task, per in scores.items()}
 
 
 def _entropy(labels: np.ndarray) -> float:
@@ -321,18 +332,22 @@ def run_baselines(config: str = "configs/cpu.py", overrides: Sequence[str] = (),
     seeds = [int(x) for x in seeds] or [int(cfg.seed)]
     task_data = load_task_data(cfg)
     fitted = fit_all(task_data)
-    by_seed, skew = {}, None
+    by_seed, by_client, skew = {}, {}, None
     for seed in seeds:
         cfg.seed = seed
         partition = make_run_partition(cfg, task_data)
-        by_seed[str(seed)] = client_baselines(task_data, partition, fitted)
+        per_client = client_scores(task_data, partition, fitted)
+        by_client[str(seed)] = {task: {name: {str(c): r[PRIMARY_METRIC[task]] for c, r in rows.items()}
+                                       for name, rows in per.items()} for task, per in per_client.items()}
+        by_seed[str(seed)] = client_baselines(task_data, partition, scores=per_client)
         skew = skew or label_skew(task_data, partition)
     means = {task: {name: {m: float(np.mean([by_seed[str(x)][task][name][m] for x in seeds])) for m in scores}
                     for name, scores in per.items()} for task, per in by_seed[str(seeds[0])].items()}
     clients = {"setting": cfg.setting, "partition": SETTINGS[cfg.setting][1], "num_clients": d.num_clients,
                "alpha": d.alpha, "seeds": seeds, "baselines": means,
                "by_seed": {x: {task: {name: scores[PRIMARY_METRIC[task]] for name, scores in per.items()}
-                               for task, per in got.items()} for x, got in by_seed.items()}}
+                               for task, per in got.items()} for x, got in by_seed.items()},
+               "by_client": by_client}
     result = {"config": config, "overrides": list(overrides), "source": d.source, "data_dir": d.dir,
               "examples_per_task": {"train": d.train_examples_per_task, "eval": d.eval_examples_per_task},
               "baselines": trivial_baselines(task_data, fitted), "clients": clients,

@@ -99,8 +99,12 @@ def test_cli_floor_adds_each_settings_row_and_a_bad_floor_exits_2_before_writing
                        ("fedmoe_td", "standard_hetero_td", (78.0, 56.0, 14.0), None)])
     (root / "fedavg_t" / "summary.json").write_text((root / "fedavg_t" / "summary.json").read_text().replace(
         '"method": "fedavg"', '"method": "fedavg_ft"'))
+    summary = json.loads((root / "fedmoe_td" / "summary.json").read_text())
+    summary["test_clients"] = {"0": {"task": "tc", "score": 78.0}}  # above its own floor, 70
+    (root / "fedmoe_td" / "summary.json").write_text(json.dumps(summary))
     t = _baselines_file(tmp_path / "t.json", _clients("T", (64.7, 64.2), 63.4, 13.0))
-    td = _baselines_file(tmp_path / "td.json", _clients("TD", (65.2, 79.4), 55.3, 13.1))
+    td = _baselines_file(tmp_path / "td.json", {**_clients("TD", (65.2, 79.4), 55.3, 13.1),
+                                                "by_client": {"0": {"tc": {"naive_bayes": {"0": 70.0}}}}})
     assert reports.run_report(str(root), out=str(tmp_path / "a"), floor=[str(t), str(td)]) == 0
     text = (tmp_path / "a" / "report.md").read_text()
     t_table, td_table = text.split("### (b) Standard-Hetero-TD")[:2]
@@ -112,6 +116,9 @@ def test_cli_floor_adds_each_settings_row_and_a_bad_floor_exits_2_before_writing
     assert report["below_floor"] == {"standard_hetero_t": {"fedmoe": ["RC"], "fedavg_ft": ["RC", "TS"]},
                                      "standard_hetero_td": {"fedmoe": ["TC"]}}
     assert report["floor"]["standard_hetero_td"]["file"] == str(td)
+    assert report["clients_above_floor"] == {"standard_hetero_td": {"fedmoe": {"TC": [1, 1], "RC": [0, 0],
+                                                                               "TS": [0, 0]}}}
+    assert "| FedMoE | 1/1 (100 %) | — | — |" in text.split("Client by client")[1]
     assert reports.run_report(str(root), out=str(tmp_path / "b"), floor=str(t)) == 0  # TD: no floor, a note
     text = (tmp_path / "b" / "report.md").read_text()
     assert "standard_hetero_td: no floor given" in text and text.count("*Floor: best trivial baseline*") == 1
@@ -162,3 +169,34 @@ def test_a_floor_measured_on_other_test_data_exits_2_before_anything_is_written(
     assert reports.run_report(str(root), out=str(tmp_path / "out"), floor=str(tmp_path)) == 0
     assert np.isclose(json.loads((tmp_path / "out" / "report.json").read_text())[
         "floor"]["standard_hetero_t"]["TC"]["value"], 64.7)
+
+
+def test_clients_above_their_own_floor_by_hand(tmp_path):
+    """Seed 0's TC client 0 has baselines 50 and 70 (its floor 70), client 1 40 and 30 (floor 40); seed 1
+    was not scored. FedMoE seed 0: client 0 at 70 (not above: equal), client 1 at 41 (above); its seed 1
+    run is left out: 1 of 2. FedAvg seed 0: 80 and 10: 1 of 2. An RC client the file does not know
+    is left out; a setting whose file has no client scores gets no table."""
+    doc = {"baselines": POOLED, "clients": {**_clients("T", (64.7, 64.2), 63.4, 13.0), "by_client": {
+        "0": {"tc": {"naive_bayes": {"0": 50.0, "1": 40.0},
+                     "naive_bayes_client_prior": {"0": 70.0, "1": 30.0}},
+              "rc": {"rarest_context_word": {"5": 10.0}}, "ts": {}}}}}
+    (tmp_path / "t.json").write_text(json.dumps(doc))
+
+    class Run:
+        def __init__(self, seed, tc, rc=None):
+            clients = {"0": {"task": "tc", "score": tc[0]}, "1": {"task": "tc", "score": tc[1]}}
+            if rc is not None:
+                clients["9"] = {"task": "rc", "score": rc}
+            self.summary = {"seed": seed, "test_clients": clients}
+
+    groups = {"standard_hetero_t": {"fedmoe": [Run(0, (70.0, 41.0), rc=99.0), Run(1, (99.0, 99.0))],
+                                    "fedavg": [Run(0, (80.0, 10.0))]},
+              "standard_hetero_td": {"fedmoe": [Run(0, (99.0, 99.0))]}}
+    floors = {"standard_hetero_t": {"file": str(tmp_path / "t.json")},
+              "standard_hetero_td": {"file": str(_baselines_file(tmp_path / "old.json"))}}
+    got = reports.clients_above_floor(groups, floors)
+    assert got == {"standard_hetero_t": {"fedmoe": {"TC": [1, 2], "RC": [0, 0], "TS": [0, 0]},
+                                         "fedavg": {"TC": [1, 2], "RC": [0, 0], "TS": [0, 0]}}}
+    lines = reports.render_clients_above_floor(got)
+    assert "| FedMoE | 1/2 (50 %) | — | — |" in lines and "#### Standard-Hetero-T" in lines
+    assert reports.render_clients_above_floor({}) == []

@@ -106,6 +106,10 @@ def test_client_baselines_score_each_client_on_its_own_examples_by_hand():
     test = tc(["zebra", "yak", "emu"], ["x", "y", "y"])
     data = {"tc": {"train": train, "validation": test, "test": test}}
     part = Partition("tc", {0: [0, 1, 2], 1: [3, 4], 2: [5]}, {0: [0], 1: [1, 2], 2: []})
+    per_client = b.client_scores(data, part)["tc"]
+    assert {k: {c: r["accuracy"] for c, r in v.items()} for k, v in per_client.items()} == {
+        "majority": {0: 100.0, 1: 0.0}, "naive_bayes": {0: 100.0, 1: 0.0},
+        "client_majority": {0: 100.0, 1: 100.0}, "naive_bayes_client_prior": {0: 100.0, 1: 100.0}}
     got = b.client_baselines(data, part)["tc"]
     assert {k: v["accuracy"] for k, v in got.items()} == {
         "majority": 50.0, "naive_bayes": 50.0, "client_majority": 100.0, "naive_bayes_client_prior": 100.0}
@@ -124,11 +128,13 @@ def test_cli_scores_the_partition_of_each_seed_and_refuses_bad_seeds(tmp_path):
     assert clients["partition"] == "TD" and clients["seeds"] == [0, 1]
     assert set(clients["baselines"]["tc"]) == {"majority", "naive_bayes", "client_majority",
                                                "naive_bayes_client_prior"}
-    for task, per in clients["baselines"].items():  # the mean over seeds of each seed's value
-        for name, scores in per.items():
+    for task, per in clients["baselines"].items():  # the mean over seeds of each seed's value, and
+        for name, scores in per.items():          # each seed's the mean over its clients
             metric = {"tc": "accuracy", "rc": "f1", "ts": "rouge2"}[task]
             seeds = [clients["by_seed"][x][task][name] for x in ("0", "1")]
             assert scores[metric] == pytest.approx(np.mean(seeds))
+            for x, value in zip(("0", "1"), seeds):
+                assert value == pytest.approx(np.mean(list(clients["by_client"][x][task][name].values())))
     assert "| tc | naive_bayes_client_prior | accuracy |" in (tmp_path / "baselines.md").read_text()
     bad = subprocess.run([sys.executable, "experiments/baselines.py", "--config=configs/tiny.py",
                           "--seeds=0,x", f"--out={tmp_path / 'bad'}"], capture_output=True, text=True,

@@ -58,10 +58,12 @@ from fedmoe_jax.tools.reports.figures import task_activation
 from fedmoe_jax.tools.reports.floor import (
     FloorMismatchError,
     check_floor_data,
+    clients_above_floor,
     floor_check,
     floor_data_mismatches,
     floors_by_setting,
     load_floor,
+    render_clients_above_floor,
     render_floor,
 )
 from fedmoe_jax.tools.reports.loading import (
@@ -111,11 +113,13 @@ __all__ = [
     "assign_variants",
     "at_a_glance", "average_improvement", "build_report", "coefficient_of_variation", "compare_tables",
     "composite_variation_index", "curve", "cvi", "excludes_zero", "export_runs", "find_summaries",
-    "check_floor_data", "floor_check", "floor_data_mismatches", "floors_by_setting", "global_vs_personal",
+    "check_floor_data", "clients_above_floor", "floor_check", "floor_data_mismatches", "floors_by_setting",
+    "global_vs_personal",
     "group_runs", "improvement", "load_floor", "load_runs",
     "load_table1", "mean_std", "method_name", "paired_difference", "paper_claims",
     "paper_comparison", "paper_table2_comparison", "reference_comparison", "render_comparison",
-    "render_floor", "render_global_vs_personal", "render_paper_claims", "render_reference_comparison",
+    "render_clients_above_floor", "render_floor", "render_global_vs_personal", "render_paper_claims",
+    "render_reference_comparison",
     "render_seeds_to_add",
     "render_paper_comparison", "render_paper_table2", "render_stage2_trials", "render_task_separation",
     "replay_stale_trials", "rounds_to_target", "run_report", "seeds_to_add", "setting_name", "split_method",

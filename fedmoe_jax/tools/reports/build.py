@@ -10,7 +10,13 @@ from typing import Any
 from fedmoe_jax.files import write_json
 from fedmoe_jax.tools.reports.compare import compare_tables, load_table1
 from fedmoe_jax.tools.reports.figures import figures
-from fedmoe_jax.tools.reports.floor import check_floor_data, floor_check, floors_by_setting, load_floor
+from fedmoe_jax.tools.reports.floor import (
+    check_floor_data,
+    clients_above_floor,
+    floor_check,
+    floors_by_setting,
+    load_floor,
+)
 from fedmoe_jax.tools.reports.loading import (
     NoRunsError,
     Notes,
@@ -85,6 +91,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     more_seeds = seeds_to_add(t1, [*baselines, *(r for r in REFERENCE_METHODS if r not in baselines)])
     global_scores = global_vs_personal(t1)
     below = floor_check(t1, floors) if floors is not None else None
+    per_client = clients_above_floor(groups, floors) if floors is not None else {}
     os.makedirs(out, exist_ok=True)
     figs = figures(groups, ttt, out, notes)
     write_json(os.path.join(out, "table1.json"), t1, finite=True)
@@ -95,7 +102,8 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
               "stage2_trials": trials, "paper_claims": claims,
               "initial_models": initial_models, "outputs": outputs, "figures": [rel for _, rel in figs],
               "reference_points": references, "global_vs_personal": global_scores,
-              "floor": floors, "below_floor": below, "seeds_to_add": more_seeds, "notes": list(notes)}
+              "floor": floors, "below_floor": below,
+              "clients_above_floor": per_client, "seeds_to_add": more_seeds, "notes": list(notes)}
     if moved is not None:
         result["compared_with"] = {"path": compare, **moved}
     write_json(os.path.join(out, "report.json"), result, finite=True)
@@ -103,5 +111,5 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
         f.write(render_markdown(root, runs, t1, t2, gains, cvis, ttt, figs, baselines, notes,
                                 against_paper, outputs, (compare, moved) if moved is not None else None,
                                 separation, against_table2, trials, claims,
-                                beyond=(references, global_scores, floors, below, more_seeds)))
+                                beyond=(references, global_scores, floors, below, more_seeds, per_client)))
     return {**result, "out": out, "table1": t1, "table2": t2}

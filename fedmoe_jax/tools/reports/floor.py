@@ -169,3 +169,55 @@ def render_floor(floors: Mapping[str, Mapping[str, Any]], below: Mapping[str, Ma
         cells = [f"{method_name(m)} ({', '.join(cols)})" for m, cols in per.items() if cols]
         lines.append(f"| {setting_name(setting)} | {named} | {'; '.join(cells) or 'none'} |")
     return lines
+
+
+Counts = dict[str, dict[str, dict[str, list[int]]]]
+
+
+def clients_above_floor(groups: Mapping[str, Mapping[str, Sequence[Any]]],
+                        floors: Mapping[str, Mapping[str, Any]]) -> Counts:
+    """The floor client by client: `{setting: {method: {"TC" | "RC" | "TS": [above, clients]}}}`, over
+    every run of the method (`Run`s grouped as `group_runs` does) whose seed its setting's floor file
+    scored, and every client of the task that both scored: how many of the method's clients score
+    above the best trivial baseline of their own test examples. Settings whose file has no client
+    scores (an older one) are left out."""
+    out: dict[str, dict[str, dict[str, list[int]]]] = {}
+    for setting, methods in groups.items():
+        if setting not in floors:
+            continue
+        by_client = (_read(floors[setting]["file"]).get("clients") or {}).get("by_client")
+        if not by_client:
+            continue
+        per_method = {}
+        for method, runs in methods.items():
+            counts = {c: [0, 0] for c in COLUMNS.values()}
+            for run in runs:
+                own = by_client.get(str(run.summary.get("seed")))
+                for client, r in (run.summary.get("test_clients") or {}).items():
+                    task, score = r.get("task"), _num(r.get("score"))
+                    if own is None or task not in own or score is None:
+                        continue
+                    values = [v[client] for v in own[task].values() if _num(v.get(client)) is not None]
+                    if values:
+                        counts[COLUMNS[task]][0] += score > max(values)
+                        counts[COLUMNS[task]][1] += 1
+            if any(n for _, n in counts.values()):
+                per_method[method] = counts
+        if per_method:
+            out[setting] = per_method
+    return out
+
+
+def render_clients_above_floor(table: Mapping[str, Mapping[str, Mapping[str, Sequence[int]]]]) -> list[str]:
+    """Markdown lines: per setting, each method's clients above their own floor."""
+    if not table:
+        return []
+    lines = ["Client by client: of each method's clients (all seeds the floor scored), how many score above "
+             "the best trivial baseline of their own test examples (the floor files' `by_client`).", ""]
+    for setting, per in table.items():
+        lines += [f"#### {setting_name(setting)}", "", "| Method | TC | RC | TS |", "|---|---|---|---|"]
+        for method, counts in per.items():
+            lines.append(f"| {method_name(method)} | " + " | ".join(
+                f"{k}/{n} ({100 * k / n:.0f} %)" if n else "—" for k, n in counts.values()) + " |")
+        lines.append("")
+    return lines

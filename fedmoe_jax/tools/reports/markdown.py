@@ -7,7 +7,7 @@ from typing import Any
 
 from fedmoe_jax.tools.reports.cells import _fmt, _fmt_size, _tally
 from fedmoe_jax.tools.reports.compare import render_comparison
-from fedmoe_jax.tools.reports.floor import render_floor
+from fedmoe_jax.tools.reports.floor import render_clients_above_floor, render_floor
 from fedmoe_jax.tools.reports.loading import Run
 from fedmoe_jax.tools.reports.names import (
     COLUMNS,
@@ -176,11 +176,10 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
                     compared: tuple[str, Mapping] | None = None, separation: Mapping | None = None,
                     against_table2: Mapping | None = None, trials: Mapping | None = None,
                     claims: Sequence[Mapping[str, Any]] | None = None,
-                    beyond: tuple[Mapping, Mapping, Mapping | None, Mapping | None, Mapping] | None = None
-                    ) -> str:
+                    beyond: tuple[Mapping, ...] | None = None) -> str:
     """The whole `report.md`; `beyond`: (reference comparison, global vs personal, floor, below floor,
-    seeds to add), `reference_points`' results."""
-    references, global_scores, floor, below, more_seeds = beyond or ({}, {}, None, None, {})
+    seeds to add, clients above their own floor): `reference_points`' and `floor`'s results."""
+    references, global_scores, floor, below, more_seeds, per_client = beyond or ({}, {}, None, None, {}, {})
     methods_seen = sorted({m for ms in t1.values() for m in ms}, key=_method_rank)
     lines = [
         "# FedMoE report",
@@ -251,6 +250,8 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
     if floor is not None:
         lines += ["", "### The floor", ""]
         lines += render_floor(floor, below)
+        if per_client:
+            lines += ["", *render_clients_above_floor(per_client)]
     lines += ["", "### Seeds to add", ""]
     lines += render_seeds_to_add(more_seeds)
     if compared is not None:
