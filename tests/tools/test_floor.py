@@ -200,3 +200,34 @@ def test_clients_above_their_own_floor_by_hand(tmp_path):
     lines = reports.render_clients_above_floor(got)
     assert "| FedMoE | 1/2 (50 %) | — | — |" in lines and "#### Standard-Hetero-T" in lines
     assert reports.render_clients_above_floor({}) == []
+
+
+def test_the_floor_is_the_mean_over_the_seeds_its_runs_used(tmp_path):
+    """Seeds 0 and 1 of the file: TC naive Bayes 60 and 66 (mean 63), with the client's prior 76 and 79
+    (77.5: the floor); RC 57 and 52 (54.5); TS lead 13 and 14 (13.5) over constant 4. Runs of seeds 0
+    and 3: seed 3 was not scored, so the file's own mean over its seeds (79.4 / 55.3 / 13.1) stands,
+    and the report says which seed to score."""
+    def seed(nb, prior, rc, lead):
+        return {"tc": {"naive_bayes": nb, "naive_bayes_client_prior": prior},
+                "rc": {"rarest_context_word": rc}, "ts": {"lead": lead, "constant": 4.0}}
+
+    clients = {**_clients("TD", (65.2, 79.4), 55.3, 13.1),
+               "by_seed": {"0": seed(60.0, 76.0, 57.0, 13.0), "1": seed(66.0, 79.0, 52.0, 14.0)}}
+    td = str(_baselines_file(tmp_path / "td.json", clients))
+    got = reports.floors_by_setting([td], ["standard_hetero_td"], {"standard_hetero_td": [1, 0]})
+    assert got["standard_hetero_td"] == {
+        "TC": {"baseline": "naive_bayes_client_prior", "value": 77.5},
+        "RC": {"baseline": "rarest_context_word", "value": 54.5}, "TS": {"baseline": "lead", "value": 13.5},
+        "file": td, "seeds": ["0", "1"], "unscored_seeds": []}
+    got = reports.floors_by_setting([td], ["standard_hetero_td"], {"standard_hetero_td": [0, 3]})
+    assert got["standard_hetero_td"]["TC"]["value"] == 79.4 and got["standard_hetero_td"]["seeds"] is None
+    assert got["standard_hetero_td"]["unscored_seeds"] == ["3"]
+    root = tmp_path / "runs"
+    _write_runs(root, [("fedmoe_0", "standard_hetero_td", (78.0, 56.0, 14.0), None),
+                       ("fedmoe_3", "standard_hetero_td", (78.0, 56.0, 14.0), None)])
+    summary = json.loads((root / "fedmoe_3" / "summary.json").read_text())
+    (root / "fedmoe_3" / "summary.json").write_text(json.dumps({**summary, "seed": 3}))
+    assert reports.run_report(str(root), out=str(tmp_path / "out"), floor=td) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "the floor file did not score seed(s) 3 of its runs" in text
+    assert "| *Floor: best trivial baseline* | *79.40* | *55.30* | *13.10* |" in text

@@ -60,10 +60,15 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     if floor:  # a floor measured on other test data would mislabel every cell: refuse before writing
         check_floor_data(floor, [r.summary for r in runs])
     groups = group_runs(runs)
-    floors = floors_by_setting(floor, list(groups)) if floor else None
+    seeds = {s: {r.seed for runs_ in methods.values() for r in runs_} for s, methods in groups.items()}
+    floors = floors_by_setting(floor, list(groups), seeds) if floor else None
     for setting in groups if floors is not None else ():
         if setting not in floors:
             notes.add(f"{setting}: no floor given (--floor: a baselines.json of its partition)")
+        elif floors[setting]["unscored_seeds"]:
+            notes.add(f"{setting}: the floor file did not score seed(s) "
+                      f"{', '.join(floors[setting]['unscored_seeds'])} of its runs: its floor is the mean "
+                      "over the seeds it scored; measure it again with every seed (--seeds)")
     initial_models = check_initial_models(runs, notes)
     baselines = [b for b in baselines if b != METHOD]
     seen = {r.method for r in runs}

@@ -4,7 +4,8 @@
 A file written with the clients' scores (`clients`: each client on its own test examples, the mean
 over the task's clients and over the grid's seeds, as runs are scored) is the floor of every setting
 with its partition (T or TD: the Standard and Enforced settings share one); its values include the
-baselines that use a client's own training labels. A file without them (an older one) holds the
+baselines that use a client's own training labels, and it is averaged over the seeds the setting's
+runs used (each seed is its own partition). A file without them (an older one) holds the
 baselines on the whole test split and is the floor of every setting. A setting that two files claim is
 refused: pass one file per partition.
 """
@@ -15,6 +16,8 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from fedmoe_jax.data.tasks import PRIMARY_METRIC
 from fedmoe_jax.tools.reports.cells import _num
@@ -47,11 +50,18 @@ def _read(path: str) -> dict[str, Any]:
     return doc
 
 
-def _best(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def _best(doc: Mapping[str, Any], seeds: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """Per Table 1 column, the baseline with the best primary metric: of the clients' scores when the
-    file has them, else of the whole test split's."""
+    file has them (averaged over `seeds` where it scored them all, else over every seed it scored),
+    else of the whole test split's."""
     clients = doc.get("clients")
-    baselines = clients["baselines"] if clients is not None else doc["baselines"]
+    by_seed = (clients or {}).get("by_seed") or {}
+    if seeds and all(str(x) in by_seed for x in seeds):
+        baselines = {task: {name: {PRIMARY_METRIC[task]: float(np.mean([by_seed[str(x)][task][name]
+                                                                        for x in seeds]))}
+                            for name in per} for task, per in by_seed[str(seeds[0])].items()}
+    else:
+        baselines = clients["baselines"] if clients is not None else doc["baselines"]
     floor = {}
     for task in TASKS:
         scores = {name: _num(b.get(PRIMARY_METRIC[task])) for name, b in baselines[task].items()}
@@ -81,9 +91,13 @@ def _partition_of(setting: str) -> str | None:
     return SETTINGS[setting][1] if setting in SETTINGS else None
 
 
-def floors_by_setting(paths: Sequence[str], settings: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """`{setting: {"TC": {"baseline", "value"}, ..., "file": path}}` for each of `settings` that one
-    of the `paths` is the floor of (see the module docstring); settings without one are left out.
+def floors_by_setting(paths: Sequence[str], settings: Sequence[str],
+                      seeds: Mapping[str, Sequence[Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """`{setting: {"TC": {"baseline", "value"}, ..., "file": path, "seeds": [...] | None}}` for each
+    of `settings` that one of the `paths` is the floor of (see the module docstring); settings without
+    one are left out. `seeds[setting]`: the seeds its runs used; where the file scored each of them,
+    the floor is their mean (`"seeds"`), else the file's own mean over the seeds it scored (`None`;
+    `"unscored_seeds"` names the runs' seeds it lacks).
     `ValueError` (one line) for an unreadable file or a setting that two files claim."""
     claims: dict[str, list[str]] = {}
     for path in paths:
@@ -96,7 +110,15 @@ def floors_by_setting(paths: Sequence[str], settings: Sequence[str]) -> dict[str
         s, ps = next(iter(twice.items()))
         raise ValueError(f"{' and '.join(ps)} are both the floor of {s}; pass one baselines.json per "
                          "partition (T, TD), each written with --seeds by experiments/baselines.py")
-    return {s: {**load_floor(ps[0]), "file": ps[0]} for s, ps in claims.items()}
+    out = {}
+    for s, ps in claims.items():
+        doc = _read(ps[0])
+        wanted = sorted({str(x) for x in (seeds or {}).get(s, ())}, key=lambda k: (len(k), k))
+        scored = set((doc.get("clients") or {}).get("by_seed") or {})
+        used = wanted if wanted and set(wanted) <= scored else None
+        out[s] = {**_best(doc, used), "file": ps[0], "seeds": used,
+                  "unscored_seeds": [x for x in wanted if x not in scored] if scored else []}
+    return out
 
 
 def floor_data_mismatches(path: str, summaries: Sequence[Mapping[str, Any]]) -> list[str]:
