@@ -1,15 +1,15 @@
 """Numbers in and out of the report's cells: finite numbers from run files, means and standard
-deviations over seeds, verdict tallies, and the formatting of table cells."""
+deviations over seeds, verdict tallies, and the formatting of table cells and per-task tables."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from fedmoe_jax.tools.reports.names import MISSING
+from fedmoe_jax.tools.reports.names import MISSING, method_name, setting_name
 
 
 def _num(x: Any) -> float | None:
@@ -49,3 +49,16 @@ def _fmt_size(mean: float | None, std: float | None = None) -> str:
     if mean is None:
         return MISSING
     return _size(mean) if std is None else f"{_size(mean)} ± {_size(std)}"
+
+
+def task_tables(table: Mapping[str, Mapping[str, Mapping[str, Any]]], cell: Callable[[Any], str]
+                ) -> list[str]:
+    """Markdown lines: per setting of `{setting: {method: {"TC": x, "RC": x, "TS": x}}}`, a heading and a
+    table of one row per method, each task's `x` written by `cell`."""
+    lines = []
+    for setting, per in table.items():
+        lines += [f"#### {setting_name(setting)}", "", "| Method | TC | RC | TS |", "|---|---|---|---|"]
+        for method, cells in per.items():
+            lines.append(f"| {method_name(method)} | " + " | ".join(cell(x) for x in cells.values()) + " |")
+        lines.append("")
+    return lines

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedmoe_jax.data.tasks import PRIMARY_METRIC
-from fedmoe_jax.tools.reports.cells import _num
+from fedmoe_jax.tools.reports.cells import _num, task_tables
 from fedmoe_jax.tools.reports.names import COLUMNS, TASKS, method_name, setting_name
 
 BASELINES_FILE = "baselines.json"
@@ -234,12 +234,11 @@ def render_clients_above_floor(table: Mapping[str, Mapping[str, Mapping[str, Seq
     """Markdown lines: per setting, each method's clients above their own floor."""
     if not table:
         return []
-    lines = ["Client by client: of each method's clients (all seeds the floor scored), how many score above "
-             "the best trivial baseline of their own test examples (the floor files' `by_client`).", ""]
-    for setting, per in table.items():
-        lines += [f"#### {setting_name(setting)}", "", "| Method | TC | RC | TS |", "|---|---|---|---|"]
-        for method, counts in per.items():
-            lines.append(f"| {method_name(method)} | " + " | ".join(
-                f"{k}/{n} ({100 * k / n:.0f} %)" if n else "—" for k, n in counts.values()) + " |")
-        lines.append("")
-    return lines
+    return ["Client by client: of each method's clients (all seeds the floor scored), how many score above "
+            "the best trivial baseline of their own test examples (the floor files' `by_client`).", "",
+            *task_tables(table, _share)]
+
+
+def _share(counts: Sequence[int]) -> str:
+    above, n = counts
+    return f"{above}/{n} ({100 * above / n:.0f} %)" if n else "—"

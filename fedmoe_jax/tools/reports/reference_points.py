@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmoe_jax.tools.reports.cells import _fmt
+from fedmoe_jax.tools.reports.cells import _fmt, task_tables
 from fedmoe_jax.tools.reports.names import COLUMNS, METHOD, MISSING, method_name, setting_name
 from fedmoe_jax.tools.reports.paper import excludes_zero, paired_difference
 
@@ -140,12 +140,6 @@ def global_vs_personal(t1: Mapping[str, Mapping[str, Mapping]]) -> dict[str, dic
 def render_global_vs_personal(table: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
     if not table:
         return ["No run scored its global model (`eval.global_model`)."]
-    lines = ["Each client's own model (the personalized score of Table 1) / the full global model on the "
-             "same test split, seed means.", ""]
-    for setting, per in table.items():
-        lines += [f"#### {setting_name(setting)}", "", "| Method | TC | RC | TS |", "|---|---|---|---|"]
-        for method, cells in per.items():
-            lines.append(f"| {method_name(method)} | " + " | ".join(
-                f"{_fmt(own)} / {_fmt(glob)}" for own, glob in cells.values()) + " |")
-        lines.append("")
-    return lines
+    return ["Each client's own model (the personalized score of Table 1) / the full global model on the "
+            "same test split, seed means.", "",
+            *task_tables(table, lambda pair: f"{_fmt(pair[0])} / {_fmt(pair[1])}")]
