@@ -158,8 +158,9 @@ def in_plain_words(t1: Mapping[str, Mapping[str, Mapping]], baselines: Sequence[
             line += ("Fewer than two paired seeds: these differences are not tested; only a grid of seeds "
                      "decides them.")
         elif marked:
-            line += (f"{n}+ paired seeds: † marks the {marked} differences whose paired 95 % interval "
-                     "excludes 0; the others are undecided.")
+            which = "the difference" if marked == 1 else f"the {marked} differences"
+            line += (f"{n}+ paired seeds: † marks {which} whose paired 95 % interval excludes 0; the others "
+                     "are undecided.")
         else:
             line += f"{n}+ paired seeds: no difference is significant at 95 %; all are undecided."
         if below is not None and setting in below:
