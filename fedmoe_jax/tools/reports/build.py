@@ -14,6 +14,7 @@ from fedmoe_jax.tools.reports.floor import (
     check_floor_data,
     clients_above_floor,
     floor_check,
+    floor_paths,
     floors_by_setting,
     load_floor,
 )
@@ -30,7 +31,7 @@ from fedmoe_jax.tools.reports.names import DEFAULT_BASELINES, METHOD, MISSING, _
 from fedmoe_jax.tools.reports.outputs import output_diagnostics
 from fedmoe_jax.tools.reports.paper import paper_claims, paper_comparison, paper_table2_comparison
 from fedmoe_jax.tools.reports.reference_points import (
-    REFERENCE_METHODS,
+    compared_with,
     global_vs_personal,
     reference_comparison,
     seeds_to_add,
@@ -47,7 +48,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     `floor`: `baselines.json` files (or their folders; one per partition, `floors_by_setting`) whose
     best trivial baseline per task is each setting's floor row in Table 1."""
     earlier = load_table1(compare) if compare else None
-    floor = [floor] if isinstance(floor, str) else list(floor or [])
+    floor = floor_paths(floor)
     for path in floor:
         load_floor(path)  # unreadable: refused before anything is read or written
     if not os.path.isdir(root) or not find_summaries(root):
@@ -93,7 +94,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     outputs = output_diagnostics(groups)
     moved = compare_tables(t1, earlier, baselines) if earlier is not None else None
     references = reference_comparison(t1)
-    more_seeds = seeds_to_add(t1, [*baselines, *(r for r in REFERENCE_METHODS if r not in baselines)])
+    more_seeds = seeds_to_add(t1, compared_with(baselines))
     global_scores = global_vs_personal(t1)
     below = floor_check(t1, floors) if floors is not None else None
     per_client = clients_above_floor(groups, floors) if floors is not None else {}

@@ -12,7 +12,7 @@ from fedmoe_jax.files import SUMMARY_FILE, unwritable, write_json
 from fedmoe_jax.tools.reports import loading
 from fedmoe_jax.tools.reports.build import build_report
 from fedmoe_jax.tools.reports.compare import load_table1
-from fedmoe_jax.tools.reports.floor import FloorMismatchError, check_floor_data, load_floor
+from fedmoe_jax.tools.reports.floor import FloorMismatchError, check_floor_data, floor_paths, load_floor
 from fedmoe_jax.tools.reports.names import DEFAULT_BASELINES, METHOD
 from fedmoe_jax.tools.sweeps.more_seeds import more_seeds_spec, spec_document
 from fedmoe_jax.tools.sweeps.results import spec_for_collect
@@ -30,7 +30,7 @@ def run_report(root: str, out: str | None = None, baselines: Sequence[str] = DEF
     (all checked before anything is written), or when the recorded sweep cannot express the seeds the
     report asks for (a setting not among its ARGs, a baseline it never ran: the report stays written)."""
     baselines = [b.strip() for b in baselines if b.strip()]
-    floor = [floor] if isinstance(floor, str) else list(floor or [])
+    floor = floor_paths(floor)
     # before any work: a bad --compare or --floor must not leave a half-written report
     checks = [("compare", compare, load_table1)] + [("floor", path, load_floor) for path in floor]
     for flag, value, check in checks:

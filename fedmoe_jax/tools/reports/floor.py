@@ -30,6 +30,11 @@ class FloorMismatchError(ValueError):
     """`--floor`'s baselines were measured on other test data than the runs were scored on."""
 
 
+def floor_paths(floor: str | Sequence[str] | None) -> list[str]:
+    """`--floor` as a list of paths (one path, several, or none)."""
+    return [floor] if isinstance(floor, str) else list(floor or [])
+
+
 def _baselines_file(path: str) -> str:
     """`path` itself, or the `baselines.json` inside it when it is a folder."""
     return os.path.join(path, BASELINES_FILE) if os.path.isdir(path) else path
@@ -78,13 +83,6 @@ def load_floor(path: str) -> dict[str, dict[str, Any]]:
     return _best(_read(path))
 
 
-def floor_partition(path: str) -> str | None:
-    """The partition ("T" / "TD") whose settings `path`'s floor belongs to; None for a file without the
-    clients' scores (the floor of every setting)."""
-    clients = _read(path).get("clients")
-    return None if clients is None else str(clients["partition"])
-
-
 def _partition_of(setting: str) -> str | None:
     from fedmoe_jax.experiment.config import SETTINGS
 
@@ -99,9 +97,10 @@ def floors_by_setting(paths: Sequence[str], settings: Sequence[str],
     the floor is their mean (`"seeds"`), else the file's own mean over the seeds it scored (`None`;
     `"unscored_seeds"` names the runs' seeds it lacks).
     `ValueError` (one line) for an unreadable file or a setting that two files claim."""
+    docs = {path: _read(path) for path in paths}
     claims: dict[str, list[str]] = {}
-    for path in paths:
-        partition = floor_partition(path)
+    for path, doc in docs.items():
+        partition = None if doc.get("clients") is None else str(doc["clients"]["partition"])
         for setting in settings:
             if partition is None or partition == _partition_of(setting):
                 claims.setdefault(setting, []).append(path)
@@ -112,7 +111,7 @@ def floors_by_setting(paths: Sequence[str], settings: Sequence[str],
                          "partition (T, TD), each written with --seeds by experiments/baselines.py")
     out = {}
     for s, ps in claims.items():
-        doc = _read(ps[0])
+        doc = docs[ps[0]]
         wanted = sorted({str(x) for x in (seeds or {}).get(s, ())}, key=lambda k: (len(k), k))
         scored = set((doc.get("clients") or {}).get("by_seed") or {})
         used = wanted if wanted and set(wanted) <= scored else None
@@ -153,7 +152,7 @@ def floor_data_mismatches(path: str, summaries: Sequence[Mapping[str, Any]]) -> 
 def check_floor_data(floors: str | Sequence[str], summaries: Sequence[Mapping[str, Any]]) -> None:
     """`FloorMismatchError` (one line) when a floor's `baselines.json` measured other test data than
     the runs of its settings were scored on, or two files claim one setting."""
-    paths = [floors] if isinstance(floors, str) else list(floors)
+    paths = floor_paths(floors)
     for path in paths:
         mismatches = floor_data_mismatches(path, summaries)
         if mismatches:

@@ -29,7 +29,7 @@ from fedmoe_jax.tools.reports.paper import (
     render_paper_table2,
 )
 from fedmoe_jax.tools.reports.reference_points import (
-    REFERENCE_METHODS,
+    compared_with,
     render_global_vs_personal,
     render_reference_comparison,
     render_seeds_to_add,
@@ -129,7 +129,7 @@ def in_plain_words(t1: Mapping[str, Mapping[str, Mapping]], baselines: Sequence[
     reference point the paper leaves out (seed means), which differences are significant (the paired
     95 % interval excludes 0, marked †; the rest undecided), and who sits at or below the floor."""
     out = []
-    against = [*baselines, *(r for r in REFERENCE_METHODS if r not in baselines)]
+    against = compared_with(baselines)
     for setting, rows in t1.items():
         if METHOD not in rows:
             continue

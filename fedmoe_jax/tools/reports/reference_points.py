@@ -19,6 +19,11 @@ REFERENCE_METHODS = ("fedavg", "fedavg_ft", "local")
 MAX_SEEDS = 5  # seeds are added to an undecided direction until it is decided or this many are in
 
 
+def compared_with(baselines: Sequence[str]) -> list[str]:
+    """The methods FedMoE is compared with: the given baselines, then the reference points not among them."""
+    return [*baselines, *(r for r in REFERENCE_METHODS if r not in baselines)]
+
+
 def reference_comparison(t1: Mapping[str, Mapping[str, Mapping]],
                          references: Sequence[str] = REFERENCE_METHODS) -> dict[str, dict[str, dict]]:
     """`{setting: {reference: {"TC" | "RC" | "TS": entry}}}`: FedMoE minus the reference method, where both
