@@ -551,8 +551,22 @@ def test_task_separation_by_hand():
     assert r["cos_within"] is None and r["jaccard_within"] is None  # one client per task: no pair
     assert r["jaccard_between"] == pytest.approx(1.0)
     lines = reports.render_task_separation(sep)
-    assert "| randomMoE | — | — | — | — | — | 1 |" in lines
+    assert "| randomMoE | — | — | — | — | — | — | 1 |" in lines
     assert reports.task_separation({}, notes) == {} and any("no task-separation" in n for n in notes)
+
+
+def test_same_task_overlap_by_layer_by_hand():
+    """Two layers (L=2, E=2), clients c0, c1 of task 0 and c2 of task 1. Layer 0: {0}, {0}, {1} ->
+    same-task Jaccard 1; layer 1: {0, 1}, {1}, {0} -> 1/2. Whole maps {0, 2, 3}, {0, 3} (task 0): 2/3;
+    against {1, 2} (task 1): 1/4 and 0 -> .125."""
+    run = _experts_run([0, 0, 1])
+    run.experts["initial_maps"] = np.asarray([[[1, 0], [1, 1]], [[1, 0], [0, 1]], [[0, 1], [1, 0]]], bool)
+    e = reports.task_separation({"standard_hetero_td": {"fedmoe": [run]}}, reports.Notes())
+    e = e["standard_hetero_td"]["fedmoe"]
+    assert e["jaccard_within_by_layer"] == pytest.approx([1.0, 0.5])
+    assert e["jaccard_within"] == pytest.approx(2 / 3)
+    assert "| FedMoE | — | — | — | — | 0.67 / 0.12 | 1.00 · 0.50 | 1 |" in reports.render_task_separation(
+        {"standard_hetero_td": {"fedmoe": e}})
 
 
 def test_paper_table2_readings_by_hand():

@@ -37,8 +37,9 @@ Modules: `names` (tasks, settings, methods and their row order), `cells` (number
 cells), `loading` (run directories), `analysis` (the paper's metrics), `tables` (Table 1 / Table 2
 analogues, average improvement, CVI, time-to-target), `separation` (Stage 1), `replay` (Stage 2),
 `paper` (the paper's numbers and the comparison with them), `reference_points` (FedAvg, FedAvg + FT and
-local training against FedMoE, global vs personalized models, the trivial baselines' floor), `compare`
-(an earlier report), `outputs`
+local training against FedMoE, global vs personalized models), `floor` (the trivial baselines' floor),
+`resemblance` (whether a method's clients score like the global model or like their own data),
+`compare` (an earlier report), `outputs`
 (kept predictions), `figures`, `markdown`, `build` (`build_report`) and `cli` (`run_report`, what
 `experiments/report.py` runs).
 """
@@ -105,6 +106,7 @@ from fedmoe_jax.tools.reports.reference_points import (
     seeds_to_add,
 )
 from fedmoe_jax.tools.reports.replay import render_stage2_trials, replay_stale_trials, stage2_trials
+from fedmoe_jax.tools.reports.resemblance import client_resemblance, render_client_resemblance
 from fedmoe_jax.tools.reports.separation import render_task_separation, stage1_measured, task_separation
 from fedmoe_jax.tools.reports.tables import curve, cvi, improvement, table1, table2, time_to_target
 
@@ -113,12 +115,14 @@ __all__ = [
     "assign_variants",
     "at_a_glance", "average_improvement", "build_report", "coefficient_of_variation", "compare_tables",
     "composite_variation_index", "curve", "cvi", "excludes_zero", "export_runs", "find_summaries",
-    "check_floor_data", "clients_above_floor", "floor_check", "floor_data_mismatches", "floors_by_setting",
+    "check_floor_data", "client_resemblance", "clients_above_floor", "floor_check", "floor_data_mismatches",
+    "floors_by_setting",
     "global_vs_personal",
     "group_runs", "improvement", "load_floor", "load_runs",
     "load_table1", "mean_std", "method_name", "paired_difference", "paper_claims",
     "paper_comparison", "paper_table2_comparison", "reference_comparison", "render_comparison",
-    "render_clients_above_floor", "render_floor", "render_global_vs_personal", "render_paper_claims",
+    "render_client_resemblance", "render_clients_above_floor", "render_floor", "render_global_vs_personal",
+    "render_paper_claims",
     "render_reference_comparison",
     "render_seeds_to_add",
     "render_paper_comparison", "render_paper_table2", "render_stage2_trials", "render_task_separation",

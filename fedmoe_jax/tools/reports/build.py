@@ -37,6 +37,7 @@ from fedmoe_jax.tools.reports.reference_points import (
     seeds_to_add,
 )
 from fedmoe_jax.tools.reports.replay import stage2_trials
+from fedmoe_jax.tools.reports.resemblance import client_resemblance
 from fedmoe_jax.tools.reports.separation import task_separation
 from fedmoe_jax.tools.reports.tables import cvi, improvement, table1, table2, time_to_target
 
@@ -96,6 +97,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     references = reference_comparison(t1)
     more_seeds = seeds_to_add(t1, compared_with(baselines))
     global_scores = global_vs_personal(t1)
+    resemblance = client_resemblance(groups)
     below = floor_check(t1, floors) if floors is not None else None
     per_client = clients_above_floor(groups, floors) if floors is not None else {}
     os.makedirs(out, exist_ok=True)
@@ -108,6 +110,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
               "stage2_trials": trials, "paper_claims": claims,
               "initial_models": initial_models, "outputs": outputs, "figures": [rel for _, rel in figs],
               "reference_points": references, "global_vs_personal": global_scores,
+              "client_resemblance": resemblance,
               "floor": floors, "below_floor": below,
               "clients_above_floor": per_client, "seeds_to_add": more_seeds, "notes": list(notes)}
     if moved is not None:
@@ -117,5 +120,6 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
         f.write(render_markdown(root, runs, t1, t2, gains, cvis, ttt, figs, baselines, notes,
                                 against_paper, outputs, (compare, moved) if moved is not None else None,
                                 separation, against_table2, trials, claims,
-                                beyond=(references, global_scores, floors, below, more_seeds, per_client)))
+                                beyond=(references, global_scores, floors, below, more_seeds, per_client,
+                                        resemblance)))
     return {**result, "out": out, "table1": t1, "table2": t2}

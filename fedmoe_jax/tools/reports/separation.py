@@ -36,6 +36,14 @@ def stage1_measured(run: Run) -> np.ndarray | None:
     return measured & nonzero
 
 
+def _jaccard(maps: np.ndarray) -> np.ndarray:
+    """`[N, N]` Jaccard overlap of the clients' expert sets `<bool>[N, K]` (0 where both are empty)."""
+    m = np.asarray(maps, np.float64)
+    inter = m @ m.T
+    union = m.sum(1)[:, None] + m.sum(1)[None] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
 def _within_between(sim: np.ndarray, tasks: np.ndarray) -> tuple[list[float], list[float]]:
     same = tasks[:, None] == tasks[None]
     off = ~np.eye(len(tasks), dtype=bool)
@@ -54,24 +62,29 @@ def task_separation(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes
     accuracy of naming a client's task from its profile (chance 1/3 with three tasks); `entropy`, the
     mean per-layer entropy of a profile over log E (1 = uniform routing). From `initial_maps <bool>[N, L, E]`
     (all clients): `jaccard_within` / `jaccard_between`, the mean Jaccard overlap of two clients'
-    initial sub-MoEs. Numbers are None where a run lacks the array."""
+    initial sub-MoEs, and `jaccard_within_by_layer`, the same-task overlap of each MoE layer's experts
+    alone (a layer where every client of a task holds the same few experts leaves those clients nothing of
+    their own there). Numbers are None where a run lacks the array."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for setting, methods in groups.items():
         for method in _ablation_rows(methods):  # the sub-MoE methods
             cw, cb, jw, jb, hits, ents, clients = [], [], [], [], [], [], 0
+            jl: list[list[float]] = []  # per MoE layer: same-task Jaccard of the layer's experts
             for run in methods[method]:
                 if run.experts is None:
                     continue
                 tasks = np.asarray(run.experts["client_tasks"])
                 maps = run.experts.get("initial_maps")
                 if maps is not None and maps.shape[:1] == tasks.shape:
-                    m = np.asarray(maps, np.float64).reshape(len(maps), -1)
-                    inter = m @ m.T
-                    union = m.sum(1)[:, None] + m.sum(1)[None] - inter
-                    w, b = _within_between(np.divide(inter, union, out=np.zeros_like(inter), where=union > 0),
-                                           tasks)
+                    w, b = _within_between(_jaccard(maps.reshape(len(maps), -1)), tasks)
                     jw += w
                     jb += b
+                    if maps.ndim == 3:
+                        layers = [_within_between(_jaccard(maps[:, i]), tasks)[0]
+                                  for i in range(maps.shape[1])]
+                        jl = jl or [[] for _ in layers]
+                        for acc, v in zip(jl, layers, strict=False):  # one model per setting: one L
+                            acc += v
                 measured = stage1_measured(run)
                 if measured is None or measured.sum() < 2:
                     continue
@@ -97,7 +110,9 @@ def task_separation(groups: Mapping[str, Mapping[str, list[Run]]], notes: Notes
             out.setdefault(setting, {})[method] = {
                 "clients": clients, "cos_within": mean(cw), "cos_between": mean(cb),
                 "task_from_profile": mean([float(h) for h in hits]), "entropy": mean(ents),
-                "jaccard_within": mean(jw), "jaccard_between": mean(jb), "seeds": len(methods[method])}
+                "jaccard_within": mean(jw), "jaccard_between": mean(jb),
+                "jaccard_within_by_layer": [mean(v) for v in jl] if jl else None,
+                "seeds": len(methods[method])}
     if not out:
         notes.add("no FedMoE, ablation or randomMoE run has expert maps (experts.npz): no task-separation "
                   "table")
@@ -113,19 +128,23 @@ def render_task_separation(sep: Mapping[str, Mapping[str, Mapping[str, Any]]]) -
              "`[L, E]` after the LoRA rounds) — mean cosine between two clients of the same / different "
              "tasks, the share of clients whose task the nearest task centroid names (leave-one-out; "
              "chance 33 %), and the routing entropy (1 = uniform over experts); **initial sub-MoEs** — "
-             "mean Jaccard overlap of two clients' expert maps, same / different task. Pairs within a "
-             "run, seeds pooled.", ""]
+             "mean Jaccard overlap of two clients' expert maps, same / different task, and the same-task "
+             "overlap of each MoE layer's experts, first to last. Pairs within a run, seeds pooled.", ""]
     for setting, rows in sep.items():
         lines += [f"### {setting_name(setting)}", "",
                   "| Method | Profiles | Cosine same / diff task | Task from profile | Entropy | "
-                  "Map overlap same / diff task | Seeds |", "|---|---|---|---|---|---|---|"]
+                  "Map overlap same / diff task | Same task by layer | Seeds |",
+                  "|---|---|---|---|---|---|---|---|"]
         for method, e in rows.items():
             cos = (MISSING if e["cos_within"] is None
                    else f"{e['cos_within']:.3f} / {_fmt(e['cos_between'], digits=3)}")
             task = MISSING if e["task_from_profile"] is None else f"{100 * e['task_from_profile']:.0f} %"
             jac = (MISSING if e["jaccard_within"] is None
                    else f"{e['jaccard_within']:.2f} / {_fmt(e['jaccard_between'])}")
+            by_layer = e.get("jaccard_within_by_layer")
+            layers = (" · ".join(_fmt(v) for v in by_layer)
+                      if by_layer and any(v is not None for v in by_layer) else MISSING)
             lines.append(f"| {method_name(method)} | {e['clients'] or MISSING} | {cos} | {task} | "
-                         f"{_fmt(e['entropy'], digits=3)} | {jac} | {e['seeds']} |")
+                         f"{_fmt(e['entropy'], digits=3)} | {jac} | {layers} | {e['seeds']} |")
         lines.append("")
     return lines
