@@ -146,5 +146,5 @@ def test_cli_seeds_spec_writes_the_next_seed_and_refuses_runs_no_sweep_made(tmp_
     spec = sweeps.load_spec(str(spec_file))
     assert spec.args == ["standard_hetero_t"]
     assert spec.grid == {"seed": [2], "method": ["fedmoe", "random_moe"]}
-    assert spec.set == {"model.build_pretrained": False} and spec.root == str(root / "more_seeds")
+    assert spec.set == {"model.build_pretrained": False} and spec.root == str(root / "more_seeds" / "seeds=2")
     assert "python experiments/sweep.py --spec=" in capsys.readouterr().out

@@ -612,7 +612,7 @@ def test_more_seeds_spec_runs_exactly_the_next_paired_seeds(fake):
                 {"baseline": "fedprox", "task": "TS"}]
     wanted = {"standard_hetero_t": [{"baseline": "random_moe", "task": "TC"}], "enforced_hetero_t": enforced}
     spec = more_seeds_spec(root, wanted, {"standard_hetero_t": [0, 1], "enforced_hetero_t": [0, 1, 2, 3]})
-    assert spec.root == os.path.join(root, MORE_SEEDS_DIR) and spec.set == {"num_rounds": 20}
+    assert spec.root == os.path.join(root, MORE_SEEDS_DIR, "seeds=3,4") and spec.set == {"num_rounds": 20}
     names = sorted(r.name for r in sweep.expand(sweep.spec_from_dict({**spec.to_dict(), "runner": runner})))
     assert names == sorted([
         "standard_hetero_t/method=fedmoe,seed=3", "standard_hetero_t/method=random_moe,seed=3",

@@ -25,7 +25,7 @@ from fedmoe_jax.tools.sweeps.configs import (
     fedmoe_validator,
     load_config,
 )
-from fedmoe_jax.tools.sweeps.more_seeds import MORE_SEEDS_DIR, more_seeds_spec, spec_document
+from fedmoe_jax.tools.sweeps.more_seeds import MORE_SEEDS_DIR, more_seeds_root, more_seeds_spec, spec_document
 from fedmoe_jax.tools.sweeps.results import (
     RESULTS_CSV,
     RESULTS_MD,
@@ -76,7 +76,8 @@ __all__ = [
     "config_from_spec", "check_configs",
     "child_env", "collect", "core_shares", "default_runner", "expand", "fedmoe_validator", "format_cli_value",
     "jobs", "load_config", "load_spec", "parse_exclude_flag", "parse_grid_flag", "parse_set_flag",
-    "more_seeds_spec", "parse_value", "read_sweep_json", "run_name", "run_sweep", "spec_document",
+    "more_seeds_root", "more_seeds_spec", "parse_value", "read_sweep_json", "run_name", "run_sweep",
+    "spec_document",
     "spec_for_collect", "spec_from_dict", "spec_from_flags", "split_top_level", "write_sweep_json",
     "write_tables",
 ]

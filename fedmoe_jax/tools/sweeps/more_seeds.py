@@ -4,7 +4,8 @@ A report's *Seeds to add* (`fedmoe_jax.tools.reports.seeds_to_add`) lists, per s
 FedMoE-vs-baseline directions still undecided whose mean gap exceeds half its seed spread.
 `more_seeds_spec` turns that list into a `SweepSpec` for one more seed of FedMoE and of each named
 baseline, in those settings only, from the spec the grid's own sweep recorded (`ROOT/sweep.json`: same
-config file, same overrides). Its root is `ROOT/more_seeds`, so the report over ROOT reads the new runs
+config file, same overrides). Its root is `ROOT/more_seeds/seeds=S` (S the seeds it runs, so that each
+round of more seeds keeps its own `sweep.json` and tables), and the report over ROOT reads the new runs
 beside the grid's. Run it, report again, and repeat until nothing is listed (the report stops asking
 at five seeds):
 
@@ -62,7 +63,13 @@ def more_seeds_spec(root: str, wanted: Mapping[str, Sequence[Mapping[str, Any]]]
               for values in itertools.product(*grid.values())]
     exclude += [e for e in base.exclude if any(_matches(e, arg, params) for arg, params in points)]
     return SweepSpec(config=base.config, args=settings, grid=grid, set=dict(base.set), exclude=exclude,
-                     root=os.path.join(root, MORE_SEEDS_DIR), vectorize_seeds=base.vectorize_seeds)
+                     root=more_seeds_root(root, all_seeds), vectorize_seeds=base.vectorize_seeds)
+
+
+def more_seeds_root(root: str, seeds: Sequence[int]) -> str:
+    """`ROOT/more_seeds/seeds=3` (`seeds=3,4` for two): where a round of more seeds runs, one folder per
+    set of seeds, so a later round does not overwrite an earlier round's `sweep.json`."""
+    return os.path.join(root, MORE_SEEDS_DIR, "seeds=" + ",".join(str(int(s)) for s in seeds))
 
 
 def spec_document(spec: SweepSpec) -> dict[str, Any]:
