@@ -38,7 +38,8 @@ cells), `loading` (run directories), `analysis` (the paper's metrics), `tables` 
 analogues, average improvement, CVI, time-to-target), `separation` (Stage 1), `replay` (Stage 2),
 `paper` (the paper's numbers and the comparison with them), `reference_points` (FedAvg, FedAvg + FT and
 local training against FedMoE, global vs personalized models), `floor` (the trivial baselines' floor),
-`resemblance` (whether a method's clients score like the global model or like their own data),
+`clients` (client by client: whether a method's clients score like the global model or like their own
+data, and how evenly it serves them),
 `compare` (an earlier report), `outputs`
 (kept predictions), `figures`, `markdown`, `build` (`build_report`) and `cli` (`run_report`, what
 `experiments/report.py` runs).
@@ -54,6 +55,12 @@ from fedmoe_jax.tools.reports.analysis import (
 from fedmoe_jax.tools.reports.build import build_report
 from fedmoe_jax.tools.reports.cells import mean_std
 from fedmoe_jax.tools.reports.cli import run_report
+from fedmoe_jax.tools.reports.clients import (
+    client_resemblance,
+    client_spread,
+    render_client_resemblance,
+    render_client_spread,
+)
 from fedmoe_jax.tools.reports.compare import compare_tables, load_table1, render_comparison
 from fedmoe_jax.tools.reports.figures import task_activation
 from fedmoe_jax.tools.reports.floor import (
@@ -106,7 +113,6 @@ from fedmoe_jax.tools.reports.reference_points import (
     seeds_to_add,
 )
 from fedmoe_jax.tools.reports.replay import render_stage2_trials, replay_stale_trials, stage2_trials
-from fedmoe_jax.tools.reports.resemblance import client_resemblance, render_client_resemblance
 from fedmoe_jax.tools.reports.separation import render_task_separation, stage1_measured, task_separation
 from fedmoe_jax.tools.reports.tables import curve, cvi, improvement, table1, table2, time_to_target
 
@@ -115,13 +121,15 @@ __all__ = [
     "assign_variants",
     "at_a_glance", "average_improvement", "build_report", "coefficient_of_variation", "compare_tables",
     "composite_variation_index", "curve", "cvi", "excludes_zero", "export_runs", "find_summaries",
-    "check_floor_data", "client_resemblance", "clients_above_floor", "floor_check", "floor_data_mismatches",
+    "check_floor_data", "client_resemblance", "client_spread", "clients_above_floor", "floor_check",
+    "floor_data_mismatches",
     "floors_by_setting",
     "global_vs_personal",
     "group_runs", "improvement", "load_floor", "load_runs",
     "load_table1", "mean_std", "method_name", "paired_difference", "paper_claims",
     "paper_comparison", "paper_table2_comparison", "reference_comparison", "render_comparison",
-    "render_client_resemblance", "render_clients_above_floor", "render_floor", "render_global_vs_personal",
+    "render_client_resemblance", "render_client_spread", "render_clients_above_floor", "render_floor",
+    "render_global_vs_personal",
     "render_paper_claims",
     "render_reference_comparison",
     "render_seeds_to_add",

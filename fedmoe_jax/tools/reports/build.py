@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedmoe_jax.files import write_json
+from fedmoe_jax.tools.reports.clients import client_resemblance, client_spread
 from fedmoe_jax.tools.reports.compare import compare_tables, load_table1
 from fedmoe_jax.tools.reports.figures import figures
 from fedmoe_jax.tools.reports.floor import (
@@ -37,7 +38,6 @@ from fedmoe_jax.tools.reports.reference_points import (
     seeds_to_add,
 )
 from fedmoe_jax.tools.reports.replay import stage2_trials
-from fedmoe_jax.tools.reports.resemblance import client_resemblance
 from fedmoe_jax.tools.reports.separation import task_separation
 from fedmoe_jax.tools.reports.tables import cvi, improvement, table1, table2, time_to_target
 
@@ -98,6 +98,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
     more_seeds = seeds_to_add(t1, compared_with(baselines))
     global_scores = global_vs_personal(t1)
     resemblance = client_resemblance(groups)
+    spread = client_spread(groups)
     below = floor_check(t1, floors) if floors is not None else None
     per_client = clients_above_floor(groups, floors) if floors is not None else {}
     os.makedirs(out, exist_ok=True)
@@ -110,7 +111,7 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
               "stage2_trials": trials, "paper_claims": claims,
               "initial_models": initial_models, "outputs": outputs, "figures": [rel for _, rel in figs],
               "reference_points": references, "global_vs_personal": global_scores,
-              "client_resemblance": resemblance,
+              "client_resemblance": resemblance, "client_spread": spread,
               "floor": floors, "below_floor": below,
               "clients_above_floor": per_client, "seeds_to_add": more_seeds, "notes": list(notes)}
     if moved is not None:
@@ -121,5 +122,5 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
                                 against_paper, outputs, (compare, moved) if moved is not None else None,
                                 separation, against_table2, trials, claims,
                                 beyond=(references, global_scores, floors, below, more_seeds, per_client,
-                                        resemblance)))
+                                        resemblance, spread)))
     return {**result, "out": out, "table1": t1, "table2": t2}

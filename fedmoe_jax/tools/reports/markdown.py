@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedmoe_jax.tools.reports.cells import _fmt, _fmt_size, _tally
+from fedmoe_jax.tools.reports.clients import render_client_resemblance, render_client_spread
 from fedmoe_jax.tools.reports.compare import render_comparison
 from fedmoe_jax.tools.reports.floor import render_clients_above_floor, render_floor
 from fedmoe_jax.tools.reports.loading import Run
@@ -35,7 +36,6 @@ from fedmoe_jax.tools.reports.reference_points import (
     render_seeds_to_add,
 )
 from fedmoe_jax.tools.reports.replay import render_stage2_trials
-from fedmoe_jax.tools.reports.resemblance import render_client_resemblance
 from fedmoe_jax.tools.reports.separation import render_task_separation
 from fedmoe_jax.tools.reports.tables import SMALL_DENOMINATOR
 
@@ -180,10 +180,10 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
                     claims: Sequence[Mapping[str, Any]] | None = None,
                     beyond: tuple[Mapping, ...] | None = None) -> str:
     """The whole `report.md`; `beyond`: (reference comparison, global vs personal, floor, below floor,
-    seeds to add, clients above their own floor, client resemblance): `reference_points`', `floor`'s and
-    `resemblance`'s results."""
-    references, global_scores, floor, below, more_seeds, per_client, resemblance = (
-        beyond or ({}, {}, None, None, {}, {}, {}))
+    seeds to add, clients above their own floor, client resemblance, client spread): `reference_points`',
+    `floor`'s and `clients`' results."""
+    references, global_scores, floor, below, more_seeds, per_client, resemblance, spread = (
+        beyond or ({}, {}, None, None, {}, {}, {}, {}))
     methods_seen = sorted({m for ms in t1.values() for m in ms}, key=_method_rank)
     lines = [
         "# FedMoE report",
@@ -253,6 +253,8 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
     lines += render_global_vs_personal(global_scores)
     lines += ["", "### Global or own: whose scores the clients follow", ""]
     lines += render_client_resemblance(resemblance)
+    lines += ["", "### Client by client: how evenly each method serves its clients", ""]
+    lines += render_client_spread(spread)
     if floor is not None:
         lines += ["", "### The floor", ""]
         lines += render_floor(floor, below)

@@ -1,4 +1,5 @@
-"""Whose scores a method's clients follow (`client_resemblance`), by hand."""
+"""The runs client by client, by hand: whose scores a method's clients follow (`client_resemblance`) and
+how evenly it serves them (`client_spread`)."""
 
 import pytest
 
@@ -44,3 +45,26 @@ def test_a_client_with_another_task_in_a_reference_is_not_paired():
                                     "local": [_run("local", 0, [("tc", 10.0)])],
                                     "fedmoe": [_run("fedmoe", 0, [("tc", 30.0)])]}}
     assert reports.client_resemblance(groups) == {}
+
+
+def test_client_spread_by_hand():
+    """FedMoE seed 0: TC 40, 60 (mean 50, population sd 10: c_v .2, worst 40), RC 30 alone (no c_v);
+    seed 1: TC 20, 20, 20 (c_v 0, worst 20), RC 0, 0 (mean 0: no c_v, worst 0). Seed means: TC c_v .1,
+    worst 30; RC worst 15; no TS client. A task with clients but no c_v leaves no client CVI.
+    FedProx: TC 10, 30 (c_v .5), RC 50, 150 (c_v .5): client CVI .5."""
+    groups = {"standard_hetero_t": {
+        "fedmoe": [_run("fedmoe", 0, [("tc", 40.0), ("tc", 60.0), ("rc", 30.0)]),
+                   _run("fedmoe", 1, [("tc", 20.0)] * 3 + [("rc", 0.0)] * 2)],
+        "fedprox": [_run("fedprox", 0, [("tc", 10.0), ("tc", 30.0), ("rc", 50.0), ("rc", 150.0)])],
+        "scaffold": [_run("scaffold", 0, [])]}}  # no client scores: no row
+    got = reports.client_spread(groups)["standard_hetero_t"]
+    assert list(got) == ["fedmoe", "fedprox"]
+    fedmoe = got["fedmoe"]
+    assert fedmoe["TC"] == {"cv": pytest.approx(0.1), "worst": pytest.approx(30.0), "clients": 5}
+    assert fedmoe["RC"] == {"cv": None, "worst": pytest.approx(15.0), "clients": 3}
+    assert fedmoe["TS"] == {"cv": None, "worst": None, "clients": 0} and fedmoe["client_cvi"] is None
+    assert got["fedprox"]["client_cvi"] == pytest.approx(0.5)
+    lines = reports.render_client_spread({"standard_hetero_t": got})
+    assert "| FedMoE | 0.100 (30.0) | — (15.0) | — | — |" in lines
+    assert "| FedProx | 0.500 (10.0) | 0.500 (50.0) | — | 0.500 |" in lines
+    assert reports.render_client_spread({})[0].startswith("Not computed")
