@@ -253,7 +253,7 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
     lines += render_global_vs_personal(global_scores)
     lines += ["", "### Global or own: whose scores the clients follow", ""]
     lines += render_client_resemblance(resemblance)
-    lines += ["", "### Client by client: how evenly each method serves its clients", ""]
+    lines += ["", "### How evenly each method serves its clients", ""]
     lines += render_client_spread(spread)
     if floor is not None:
         lines += ["", "### The floor", ""]
