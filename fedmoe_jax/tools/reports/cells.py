@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmoe_jax.tools.reports.names import MISSING, method_name, setting_name
+from fedmoe_jax.tools.reports.names import COLUMNS, MISSING, method_name, setting_name
 
 
 def _num(x: Any) -> float | None:
@@ -17,6 +17,17 @@ def _num(x: Any) -> float | None:
     if isinstance(x, bool) or not isinstance(x, int | float | np.integer | np.floating):
         return None
     return float(x) if math.isfinite(float(x)) else None
+
+
+def client_scores(summary: Mapping[str, Any]) -> dict[str, tuple[str, float]]:
+    """`{client: (task, score)}` of a run's personalized test scores (`summary.test_clients`): clients of
+    a known task with a finite score only."""
+    out = {}
+    for client, r in (summary.get("test_clients") or {}).items():
+        score = _num(r.get("score"))
+        if r.get("task") in COLUMNS and score is not None:
+            out[str(client)] = (r["task"], score)
+    return out
 
 
 def _tally(entries: Iterable[Mapping[str, Any]]) -> tuple[int, int]:

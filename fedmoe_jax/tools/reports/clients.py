@@ -17,23 +17,13 @@ from typing import Any
 import numpy as np
 
 from fedmoe_jax.tools.reports.analysis import coefficient_of_variation
-from fedmoe_jax.tools.reports.cells import _fmt, _num, task_tables
+from fedmoe_jax.tools.reports.cells import _fmt, client_scores, task_tables
 from fedmoe_jax.tools.reports.names import COLUMNS, MISSING, method_name, setting_name
 
 GLOBAL_REFERENCE = "fedavg"
 OWN_REFERENCE = "local"
 
 Resemblance = dict[str, dict[str, dict[str, dict[str, Any]]]]
-
-
-def _client_scores(run: Any) -> dict[str, tuple[str, float]]:
-    """`{client: (task, score)}` of a run's personalized test scores (`summary.test_clients`)."""
-    out = {}
-    for client, r in (run.summary.get("test_clients") or {}).items():
-        score = _num(r.get("score"))
-        if r.get("task") in COLUMNS and score is not None:
-            out[str(client)] = (r["task"], score)
-    return out
 
 
 def client_resemblance(groups: Mapping[str, Mapping[str, Sequence[Any]]]) -> Resemblance:
@@ -47,7 +37,7 @@ def client_resemblance(groups: Mapping[str, Mapping[str, Sequence[Any]]]) -> Res
     for setting, methods in groups.items():
         refs = {}
         for name in (GLOBAL_REFERENCE, OWN_REFERENCE):
-            refs[name] = {run.seed: _client_scores(run) for run in methods.get(name, ())}
+            refs[name] = {run.seed: client_scores(run.summary) for run in methods.get(name, ())}
         if not refs[GLOBAL_REFERENCE] or not refs[OWN_REFERENCE]:
             continue
         per_method = {}
@@ -59,7 +49,7 @@ def client_resemblance(groups: Mapping[str, Mapping[str, Sequence[Any]]]) -> Res
                 g, o = refs[GLOBAL_REFERENCE].get(run.seed), refs[OWN_REFERENCE].get(run.seed)
                 if g is None or o is None:
                     continue
-                for client, (task, score) in _client_scores(run).items():
+                for client, (task, score) in client_scores(run.summary).items():
                     if g.get(client, ("",))[0] != task or o.get(client, ("",))[0] != task:
                         continue
                     gaps[COLUMNS[task]][0].append(abs(score - g[client][1]))
@@ -111,7 +101,7 @@ def client_spread(groups: Mapping[str, Mapping[str, Sequence[Any]]]) -> Spread:
             counts = dict.fromkeys(COLUMNS.values(), 0)
             for run in runs:
                 by_task: dict[str, list[float]] = {}
-                for task, score in _client_scores(run).values():
+                for task, score in client_scores(run.summary).values():
                     by_task.setdefault(COLUMNS[task], []).append(score)
                 for column, scores in by_task.items():
                     counts[column] += len(scores)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedmoe_jax.data.tasks import PRIMARY_METRIC
-from fedmoe_jax.tools.reports.cells import _num, task_tables
+from fedmoe_jax.tools.reports.cells import _num, client_scores, task_tables
 from fedmoe_jax.tools.reports.names import COLUMNS, TASKS, method_name, setting_name
 
 BASELINES_FILE = "baselines.json"
@@ -214,9 +214,8 @@ def clients_above_floor(groups: Mapping[str, Mapping[str, Sequence[Any]]],
             counts = {c: [0, 0] for c in COLUMNS.values()}
             for run in runs:
                 own = by_client.get(str(run.summary.get("seed")))
-                for client, r in (run.summary.get("test_clients") or {}).items():
-                    task, score = r.get("task"), _num(r.get("score"))
-                    if own is None or task not in own or score is None:
+                for client, (task, score) in client_scores(run.summary).items():
+                    if own is None or task not in own:
                         continue
                     values = [v[client] for v in own[task].values() if _num(v.get(client)) is not None]
                     if values:
