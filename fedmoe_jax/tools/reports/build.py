@@ -118,9 +118,5 @@ def build_report(root: str, out: str | None = None, baselines: Sequence[str] = D
         result["compared_with"] = {"path": compare, **moved}
     write_json(os.path.join(out, "report.json"), result, finite=True)
     with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(render_markdown(root, runs, t1, t2, gains, cvis, ttt, figs, baselines, notes,
-                                against_paper, outputs, (compare, moved) if moved is not None else None,
-                                separation, against_table2, trials, claims,
-                                beyond=(references, global_scores, floors, below, more_seeds, per_client,
-                                        resemblance, spread)))
+        f.write(render_markdown(result, runs, t1, t2, figs, baselines))
     return {**result, "out": out, "table1": t1, "table2": t2}

@@ -172,18 +172,22 @@ def in_plain_words(t1: Mapping[str, Mapping[str, Mapping]], baselines: Sequence[
     return ["## In plain words", "", *out, ""] if out else []
 
 
-def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, gains: Mapping, cvis: Mapping,
-                    ttt: Mapping, figs: Sequence[tuple[str, str]], baselines: Sequence[str],
-                    notes: Sequence[str], against_paper: Mapping, outputs: Mapping | None = None,
-                    compared: tuple[str, Mapping] | None = None, separation: Mapping | None = None,
-                    against_table2: Mapping | None = None, trials: Mapping | None = None,
-                    claims: Sequence[Mapping[str, Any]] | None = None,
-                    beyond: tuple[Mapping, ...] | None = None) -> str:
-    """The whole `report.md`; `beyond`: (reference comparison, global vs personal, floor, below floor,
-    seeds to add, clients above their own floor, client resemblance, client spread): `reference_points`',
-    `floor`'s and `clients`' results."""
-    references, global_scores, floor, below, more_seeds, per_client, resemblance, spread = (
-        beyond or ({}, {}, None, None, {}, {}, {}, {}))
+def render_markdown(report: Mapping[str, Any], runs: Sequence[Run], t1: Mapping, t2: Mapping,
+                    figs: Sequence[tuple[str, str]], baselines: Sequence[str]) -> str:
+    """The whole `report.md` from `build_report`'s `report.json` mapping (its sections by name: "cvi",
+    "time_to_target", "floor", ...; a section left out renders as "nothing measured"), the runs,
+    Table 1 and 2 and the written figures (caption, relative path)."""
+    root, notes = report["root"], report.get("notes", [])
+    gains, cvis = report.get("average_improvement", {}), report.get("cvi", {})
+    ttt = report.get("time_to_target", {})
+    against_paper, outputs = report.get("paper_comparison", {}), report.get("outputs")
+    separation, against_table2 = report.get("task_separation"), report.get("paper_table2_comparison")
+    trials, claims = report.get("stage2_trials"), report.get("paper_claims")
+    references, global_scores = report.get("reference_points", {}), report.get("global_vs_personal", {})
+    resemblance, spread = report.get("client_resemblance", {}), report.get("client_spread", {})
+    floor, below = report.get("floor"), report.get("below_floor")
+    more_seeds, per_client = report.get("seeds_to_add", {}), report.get("clients_above_floor", {})
+    compared = report.get("compared_with")
     methods_seen = sorted({m for ms in t1.values() for m in ms}, key=_method_rank)
     lines = [
         "# FedMoE report",
@@ -264,7 +268,7 @@ def render_markdown(root: str, runs: Sequence[Run], t1: Mapping, t2: Mapping, ga
     lines += render_seeds_to_add(more_seeds)
     if compared is not None:
         lines += ["", "## Against an earlier report", ""]
-        lines += render_comparison(compared[1], compared[0])
+        lines += render_comparison(compared, compared["path"])
     lines += ["", "## Table 2 analogue: ablation", ""]
     if t2:
         lines.append("Experts per client summed over MoE layers: mean over clients (seed mean), min/max over "
