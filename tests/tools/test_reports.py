@@ -770,3 +770,32 @@ def test_time_to_target_reads_the_all_client_curve_when_every_run_has_it(tmp_pat
     assert e["curve"] == "val_score_tc" and e["0.99"]["speedup"] == pytest.approx(1 / 3)
     assert any("no all-client validation curve" in n for n in result["notes"])
     assert "TC (cohort)" in (tmp_path / "out2" / "report.md").read_text()
+
+
+def test_one_view_puts_the_settings_side_by_side():
+    from fedmoe_jax.tools.reports.markdown import one_view
+
+    def row(tc, rc, ts, seeds):
+        return {"TC": tc, "RC": rc, "TS": ts, "seeds": seeds}
+
+    t1 = {"standard_hetero_t": {"fedmoe": row(60.14, 59.45, 14.96, 5), "fedavg": row(61.0, 60.0, 13.0, 3),
+                                "local": row(50.0, 51.0, 11.0, 3)},
+          "enforced_hetero_t": {"fedmoe": row(58.0, 57.0, 12.0, 1)}}
+    floor = {"standard_hetero_t": {c: {"value": v} for c, v in (("TC", 64.7), ("RC", 63.4), ("TS", 13.04))}}
+    lines = one_view(t1, floor)
+    assert lines[0] == "## Table 1 in one view"
+    assert "| Method | Standard-Hetero-T (3 seeds) | Enforced-Hetero-T (1 seed) |" in lines
+    body = {line.split(" | ")[0]: line for line in lines if line.startswith("| ")}
+    # FedMoE has 5 seeds where the column's usual count is 3: the cell says so; one decimal
+    assert body["| FedMoE"] == "| FedMoE | 60.1 / 59.5 / 15.0 (5 seeds) | 58.0 / 57.0 / 12.0 |"
+    assert body["| Local only"] == "| Local only | 50.0 / 51.0 / 11.0 | — |"
+    assert body["| *Floor: best trivial baseline*"].endswith("| *64.7 / 63.4 / 13.0* | — |")
+    assert one_view({"standard_hetero_t": t1["standard_hetero_t"]}) == []
+
+
+def test_the_report_has_table1_in_one_view(built):
+    out, _ = built
+    text = (out / "report.md").read_text()
+    view = text.split("## Table 1 in one view")[1].split("## Table 1 analogue")[0]
+    assert "| Standard-Hetero-T (2 seeds) | Enforced-Hetero-T (2 seeds) |" in view
+    assert "| FedMoE | 91.0 / 81.0 / 19.0 | 89.0 / 80.0 / 20.0 |" in view

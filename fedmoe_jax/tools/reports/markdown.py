@@ -172,6 +172,43 @@ def in_plain_words(t1: Mapping[str, Mapping[str, Mapping]], baselines: Sequence[
     return ["## In plain words", "", *out, ""] if out else []
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
+def one_view(t1: Mapping[str, Mapping[str, Mapping]], floor: Mapping | None = None) -> list[str]:
+    """Markdown lines: Table 1 with the settings side by side, each cell "TC / RC / TS" (seed means, one
+    decimal; a cell whose seeds differ from its column's usual count, the most common one, says how
+    many), then the floor row where `floor` has the setting. Empty without two settings."""
+    if len(t1) < 2:
+        return []
+    settings = list(t1)
+    methods = sorted({m for rows in t1.values() for m in rows}, key=_method_rank)
+    usual = {}
+    for s in settings:
+        counts = [row["seeds"] for row in t1[s].values()]
+        usual[s] = max(sorted(set(counts)), key=counts.count)
+
+    def cell(s: str, m: str) -> str:
+        row = t1[s].get(m)
+        if row is None:
+            return MISSING
+        text = " / ".join(_fmt(row[COLUMNS[t]], digits=1) for t in TASKS)
+        return text if row["seeds"] == usual[s] else f"{text} ({_seeds(row['seeds'])})"
+
+    lines = ["## Table 1 in one view", "",
+             "Test scores TC / RC / TS, seed means; each setting's seeds as in its table below (a cell "
+             "with another number of seeds says how many).", "",
+             "| Method | " + " | ".join(f"{setting_name(s)} ({_seeds(usual[s])})" for s in settings) + " |",
+             "|---|" + "---:|" * len(settings)]
+    lines += [f"| {method_name(m)} | " + " | ".join(cell(s, m) for s in settings) + " |" for m in methods]
+    if floor:
+        lines.append("| *Floor: best trivial baseline* | " + " | ".join(
+            "*" + " / ".join(f"{floor[s][COLUMNS[t]]['value']:.1f}" for t in TASKS) + "*" if s in floor
+            else MISSING for s in settings) + " |")
+    return [*lines, ""]
+
+
 def render_markdown(report: Mapping[str, Any], runs: Sequence[Run], t1: Mapping, t2: Mapping,
                     figs: Sequence[tuple[str, str]], baselines: Sequence[str]) -> str:
     """The whole `report.md` from `build_report`'s `report.json` mapping (its sections by name: "cvi",
@@ -198,6 +235,7 @@ def render_markdown(report: Mapping[str, Any], runs: Sequence[Run], t1: Mapping,
         "",
         *in_plain_words(t1, baselines, below),
         *at_a_glance(against_paper, against_table2 or {}, claims or [], separation or {}, trials or {}),
+        *one_view(t1, floor),
         "## Table 1 analogue: end-to-end performance",
         "",
     ]
