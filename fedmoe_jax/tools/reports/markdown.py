@@ -212,7 +212,7 @@ def one_view(t1: Mapping[str, Mapping[str, Mapping]], floor: Mapping | None = No
 def render_markdown(report: Mapping[str, Any], runs: Sequence[Run], t1: Mapping, t2: Mapping,
                     figs: Sequence[tuple[str, str]], baselines: Sequence[str]) -> str:
     """The whole `report.md` from `build_report`'s `report.json` mapping (its sections by name: "cvi",
-    "time_to_target", "floor", ...; a section left out renders as "nothing measured"), the runs,
+    "time_to_target", "floor", ...; a section the mapping lacks renders as empty), the runs,
     Table 1 and 2 and the written figures (caption, relative path)."""
     root, notes = report["root"], report.get("notes", [])
     gains, cvis = report.get("average_improvement", {}), report.get("cvi", {})
