@@ -121,7 +121,11 @@ def test_cli_floor_adds_each_settings_row_and_a_bad_floor_exits_2_before_writing
     assert "| FedMoE | 1/1 (100 %) | — | — |" in text.split("Client by client")[1]
     assert reports.run_report(str(root), out=str(tmp_path / "b"), floor=str(t)) == 0  # TD: no floor, a note
     text = (tmp_path / "b" / "report.md").read_text()
-    assert "standard_hetero_td: no floor given" in text and text.count("*Floor: best trivial baseline*") == 1
+    assert "standard_hetero_td: no floor given" in text
+    one_view, tables = text.split("## Table 1 analogue")[:2]
+    assert tables.count("*Floor: best trivial baseline*") == 1
+    # Table 1 in one view: the floor of the setting that has one, "—" for the other
+    assert "| *Floor: best trivial baseline* | *64.7 / 63.4 / 13.0* | — |" in one_view
     assert reports.run_report(str(root), out=str(tmp_path / "c")) == 0  # without --floor: no floor row
     assert "Floor" not in (tmp_path / "c" / "report.md").read_text().split("## Beyond")[0]
     capsys.readouterr()
