@@ -17,8 +17,8 @@ from fedmoe_jax.tools.reports.names import (
     MISSING,
     SETTING_NAMES,
     TASKS,
-    _method_rank,
     method_name,
+    methods_in,
     setting_name,
 )
 from fedmoe_jax.tools.reports.outputs import render_outputs
@@ -183,7 +183,7 @@ def one_view(t1: Mapping[str, Mapping[str, Mapping]], floor: Mapping | None = No
     if len(t1) < 2:
         return []
     settings = list(t1)
-    methods = sorted({m for rows in t1.values() for m in rows}, key=_method_rank)
+    methods = methods_in(t1)
     usual = {}
     for s in settings:
         counts = [row["seeds"] for row in t1[s].values()]
@@ -225,7 +225,7 @@ def render_markdown(report: Mapping[str, Any], runs: Sequence[Run], t1: Mapping,
     floor, below = report.get("floor"), report.get("below_floor")
     more_seeds, per_client = report.get("seeds_to_add", {}), report.get("clients_above_floor", {})
     compared = report.get("compared_with")
-    methods_seen = sorted({m for ms in t1.values() for m in ms}, key=_method_rank)
+    methods_seen = methods_in(t1)
     lines = [
         "# FedMoE report",
         "",

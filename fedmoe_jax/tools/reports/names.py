@@ -7,7 +7,8 @@ A row of a table is a method, or a method with a variant (`fedmoe[stage2.patienc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fedmoe_jax.algorithms.registry import method_labels
 from fedmoe_jax.data.tasks import TASKS  # noqa: F401  (the order of `client_tasks` in experts.npz)
@@ -52,6 +53,11 @@ def _setting_rank(s: str) -> tuple[int, str]:
 def _method_rank(m: str) -> tuple[int, str, str]:
     base, variant = split_method(m)
     return (*_rank(list(method_labels()), base), variant)  # the registry: Table 1's rows, ablations
+
+
+def methods_in(table: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Every method of a `{setting: {method: ...}}` table, in Table 1's row order."""
+    return sorted({m for rows in table.values() for m in rows}, key=_method_rank)
 
 
 def setting_name(s: str) -> str:

@@ -29,7 +29,7 @@ from fedmoe_jax.tools.reports.names import (
     TARGET_FRACTIONS,
     TASKS,
     TEST_KEYS,
-    _method_rank,
+    methods_in,
     split_method,
 )
 
@@ -142,7 +142,7 @@ def improvement(table: Mapping[str, Mapping[str, Mapping]], baselines: Sequence[
 
 def cvi(table: Mapping[str, Mapping[str, Mapping]], notes: Notes) -> dict[str, dict[str, Any]]:
     """Per method: c_v of each task's seed-mean score across settings, and their mean (the CVI)."""
-    methods = sorted({m for ms in table.values() for m in ms}, key=_method_rank)
+    methods = methods_in(table)
     out: dict[str, dict[str, Any]] = {}
     for method in methods:
         settings = [s for s in table if method in table[s]]
